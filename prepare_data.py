@@ -1,0 +1,693 @@
+"""Turn a Common Voice Kurmanji release into a clean VITS training set (16 kHz mono WAVs + metadata.csv).
+
+Reads a Common Voice language folder (`clips/` + `validated.tsv`), the release tarball itself (streamed,
+never unpacked to disk) or an LJSpeech-style folder (`wavs/` + `metadata.csv`). Every clip is decoded
+with soundfile, mixed to mono, resampled to 16 kHz with librosa and trimmed of leading/trailing silence;
+its text is normalised so the tokenizer accepts every character. Clips that are unreadable, silent, too
+short or long, hold text the voice cannot say, or whose text cannot match their audio are skipped and
+counted by reason. Re-running only decodes what is new.
+
+    # the full release, straight from the tarball, with the real tokenizer
+    python prepare_data.py --input cv-corpus-22.0-2025-06-20-kmr.tar.gz --output_dir training
+
+    # an unpacked language folder, one consistent voice, offline tokenizer from a local model folder
+    python prepare_data.py --input cv-corpus-22.0-2025-06-20/kmr --top_speakers 1 --model my_model/
+
+    # tiny CPU run on the committed sample (see README)
+    python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \\
+        --output_dir example_run/data
+
+Output: DIR/wavs/<clip>.wav, DIR/metadata.csv (`<clip>.wav|text`, no header, no quoting),
+DIR/prepare_report.json (kept clips and hours, dropped clips by reason, hours per speaker) and
+DIR/prepare_cache.json (what each clip's audio measured, so a re-run decodes nothing it already knows).
+"""
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+import unicodedata
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import NamedTuple
+
+import librosa
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
+DEFAULT_MODEL = "facebook/mms-tts-kmr-script_latin"
+# A frame whose loudest 64 ms window stays below -50 dBFS holds no usable speech.
+SILENCE_DBFS = -50.0
+TRIM_FRAME = 1024
+TRIM_HOP = 256
+# Bump when decoding or trimming changes, so caches made by older code are not trusted.
+AUDIO_VERSION = 1
+REPORT_NAME = "prepare_report.json"
+CACHE_NAME = "prepare_cache.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+# Typographic apostrophes Common Voice contributors type instead of '.
+APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u00b4\u0060\u2032"
+# Latin letters the Kurmanji alphabet lacks but that stand in for ones it has; only exact look-alikes.
+LETTER_FIXES = {"\u0131": "i"}  # dotless ı from Turkish keyboards
+COMBINING_DOT_ABOVE = "\u0307"  # left behind when "İ" is lowercased
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used as audio; `reason` is the name it is counted under."""
+
+    def __init__(self, message, reason="corrupt_audio"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Limits(NamedTuple):
+    min_samples: int
+    max_samples: int
+    min_cps: float
+    max_cps: float
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def load_audio(source, target_sr, trim=False, top_db=40.0):
+    """Decode `source` (a path or binary file object) to float32 mono in [-1, 1] at `target_sr`."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise AudioError("file not found", "missing_file")
+        if os.path.getsize(source) == 0:
+            raise AudioError("empty file", "empty_file")
+    else:
+        # libsndfile needs to seek; tar streams cannot, so buffer the (small) clip.
+        data = source.read()
+        if not data:
+            raise AudioError("empty file", "empty_file")
+        source = io.BytesIO(data)
+    try:
+        audio, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile reports corrupt input with several exception types
+        raise AudioError(f"cannot decode audio ({str(err).split(': ')[-1].strip()})") from None
+    if audio.shape[0] == 0:
+        raise AudioError("no audio samples", "empty_file")
+    audio = audio.mean(axis=1)
+    if not np.isfinite(audio).all():
+        raise AudioError("audio holds NaN or infinite samples")
+    if sr != target_sr:
+        audio = librosa.resample(audio, orig_sr=sr, target_sr=target_sr)
+    # Resampling can overshoot full scale by a hair; 16-bit output must not wrap around.
+    audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    return trim_silence(audio, top_db) if trim else audio
+
+
+def frame_power(audio):
+    """Mean power of each TRIM_FRAME window, TRIM_HOP apart (a short clip is one window)."""
+    squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+    frame = min(TRIM_FRAME, len(audio))
+    starts = np.arange(0, len(audio) - frame + 1, TRIM_HOP)
+    return (squares[starts + frame] - squares[starts]) / max(frame, 1), starts, frame
+
+
+def trim_silence(audio, top_db=40.0):
+    """Cut leading and trailing windows more than `top_db` below the loudest one; all-zero audio → empty."""
+    if len(audio) == 0:
+        return audio
+    power, starts, frame = frame_power(audio)
+    peak = power.max()
+    if peak <= 0:
+        return audio[:0]
+    # Whole windows are kept, so a quiet onset inside the first loud window is never cut.
+    loud = np.flatnonzero(power >= peak * 10 ** (-top_db / 10))
+    return audio[starts[loud[0]]:starts[loud[-1]] + frame]
+
+
+def is_silent(audio):
+    if len(audio) == 0:
+        return True
+    power, _, _ = frame_power(audio)
+    return 10 * np.log10(power.max() + 1e-20) < SILENCE_DBFS
+
+
+def write_wav_atomic(path, audio):
+    tmp = temp_name(path)
+    sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+def temp_name(path):
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+# --------------------------------------------------------------------------- text
+
+
+def load_vocab(model_name_or_dir):
+    """Return the model's VitsTokenizer and the set of characters it can speak."""
+    # Imported here so decoding workers never pay for importing transformers.
+    from transformers import VitsTokenizer
+
+    tokenizer = VitsTokenizer.from_pretrained(model_name_or_dir)
+    vocab = {token for token in tokenizer.get_vocab() if len(token) == 1}
+    # An MMS pad token is a real letter (id 0 doubles as the blank); a symbol like "_" is not speech.
+    if tokenizer.pad_token and len(tokenizer.pad_token) == 1 and not tokenizer.pad_token.isalpha():
+        vocab.discard(tokenizer.pad_token)
+    vocab.discard("|")  # the metadata.csv separator must never be part of a text
+    return tokenizer, vocab
+
+
+def clean_text(text, vocab):
+    """Normalise `text` for the voice; return (text, None) or (None, reason) when it cannot be spoken."""
+    text = unicodedata.normalize("NFC", text)
+    # Lowercase what the vocab lacks, as VitsTokenizer(normalize=True) does.
+    text = "".join(ch if ch in vocab else ch.lower() for ch in text)
+    text = text.replace(COMBINING_DOT_ABOVE, "")
+    text = unicodedata.normalize("NFC", "".join(LETTER_FIXES.get(ch, ch) for ch in text))
+    apostrophe = "'" if "'" in vocab else ""
+    out = []
+    for i, ch in enumerate(text):
+        if ch in APOSTROPHES or ch == "'":
+            # Doubled typographic apostrophes are used as quotes; a lone one joins letters.
+            neighbours = text[i - 1:i] + text[i + 1:i + 2]
+            joins_letters = any(c.isalpha() for c in neighbours) and not any(c in APOSTROPHES for c in neighbours)
+            out.append(apostrophe if joins_letters else " ")
+        elif ch == "|" or unicodedata.category(ch)[0] in "PSZC" and ch not in vocab:
+            # The tokenizer would delete punctuation and glue the words around it together.
+            out.append("" if unicodedata.category(ch) == "Cf" else " ")
+        elif ch == "-" and not (text[i - 1:i].isalpha() and text[i + 1:i + 2].isalpha()):
+            out.append(" ")  # dialogue dashes and dashes between words are not spoken
+        else:
+            out.append(ch)
+    text = re.sub(r"\s+", " ", "".join(out)).strip()
+    if not text:
+        return None, "empty_text"
+    for ch in text:
+        if ch in vocab:
+            continue
+        if ch.isdigit():
+            return None, "digits"
+        if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
+            return None, "other_script"
+        return None, "unsupported_letter"
+    return text, None
+
+
+def count_tokens(tokenizer, text):
+    """Token ids the model sees for `text`, blanks included (2n+1 with add_blank)."""
+    return len(tokenizer(text).input_ids)
+
+
+# --------------------------------------------------------------------------- input
+
+
+def read_tsv(path_or_file):
+    """Read a Common Voice TSV by header name with quoting off; return (rows as dicts, malformed count)."""
+    handle = open(path_or_file, encoding="utf-8-sig", newline="") if isinstance(path_or_file, str) else path_or_file
+    with handle:
+        # Sentences hold unbalanced '"': with quoting on, csv would swallow the rows after one.
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None) or []
+        rows, malformed = [], 0
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                malformed += 1
+                continue
+            rows.append(dict(zip(header, fields)))
+    return header, rows, malformed
+
+
+def parse_metadata(path):
+    """Read an LJSpeech `name|text` (or `name|raw|normalised`) file; return ([(file, text)], malformed)."""
+    rows, malformed = [], 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for line in f:
+            fields = line.rstrip("\r\n").split("|")
+            if len(fields) < 2 or not fields[0].strip():
+                malformed += line.strip() != ""
+                continue
+            name = fields[0].strip()
+            if not os.path.splitext(name)[1]:
+                name += ".wav"
+            rows.append((name, fields[-1]))
+    return rows, malformed
+
+
+def read_metadata(path):
+    """Rows of an LJSpeech-style metadata.csv as (wav file name relative to wavs/, text); bad lines skipped."""
+    return parse_metadata(path)[0]
+
+
+class Clip(NamedTuple):
+    source: str  # path relative to the clips folder (or tar member name)
+    name: str  # output wav file name
+    text: str
+    speaker: str
+
+
+class Source(NamedTuple):
+    kind: str  # "folder", "tar" or "ljspeech"
+    path: str
+    clips_dir: str  # folder of the audio, or the tar member prefix
+    signature: list  # tarball size and mtime, the cache key for every member in it
+
+
+def fail(message):
+    raise SystemExit(f"prepare_data.py: error: {message}")
+
+
+def find_language_folder(path, tsv):
+    """The folder holding `tsv`: `path` itself, or the one release/language folder below it."""
+    if os.path.isfile(os.path.join(path, tsv)):
+        return path
+    for pattern in ("*", os.path.join("*", "*")):
+        found = sorted(glob.glob(os.path.join(path, pattern, tsv)))
+        if len(found) == 1:
+            return os.path.dirname(found[0])
+    return None
+
+
+def open_input(path, tsv):
+    """Identify the input and read its clip list; return (Source, header, rows, malformed)."""
+    if not os.path.exists(path):
+        fail(f"--input {path} does not exist")
+    if os.path.isfile(path):
+        if not (path.endswith(TAR_SUFFIXES) or tarfile.is_tarfile(path)):
+            fail(f"--input {path} is a file but not a .tar/.tar.gz Common Voice release")
+        return read_tar_tsv(path, tsv)
+    language_dir = find_language_folder(path, tsv)
+    if language_dir:
+        header, rows, malformed = read_tsv(os.path.join(language_dir, tsv))
+        return Source("folder", language_dir, os.path.join(language_dir, "clips"), []), header, rows, malformed
+    if os.path.isfile(os.path.join(path, "metadata.csv")) and os.path.isdir(os.path.join(path, "wavs")):
+        pairs, malformed = parse_metadata(os.path.join(path, "metadata.csv"))
+        rows = [{"path": name, "sentence": text, "client_id": ""} for name, text in pairs]
+        return Source("ljspeech", path, os.path.join(path, "wavs"), []), ["path", "sentence"], rows, malformed
+    fail(f"--input {path} holds neither {tsv} (Common Voice) nor wavs/ + metadata.csv (LJSpeech)")
+
+
+def read_tar_tsv(path, tsv):
+    """Stream the tarball until `tsv` turns up; its folder's clips/ is where the audio lives."""
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isfile() and os.path.basename(member.name) == tsv:
+                    text = tar.extractfile(member).read().decode("utf-8-sig")
+                    header, rows, malformed = read_tsv(io.StringIO(text, newline=""))
+                    prefix = os.path.join(os.path.dirname(member.name), "clips", "")
+                    stat = os.stat(path)
+                    return Source("tar", path, prefix, [stat.st_size, stat.st_mtime_ns]), header, rows, malformed
+    except (tarfile.TarError, OSError, EOFError) as err:
+        fail(f"cannot read tarball {path}: {err}")
+    fail(f"tarball {path} holds no {tsv}")
+
+
+def output_name(source_path):
+    stem = os.path.splitext(os.path.basename(source_path))[0]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) + ".wav"
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_speakers(clips, speakers, top_speakers):
+    """Keep the clips of the requested speakers; return (selected, number left out)."""
+    if speakers:
+        wanted = set(speakers)
+        unknown = wanted - {clip.speaker for clip in clips}
+        if unknown == wanted:
+            fail(f"none of the --speaker ids is in the input (first: {sorted(unknown)[0]})")
+        for speaker in sorted(unknown):
+            print(f"warning: --speaker {speaker} has no clips in the input", file=sys.stderr)
+    elif top_speakers:
+        counts = Counter(clip.speaker for clip in clips)
+        wanted = {s for s, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_speakers]}
+    else:
+        return clips, 0
+    selected = [clip for clip in clips if clip.speaker in wanted]
+    return selected, len(clips) - len(selected)
+
+
+def choose_clips(args, rows, malformed, vocab):
+    """Clean every text and apply the speaker and --max_clips choices; return (clips, dropped, not_selected)."""
+    dropped, not_selected = Counter(), Counter()
+    if malformed:
+        dropped["malformed_row"] = malformed
+    clips = [Clip(row["path"], output_name(row["path"]), row["sentence"], row.get("client_id", ""))
+             for row in rows if row["path"].strip()]
+    if len(clips) < len(rows):
+        dropped["malformed_row"] += len(rows) - len(clips)
+    clips, other_speakers = select_speakers(clips, args.speaker, args.top_speakers)
+    if other_speakers:
+        not_selected["other_speakers"] = other_speakers
+    candidates, seen = [], set()
+    for clip in clips:
+        text, reason = clean_text(clip.text, vocab)
+        if reason is None and clip.name in seen:
+            reason = "duplicate"
+        if reason:
+            dropped[reason] += 1
+            continue
+        seen.add(clip.name)
+        candidates.append(clip._replace(text=text))
+    if args.max_clips is not None and len(candidates) > args.max_clips:
+        not_selected["max_clips"] = len(candidates) - args.max_clips
+        candidates = candidates[:args.max_clips]
+    return candidates, dropped, not_selected
+
+
+def audio_verdict(samples, n_tokens, n_chars, limits):
+    """Why a clip of `samples` trimmed samples cannot be trained on with this text, or None."""
+    if samples < limits.min_samples:
+        return "too_short"
+    if samples > limits.max_samples:
+        return "too_long"
+    # Monotonic alignment needs a frame per token id; fewer frames means the text is not this audio.
+    if samples // HOP_LENGTH < n_tokens:
+        return "too_few_frames"
+    rate = n_chars / (samples / SAMPLE_RATE)
+    if not limits.min_cps <= rate <= limits.max_cps:
+        return "implausible_rate"
+    return None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_clip(job):
+    """Worker: decode, check and (if kept) write one clip; returns (job id, trimmed samples, reason, detail)."""
+    job_id, source, out_path, n_tokens, n_chars, limits, trim, top_db = job
+    if source is None:
+        return job_id, None, "missing_file", "not in the tarball"
+    try:
+        audio = load_audio(source, SAMPLE_RATE, trim=trim, top_db=top_db)
+        if is_silent(audio):
+            return job_id, None, "silent", f"no sound above {SILENCE_DBFS:.0f} dBFS"
+        reason = audio_verdict(len(audio), n_tokens, n_chars, limits)
+        if reason is None:
+            write_wav_atomic(out_path, audio)
+        return job_id, len(audio), reason, None
+    except AudioError as err:
+        return job_id, None, err.reason, str(err)
+    except Exception as err:  # one odd clip must never take the whole run down
+        return job_id, None, "decode_error", f"{type(err).__name__}: {err}"
+
+
+def run_jobs(jobs, workers, total):
+    """Yield decode_clip results as they finish, `workers` processes in parallel, with a progress bar."""
+    bar = tqdm(total=total, unit="clip", desc="decoding", dynamic_ncols=True, disable=total == 0)
+    with bar:
+        if workers <= 1:
+            for job in jobs:
+                yield decode_clip(job)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = set()
+            for job in jobs:
+                # Bounded queue: a tarball's clips are read only as fast as they are decoded.
+                if len(pending) >= workers * 8:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+                        bar.update()
+                pending.add(pool.submit(decode_clip, job))
+            for future in wait(pending).done:
+                yield future.result()
+                bar.update()
+
+
+def iter_jobs(source, clips, make_job):
+    """Jobs for the clips to decode; reading a tarball streams it once, in order. Yields (job or None, clip)."""
+    if source.kind != "tar":
+        for clip in clips:
+            yield make_job(clip, os.path.join(source.clips_dir, clip.source))
+        return
+    wanted = {source.clips_dir + clip.source: clip for clip in clips}
+    if not wanted:
+        return
+    with tarfile.open(source.path, "r|*") as tar:
+        for member in tar:
+            clip = wanted.pop(member.name, None)
+            if clip is not None and member.isfile():
+                yield make_job(clip, io.BytesIO(tar.extractfile(member).read()))
+    for clip in wanted.values():
+        yield make_job(clip, None)
+
+
+def clip_signature(source, clip):
+    """What identifies the clip's audio: the tarball's size and mtime, or the clip file's (None if missing)."""
+    if source.signature:
+        return source.signature
+    try:
+        stat = os.stat(os.path.join(source.clips_dir, clip.source))
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir):
+    """Settle every clip the cache already knows; return ({name: (samples, reason, detail)}, clips to decode)."""
+    outcomes, to_decode = {}, []
+    for clip in candidates:
+        signature = clip_signature(source, clip)
+        if signature is None:
+            outcomes[clip.name] = (None, "missing_file", "file not found")
+            continue
+        fact = cache.get(clip.name)
+        if fact and fact["source"] == signature:
+            if "error" in fact:
+                outcomes[clip.name] = (None, fact["error"], fact.get("detail"))
+                continue
+            verdict = audio_verdict(fact["samples"], tokens[clip.name], len(clip.text), limits)
+            wav = os.path.join(wavs_dir, clip.name)
+            # A kept clip is reused only if its WAV is the complete one this cache entry describes.
+            if verdict or os.path.isfile(wav) and os.path.getsize(wav) == fact["wav_bytes"]:
+                outcomes[clip.name] = (fact["samples"], verdict, None)
+                continue
+        to_decode.append(clip)
+    return outcomes, to_decode
+
+
+def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache):
+    """Decode `clips` in parallel, filling `outcomes` and recording what each measured in `cache`."""
+    by_name = {clip.name: clip for clip in clips}
+
+    def make_job(clip, clip_source):
+        return (clip.name, clip_source, os.path.join(wavs_dir, clip.name), tokens[clip.name], len(clip.text),
+                limits, not args.no_trim, args.trim_db)
+
+    for name, samples, reason, detail in run_jobs(iter_jobs(source, clips, make_job), args.workers, len(clips)):
+        clip = by_name[name]
+        outcomes[name] = (samples, reason, detail)
+        if detail:
+            tqdm.write(f"warning: {clip.source}: {detail}", file=sys.stderr)
+        signature = clip_signature(source, clip)
+        if samples is not None:
+            wav_bytes = os.path.getsize(os.path.join(wavs_dir, name)) if reason is None else None
+            cache[name] = {"source": signature, "samples": samples, "wav_bytes": wav_bytes}
+        elif reason != "decode_error" and signature is not None:
+            cache[name] = {"source": signature, "error": reason, "detail": detail}
+
+
+# --------------------------------------------------------------------------- cache and outputs
+
+
+def audio_settings(args):
+    return {"version": AUDIO_VERSION, "sample_rate": SAMPLE_RATE, "trim": not args.no_trim, "trim_db": args.trim_db}
+
+
+def load_cache(output_dir, settings):
+    """Per-clip audio facts from an earlier run with the same audio settings (else empty)."""
+    try:
+        with open(os.path.join(output_dir, CACHE_NAME), encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cache.get("clips", {}) if cache.get("settings") == settings else {}
+
+
+def write_json_atomic(path, data):
+    tmp = temp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_metadata(path, kept):
+    tmp = temp_name(path)
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for clip, _ in kept:
+            f.write(f"{clip.name}|{clip.text}\n")
+    os.replace(tmp, path)
+
+
+def remove_stale_files(wavs_dir, kept_names):
+    """Delete WAVs no longer listed (metadata.csv must match the folder) and temp files of killed runs."""
+    for name in os.listdir(wavs_dir):
+        if name.endswith(".tmp") and name.startswith(".") or name.endswith(".wav") and name not in kept_names:
+            os.remove(os.path.join(wavs_dir, name))
+
+
+def summarise(args, source, kept, dropped, not_selected, decoded, reused, elapsed):
+    hours = defaultdict(float)
+    clips_per_speaker = Counter()
+    for clip, samples in kept:
+        hours[clip.speaker or "unknown"] += samples / SAMPLE_RATE / 3600
+        clips_per_speaker[clip.speaker or "unknown"] += 1
+    speakers = sorted(hours, key=lambda s: (-hours[s], s))
+    return {
+        "input": os.path.abspath(args.input),
+        "input_kind": source.kind,
+        "model": args.model,
+        "kept_clips": len(kept),
+        "kept_hours": round(sum(hours.values()), 4),
+        "dropped_clips": sum(dropped.values()),
+        "dropped": dict(sorted(dropped.items())),
+        "not_selected": dict(sorted(not_selected.items())),
+        "speakers": len(speakers),
+        "hours_per_speaker": {s: round(hours[s], 4) for s in speakers},
+        "clips_per_speaker": {s: clips_per_speaker[s] for s in speakers},
+        "decoded_clips": decoded,
+        "reused_clips": reused,
+        "decode_seconds": round(elapsed, 2),
+        "clips_per_second": round(decoded / elapsed, 2) if decoded and elapsed > 0 else None,
+        "settings": {k: v for k, v in vars(args).items()},
+    }
+
+
+def print_summary(report, output_dir):
+    print(f"kept {report['kept_clips']} clips ({report['kept_hours']:.2f} h) in {output_dir}: "
+          f"{report['decoded_clips']} decoded"
+          + (f" at {report['clips_per_second']:.1f} clips/s" if report["clips_per_second"] else "")
+          + f", {report['reused_clips']} known from an earlier run")
+    if report["dropped"]:
+        print(f"dropped {report['dropped_clips']} clips:")
+        for reason, n in report["dropped"].items():
+            print(f"  {reason:<20} {n}")
+    for reason, n in report["not_selected"].items():
+        print(f"not selected ({reason}): {n}")
+    speakers = list(report["hours_per_speaker"].items())
+    if speakers:
+        print(f"hours per speaker (top {min(10, len(speakers))} of {len(speakers)}):")
+        for speaker, h in speakers[:10]:
+            print(f"  {speaker[:16]:<16} {h:7.3f} h  {report['clips_per_speaker'][speaker]:6d} clips")
+    print(f"report: {os.path.join(output_dir, REPORT_NAME)}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True,
+                        help="Common Voice language folder (clips/ + validated.tsv), its release tarball "
+                             "(.tar/.tar.gz), or an LJSpeech folder (wavs/ + metadata.csv).")
+    parser.add_argument("--output_dir", default="training", help="Where wavs/, metadata.csv and the report go. (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="Hub name or local folder of the voice; its tokenizer decides which characters "
+                             "it can speak. (default: %(default)s)")
+    parser.add_argument("--tsv", default="validated.tsv", help="Common Voice clip list to read. (default: %(default)s)")
+    parser.add_argument("--min_duration", type=float, default=1.0, help="Shortest clip kept, seconds after trimming. (default: %(default)s)")
+    parser.add_argument("--max_duration", type=float, default=15.0, help="Longest clip kept, seconds after trimming. (default: %(default)s)")
+    parser.add_argument("--min_chars_per_second", type=float, default=4.0,
+                        help="Slower speech than this means text and audio do not match. (default: %(default)s)")
+    parser.add_argument("--max_chars_per_second", type=float, default=25.0,
+                        help="Faster speech than this means text and audio do not match. (default: %(default)s)")
+    parser.add_argument("--max_clips", type=int, default=None,
+                        help="Prepare at most this many clips: the first ones, in list order, whose text "
+                             "passes. (default: all)")
+    parser.add_argument("--speaker", action="append", default=[], metavar="CLIENT_ID",
+                        help="Only this Common Voice client_id; repeat for several. (default: every speaker)")
+    parser.add_argument("--top_speakers", type=int, default=None, metavar="N",
+                        help="Only the N speakers with the most clips in the list. (default: every speaker)")
+    parser.add_argument("--no_trim", action="store_true", help="Keep leading and trailing silence. (default: trim it)")
+    parser.add_argument("--trim_db", type=float, default=40.0,
+                        help="Trim edges quieter than this many dB below the clip's loudest part. (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="Decoding processes; 1 decodes in this process. (default: all cores, %(default)s)")
+    args = parser.parse_args(argv)
+
+    if args.min_duration <= 0 or args.max_duration <= args.min_duration:
+        parser.error("need 0 < --min_duration < --max_duration")
+    if args.min_chars_per_second < 0 or args.max_chars_per_second <= args.min_chars_per_second:
+        parser.error("need 0 <= --min_chars_per_second < --max_chars_per_second")
+    if args.max_clips is not None and args.max_clips < 1:
+        parser.error("--max_clips must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.speaker and args.top_speakers:
+        parser.error("use --speaker or --top_speakers, not both")
+    if args.top_speakers is not None and args.top_speakers < 1:
+        parser.error("--top_speakers must be at least 1")
+    if os.path.abspath(args.input) == os.path.abspath(args.output_dir):
+        parser.error("--output_dir must differ from --input (stale wavs in it are deleted)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # 1. Read the clip list and the voice's alphabet.
+    source, header, rows, malformed = open_input(args.input, args.tsv)
+    missing_columns = [c for c in ("path", "sentence") if c not in header]
+    if missing_columns:
+        fail(f"{args.tsv} has no {', '.join(missing_columns)} column (found: {', '.join(header) or 'nothing'})")
+    if (args.speaker or args.top_speakers) and "client_id" not in header:
+        fail("--speaker/--top_speakers need a Common Voice input with a client_id column")
+    tokenizer, vocab = load_vocab(args.model)
+
+    # 2. Text first: it is cheap, and a clip whose text the voice cannot say is never decoded.
+    candidates, dropped, not_selected = choose_clips(args, rows, malformed, vocab)
+    tokens = {clip.name: count_tokens(tokenizer, clip.text) for clip in candidates}
+
+    # 3. Reuse what an earlier run measured with the same audio settings; decode the rest in parallel.
+    wavs_dir = os.path.join(args.output_dir, "wavs")
+    os.makedirs(wavs_dir, exist_ok=True)
+    settings = audio_settings(args)
+    cache = load_cache(args.output_dir, settings)
+    limits = Limits(round(args.min_duration * SAMPLE_RATE), round(args.max_duration * SAMPLE_RATE),
+                    args.min_chars_per_second, args.max_chars_per_second)
+    outcomes, to_decode = reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir)
+    reused = sum(reason != "missing_file" for _, reason, _ in outcomes.values())
+    start = time.time()
+    try:
+        decode_all(args, source, to_decode, tokens, limits, wavs_dir, outcomes, cache)
+    finally:
+        # Saved even when interrupted, so the clips decoded so far are not decoded again.
+        write_json_atomic(os.path.join(args.output_dir, CACHE_NAME), {"settings": settings, "clips": cache})
+    elapsed = time.time() - start
+
+    # 4. Write metadata.csv in input order, remove WAVs it does not list, report.
+    kept, dropped_list = [], []
+    for clip in candidates:
+        samples, reason, detail = outcomes[clip.name]
+        if reason is None:
+            kept.append((clip, samples))
+        else:
+            dropped[reason] += 1
+            dropped_list.append({"clip": clip.source, "reason": reason, "detail": detail})
+    write_metadata(os.path.join(args.output_dir, "metadata.csv"), kept)
+    remove_stale_files(wavs_dir, {clip.name for clip, _ in kept})
+    report = summarise(args, source, kept, dropped, not_selected, len(to_decode), reused, elapsed)
+    report["dropped_list"] = dropped_list
+    write_json_atomic(os.path.join(args.output_dir, REPORT_NAME), report)
+    print_summary(report, args.output_dir)
+    if not kept:
+        fail(f"no clip was kept from {args.input} (see {os.path.join(args.output_dir, REPORT_NAME)})")
+    return report
+
+
+if __name__ == "__main__":
+    main()
