@@ -1,0 +1,1235 @@
+"""Fine-tune a VITS voice (MMS by default) overnight on one GPU, within a wall-clock budget.
+
+`transformers`' VitsModel only synthesises, so the training step is ours, as in the original VITS:
+posterior encoder on the linear spectrogram, flow, monotonic alignment search, KL, stochastic duration
+loss, mel L1 on decoded slices, and HiFi-GAN multi-period + scale discriminators.
+
+Examples:
+
+    # the real job: MMS Kurmanji on the output of prepare_data.py, sized to 9.5 hours
+    python train_vits.py --data_dir training --output_dir training
+
+    # continue an interrupted run with the budget it had left
+    python train_vits.py --resume auto
+
+    # a tiny CPU smoke run (see examples/tiny_model.py and demo.sh)
+    python train_vits.py --model example_run/tiny_model --data_dir example_run/data \\
+        --output_dir example_run --target_hours 0.03 --device cpu --batch_size 4 --grad_accum 1
+"""
+
+import argparse
+import contextlib
+import copy
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from monotonic_alignment_search import maximum_path
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import VitsModel, VitsTokenizer, get_cosine_schedule_with_warmup
+
+from prepare_data import AudioError, load_audio, read_metadata
+
+# Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
+N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
+SPEC_SETTINGS = dict(n_fft=N_FFT, hop=HOP, win=WIN, n_mels=N_MELS, fmin=FMIN, fmax=FMAX, pad="reflect384")
+CACHE_VERSION = 1
+
+DEFAULT_SENTENCES = [
+    "Ez bi kurdî diaxivim.",
+    "Roj baş, tu çawa yî?",
+    "Zimanê me dewlemend û xweş e.",
+    "Pirtûka min li ser maseyê ye.",
+]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on safely; the message says why and what to do."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
+    g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
+                   help="VitsModel to fine-tune: a Hugging Face name or a local folder.")
+    g.add_argument("--discriminator", default=None,
+                   help="Pretrained discriminator: an original MMS D_*.pth or one saved by this script.")
+    g.add_argument("--disc_channels", type=int, default=1024, choices=[64, 128, 256, 512, 1024],
+                   help="Widest discriminator layer for a fresh discriminator: 1024 as VITS/MMS; smaller only "
+                        "for quick trials with tiny models.")
+    g.add_argument("--output_dir", default="training",
+                   help="Where checkpoints/, final_model/, samples/, metrics.jsonl and the cache go.")
+    g.add_argument("--max_samples", type=int, default=None, help="Use only the first N clips (quick trials).")
+    g.add_argument("--val_size", type=int, default=100,
+                   help="Held-out clips for validation (at most a tenth of the data).")
+    g.add_argument("--sample_sentences", default=None,
+                   help="Text file, one sentence a line, synthesised after every epoch (default: built in).")
+    g = p.add_argument_group("budget")
+    g.add_argument("--target_hours", type=float, default=9.5,
+                   help="Wall-clock budget of the whole run, preload and saving included.")
+    g.add_argument("--epochs", type=int, default=None, help="Train this many epochs instead of the planned number.")
+    g.add_argument("--max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
+    g.add_argument("--benchmark_samples", type=int, default=200,
+                   help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first epoch).")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=8, help="Clips per micro-batch.")
+    g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
+    g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
+    g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")
+    g.add_argument("--d_warmup_steps", type=int, default=None,
+                   help="Steps that train only a fresh discriminator before it may push the generator "
+                        "(default 200 without --discriminator, 0 with one).")
+    g.add_argument("--c_mel", type=float, default=45.0, help="Weight of the mel L1 loss.")
+    g.add_argument("--c_kl", type=float, default=1.0, help="Weight of the KL loss.")
+    g.add_argument("--grad_clip", type=float, default=100.0, help="Gradient-norm clip for both networks.")
+    g.add_argument("--segment_frames", type=int, default=32,
+                   help="Spectrogram frames of each decoded slice (32 x 256 = 8,192 samples in VITS).")
+    g.add_argument("--max_bad_steps", type=int, default=20,
+                   help="Stop the run after this many non-finite steps in a row.")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (cuda when available).")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.")
+    g.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                   help="Processes that decode clips during the preload.")
+    g.add_argument("--seed", type=int, default=1234, help="Seed for shuffling, slicing and initialisation.")
+    g = p.add_argument_group("saving and logging")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="'auto' (newest checkpoint in output_dir) or a checkpoint path.")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="Epoch checkpoints kept on disk.")
+    g.add_argument("--logging_steps", type=int, default=20, help="Optimizer steps between metrics.jsonl lines.")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.target_hours <= 0:
+        parser.error(f"--target_hours must be positive, got {args.target_hours}")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume: no checkpoint file at {args.resume}")
+    if args.discriminator and not os.path.isfile(args.discriminator):
+        parser.error(f"--discriminator: no file at {args.discriminator}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spectrograms: exactly the original VITS features, always in fp32 (cuFFT has no bf16).
+
+_MEL_BASIS = {}
+_WINDOWS = {}
+
+
+def linear_spectrogram(audio):
+    """Magnitude STFT of a [B, T] float waveform -> [B, 513, T // 256]."""
+    audio = audio.float()
+    key = str(audio.device)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = torch.hann_window(WIN, device=audio.device)
+    pad = (N_FFT - HOP) // 2
+    audio = F.pad(audio.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    with torch.autocast(audio.device.type, enabled=False):
+        stft = torch.stft(audio, N_FFT, hop_length=HOP, win_length=WIN, window=_WINDOWS[key],
+                          center=False, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+    return torch.sqrt(stft.real.pow(2) + stft.imag.pow(2) + 1e-6)
+
+
+def spec_to_mel(spec, sampling_rate):
+    key = (str(spec.device), sampling_rate)
+    if key not in _MEL_BASIS:
+        basis = librosa.filters.mel(sr=sampling_rate, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
+        _MEL_BASIS[key] = torch.from_numpy(basis).float().to(spec.device)
+    return torch.log(torch.clamp(torch.matmul(_MEL_BASIS[key], spec), min=1e-5))
+
+
+def mel_spectrogram(audio, sampling_rate):
+    """Log-mel of a [B, T] waveform -> [B, 80, T // 256]."""
+    return spec_to_mel(linear_spectrogram(audio), sampling_rate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: every clip decoded once, held in RAM as int16 audio + fp16 log-mel, cached on disk.
+
+def read_clip(job):
+    """Worker: decode one wav at the model's rate and compute its log-mel. Never raises."""
+    index, path, sampling_rate = job
+    try:
+        audio = load_audio(path, sampling_rate)
+        if len(audio) < HOP:
+            raise AudioError("shorter than one spectrogram frame")
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        mel = mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
+        return index, pcm, mel.numpy().astype(np.float16), None
+    except (AudioError, OSError, RuntimeError, ValueError) as err:
+        return index, None, None, f"{os.path.basename(path)}: {err}"
+
+
+def _init_worker():
+    torch.set_num_threads(1)
+
+
+def cache_key(data_dir, entries, sampling_rate):
+    """Hash of everything that shapes the preloaded arrays: files, sizes, mtimes, spectrogram settings."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, SPEC_SETTINGS, sampling_rate]).encode())
+    for name, _ in entries:
+        path = os.path.join(data_dir, "wavs", name)
+        try:
+            st = os.stat(path)
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def available_ram_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_preload_bytes(paths, sampling_rate):
+    """int16 audio + fp16 mel for every clip, from the file headers (no decoding)."""
+    samples = 0
+    for path in paths:
+        try:
+            info = sf.info(path)
+            samples += int(info.frames * sampling_rate / info.samplerate)
+        except (RuntimeError, OSError):
+            continue
+    return samples * 2 + (samples // HOP) * N_MELS * 2
+
+
+def decode_all(data_dir, entries, sampling_rate, num_workers):
+    jobs = [(i, os.path.join(data_dir, "wavs", name), sampling_rate) for i, (name, _) in enumerate(entries)]
+    audio, mels, errors = [None] * len(jobs), [None] * len(jobs), []
+    with ProcessPoolExecutor(max_workers=max(1, num_workers), initializer=_init_worker) as pool:
+        results = pool.map(read_clip, jobs, chunksize=16)
+        for index, pcm, mel, err in tqdm(results, total=len(jobs), desc="preload", unit="clip"):
+            audio[index], mels[index] = pcm, mel
+            if err:
+                errors.append(err)
+    return audio, mels, errors
+
+
+def save_cache(path, names, audio, mels, errors):
+    kept = [i for i, a in enumerate(audio) if a is not None]
+    arrays = dict(
+        names=np.array([names[i] for i in kept]),
+        audio=np.concatenate([audio[i] for i in kept]) if kept else np.zeros(0, np.int16),
+        audio_len=np.array([len(audio[i]) for i in kept], dtype=np.int64),
+        mel=np.concatenate([mels[i].T for i in kept]) if kept else np.zeros((0, N_MELS), np.float16),
+        mel_len=np.array([mels[i].shape[1] for i in kept], dtype=np.int64),
+        errors=np.array(errors, dtype=str),
+    )
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_cache(path):
+    with np.load(path) as z:
+        names, errors = list(z["names"]), list(z["errors"])
+        audio = np.split(z["audio"], np.cumsum(z["audio_len"])[:-1])
+        mels = [m.T for m in np.split(z["mel"], np.cumsum(z["mel_len"])[:-1])]
+    return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors]
+
+
+def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None):
+    """All clips of `data_dir/metadata.csv` as {name: (int16 audio, fp16 mel)}, plus skipped-clip messages."""
+    metadata = os.path.join(data_dir, "metadata.csv")
+    if not os.path.isfile(metadata):
+        raise TrainingError(f"{metadata}: not found (run prepare_data.py first, or pass --data_dir)")
+    entries = read_metadata(metadata)
+    if max_samples:
+        entries = entries[:max_samples]
+    if not entries:
+        raise TrainingError(f"{metadata}: no clips listed")
+    os.makedirs(cache_dir, exist_ok=True)
+    cache = os.path.join(cache_dir, f"preload_{cache_key(data_dir, entries, sampling_rate)}.npz")
+    if os.path.isfile(cache):
+        clips, errors = load_cache(cache)
+        print(f"preload: {len(clips)} clips from cache {cache}")
+    else:
+        for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
+            os.remove(stale)
+        paths = [os.path.join(data_dir, "wavs", name) for name, _ in entries]
+        need, free = estimate_preload_bytes(paths, sampling_rate), available_ram_bytes()
+        print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM"
+              + (f" ({free / 2**30:.1f} GiB available)" if free else ""))
+        if free is not None and need > 0.8 * free:
+            raise TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
+                                "is available: use --max_samples or a machine with more RAM")
+        names = [name for name, _ in entries]
+        audio, mels, errors = decode_all(data_dir, entries, sampling_rate, num_workers)
+        save_cache(cache, names, audio, mels, errors)
+        clips = {n: (a, m) for n, a, m in zip(names, audio, mels) if a is not None}
+    for err in errors:
+        print(f"skipped clip {err}")
+    texts = dict(entries)
+    return [(name, texts[name], a, m) for name, (a, m) in clips.items() if name in texts], errors
+
+
+class ClipSet:
+    """Preloaded clips with token ids; items whose tokens outnumber their frames are dropped (MAS needs it)."""
+
+    def __init__(self, clips, tokenizer):
+        self.names, self.texts, self.audio, self.mels, self.tokens = [], [], [], [], []
+        self.dropped = {}
+        for name, text, pcm, mel in clips:
+            ids = tokenizer(text).input_ids
+            reason = None
+            if len(ids) <= 1:
+                reason = "no speakable text"
+            elif len(ids) > mel.shape[1]:
+                reason = "more tokens than frames"
+            if reason:
+                self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                continue
+            self.names.append(name)
+            self.texts.append(text)
+            self.audio.append(pcm)
+            self.mels.append(mel)
+            self.tokens.append(np.asarray(ids, dtype=np.int64))
+
+    def __len__(self):
+        return len(self.names)
+
+    def frames(self, i):
+        return self.mels[i].shape[1]
+
+    def subset(self, indices):
+        other = copy.copy(self)
+        for attr in ("names", "texts", "audio", "mels", "tokens"):
+            setattr(other, attr, [getattr(self, attr)[i] for i in indices])
+        return other
+
+
+def split_validation(clips, val_size):
+    """Held-out clips chosen by a hash of their names, so the split is the same on every run and resume."""
+    val_size = min(val_size, len(clips) // 10)
+    order = sorted(range(len(clips)), key=lambda i: hashlib.sha1(clips.names[i].encode()).hexdigest())
+    val = sorted(order[:val_size])
+    held = set(val)
+    return clips.subset([i for i in range(len(clips)) if i not in held]), clips.subset(val)
+
+
+def bucket_batches(lengths, batch_size, seed):
+    """Length-bucketed batches: similar durations share a batch (little padding), batch order shuffled."""
+    rng = random.Random(seed)
+    # The jitter mixes clips of nearly equal length across epochs without giving up the bucketing.
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] * (1.0 + 0.1 * rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items, segment_frames):
+    """Pad a batch of (clipset, index) items into tensors; audio covers at least one decoder slice."""
+    frames = [cs.frames(i) for cs, i in items]
+    max_frames = max(max(frames), segment_frames)
+    max_tokens = max(len(cs.tokens[i]) for cs, i in items)
+    batch = len(items)
+    audio = torch.zeros(batch, max_frames * HOP)
+    mel = torch.zeros(batch, N_MELS, max_frames)
+    ids = torch.zeros(batch, max_tokens, dtype=torch.long)
+    id_mask = torch.zeros(batch, max_tokens, dtype=torch.long)
+    for b, (cs, i) in enumerate(items):
+        pcm = torch.from_numpy(cs.audio[i][:frames[b] * HOP].astype(np.float32) / 32768.0)
+        audio[b, :len(pcm)] = pcm
+        mel[b, :, :frames[b]] = torch.from_numpy(cs.mels[i].astype(np.float32))
+        ids[b, :len(cs.tokens[i])] = torch.from_numpy(cs.tokens[i])
+        id_mask[b, :len(cs.tokens[i])] = 1
+    return dict(audio=audio, mel=mel, frames=torch.tensor(frames), input_ids=ids, attention_mask=id_mask)
+
+
+def to_device(batch, device):
+    if device.type != "cuda":
+        return batch
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the pretrained generator, HiFi-GAN discriminators, and saving in the transformers format.
+
+def weight_norm(module):
+    return nn.utils.parametrizations.weight_norm(module)
+
+
+def load_voice(name_or_dir):
+    try:
+        model = VitsModel.from_pretrained(name_or_dir)
+        tokenizer = VitsTokenizer.from_pretrained(name_or_dir)
+    except OSError as err:
+        raise TrainingError(f"--model {name_or_dir}: cannot load a VITS model and tokenizer ({err})") from err
+    return model, tokenizer
+
+
+def prepare_for_training(model):
+    """As the original trainer: no layer drop, weight norm on the HiFi-GAN decoder (removed for saving)."""
+    model.config.layerdrop = 0.0
+    model.text_encoder.encoder.layerdrop = 0.0
+    if not nn.utils.parametrize.is_parametrized(model.decoder.upsampler[0]):
+        model.decoder.apply_weight_norm()
+    model.train()
+    return model
+
+
+def inference_copy(model):
+    """A CPU copy of the generator without decoder weight norm, as the released MMS voices are saved.
+
+    (Removing the parametrization from a deepcopy would also strip it from the original: the
+    parametrized class is shared between copies.)
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if not (k.startswith("decoder.") and ".parametrizations.weight." in k)}
+    for name, module in model.decoder.named_modules():
+        if nn.utils.parametrize.is_parametrized(module, "weight"):
+            state[f"decoder.{name}.weight"] = module.weight.detach().cpu()
+    export = VitsModel(model.config)
+    export.load_state_dict(state)
+    return export.eval()
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Swap a fully written folder into place, so a reader never sees a half-written model."""
+    old = final_dir + ".old"
+    if os.path.isdir(final_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_voice(model, tokenizer, discriminator, out_dir):
+    """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt, atomically."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    inference_copy(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+    replace_dir(tmp, out_dir)
+
+
+def scaled(channels, max_channels):
+    return max(1, channels * max_channels // 1024)
+
+
+class PeriodDiscriminator(nn.Module):
+    def __init__(self, period, max_channels=1024):
+        super().__init__()
+        self.period = period
+        chans = [1] + [scaled(c, max_channels) for c in (32, 128, 512, 1024, 1024)]
+        self.convs = nn.ModuleList([
+            weight_norm(nn.Conv2d(chans[i], chans[i + 1], (5, 1), (3, 1) if i < 4 else 1, padding=(2, 0)))
+            for i in range(5)])
+        self.conv_post = weight_norm(nn.Conv2d(chans[-1], 1, (3, 1), 1, padding=(1, 0)))
+
+    def forward(self, x):
+        b, c, t = x.shape
+        if t % self.period:
+            x = F.pad(x, (0, self.period - t % self.period), "reflect")
+        x = x.view(b, c, -1, self.period)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        x = self.conv_post(x)
+        features.append(x)
+        return torch.flatten(x, 1), features
+
+
+class ScaleDiscriminator(nn.Module):
+    def __init__(self, max_channels=1024):
+        super().__init__()
+        c = [1] + [scaled(n, max_channels) for n in (16, 64, 256, 1024, 1024, 1024)]
+        groups = [1] + [scaled(g, max_channels) for g in (4, 16, 64, 256)] + [1]
+        kernels, strides = (15, 41, 41, 41, 41, 5), (1, 4, 4, 4, 4, 1)
+        self.convs = nn.ModuleList([
+            weight_norm(nn.Conv1d(c[i], c[i + 1], kernels[i], strides[i], groups=groups[i], padding=kernels[i] // 2))
+            for i in range(6)])
+        self.conv_post = weight_norm(nn.Conv1d(c[-1], 1, 3, 1, padding=1))
+
+    def forward(self, x):
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        x = self.conv_post(x)
+        features.append(x)
+        return torch.flatten(x, 1), features
+
+
+class VitsDiscriminator(nn.Module):
+    """The VITS/MMS critic: one scale discriminator and period discriminators 2, 3, 5, 7, 11.
+
+    `max_channels` below 1024 shrinks every layer alike, for quick trials with tiny generators only:
+    pretrained MMS discriminators have 1024.
+    """
+
+    def __init__(self, periods=(2, 3, 5, 7, 11), max_channels=1024):
+        super().__init__()
+        self.max_channels = max_channels
+        self.discriminators = nn.ModuleList([ScaleDiscriminator(max_channels)]
+                                            + [PeriodDiscriminator(p, max_channels) for p in periods])
+
+    def forward(self, audio):
+        """[B, 1, T] -> (list of logits, list of feature lists), one entry per sub-discriminator."""
+        outputs = [d(audio) for d in self.discriminators]
+        return [o[0] for o in outputs], [o[1] for o in outputs]
+
+
+def mms_discriminator_state(raw):
+    """Rename an original MMS/VITS D_*.pth (or finetune-hf-vits) state dict to our parameter names."""
+    state = raw.get("model", raw) if isinstance(raw, dict) else raw
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace("module.", "", 1) if key.startswith("module.") else key
+        if "discriminators." not in key:
+            continue  # some MMS files carry generator weights too
+        key = key[key.index("discriminators."):].replace("final_conv", "conv_post")
+        key = key.replace(".weight_g", ".parametrizations.weight.original0")
+        key = key.replace(".weight_v", ".parametrizations.weight.original1")
+        renamed[key] = value
+    return renamed
+
+
+def load_discriminator(path):
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TrainingError(f"--discriminator {path}: not a readable checkpoint ({err})") from err
+    state = mms_discriminator_state(raw)
+    # The widest layer of the first period discriminator tells the size it was built with.
+    width = state.get("discriminators.1.convs.4.parametrizations.weight.original1")
+    disc = VitsDiscriminator(max_channels=width.shape[0] if width is not None else 1024)
+    expected = disc.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or extra or shapes:
+        raise TrainingError(f"--discriminator {path}: does not fit the VITS discriminator; "
+                            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                            f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}, wrong shape {shapes[:8]}")
+    disc.load_state_dict(state)
+    return disc
+
+
+# ----------------------------------------------------------------------------------------------------
+# The VITS objective.
+
+def sequence_mask(lengths, max_length):
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask):
+    """Most likely monotonic path of frames onto tokens: [B, tokens, frames] of 0/1, no gradient."""
+    with torch.no_grad():
+        z_p, m_p, logs_p = z_p.float(), m_p.float(), logs_p.float()
+        s_p_sq_r = torch.exp(-2 * logs_p)  # [B, C, L]
+        # log N(z_p | m_p, s_p) for every (token, frame), expanded as in VITS to four matmuls
+        neg_cent1 = torch.sum(-0.5 * math.log(2 * math.pi) - logs_p, [1]).unsqueeze(2)  # [B, L, 1]
+        neg_cent2 = torch.matmul(s_p_sq_r.transpose(1, 2), -0.5 * z_p.pow(2))  # [B, L, T]
+        neg_cent3 = torch.matmul((m_p * s_p_sq_r).transpose(1, 2), z_p)
+        neg_cent4 = torch.sum(-0.5 * m_p.pow(2) * s_p_sq_r, [1]).unsqueeze(2)
+        neg_cent = neg_cent1 + neg_cent2 + neg_cent3 + neg_cent4
+        mask = x_mask.transpose(1, 2) * y_mask  # [B, L, T]
+        return maximum_path(neg_cent, mask.float()).to(z_p.dtype)
+
+
+def random_slices(lengths, segment_frames):
+    max_start = torch.clamp(lengths - segment_frames, min=0)
+    return (torch.rand(lengths.shape, device=lengths.device) * (max_start + 1).float()).long()
+
+
+def slice_frames(x, starts, segment):
+    """[B, C, T] -> [B, C, segment] starting at `starts` (per item)."""
+    idx = starts[:, None] + torch.arange(segment, device=x.device)[None, :]
+    return torch.gather(x, 2, idx[:, None, :].expand(-1, x.size(1), -1))
+
+
+def generator_forward(model, batch, segment_frames):
+    """One VITS generator pass. Returns the decoded slices, their targets and the non-adversarial losses."""
+    ids, id_mask, frames = batch["input_ids"], batch["attention_mask"], batch["frames"]
+    spec = linear_spectrogram(batch["audio"])
+    x_mask = id_mask.unsqueeze(1).to(spec.dtype)  # [B, 1, L]
+    y_mask = sequence_mask(frames, spec.size(2)).unsqueeze(1).to(spec.dtype)  # [B, 1, T]
+
+    text = model.text_encoder(input_ids=ids, padding_mask=x_mask.transpose(1, 2), attention_mask=id_mask)
+    hidden = text.last_hidden_state.transpose(1, 2)
+    m_p, logs_p = text.prior_means.transpose(1, 2), text.prior_log_variances.transpose(1, 2)
+
+    z, m_q, logs_q = model.posterior_encoder(spec, y_mask)
+    z_p = model.flow(z, y_mask)
+
+    path = monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)  # [B, L, T]
+    durations = path.sum(2).unsqueeze(1)  # [B, 1, L]
+    dur_nll = model.duration_predictor(hidden, x_mask, durations=durations.to(hidden.dtype))
+    loss_dur = torch.sum(dur_nll.float() / torch.sum(x_mask))
+
+    m_p = torch.matmul(m_p.float(), path)  # prior expanded to frames: [B, C, T]
+    logs_p = torch.matmul(logs_p.float(), path)
+
+    starts = random_slices(frames, segment_frames)
+    audio_hat = model.decoder(slice_frames(z, starts, segment_frames))
+    audio = slice_frames(batch["audio"].unsqueeze(1), starts * HOP, segment_frames * HOP)
+    return dict(audio=audio, audio_hat=audio_hat, mel=slice_frames(batch["mel"], starts, segment_frames),
+                loss_dur=loss_dur, loss_kl=kl_loss(z_p.float(), logs_q.float(), m_p, logs_p, y_mask))
+
+
+def kl_loss(z_p, logs_q, m_p, logs_p, mask):
+    kl = logs_p - logs_q - 0.5 + 0.5 * (z_p - m_p).pow(2) * torch.exp(-2.0 * logs_p)
+    return torch.sum(kl * mask) / torch.sum(mask)
+
+
+def discriminator_loss(real_logits, fake_logits):
+    return sum(torch.mean((1 - r.float()) ** 2) + torch.mean(f.float() ** 2) for r, f in zip(real_logits, fake_logits))
+
+
+def generator_adversarial_loss(fake_logits):
+    return sum(torch.mean((1 - f.float()) ** 2) for f in fake_logits)
+
+
+def feature_matching_loss(real_features, fake_features):
+    return 2 * sum(torch.mean(torch.abs(r.float().detach() - f.float()))
+                   for rs, fs in zip(real_features, fake_features) for r, f in zip(rs, fs))
+
+
+def mel_slice_loss(out, sampling_rate):
+    mel_hat = mel_spectrogram(out["audio_hat"].squeeze(1), sampling_rate)
+    return F.l1_loss(mel_hat, out["mel"].float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training step: discriminator first, then generator, under autocast with fp32 losses.
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: no CUDA GPU is visible to torch (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_precision(precision, device):
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on CPU)")
+    return precision
+
+
+class VitsTrainer:
+    """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
+
+    def __init__(self, model, discriminator, args, device, precision):
+        self.model, self.disc = model.to(device), discriminator.to(device)
+        self.args, self.device, self.precision = args, device, precision
+        self.sampling_rate = model.config.sampling_rate
+        betas, eps = (0.8, 0.99), 1e-9
+        self.opt_g = torch.optim.AdamW(self.model.parameters(), args.lr, betas=betas, eps=eps)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), args.lr, betas=betas, eps=eps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.schedule(1)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+
+    def schedule(self, total_steps):
+        """Linear warm-up then cosine decay over the planned optimizer steps."""
+        warmup = min(self.args.warmup_steps, max(0, total_steps - 1))
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = self.args.lr
+                group.pop("initial_lr", None)
+        self.sched_g = get_cosine_schedule_with_warmup(self.opt_g, warmup, total_steps)
+        self.sched_d = get_cosine_schedule_with_warmup(self.opt_d, warmup, total_steps)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def lr(self):
+        return self.sched_g.get_last_lr()[0]
+
+    def train_window(self, batches, d_only=False):
+        """One optimizer step over `batches` (gradient accumulation). Returns the mean loss terms."""
+        self.model.train()
+        self.disc.train()
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        totals, finite = {}, True
+        for batch in batches:
+            terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
+            if terms is None:
+                finite = False
+                break
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
+        if finite:
+            finite = self.apply_gradients(d_only)
+        if not finite:
+            self.opt_d.zero_grad(set_to_none=True)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= self.args.max_bad_steps:
+                raise TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
+                                    "stopping before the model is ruined (try --precision bf16/fp32 or a lower --lr)")
+            return None
+        self.bad_steps = 0
+        self.step += 1
+        self.sched_g.step()
+        self.sched_d.step()
+        return totals
+
+    def micro_step(self, batch, accum, d_only):
+        args = self.args
+        with self.autocast():
+            if d_only:
+                with torch.no_grad():
+                    out = generator_forward(self.model, batch, args.segment_frames)
+            else:
+                out = generator_forward(self.model, batch, args.segment_frames)
+            real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
+            logits, _ = self.disc(real_fake)
+        half = out["audio"].size(0)
+        loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
+        if not torch.isfinite(loss_d):
+            return None
+        self.scaler.scale(loss_d / accum).backward()
+        terms = dict(d=loss_d.item())
+        if d_only:
+            return terms
+
+        # The generator pass must not leave gradients in the critic: freeze it for this backward.
+        self.disc.requires_grad_(False)
+        with self.autocast():
+            logits, features = self.disc(torch.cat([out["audio"], out["audio_hat"].to(out["audio"].dtype)]))
+        self.disc.requires_grad_(True)
+        loss_adv = generator_adversarial_loss([l[half:] for l in logits])
+        loss_fm = feature_matching_loss([[f[:half] for f in fs] for fs in features],
+                                        [[f[half:] for f in fs] for fs in features])
+        loss_mel = mel_slice_loss(out, self.sampling_rate)
+        loss_g = loss_adv + loss_fm + args.c_mel * loss_mel + args.c_kl * out["loss_kl"] + out["loss_dur"]
+        if not torch.isfinite(loss_g):
+            return None
+        self.scaler.scale(loss_g / accum).backward()
+        terms.update(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
+                     kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
+        return terms
+
+    def apply_gradients(self, d_only):
+        pairs = [(self.opt_d, self.disc)] + ([] if d_only else [(self.opt_g, self.model)])
+        finite = True
+        for opt, net in pairs:
+            self.scaler.unscale_(opt)
+            norm = nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_clip)
+            # With fp16 the scaler skips inf steps itself (that is how it finds its scale).
+            finite &= bool(torch.isfinite(norm)) or self.scaler.is_enabled()
+        if not finite:
+            return False
+        for opt, _ in pairs:
+            self.scaler.step(opt)
+        self.scaler.update()
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, clipset, batch_size):
+        """Validation loss terms on fixed slices (seeded), so epochs compare like with like."""
+        if len(clipset) == 0:
+            return {}
+        self.model.eval()
+        totals, count = {}, 0
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for items in bucket_batches([clipset.frames(i) for i in range(len(clipset))], batch_size, 0):
+                batch = to_device(collate([(clipset, i) for i in items], self.args.segment_frames),
+                                  self.device)
+                with self.autocast():
+                    out = generator_forward(self.model, batch, self.args.segment_frames)
+                terms = dict(mel=mel_slice_loss(out, self.sampling_rate).item(), kl=out["loss_kl"].item(),
+                             dur=out["loss_dur"].item())
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(items)
+                count += len(items)
+        self.model.train()
+        return {k: v / count for k, v in totals.items()}
+
+    def state_dict(self):
+        return dict(model=self.model.state_dict(), disc=self.disc.state_dict(), opt_g=self.opt_g.state_dict(),
+                    opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
+                    sched_d=self.sched_d.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
+                    skipped_steps=self.skipped_steps)
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["disc"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budget, plan and throughput.
+
+class Budget:
+    """Wall-clock budget of a run, counting what earlier (resumed) parts of the run already used."""
+
+    def __init__(self, seconds, used_before=0.0):
+        self.seconds, self.used_before, self.start = seconds, used_before, time.time()
+
+    def used(self):
+        return self.used_before + time.time() - self.start
+
+    def left(self):
+        return self.seconds - self.used()
+
+
+def benchmark_throughput(trainer, batches, samples):
+    """Samples/s of real training steps (after one warm-up step); the weights are restored afterwards."""
+    parts = dict(model=trainer.model, disc=trainer.disc, opt_g=trainer.opt_g, opt_d=trainer.opt_d)
+    snapshot = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    windows = [batches[i:i + trainer.args.grad_accum] for i in range(0, len(batches), trainer.args.grad_accum)]
+    trainer.train_window(windows[0])
+    sync(trainer.device)
+    done, start = 0, time.time()
+    for window in windows[1:] + windows:
+        trainer.train_window(window)
+        done += sum(len(b["frames"]) for b in window)
+        if done >= samples:
+            break
+    sync(trainer.device)
+    elapsed = time.time() - start
+    for name, part in parts.items():
+        part.load_state_dict(snapshot[name])
+    trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
+    return done / max(elapsed, 1e-9)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_epochs(samples_per_s, n_train, n_val, seconds_left, overhead_s=10.0):
+    """Whole epochs that fit the budget, counting validation (forward only, ~3x faster) and saving."""
+    epoch_s = n_train / samples_per_s
+    per_epoch = epoch_s + n_val / (3 * samples_per_s) + overhead_s
+    return max(1, int(seconds_left // per_epoch)), epoch_s, per_epoch
+
+
+def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
+    """Benchmark, then size epochs and the LR schedule; print the plan."""
+    n_train = sum(len(cs) for cs in train_sets)
+    batches_per_epoch = len(make_batches(1))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    samples_per_s = None
+    if args.benchmark_samples > 0:
+        first = make_batches(0)
+        bench = [collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
+        samples_per_s = benchmark_throughput(trainer, bench, args.benchmark_samples)
+    if args.epochs:
+        epochs = args.epochs
+    elif samples_per_s:
+        epochs, epoch_s, per_epoch = plan_epochs(samples_per_s, n_train, n_val, budget.left())
+        finish = time.strftime("%H:%M", time.localtime(time.time() + epochs * per_epoch))
+        print(f"plan: {samples_per_s:.2f} samples/s, {epoch_s / 60:.1f} min/epoch ({per_epoch / 60:.1f} with "
+              f"validation and saving), {epochs} epochs, finishing about {finish}")
+    else:
+        epochs = math.ceil(args.max_steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                samples_per_s=samples_per_s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving: atomic checkpoints, listening samples, metrics.
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def newest_checkpoint(output_dir):
+    paths = glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint_epoch_*.pt"))
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def prune_checkpoints(output_dir, keep):
+    paths = sorted(glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint_epoch_*.pt")), key=os.path.getmtime)
+    for path in paths[:-keep]:
+        os.remove(path)
+
+
+def write_wav(path, audio, sampling_rate):
+    tmp = path + ".tmp.wav"
+    sf.write(tmp, audio, sampling_rate, subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def synthesise(model, tokenizer, sentences, out_dir, seed=0):
+    """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear."""
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    paths = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i, sentence in enumerate(sentences):
+            inputs = tokenizer(sentence, return_tensors="pt").to(device)
+            audio = model(**inputs).waveform[0].float().cpu().numpy()
+            paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
+            write_wav(paths[-1], audio, model.config.sampling_rate)
+    model.train(was_training)
+    return paths
+
+
+def read_sentences(path):
+    if path is None:
+        return DEFAULT_SENTENCES
+    with open(path, encoding="utf-8") as f:
+        sentences = [line.strip() for line in f if line.strip()]
+    if not sentences:
+        raise TrainingError(f"--sample_sentences {path}: no sentences in the file")
+    return sentences
+
+
+class MetricsLog:
+    """metrics.jsonl lines, plus TensorBoard scalars and audio when tensorboard is installed."""
+
+    def __init__(self, output_dir):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record):
+        # One write call per line, so a killed run never leaves half a record.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def audio(self, tag, paths, step):
+        if self.tb:
+            for path in paths:
+                audio, sr = sf.read(path, dtype="float32")
+                self.tb.add_audio(f"{tag}/{os.path.basename(path)}", audio, step, sample_rate=sr)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def format_terms(terms):
+    return " | ".join(f"{k} {v:.3g}" for k, v in terms.items())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop, shared with train_feedback.py.
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to save a resumable checkpoint and exit; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint, then exiting", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def vram_text(device):
+    if device.type != "cuda":
+        return ""
+    return f"{torch.cuda.memory_allocated(device) / 2**30:.1f}/{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+
+
+def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key):
+    """Train epoch by epoch inside the budget; checkpoint every epoch; keep best and final models.
+
+    make_batches(epoch) -> list of micro-batches, each a list of (clipset, index) items; it must be
+    deterministic for a given epoch so a resumed run continues with the same order.
+    run: dict(plan=..., epoch=..., batches_done=..., best=...) from plan_run or a checkpoint.
+    Returns "done", "deadline", "max_steps" or "interrupted".
+    """
+    output_dir = args.output_dir
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    log = MetricsLog(output_dir)
+    sentences = read_sentences(args.sample_sentences)
+    plan = run["plan"]
+    d_warmup = run["d_warmup_steps"]
+    save_seconds = [5.0]
+    reason = "done"
+
+    def checkpoint(epoch, batches_done, tag=""):
+        start = time.time()
+        state = dict(trainer=trainer.state_dict(), epoch=epoch, batches_done=batches_done, plan=plan,
+                     budget_used=budget.used(), best=run["best"], d_warmup_steps=d_warmup, rng=rng_state(),
+                     args=vars(args), data_key=data_key, model_config=trainer.model.config.to_dict())
+        atomic_torch_save(state, os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch}{tag}.pt"))
+        prune_checkpoints(output_dir, args.keep_checkpoints)
+        save_seconds.append(time.time() - start)
+
+    def reserve():
+        # Time kept back at the deadline for the last checkpoint and the final model.
+        return 2.5 * max(save_seconds) + 2.0
+
+    with StopRequest() as stop:
+        for epoch in range(run["epoch"], plan["epochs"] + 1):
+            batches = make_batches(epoch)
+            skip = run["batches_done"] if epoch == run["epoch"] else 0
+            windows = [batches[i:i + args.grad_accum] for i in range(skip, len(batches), args.grad_accum)]
+            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan['epochs']}", unit="batch")
+            done, samples, start, terms = skip, 0, time.time(), {}
+            for window in windows:
+                if stop.requested or budget.left() < reserve() or (args.max_steps and trainer.step >= args.max_steps):
+                    break
+                tensors = [collate(items, args.segment_frames) for items in window]
+                terms = trainer.train_window(tensors, d_only=trainer.step < d_warmup) or terms
+                done += len(window)
+                samples += sum(len(items) for items in window)
+                rate = samples / (time.time() - start)
+                epoch_eta = (len(batches) - done) * (time.time() - start) / max(1, done - skip)
+                bar.set_postfix_str(f"{format_terms(terms)} | {rate:.1f} samples/s {vram_text(trainer.device)} "
+                                    f"| eta {epoch_eta / 60:.0f}m, total {budget.left() / 60:.0f}m left")
+                bar.update(len(window))
+                if trainer.step % args.logging_steps == 0 and terms:
+                    log.write(dict(step=trainer.step, epoch=epoch, **terms, lr=trainer.lr(), samples_per_s=rate,
+                                   skipped_steps=trainer.skipped_steps))
+            bar.close()
+            if done < len(batches):
+                if stop.requested:
+                    checkpoint(epoch, done, "_interrupted")
+                    reason = "interrupted"
+                    break
+                reason = "max_steps" if args.max_steps and trainer.step >= args.max_steps else "deadline"
+                checkpoint(epoch, done, "_partial")
+                break
+            run.update(epoch=epoch + 1, batches_done=0)
+            val_start = time.time()
+            if budget.left() > reserve() + 2 * (time.time() - start) / max(1, len(windows)) * len(val_sets):
+                end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
+            print(f"epoch {epoch}: {len(batches) - skip} batches in {(val_start - start) / 60:.1f} min, "
+                  f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
+            checkpoint(epoch, len(batches))
+            if args.max_steps and trainer.step >= args.max_steps:
+                reason = "max_steps"
+                break
+    if reason != "interrupted":
+        export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
+        print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
+              f"{budget.used() / 3600:.2f} h used)")
+    log.close()
+    return reason
+
+
+def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log):
+    """Validation, best model, listening samples."""
+    scores = {name: trainer.evaluate(cs, args.batch_size) for name, cs in val_sets.items() if len(cs)}
+    record = dict(step=trainer.step, epoch=epoch)
+    for name, terms in scores.items():
+        record.update({f"{name}_{k}": v for k, v in terms.items()})
+    if scores:
+        log.write(record)
+        print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
+        main_score = next(iter(scores.values()))["mel"]
+        if run["best"] is None or main_score < run["best"]:
+            run["best"] = main_score
+            export_voice(trainer.model, tokenizer, trainer.disc,
+                         os.path.join(args.output_dir, "checkpoints", "best_model"))
+    paths = synthesise(trainer.model, tokenizer, sentences, os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
+    log.audio(f"epoch_{epoch}", paths, trainer.step)
+
+
+def load_checkpoint(path, trainer, data_key):
+    """Restore a run exactly; a checkpoint of another model or data set fails loudly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise TrainingError(f"--resume {path}: cannot read the checkpoint ({err})") from err
+    if state.get("data_key") != data_key:
+        raise TrainingError(f"--resume {path}: the checkpoint was trained on other data "
+                            "(metadata.csv or the validation split changed); start a new --output_dir")
+    try:
+        trainer.schedule(state["plan"]["total_steps"])
+        trainer.load_state_dict(state["trainer"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise TrainingError(f"--resume {path}: the checkpoint does not match --model "
+                            f"({str(err).splitlines()[0]})") from err
+    set_rng_state(state["rng"])
+    return state
+
+
+def data_fingerprint(train_sets, val_sets):
+    h = hashlib.sha256()
+    for cs in list(train_sets) + list(val_sets.values()):
+        h.update("\n".join(cs.names).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def epoch_batches(clipset, batch_size, seed):
+    """make_batches for one clip set: bucketed batches, a new shuffle each epoch."""
+    lengths = [clipset.frames(i) for i in range(len(clipset))]
+
+    def make(epoch):
+        return [[(clipset, i) for i in b] for b in bucket_batches(lengths, batch_size, seed * 1000 + epoch)]
+    return make
+
+
+def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup):
+    """A fresh run (benchmark + plan) or the state of the checkpoint named by --resume."""
+    data_key = data_fingerprint(train_sets, val_sets)
+    resume = args.resume
+    if resume == "auto":
+        resume = newest_checkpoint(args.output_dir)
+        if resume is None:
+            raise TrainingError(f"--resume auto: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
+    if resume:
+        state = load_checkpoint(resume, trainer, data_key)
+        budget.used_before = state["budget_used"]
+        print(f"resumed {resume}: epoch {state['epoch']}, step {trainer.step}, "
+              f"{budget.left() / 3600:.2f} h of budget left")
+        run = dict(plan=state["plan"], epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
+                   d_warmup_steps=state["d_warmup_steps"])
+        if state["batches_done"] >= len(make_batches(state["epoch"])):
+            run.update(epoch=state["epoch"] + 1, batches_done=0)
+        return run, data_key
+    n_val = sum(len(cs) for cs in val_sets.values())
+    plan = plan_run(trainer, train_sets, make_batches, n_val, args, budget)
+    trainer.schedule(plan["total_steps"])
+    d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+    return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
+
+
+def save_run_info(args, extra):
+    os.makedirs(args.output_dir, exist_ok=True)
+    info = dict(args=vars(args), argv=sys.argv, torch=torch.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                **extra)
+    try:
+        import subprocess
+        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        pass
+    with open(os.path.join(args.output_dir, "run_config.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, default=str)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = Budget(args.target_hours * 3600)
+    try:
+        # 1. Machine and precision.
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        # 2. The pretrained voice and its critic.
+        model, tokenizer = load_voice(args.model)
+        prepare_for_training(model)
+        disc = load_discriminator(args.discriminator) if args.discriminator else VitsDiscriminator(max_channels=args.disc_channels)
+        sr = model.config.sampling_rate
+        print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {sr} Hz; "
+              f"device {device}, precision {precision}")
+        # 3. Data, preloaded into RAM.
+        clips, errors = load_clips(args.data_dir, sr, os.path.join(args.output_dir, "cache"), args.num_workers,
+                                   args.max_samples)
+        clipset = ClipSet(clips, tokenizer)
+        for reason, count in clipset.dropped.items():
+            print(f"dropped {count} clips: {reason}")
+        train_set, val_set = split_validation(clipset, args.val_size)
+        if len(train_set) == 0:
+            raise TrainingError(f"{args.data_dir}: no usable clips ({len(errors)} failed to load)")
+        print(f"data: {len(train_set)} training clips, {len(val_set)} validation clips, "
+              f"{len(errors)} skipped as unreadable")
+        save_run_info(args, dict(precision=precision, device=str(device), train_clips=len(train_set),
+                                 val_clips=len(val_set), skipped_clips=errors, dropped_clips=clipset.dropped))
+        # 4. Plan (or resume), then train.
+        trainer = VitsTrainer(model, disc, args, device, precision)
+        make_batches = epoch_batches(train_set, args.batch_size, args.seed)
+        val_sets = {"val": val_set}
+        run, data_key = start_run(trainer, [train_set], make_batches, val_sets, args, budget,
+                                  default_d_warmup=0 if args.discriminator else 200)
+        reason = fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 130 if reason == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
