@@ -1,0 +1,42 @@
+"""Session-wide fixtures built at test time, never downloaded: a tiny Kurmanji VITS model, a small
+Common Voice-shaped release spoken by espeak-ng, and that release prepared by prepare_data.py."""
+
+import os
+
+import pytest
+
+import prepare_data
+from examples.make_release import BAD_KINDS, make_release, make_tarball
+from examples.tiny_model import make_tiny_model
+
+# Good clips in `kmr_release`; it also holds one clip of every kind in BAD_KINDS.
+GOOD_CLIPS = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with a tiny random VitsModel + VitsTokenizer (Kurmanji Latin alphabet)."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def kmr_release(tmp_path_factory):
+    """Common Voice language folder: GOOD_CLIPS espeak-ng clips (32/48 kHz, one 44.1 kHz stereo)
+    plus one bad clip of each kind in BAD_KINDS. Treat as read-only."""
+    return make_release(str(tmp_path_factory.mktemp("cv-kmr")), GOOD_CLIPS, seed=0, bad_kinds=BAD_KINDS)
+
+
+@pytest.fixture(scope="session")
+def kmr_tarball(kmr_release, tmp_path_factory):
+    """`kmr_release` packed as cv-corpus-*/kmr/ in a .tar.gz, clips before TSVs."""
+    return make_tarball(kmr_release, str(tmp_path_factory.mktemp("tar") / "cv-corpus-99.0-2026-01-01-kmr.tar.gz"))
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(kmr_release, tiny_model_dir, tmp_path_factory):
+    """prepare_data.py output for `kmr_release`: wavs/ (16 kHz mono PCM_16) + metadata.csv with the
+    GOOD_CLIPS clips, plus prepare_report.json. Treat as read-only (copy it to change it)."""
+    out = str(tmp_path_factory.mktemp("prepared"))
+    prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    assert os.path.isfile(os.path.join(out, "metadata.csv"))
+    return out

@@ -1,0 +1,273 @@
+"""prepare_data.py: what a user relies on when turning a Common Voice release into a training set."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import prepare_data
+from examples.make_release import BAD_KINDS, espeak_clip
+from tests.conftest import GOOD_CLIPS
+
+
+def run(input_path, model, out, *flags):
+    return prepare_data.main(["--input", str(input_path), "--model", model, "--output_dir", str(out), *flags])
+
+
+def folder_bytes(folder):
+    """Every output file that must be identical between runs, by name."""
+    wavs = os.path.join(folder, "wavs")
+    files = {name: os.path.join(wavs, name) for name in os.listdir(wavs)}
+    files["metadata.csv"] = os.path.join(folder, "metadata.csv")
+    return {name: open(path, "rb").read() for name, path in files.items()}
+
+
+def release_rows(release):
+    header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
+    return rows
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset, kmr_release, tiny_model_dir):
+    report = json.load(open(os.path.join(prepared_dataset, "prepare_report.json")))
+    assert report["dropped"] == {kind: 1 for kind in BAD_KINDS}
+    assert report["kept_clips"] == GOOD_CLIPS
+
+    good = release_rows(kmr_release)[:GOOD_CLIPS]
+    rows = prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))
+    assert [name for name, _ in rows] == [row["path"].replace(".mp3", ".wav") for row in good]
+    assert sorted(os.listdir(os.path.join(prepared_dataset, "wavs"))) == sorted(name for name, _ in rows)
+
+    # The generated release holds the formats Common Voice ships; all of them must come out 16 kHz mono.
+    formats = {(sf.info(os.path.join(kmr_release, "clips", row["path"])).samplerate,
+                sf.info(os.path.join(kmr_release, "clips", row["path"])).channels) for row in good}
+    assert {(32000, 1), (48000, 1), (44100, 2)} <= formats
+
+    tokenizer, vocab = prepare_data.load_vocab(tiny_model_dir)
+    for (name, text), row in zip(rows, good):
+        info = sf.info(os.path.join(prepared_dataset, "wavs", name))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        source_seconds = sf.info(os.path.join(kmr_release, "clips", row["path"])).duration
+        assert 1.0 <= info.duration < source_seconds - 0.3, "leading/trailing silence was not trimmed"
+        # The tokenizer keeps every character: nothing is silently dropped at training time.
+        assert tokenizer.prepare_for_tokenization(text)[0] == text
+        assert set(text) <= vocab and "|" not in text and text == text.strip() and "  " not in text
+        assert prepare_data.count_tokens(tokenizer, text) == 2 * len(text) + 1 <= info.frames // 256
+
+
+def test_tarball_is_streamed_and_matches_folder_output(kmr_tarball, prepared_dataset, tiny_model_dir, tmp_path,
+                                                      monkeypatch):
+    def no_unpacking(*args, **kwargs):
+        raise AssertionError("the tarball must be streamed, not unpacked")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", no_unpacking)
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_unpacking)
+    report = run(kmr_tarball, tiny_model_dir, tmp_path, "--workers", "2")
+
+    assert report["input_kind"] == "tar"
+    assert report["dropped"] == {kind: 1 for kind in BAD_KINDS}
+    assert folder_bytes(tmp_path) == folder_bytes(prepared_dataset)
+
+
+def test_rerun_decodes_nothing_and_gives_identical_output(prepared_dataset, kmr_release, tiny_model_dir, tmp_path,
+                                                         monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dataset, out)
+    before = folder_bytes(out)
+    mtimes = {name: os.stat(out / "wavs" / name).st_mtime_ns for name in os.listdir(out / "wavs")}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a re-run must not decode audio")
+
+    monkeypatch.setattr(prepare_data, "load_audio", no_decoding)
+    report = run(kmr_release, tiny_model_dir, out, "--workers", "1")
+
+    assert report["decoded_clips"] == 0
+    assert report["kept_clips"] == GOOD_CLIPS and report["dropped"] == {kind: 1 for kind in BAD_KINDS}
+    assert folder_bytes(out) == before
+    assert {name: os.stat(out / "wavs" / name).st_mtime_ns for name in os.listdir(out / "wavs")} == mtimes
+
+
+def test_rerun_repairs_folder_and_metadata_always_matches_wavs(prepared_dataset, kmr_release, tiny_model_dir,
+                                                              tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dataset, out)
+    wavs = out / "wavs"
+    lost = sorted(os.listdir(wavs))[3]
+    os.remove(wavs / lost)
+    (wavs / f".{lost}.123.tmp").write_bytes(b"half a wav from a killed run")
+    (wavs / "stray.wav").write_bytes(b"not listed anywhere")
+
+    report = run(kmr_release, tiny_model_dir, out, "--workers", "1")
+    assert report["decoded_clips"] == 1
+    assert folder_bytes(out) == folder_bytes(prepared_dataset)
+
+    # Stricter limits from the cache alone: fewer clips, and the folder shrinks with metadata.csv.
+    report = run(kmr_release, tiny_model_dir, out, "--workers", "1", "--max_duration", "2.5")
+    names = [name for name, _ in prepare_data.read_metadata(out / "metadata.csv")]
+    assert report["decoded_clips"] == 0
+    assert 0 < len(names) == report["kept_clips"] < GOOD_CLIPS
+    assert sorted(os.listdir(wavs)) == sorted(names)
+    assert all(sf.info(wavs / name).duration <= 2.5 for name in names)
+
+
+def test_changed_audio_settings_decode_again(prepared_dataset, kmr_release, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dataset, out)
+    report = run(kmr_release, tiny_model_dir, out, "--workers", "1", "--no_trim", "--max_clips", "3")
+    # --max_clips counts clips whose text passes: the good ones and the bad ones caught only by their audio.
+    audio_bad = len(set(BAD_KINDS) - {"malformed_row", "digits", "other_script"})
+    assert report["decoded_clips"] == 3 and report["not_selected"] == {"max_clips": GOOD_CLIPS + audio_bad - 3}
+    trimmed = {name: sf.info(os.path.join(prepared_dataset, "wavs", name)).frames for name in os.listdir(out / "wavs")}
+    assert all(sf.info(out / "wavs" / name).frames > frames for name, frames in trimmed.items())
+
+
+def test_ljspeech_folder_input(prepared_dataset, tiny_model_dir, tmp_path):
+    report = run(prepared_dataset, tiny_model_dir, tmp_path / "again", "--workers", "1")
+    assert report["input_kind"] == "ljspeech" and report["kept_clips"] == GOOD_CLIPS and report["dropped"] == {}
+    assert (prepare_data.read_metadata(tmp_path / "again" / "metadata.csv")
+            == prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv")))
+
+    # LJSpeech's own layout: names without .wav and a raw | normalised text pair; the normalised one is used.
+    lj = tmp_path / "lj"
+    os.makedirs(lj / "wavs")
+    first = prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))[:2]
+    lines = []
+    for i, (name, text) in enumerate(first):
+        shutil.copy(os.path.join(prepared_dataset, "wavs", name), lj / "wavs" / f"LJ001-000{i}.wav")
+        lines.append(f"LJ001-000{i}|RAW TEXT NOT TO USE {i}|{text}")
+    (lj / "metadata.csv").write_text("\n".join(lines + ["a line without a separator"]) + "\n", encoding="utf-8")
+    report = run(lj, tiny_model_dir, tmp_path / "lj_out", "--workers", "1")
+    assert prepare_data.read_metadata(tmp_path / "lj_out" / "metadata.csv") == [
+        (f"LJ001-000{i}.wav", text) for i, (_, text) in enumerate(first)]
+    assert report["dropped"] == {"malformed_row": 1}
+
+
+def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
+    good = release_rows(kmr_release)[:GOOD_CLIPS]
+    counts = {}
+    for row in good:
+        counts[row["client_id"]] = counts.get(row["client_id"], 0) + 1
+    top = max(counts, key=counts.get)
+    other = next(s for s in counts if s != top)
+
+    report = run(kmr_release, tiny_model_dir, tmp_path / "top", "--workers", "1", "--top_speakers", "1")
+    assert list(report["hours_per_speaker"]) == [top] and report["kept_clips"] == counts[top]
+    kept = {name for name, _ in prepare_data.read_metadata(tmp_path / "top" / "metadata.csv")}
+    assert kept == {row["path"].replace(".mp3", ".wav") for row in good if row["client_id"] == top}
+
+    report = run(kmr_release, tiny_model_dir, tmp_path / "one", "--workers", "1", "--speaker", other)
+    assert list(report["hours_per_speaker"]) == [other] and report["kept_clips"] == counts[other]
+    assert report["not_selected"]["other_speakers"] > 0
+
+    with pytest.raises(SystemExit, match="none of the --speaker ids"):
+        run(kmr_release, tiny_model_dir, tmp_path / "nobody", "--speaker", "no-such-speaker")
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+def test_unusable_input_exits_with_one_line(kmr_release, tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(tmp_path / "nowhere", tiny_model_dir, tmp_path / "out")
+    with pytest.raises(SystemExit, match="neither validated.tsv"):
+        run(tmp_path, tiny_model_dir, tmp_path / "out")
+
+    wrong = tmp_path / "wrong"
+    os.makedirs(wrong / "clips")
+    (wrong / "validated.tsv").write_text("client_id\tpath\ttext\nx\ty.mp3\thello\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="no sentence column"):
+        run(wrong, tiny_model_dir, tmp_path / "out")
+
+    # Nothing kept is a failure, but the report still says why.
+    with pytest.raises(SystemExit, match="no clip was kept"):
+        run(kmr_release, tiny_model_dir, tmp_path / "none", "--workers", "1", "--max_clips", "2",
+            "--min_duration", "30", "--max_duration", "40")
+    assert json.load(open(tmp_path / "none" / "prepare_report.json"))["dropped"]["too_short"] == 2
+
+
+def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
+    # Columns in another order than usual; default csv quoting would swallow the rows after the lone '"'.
+    lines = ["sentence\tup_votes\tpath\tclient_id",
+             'Wî got: "Ez naçim.\t2\ta.mp3\ts1',
+             'Ew got \\"erê\\".\t2\tb.mp3\ts1',
+             "“Rojbaş,” wê got.\t2\tc.mp3\ts2",
+             "too\tfew",
+             "Dara sêvê li ber malê ye.\t2\td.mp3\ts2"]
+    (tmp_path / "validated.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    header, rows, malformed = prepare_data.read_tsv(str(tmp_path / "validated.tsv"))
+    assert [row["path"] for row in rows] == ["a.mp3", "b.mp3", "c.mp3", "d.mp3"]
+    assert rows[0]["sentence"] == 'Wî got: "Ez naçim.' and rows[1]["sentence"] == 'Ew got \\"erê\\".'
+    assert malformed == 1
+
+
+# --------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Em ê sibê biçin Wan’ê.", "em ê sibê biçin wan'ê"),
+    ("“Rojbaş,” jinikê got.", "rojbaş jinikê got"),
+    ("Wî got: \"Ez naçim malê.", "wî got ez naçim malê"),
+    ("’’Were!’’ got.", "were got"),
+    ("- Tu çawa yî? – Ez baş im…", "tu çawa yî ez baş im"),
+    ("İro DAYIKA mın", "iro dayika min"),
+    ("S\u0327ev  dirêj\tbû", "şev dirêj bû"),
+    ("a|b", "a b"),
+    ("Kurdistan-ê xweş e", "kurdistan-ê xweş e"),
+    ("bajêr,gund", "bajêr gund"),
+])
+def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_model_dir):
+    tokenizer, vocab = prepare_data.load_vocab(tiny_model_dir)
+    text, reason = prepare_data.clean_text(raw, vocab)
+    assert (text, reason) == (expected, None)
+    assert tokenizer.prepare_for_tokenization(text)[0] == text
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("Ez 25 salî me.", "digits"),
+    ("ئەمڕۆ هەوا خۆشە", "other_script"),
+    ("Привет", "other_script"),
+    ("Göl û dar", "unsupported_letter"),
+    ("“…” - !", "empty_text"),
+])
+def test_clean_text_drops_what_the_voice_cannot_say(raw, reason, tiny_model_dir):
+    _, vocab = prepare_data.load_vocab(tiny_model_dir)
+    assert prepare_data.clean_text(raw, vocab) == (None, reason)
+
+
+def test_load_vocab_is_the_speakable_alphabet(tiny_model_dir):
+    _, vocab = prepare_data.load_vocab(tiny_model_dir)
+    assert set("abcdefghijklmnopqrstuvwxyzçêîşû '-") == vocab
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def test_load_audio_mixes_resamples_and_trims(tmp_path):
+    speech = espeak_clip("Roj li pişt çiyayan ava dibe.", 44100, stereo=True)
+    silence = np.zeros((44100, 2), dtype=np.float32)
+    sf.write(tmp_path / "a.mp3", np.concatenate([silence, speech, silence]), 44100)
+    full = prepare_data.load_audio(str(tmp_path / "a.mp3"), 16000)
+    trimmed = prepare_data.load_audio(open(tmp_path / "a.mp3", "rb"), 16000, trim=True)
+    assert full.dtype == np.float32 and full.ndim == 1 and np.abs(full).max() <= 1.0
+    speech_samples = len(speech) * 16000 // 44100
+    assert abs(len(full) - (speech_samples + 2 * 16000)) < 2000
+    # The added second of silence at each end goes; the speech, quiet edges included, stays.
+    assert len(trimmed) <= speech_samples + 2 * 1024
+    assert np.sum(trimmed.astype(np.float64) ** 2) > 0.999 * np.sum(full.astype(np.float64) ** 2)
+
+
+@pytest.mark.parametrize("data, reason", [(b"", "empty_file"), (b"not audio at all\n" * 50, "corrupt_audio")])
+def test_load_audio_rejects_unreadable_input(data, reason, tmp_path):
+    (tmp_path / "x.mp3").write_bytes(data)
+    for source in (str(tmp_path / "x.mp3"), io.BytesIO(data)):
+        with pytest.raises(prepare_data.AudioError) as err:
+            prepare_data.load_audio(source, 16000)
+        assert err.value.reason == reason
