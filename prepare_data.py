@@ -412,6 +412,8 @@ def run_jobs(jobs, workers, total):
                 yield decode_clip(job)
                 bar.update()
             return
+        # librosa imports its resampler lazily (~2 s); doing it once here lets forked workers inherit it.
+        librosa.resample(np.zeros(64, dtype=np.float32), orig_sr=32000, target_sr=SAMPLE_RATE)
         with ProcessPoolExecutor(max_workers=workers) as pool:
             pending = set()
             for job in jobs:
