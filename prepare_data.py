@@ -33,6 +33,7 @@ import sys
 import tarfile
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import NamedTuple
@@ -45,7 +46,7 @@ from tqdm import tqdm
 SAMPLE_RATE = 16000
 HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
 DEFAULT_MODEL = "facebook/mms-tts-kmr-script_latin"
-# A frame whose loudest 64 ms window stays below -50 dBFS holds no usable speech.
+# A clip whose loudest 64 ms window stays below -50 dBFS holds no usable speech.
 SILENCE_DBFS = -50.0
 TRIM_FRAME = 1024
 TRIM_HOP = 256
@@ -53,6 +54,7 @@ TRIM_HOP = 256
 AUDIO_VERSION = 1
 REPORT_NAME = "prepare_report.json"
 CACHE_NAME = "prepare_cache.json"
+CACHE_EVERY = 2000  # clips between cache saves, so a killed run loses little work
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 # Typographic apostrophes Common Voice contributors type instead of '.
@@ -114,6 +116,9 @@ def frame_power(audio):
     squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
     frame = min(TRIM_FRAME, len(audio))
     starts = np.arange(0, len(audio) - frame + 1, TRIM_HOP)
+    if starts[-1] != len(audio) - frame:
+        # One more window flush with the end, so a clip that ends mid-word keeps its last samples.
+        starts = np.append(starts, len(audio) - frame)
     return (squares[starts + frame] - squares[starts]) / max(frame, 1), starts, frame
 
 
@@ -210,7 +215,7 @@ def count_tokens(tokenizer, text):
 
 
 def read_tsv(path_or_file):
-    """Read a Common Voice TSV by header name with quoting off; return (rows as dicts, malformed count)."""
+    """Read a Common Voice TSV with quoting off; return (header, rows as dicts by column name, malformed rows)."""
     handle = open(path_or_file, encoding="utf-8-sig", newline="") if isinstance(path_or_file, str) else path_or_file
     with handle:
         # Sentences hold unbalanced '"': with quoting on, csv would swallow the rows after one.
@@ -234,7 +239,8 @@ def parse_metadata(path):
         for line in f:
             fields = line.rstrip("\r\n").split("|")
             if len(fields) < 2 or not fields[0].strip():
-                malformed += line.strip() != ""
+                if line.strip():
+                    malformed += 1
                 continue
             name = fields[0].strip()
             if not os.path.splitext(name)[1]:
@@ -307,7 +313,7 @@ def read_tar_tsv(path, tsv):
                     prefix = os.path.join(os.path.dirname(member.name), "clips", "")
                     stat = os.stat(path)
                     return Source("tar", path, prefix, [stat.st_size, stat.st_mtime_ns]), header, rows, malformed
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         fail(f"cannot read tarball {path}: {err}")
     fail(f"tarball {path} holds no {tsv}")
 
@@ -430,7 +436,7 @@ def run_jobs(jobs, workers, total):
 
 
 def iter_jobs(source, clips, make_job):
-    """Jobs for the clips to decode; reading a tarball streams it once, in order. Yields (job or None, clip)."""
+    """Decode jobs for `clips`. A tarball is streamed once, in order; clips it lacks come last, with no source."""
     if source.kind != "tar":
         for clip in clips:
             yield make_job(clip, os.path.join(source.clips_dir, clip.source))
@@ -438,11 +444,15 @@ def iter_jobs(source, clips, make_job):
     wanted = {source.clips_dir + clip.source: clip for clip in clips}
     if not wanted:
         return
-    with tarfile.open(source.path, "r|*") as tar:
-        for member in tar:
-            clip = wanted.pop(member.name, None)
-            if clip is not None and member.isfile():
-                yield make_job(clip, io.BytesIO(tar.extractfile(member).read()))
+    try:
+        with tarfile.open(source.path, "r|*") as tar:
+            for member in tar:
+                clip = wanted.pop(member.name, None)
+                if clip is not None and member.isfile():
+                    yield make_job(clip, io.BytesIO(tar.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        # A truncated download still gives the clips before the damage; the rest count as missing.
+        tqdm.write(f"warning: {source.path}: archive ends early ({err})", file=sys.stderr)
     for clip in wanted.values():
         yield make_job(clip, None)
 
@@ -481,7 +491,7 @@ def reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir):
     return outcomes, to_decode
 
 
-def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache):
+def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache, save_cache):
     """Decode `clips` in parallel, filling `outcomes` and recording what each measured in `cache`."""
     by_name = {clip.name: clip for clip in clips}
 
@@ -489,7 +499,8 @@ def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache):
         return (clip.name, clip_source, os.path.join(wavs_dir, clip.name), tokens[clip.name], len(clip.text),
                 limits, not args.no_trim, args.trim_db)
 
-    for name, samples, reason, detail in run_jobs(iter_jobs(source, clips, make_job), args.workers, len(clips)):
+    results = run_jobs(iter_jobs(source, clips, make_job), args.workers, len(clips))
+    for done, (name, samples, reason, detail) in enumerate(results, 1):
         clip = by_name[name]
         outcomes[name] = (samples, reason, detail)
         if detail:
@@ -500,6 +511,8 @@ def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache):
             cache[name] = {"source": signature, "samples": samples, "wav_bytes": wav_bytes}
         elif reason != "decode_error" and signature is not None:
             cache[name] = {"source": signature, "error": reason, "detail": detail}
+        if done % CACHE_EVERY == 0:
+            save_cache()
 
 
 # --------------------------------------------------------------------------- cache and outputs
@@ -538,7 +551,7 @@ def write_metadata(path, kept):
 def remove_stale_files(wavs_dir, kept_names):
     """Delete WAVs no longer listed (metadata.csv must match the folder) and temp files of killed runs."""
     for name in os.listdir(wavs_dir):
-        if name.endswith(".tmp") and name.startswith(".") or name.endswith(".wav") and name not in kept_names:
+        if (name.startswith(".") and name.endswith(".tmp")) or (name.endswith(".wav") and name not in kept_names):
             os.remove(os.path.join(wavs_dir, name))
 
 
@@ -642,7 +655,10 @@ def main(argv=None):
     args = parse_args(argv)
 
     # 1. Read the clip list and the voice's alphabet.
-    source, header, rows, malformed = open_input(args.input, args.tsv)
+    try:
+        source, header, rows, malformed = open_input(args.input, args.tsv)
+    except (csv.Error, UnicodeDecodeError, OSError) as err:
+        fail(f"cannot read the clip list of {args.input}: {err}")
     missing_columns = [c for c in ("path", "sentence") if c not in header]
     if missing_columns:
         fail(f"{args.tsv} has no {', '.join(missing_columns)} column (found: {', '.join(header) or 'nothing'})")
@@ -664,11 +680,14 @@ def main(argv=None):
     outcomes, to_decode = reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir)
     reused = sum(reason != "missing_file" for _, reason, _ in outcomes.values())
     start = time.time()
-    try:
-        decode_all(args, source, to_decode, tokens, limits, wavs_dir, outcomes, cache)
-    finally:
-        # Saved even when interrupted, so the clips decoded so far are not decoded again.
+
+    def save_cache():
         write_json_atomic(os.path.join(args.output_dir, CACHE_NAME), {"settings": settings, "clips": cache})
+
+    try:
+        decode_all(args, source, to_decode, tokens, limits, wavs_dir, outcomes, cache, save_cache)
+    finally:
+        save_cache()  # also when interrupted, so the clips decoded so far are not decoded again
     elapsed = time.time() - start
 
     # 4. Write metadata.csv in input order, remove WAVs it does not list, report.

@@ -174,11 +174,16 @@ def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
 # --------------------------------------------------------------------------- input errors
 
 
-def test_unusable_input_exits_with_one_line(kmr_release, tiny_model_dir, tmp_path):
+def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         run(tmp_path / "nowhere", tiny_model_dir, tmp_path / "out")
     with pytest.raises(SystemExit, match="neither validated.tsv"):
         run(tmp_path, tiny_model_dir, tmp_path / "out")
+
+    truncated = tmp_path / "cut.tar.gz"
+    truncated.write_bytes(open(kmr_tarball, "rb").read()[:5000])
+    with pytest.raises(SystemExit, match="cut.tar.gz"):
+        run(truncated, tiny_model_dir, tmp_path / "out")
 
     wrong = tmp_path / "wrong"
     os.makedirs(wrong / "clips")
