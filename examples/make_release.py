@@ -34,7 +34,7 @@ EMPTY_TSVS = ["invalidated.tsv", "other.tsv", "reported.tsv", "dev.tsv", "test.t
 # Real Kurmanji sentences. The first ones carry the punctuation Common Voice texts hold: typographic and
 # unbalanced quotes, a typographic apostrophe, a dialogue dash, an ellipsis, a decomposed ş, a dotless ı.
 SENTENCES = [
-    "Wî got: \"Ez îro naçim malê.",
+    "\"Ez îro naçim malê, wî got.",
     "“Rojbaş,” jinikê bi ken got.",
     "Em ê sibê biçin Wan’ê.",
     "- Tu çawa yî? - Ez baş im…",

@@ -201,7 +201,7 @@ def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model
 def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     # Columns in another order than usual; default csv quoting would swallow the rows after the lone '"'.
     lines = ["sentence\tup_votes\tpath\tclient_id",
-             'Wî got: "Ez naçim.\t2\ta.mp3\ts1',
+             '"Ez naçim malê, wî got.\t2\ta.mp3\ts1',
              'Ew got \\"erê\\".\t2\tb.mp3\ts1',
              "“Rojbaş,” wê got.\t2\tc.mp3\ts2",
              "too\tfew",
@@ -209,7 +209,7 @@ def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     (tmp_path / "validated.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     header, rows, malformed = prepare_data.read_tsv(str(tmp_path / "validated.tsv"))
     assert [row["path"] for row in rows] == ["a.mp3", "b.mp3", "c.mp3", "d.mp3"]
-    assert rows[0]["sentence"] == 'Wî got: "Ez naçim.' and rows[1]["sentence"] == 'Ew got \\"erê\\".'
+    assert rows[0]["sentence"] == '"Ez naçim malê, wî got.' and rows[1]["sentence"] == 'Ew got \\"erê\\".'
     assert malformed == 1
 
 
@@ -267,6 +267,24 @@ def test_load_audio_mixes_resamples_and_trims(tmp_path):
     # The added second of silence at each end goes; the speech, quiet edges included, stays.
     assert len(trimmed) <= speech_samples + 2 * 1024
     assert np.sum(trimmed.astype(np.float64) ** 2) > 0.999 * np.sum(full.astype(np.float64) ** 2)
+
+
+def test_load_audio_mixes_stereo_down_to_the_mean_of_its_channels(tmp_path):
+    speech = espeak_clip("Dara sêvê li ber malê ye.", 44100)
+    sf.write(tmp_path / "mono.wav", speech, 44100, subtype="FLOAT")
+    sf.write(tmp_path / "stereo.wav", np.stack([speech, 0.5 * speech], axis=1), 44100, subtype="FLOAT")
+    mono = prepare_data.load_audio(str(tmp_path / "mono.wav"), 16000)
+    stereo = prepare_data.load_audio(str(tmp_path / "stereo.wav"), 16000)
+    assert stereo.shape == mono.shape and np.allclose(stereo, 0.75 * mono, atol=1e-5)
+
+
+def test_trim_keeps_speech_that_runs_to_the_edges():
+    # A recording cut mid-word, at a length that is no multiple of the trim hop.
+    tone = (0.5 * np.sin(np.arange(16000 + 100) * 0.1)).astype(np.float32)
+    assert len(prepare_data.trim_silence(tone)) == len(tone)
+    padded = np.concatenate([np.zeros(5000, np.float32), tone])
+    assert len(tone) <= len(prepare_data.trim_silence(padded)) < len(tone) + 1024
+    assert len(prepare_data.trim_silence(np.zeros(8000, np.float32))) == 0
 
 
 @pytest.mark.parametrize("data, reason", [(b"", "empty_file"), (b"not audio at all\n" * 50, "corrupt_audio")])
