@@ -62,8 +62,9 @@ class TrainingError(RuntimeError):
     """A run that cannot go on safely; the message says why and what to do."""
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description=__doc__):
+    """All training flags; train_feedback.py builds on the same parser so its flags mean the same."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
     g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
@@ -114,8 +115,13 @@ def parse_args(argv=None):
                    help="'auto' (newest checkpoint in output_dir) or a checkpoint path.")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="Epoch checkpoints kept on disk.")
     g.add_argument("--logging_steps", type=int, default=20, help="Optimizer steps between metrics.jsonl lines.")
-    args = p.parse_args(argv)
-    check_args(p, args)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     return args
 
 
@@ -129,6 +135,8 @@ def check_args(parser, args):
         parser.error(f"--resume: no checkpoint file at {args.resume}")
     if args.discriminator and not os.path.isfile(args.discriminator):
         parser.error(f"--discriminator: no file at {args.discriminator}")
+    if args.benchmark_samples <= 0 and not (args.epochs or args.max_steps):
+        parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,11 +194,11 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
-def cache_key(data_dir, entries, sampling_rate):
+def cache_key(audio_dir, entries, sampling_rate):
     """Hash of everything that shapes the preloaded arrays: files, sizes, mtimes, spectrogram settings."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, SPEC_SETTINGS, sampling_rate]).encode())
     for name, _ in entries:
-        path = os.path.join(data_dir, "wavs", name)
+        path = os.path.join(audio_dir, name)
         try:
             st = os.stat(path)
             h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -222,8 +230,8 @@ def estimate_preload_bytes(paths, sampling_rate):
     return samples * 2 + (samples // HOP) * N_MELS * 2
 
 
-def decode_all(data_dir, entries, sampling_rate, num_workers):
-    jobs = [(i, os.path.join(data_dir, "wavs", name), sampling_rate) for i, (name, _) in enumerate(entries)]
+def decode_all(audio_dir, entries, sampling_rate, num_workers):
+    jobs = [(i, os.path.join(audio_dir, name), sampling_rate) for i, (name, _) in enumerate(entries)]
     audio, mels, errors = [None] * len(jobs), [None] * len(jobs), []
     with ProcessPoolExecutor(max_workers=max(1, num_workers), initializer=_init_worker) as pool:
         results = pool.map(read_clip, jobs, chunksize=16)
@@ -257,9 +265,13 @@ def load_cache(path):
     return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors]
 
 
-def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None):
-    """All clips of `data_dir/metadata.csv` as {name: (int16 audio, fp16 mel)}, plus skipped-clip messages."""
+def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None, audio_subdir="wavs"):
+    """Clips of `data_dir/metadata.csv` as [(name, text, int16 audio, fp16 mel)], plus skipped-clip messages.
+
+    Audio files are looked up in `data_dir/audio_subdir`, in any format soundfile reads, at any rate.
+    """
     metadata = os.path.join(data_dir, "metadata.csv")
+    audio_dir = os.path.join(data_dir, audio_subdir)
     if not os.path.isfile(metadata):
         raise TrainingError(f"{metadata}: not found (run prepare_data.py first, or pass --data_dir)")
     entries = read_metadata(metadata)
@@ -268,14 +280,14 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
     if not entries:
         raise TrainingError(f"{metadata}: no clips listed")
     os.makedirs(cache_dir, exist_ok=True)
-    cache = os.path.join(cache_dir, f"preload_{cache_key(data_dir, entries, sampling_rate)}.npz")
+    cache = os.path.join(cache_dir, f"preload_{cache_key(audio_dir, entries, sampling_rate)}.npz")
     if os.path.isfile(cache):
         clips, errors = load_cache(cache)
         print(f"preload: {len(clips)} clips from cache {cache}")
     else:
         for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
             os.remove(stale)
-        paths = [os.path.join(data_dir, "wavs", name) for name, _ in entries]
+        paths = [os.path.join(audio_dir, name) for name, _ in entries]
         need, free = estimate_preload_bytes(paths, sampling_rate), available_ram_bytes()
         print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM"
               + (f" ({free / 2**30:.1f} GiB available)" if free else ""))
@@ -283,7 +295,7 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
             raise TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
                                 "is available: use --max_samples or a machine with more RAM")
         names = [name for name, _ in entries]
-        audio, mels, errors = decode_all(data_dir, entries, sampling_rate, num_workers)
+        audio, mels, errors = decode_all(audio_dir, entries, sampling_rate, num_workers)
         save_cache(cache, names, audio, mels, errors)
         clips = {n: (a, m) for n, a, m in zip(names, audio, mels) if a is not None}
     for err in errors:
@@ -1026,6 +1038,8 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     output_dir = args.output_dir
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp*")):
+        os.remove(stale)  # left by a run killed while saving
     log = MetricsLog(output_dir)
     sentences = read_sentences(args.sample_sentences)
     plan = run["plan"]
@@ -1162,6 +1176,8 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
         budget.used_before = state["budget_used"]
         print(f"resumed {resume}: epoch {state['epoch']}, step {trainer.step}, "
               f"{budget.left() / 3600:.2f} h of budget left")
+        if args.epochs:
+            state["plan"]["epochs"] = args.epochs
         run = dict(plan=state["plan"], epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
                    d_warmup_steps=state["d_warmup_steps"])
         if state["batches_done"] >= len(make_batches(state["epoch"])):

@@ -1,0 +1,245 @@
+"""train_vits.py: the VITS objective, spectrograms, MAS, saving, and the time-budgeted loop with resume."""
+
+import glob
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import VitsModel, pipeline
+
+import train_vits as tv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Flags that keep a CPU run of the tiny model quick; every other flag keeps its real default.
+QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
+         "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
+    model, tokenizer = tv.load_voice(tiny_model_dir)
+    clips, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
+    assert not errors
+    return tv.ClipSet(clips, tokenizer)
+
+
+def tiny_trainer(model_dir, lr=2e-4):
+    model, tokenizer = tv.load_voice(model_dir)
+    tv.prepare_for_training(model)
+    args = tv.parse_args(["--lr", str(lr), "--warmup_steps", "0", "--grad_accum", "1"])
+    trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
+    trainer.schedule(1000)
+    return trainer, tokenizer
+
+
+def batch_of(clipset, n):
+    return tv.collate([(clipset, i) for i in range(n)], 32)
+
+
+def test_one_step_gives_every_trainable_parameter_a_gradient(tiny_model_dir, tiny_clips):
+    trainer, _ = tiny_trainer(tiny_model_dir)
+    trainer.micro_step(batch_of(tiny_clips, 2), accum=1, d_only=False)
+    missing = [name for name, p in trainer.model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    missing += [name for name, p in trainer.disc.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+    for part in ("text_encoder", "posterior_encoder", "flow", "decoder", "duration_predictor"):
+        assert any(n.startswith(part) for n, _ in trainer.model.named_parameters())
+
+
+def test_spectrograms_match_numpy_librosa_vits_formula():
+    rng = np.random.default_rng(0)
+    audio = (0.3 * np.sin(np.arange(7000) * 0.05) + 0.05 * rng.standard_normal(7000)).astype(np.float32)
+    padded = np.pad(audio, (384, 384), mode="reflect")
+    window = librosa.filters.get_window("hann", 1024, fftbins=True)
+    n_frames = (len(padded) - 1024) // 256 + 1
+    frames = np.stack([padded[i * 256:i * 256 + 1024] * window for i in range(n_frames)], axis=1)
+    stft = np.fft.rfft(frames, axis=0)
+    magnitude = np.sqrt(stft.real ** 2 + stft.imag ** 2 + 1e-6)
+    basis = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=80, fmin=0, fmax=8000, htk=False, norm="slaney")
+    expected_mel = np.log(np.clip(basis @ magnitude, 1e-5, None))
+
+    spec = tv.linear_spectrogram(torch.from_numpy(audio)[None])[0].numpy()
+    mel = tv.mel_spectrogram(torch.from_numpy(audio)[None], 16000)[0].numpy()
+    assert spec.shape == (513, len(audio) // 256) == magnitude.shape
+    np.testing.assert_allclose(spec, magnitude, atol=1e-4)
+    np.testing.assert_allclose(mel, expected_mel, atol=1e-4)
+
+
+def brute_force_path(values, n_tokens, n_frames):
+    """Best monotonic path by enumerating where each token after the first starts."""
+    best, best_path = -np.inf, None
+    for starts in itertools.combinations(range(1, n_frames), n_tokens - 1):
+        bounds = (0,) + starts + (n_frames,)
+        path = np.zeros((n_tokens, n_frames))
+        for token in range(n_tokens):
+            path[token, bounds[token]:bounds[token + 1]] = 1
+        score = (values[:n_tokens, :n_frames] * path).sum()
+        if score > best:
+            best, best_path = score, path
+    return best_path
+
+
+def test_monotonic_alignment_equals_brute_force():
+    rng = np.random.default_rng(1)
+    lengths = [(3, 7), (4, 9), (1, 5), (5, 5)]
+    values = rng.standard_normal((len(lengths), 5, 9)).astype(np.float32)
+    mask = np.zeros_like(values)
+    for b, (tokens, frames) in enumerate(lengths):
+        mask[b, :tokens, :frames] = 1
+    paths = tv.maximum_path(torch.from_numpy(values), torch.from_numpy(mask)).numpy()
+    for b, (tokens, frames) in enumerate(lengths):
+        expected = np.zeros((5, 9))
+        expected[:tokens, :frames] = brute_force_path(values[b], tokens, frames)
+        np.testing.assert_array_equal(paths[b], expected)
+
+
+def test_clips_with_more_tokens_than_frames_are_dropped_and_counted(tiny_model_dir):
+    _, tokenizer = tv.load_voice(tiny_model_dir)
+    pcm = np.zeros(16000, dtype=np.int16)
+    mel = np.zeros((80, 62), dtype=np.float16)
+    clips = tv.ClipSet([("ok", "roj baş", pcm, mel), ("long", "ez bi kurdî diaxivim " * 4, pcm, mel)], tokenizer)
+    assert clips.names == ["ok"]
+    assert clips.dropped == {"more tokens than frames": 1}
+
+
+def test_overfitting_four_clips_halves_the_mel_loss(tiny_model_dir, tiny_clips):
+    torch.manual_seed(0)
+    trainer, _ = tiny_trainer(tiny_model_dir, lr=2e-3)
+    four = tiny_clips.subset(range(4))
+    before = trainer.evaluate(four, 4)["mel"]
+    batch = batch_of(four, 4)
+    for _ in range(60):
+        assert trainer.train_window([batch]) is not None
+    after = trainer.evaluate(four, 4)["mel"]
+    assert after <= 0.5 * before, (before, after)
+
+
+def test_saved_model_loads_and_synthesises_with_pipeline(tiny_model_dir, tmp_path):
+    trainer, tokenizer = tiny_trainer(tiny_model_dir)
+    out = str(tmp_path / "voice")
+    tv.export_voice(trainer.model, tokenizer, trainer.disc, out)
+    assert isinstance(VitsModel.from_pretrained(out), VitsModel)
+    speech = pipeline("text-to-speech", model=out, device="cpu")("Roj baş, tu çawa yî?")
+    assert speech["sampling_rate"] == 16000
+    assert speech["audio"].size > 0 and np.all(np.isfinite(speech["audio"]))
+    # The trainer keeps its decoder weight norm after saving, and the critic reloads.
+    assert torch.nn.utils.parametrize.is_parametrized(trainer.model.decoder.upsampler[0])
+    assert tv.load_discriminator(os.path.join(out, "discriminator.pt")).max_channels == 64
+
+
+def test_mms_discriminator_keys_are_renamed_and_checked(tmp_path):
+    disc = tv.VitsDiscriminator(max_channels=64)
+    mms = {}
+    for key, value in disc.state_dict().items():
+        key = key.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v")
+        mms[key] = value
+    mms["enc_p.emb.weight"] = torch.zeros(3)  # generator keys some MMS files carry
+    torch.save({"model": mms, "iteration": 100000}, tmp_path / "D_100000.pth")
+    loaded = tv.load_discriminator(str(tmp_path / "D_100000.pth"))
+    for key, value in disc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    del mms["discriminators.0.conv_post.bias"]
+    torch.save({"model": mms}, tmp_path / "broken.pth")
+    with pytest.raises(tv.TrainingError, match="missing.*discriminators.0.conv_post.bias"):
+        tv.load_discriminator(str(tmp_path / "broken.pth"))
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset, tiny_model_dir, tmp_path):
+    first = str(tmp_path / "first")
+    common = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--epochs", "2", "--logging_steps", "1",
+              "--val_size", "2"] + QUICK
+    assert tv.main(common + ["--output_dir", first]) == 0
+    for path in ("checkpoints/checkpoint_epoch_1.pt", "checkpoints/checkpoint_epoch_2.pt",
+                 "checkpoints/best_model/model.safetensors", "final_model/model.safetensors",
+                 "final_model/discriminator.pt", "samples/epoch_1/00.wav", "samples/epoch_2/00.wav",
+                 "run_config.json"):
+        assert os.path.isfile(os.path.join(first, path)), path
+    metrics = read_metrics(first)
+    assert {"step", "epoch", "mel", "kl", "dur", "adv", "fm", "d", "lr", "samples_per_s"} <= set(metrics[-2])
+    audio, sr = sf.read(os.path.join(first, "samples/epoch_2/00.wav"))
+    assert sr == 16000 and len(audio) > 0
+
+    # Resume from the epoch-1 checkpoint in a fresh folder: same step, same LR, same losses.
+    second = str(tmp_path / "second")
+    os.makedirs(os.path.join(second, "checkpoints"))
+    epoch1 = os.path.join(second, "checkpoints", "checkpoint_epoch_1.pt")
+    shutil.copy(os.path.join(first, "checkpoints/checkpoint_epoch_1.pt"), epoch1)
+    saved = torch.load(epoch1, weights_only=False)
+    assert tv.main(common + ["--output_dir", second, "--resume", epoch1]) == 0
+    resumed = read_metrics(second)
+    original = [m for m in metrics if m["step"] > saved["trainer"]["step"]]
+    assert resumed[0]["step"] == saved["trainer"]["step"] + 1
+    assert len(resumed) == len(original) > 0
+    for a, b in zip(original, resumed):
+        assert a.keys() == b.keys()
+        for key in set(a) - {"samples_per_s"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(prepared_dataset, tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--epochs", "1", "--output_dir", out] + QUICK
+    assert tv.main(args) == 0
+    assert tv.main(args + ["--resume", "auto", "--max_samples", "8"]) == 2
+
+
+def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_dataset, data)
+    with open(os.path.join(data, "wavs", "corrupt.wav"), "wb") as f:
+        f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage")
+    with open(os.path.join(data, "metadata.csv"), "a", encoding="utf-8") as f:
+        f.write("corrupt.wav|ez bi kurdî diaxivim\n")
+    out = str(tmp_path / "run")
+    start = time.time()
+    # 100 epochs cannot fit: the deadline, not the plan, must end this run.
+    code = tv.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", out, "--epochs", "100",
+                    "--target_hours", str(60 / 3600)] + QUICK)
+    elapsed = time.time() - start
+    assert code == 0
+    assert elapsed < 60, elapsed
+    assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
+    printed = capsys.readouterr().out
+    assert "skipped clip corrupt.wav" in printed
+    assert "(deadline, step" in printed
+    with open(os.path.join(out, "run_config.json")) as f:
+        assert any("corrupt.wav" in e for e in json.load(f)["skipped_clips"])
+
+
+def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6",
+            "--logging_steps", "1"] + QUICK
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vits.py")] + args, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(out, "checkpoints", "checkpoint_epoch_1.pt")) and time.time() < deadline:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(2.0)  # inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*.pt"))
+    steps = [torch.load(path, weights_only=False)["trainer"]["step"] for path in checkpoints]  # none truncated
+    capsys.readouterr()
+    assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 0
+    assert f"step {max(steps)}," in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
+    assert not glob.glob(os.path.join(out, "checkpoints", "*.tmp*"))
