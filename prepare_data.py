@@ -411,8 +411,9 @@ def decode_clip(job):
 
 def run_jobs(jobs, workers, total):
     """Yield decode_clip results as they finish, `workers` processes in parallel, with a progress bar."""
-    bar = tqdm(total=total, unit="clip", desc="decoding", dynamic_ncols=True, disable=total == 0)
-    with bar:
+    if total == 0:
+        return
+    with tqdm(total=total, unit="clip", desc="decoding", dynamic_ncols=True) as bar:
         if workers <= 1:
             for job in jobs:
                 yield decode_clip(job)
