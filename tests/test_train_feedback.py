@@ -1,0 +1,195 @@
+"""train_feedback.py: feedback clips in any format, replay batches, a tuned copy that leaves the input alone."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import train_feedback as tf
+import train_vits as tv
+from examples.make_release import SENTENCES, espeak_clip
+
+# Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py); the rest keep their defaults.
+QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
+         "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "0",
+         "--feedback_weight", "1", "--val_size", "2"]
+
+# (file, text, sample rate, stereo, format) of the good feedback clips: every container and rate a phone
+# or a studio might hand over.
+GOOD = [
+    ("flac_stereo.flac", SENTENCES[7], 44100, True, "FLAC"),
+    ("wav_22k.wav", SENTENCES[8], 22050, False, "WAV"),
+    ("mp3_32k.mp3", SENTENCES[10], 32000, False, "MP3"),
+    ("ogg_48k.ogg", SENTENCES[12], 48000, False, "OGG"),
+    ("wav_16k.wav", SENTENCES[16], 16000, False, "WAV"),
+    ("wav_24k_stereo.wav", SENTENCES[19], 24000, True, "WAV"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_voice(tiny_model_dir, tmp_path_factory):
+    """A voice folder as train_vits.py leaves it: save_pretrained files plus discriminator.pt."""
+    model, tokenizer = tv.load_voice(tiny_model_dir)
+    tv.prepare_for_training(model)
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("voice") / "final_model")
+    tv.export_voice(model, tokenizer, tv.VitsDiscriminator(max_channels=64), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def feedback_dir(tmp_path_factory):
+    """Feedback recorded in six formats/rates, plus one corrupt file and one text with digits."""
+    out = str(tmp_path_factory.mktemp("feedback"))
+    rows = []
+    for name, text, sr, stereo, fmt in GOOD:
+        sf.write(os.path.join(out, name), espeak_clip(text, sr, stereo=stereo), sr, format=fmt)
+        rows.append(f"{name}|{text}")
+    with open(os.path.join(out, "corrupt.wav"), "wb") as f:
+        f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
+    rows.append(f"corrupt.wav|{SENTENCES[13]}")
+    sf.write(os.path.join(out, "digits.wav"), espeak_clip("Ez 25 salî me.", 16000), 16000)
+    rows.append("digits.wav|Ez 25 salî me.")
+    with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    return out
+
+
+def tree_hashes(folder):
+    hashes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return hashes
+
+
+def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_dir, prepared_dataset, tmp_path,
+                                                          capsys):
+    before = tree_hashes(trained_voice)
+    out = str(tmp_path / "run")
+    code = tf.main(["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
+                    "--output_dir", out, "--max_steps", "2"] + QUICK)
+    assert code == 0
+    printed = capsys.readouterr().out
+
+    # The input voice is untouched, byte for byte; the tuned one is new, different, and loads.
+    assert tree_hashes(trained_voice) == before
+    tuned = load_file(os.path.join(out, "final_model", "model.safetensors"))
+    original = load_file(os.path.join(trained_voice, "model.safetensors"))
+    assert tuned.keys() == original.keys()
+    assert any(not torch.equal(tuned[k], original[k]) for k in tuned)
+    assert os.path.isfile(os.path.join(out, "final_model", "discriminator.pt"))
+    assert f"discriminator: {os.path.join(trained_voice, 'discriminator.pt')}" in printed
+
+    # Before and after samples of every feedback sentence the voice can say (also the one whose
+    # recording is corrupt) and of the fixed sentences, under the same names.
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    expected = sorted([os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD] + ["corrupt.wav"])
+    for when in ("before", "after"):
+        assert sorted(os.listdir(os.path.join(out, "samples", when, "feedback"))) == expected
+        assert len(os.listdir(os.path.join(out, "samples", when, "eval"))) == len(tv.DEFAULT_SENTENCES)
+    audio, sr = sf.read(os.path.join(out, "samples", "after", "feedback", "flac_stereo.wav"))
+    assert sr == 16000 and audio.ndim == 1 and len(audio) > 0
+    assert len(os.listdir(os.path.join(out, "samples", "recorded"))) == len(GOOD)
+    assert sorted(report["samples"]["feedback"]) == expected
+
+    # Bad clips by reason; every good format was read; validation before and after on both sources.
+    assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "digits": 1}
+    assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "digits.wav"}
+    assert report["feedback"]["trained"] + report["feedback"]["held_out"] == len(GOOD)
+    assert report["feedback"]["held_out"] == 1
+    assert report["steps"] == 2 and report["stop_reason"] == "max_steps"
+    assert report["minutes"] > 0
+    for name in ("feedback", "original", "feedback_trained"):
+        row = report["validation_mel"][name]
+        assert np.isfinite(row["before"]) and np.isfinite(row["after"]), name
+        assert row["change"] == pytest.approx(row["after"] - row["before"])
+    assert report["original"]["held_out"] == 1 and report["original"]["replay_ratio"] == 0.5
+
+
+def make_clipset(tokenizer, prefix, frames):
+    clips = [(f"{prefix}{i}", "roj baş", np.zeros(f * 256, np.int16), np.zeros((80, f), np.float16))
+             for i, f in enumerate(frames)]
+    return tv.ClipSet(clips, tokenizer)
+
+
+def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
+    _, tokenizer = tv.load_voice(tiny_model_dir)
+    feedback = make_clipset(tokenizer, "fb", [40 + 7 * i for i in range(10)])
+    original = make_clipset(tokenizer, "orig", [30 + 3 * i for i in range(100)])
+    make = tf.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.5, feedback_weight=3, seed=1)
+    batches = make(1)
+    for batch in batches:
+        sources = [cs for cs, _ in batch]
+        assert feedback in sources and original in sources
+        assert sources.count(feedback) == sources.count(original) == len(batch) // 2
+    fb_used = [i for b in batches for cs, i in b if cs is feedback]
+    orig_used = [i for b in batches for cs, i in b if cs is original]
+    assert sorted(fb_used) == sorted(list(range(10)) * 3)  # every feedback clip feedback_weight times
+    assert len(orig_used) == len(fb_used) == 30 and len(set(orig_used)) == 30  # replayed clips once each
+    # Deterministic per epoch (resume replays the same order); the next epoch replays other clips.
+    assert make(1) == batches
+    assert not set(orig_used) & {i for b in make(2) for cs, i in b if cs is original}
+
+    # A quarter of replay, and a fractional weight.
+    make = tf.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.25, feedback_weight=1.5, seed=1)
+    counts = [sum(cs is original for cs, _ in b) for b in make(1)]
+    assert set(counts) == {1}
+    assert sum(cs is feedback for b in make(1) for cs, _ in b) == 15
+
+    # No original data, or no replay: feedback alone.
+    for make in (tf.mixed_batches(feedback, None, 4, 0.5, 1, 1), tf.mixed_batches(feedback, original, 4, 0.0, 1, 1)):
+        assert all(cs is feedback for b in make(1) for cs, _ in b)
+
+
+def test_without_original_data_it_says_so_and_trains_on_feedback(trained_voice, feedback_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code = tf.main(["--model", trained_voice, "--data_dir", str(tmp_path / "nothing"), "--feedback_dir",
+                    feedback_dir, "--output_dir", out, "--max_steps", "1"] + QUICK)
+    assert code == 0
+    assert "no original training data" in capsys.readouterr().out
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["original"]["replay_ratio"] == 0.0
+    assert report["validation_mel"]["original"]["before"] is None
+    assert np.isfinite(report["validation_mel"]["feedback"]["after"])
+    assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_dir_on_the_input_model_is_refused(trained_voice, feedback_dir, where, capsys):
+    before = tree_hashes(trained_voice)
+    out = trained_voice if where == "same" else os.path.join(trained_voice, "tuned")
+    with pytest.raises(SystemExit) as exit_info:
+        tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--output_dir", out] + QUICK)
+    assert exit_info.value.code == 2
+    assert "overlaps --model" in capsys.readouterr().err
+    assert tree_hashes(trained_voice) == before
+
+
+def test_make_session_writes_samples_and_a_template(trained_voice, tmp_path, capsys):
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text(f"{SENTENCES[9]}\n\nEz 25 salî me.\n{SENTENCES[11]}\n", encoding="utf-8")
+    out = str(tmp_path / "session")
+    assert tf.main(["--model", trained_voice, "--make_session", str(sentences), "--output_dir", out,
+                    "--device", "cpu"]) == 0
+    assert "left out (digits): Ez 25 salî me." in capsys.readouterr().out
+    with open(os.path.join(out, "metadata.csv"), encoding="utf-8") as f:
+        assert f.read() == f"s001.wav|{SENTENCES[9]}\ns002.wav|{SENTENCES[11]}\n"
+    for name in ("s001.wav", "s002.wav"):
+        audio, sr = sf.read(os.path.join(out, "model", name))
+        assert sr == 16000 and len(audio) > 0
+    assert os.path.isfile(os.path.join(out, "README.txt"))
+    # The kit is a feedback folder once recordings are saved into it: its rows clean without loss.
+    _, vocab = tf.load_vocab(trained_voice)
+    assert tf.clean_text(SENTENCES[9], vocab)[1] is None
+    shutil.rmtree(out)

@@ -1,0 +1,554 @@
+"""Improve a trained VITS voice in minutes from listening-session recordings, without forgetting the rest.
+
+After train_vits.py, native speakers listen to the voice, note the sentences it says badly and record how
+they should sound. This script fine-tunes the voice on those feedback clips, replaying clips of the
+original training set in every batch (--replay_ratio) so the few clips do not drag the voice away from
+everything else it learned. The input model is never written to: the tuned voice goes to a new folder
+with its discriminator, report.json (validation mel loss on held-out original and feedback clips,
+before and after) and listening samples of every feedback sentence, before and after, side by side.
+
+It imports the training step, preload, AMP, progress bar, checkpoints, resume and time budget of
+train_vits.py; every training flag of train_vits.py means the same here.
+
+Examples:
+
+    # 1. a listening-session kit: the current voice speaks each sentence, metadata.csv is the template
+    python train_feedback.py --make_session sentences.txt            # -> training/sessions/<date>/
+
+    # 2. after recording corrections into training/feedback (audio + metadata.csv, filename|text):
+    python train_feedback.py                                         # 30 minutes, new folder under
+                                                                     # training/feedback_models/
+    python train_feedback.py --feedback_dir training/sessions/2026-11-25 --target_minutes 10
+
+    # continue an interrupted feedback run (the newest one under training/feedback_models/)
+    python train_feedback.py --resume auto
+
+    # a tiny CPU smoke run (after the tiny train_vits.py run in its docstring)
+    python train_feedback.py --model example_run/final_model --data_dir example_run/data \\
+        --feedback_dir example_run/feedback --output_dir example_run/feedback_run --max_steps 4 \\
+        --device cpu --batch_size 2 --grad_accum 1 --feedback_weight 1 --disc_channels 64
+"""
+
+import glob
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import train_vits as tv
+from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata
+
+DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
+FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
+SESSIONS_DIR = os.path.join("training", "sessions")
+REPORT_NAME = "report.json"
+# ClipSet's reasons for dropping a clip, under the names prepare_data.py counts them.
+CLIPSET_REASONS = {"more tokens than frames": "too_few_frames", "no speakable text": "empty_text"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: train_vits.py's parser with defaults for a short fine-tune, plus the feedback flags.
+
+def build_parser():
+    p = tv.build_parser(__doc__)
+    p.set_defaults(model=os.path.join("training", "final_model"), lr=1e-5, warmup_steps=20, output_dir=None,
+                   target_hours=None, val_size=100, benchmark_samples=50)
+    g = p.add_argument_group("feedback")
+    g.add_argument("--feedback_dir", default=DEFAULT_FEEDBACK_DIR,
+                   help="Folder with the recorded clips (WAV, FLAC, OGG, MP3; any rate, mono or stereo) and "
+                        "metadata.csv (filename|text). (default: %(default)s)")
+    g.add_argument("--replay_ratio", type=float, default=0.5,
+                   help="Share of every batch taken from the original training set (--data_dir), so the voice "
+                        "does not forget it; 0 trains on feedback alone. (default: %(default)s)")
+    g.add_argument("--feedback_weight", type=float, default=50.0,
+                   help="Times each feedback clip is used per epoch, where each replayed clip is used at most "
+                        "once: how much more a feedback clip counts than a replayed one. Also sets the epoch "
+                        "length: clips x weight / (1 - replay_ratio) items. (default: %(default)s)")
+    g.add_argument("--target_minutes", type=float, default=None,
+                   help="Wall-clock budget of the whole run in minutes, samples and report included; "
+                        "replaces --target_hours. (default: 30)")
+    g.add_argument("--make_session", default=None, metavar="SENTENCES.txt",
+                   help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
+                        "--output_dir (default training/sessions/<date>/) with a metadata.csv template, "
+                        "then exit.")
+    # The new run folder is only decided after parsing (a timestamp, or the run --resume names).
+    for action in p._actions:
+        if action.dest == "output_dir":
+            action.help = ("Where the tuned model, report.json, samples/ and checkpoints/ go; never inside "
+                           "--model. (default: a new folder training/feedback_models/<date-time>)")
+        elif action.dest == "target_hours":
+            action.help = "Wall-clock budget in hours, instead of --target_minutes."
+        elif action.dest == "model":
+            action.help = "The trained voice to improve (a folder, or a Hub name); it is only read."
+    return p
+
+
+def within(path, folder):
+    """True when `path` is `folder` or lies inside it (both resolved, links followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
+    base = os.path.join(parent, time.strftime(stamp_format))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def newest_run_dir(parent):
+    runs = [d for d in glob.glob(os.path.join(parent, "*")) if tv.newest_checkpoint(d)]
+    return max(runs, key=lambda d: os.path.getmtime(tv.newest_checkpoint(d))) if runs else None
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.target_minutes is not None and args.target_hours is not None:
+        parser.error("give --target_minutes or --target_hours, not both")
+    if args.target_minutes is not None:
+        if args.target_minutes <= 0:
+            parser.error(f"--target_minutes must be positive, got {args.target_minutes}")
+        args.target_hours = args.target_minutes / 60
+    elif args.target_hours is None:
+        args.target_hours = 0.5
+    if not 0 <= args.replay_ratio < 1:
+        parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no feedback), got {args.replay_ratio}")
+    if args.feedback_weight <= 0:
+        parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
+    if args.make_session and not os.path.isfile(args.make_session):
+        parser.error(f"--make_session: no sentence file at {args.make_session}")
+    if args.output_dir is None:
+        if args.make_session:
+            args.output_dir = new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
+        elif args.resume == "auto":
+            args.output_dir = newest_run_dir(FEEDBACK_MODELS_DIR)
+            if args.output_dir is None:
+                parser.error(f"--resume auto: no feedback run with a checkpoint under {FEEDBACK_MODELS_DIR} "
+                             "(pass --output_dir)")
+        elif args.resume:
+            # .../<run>/checkpoints/checkpoint_epoch_N.pt continues in <run>
+            args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        else:
+            args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
+    # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
+    # samples/ and a cache under output_dir, so the two folders may not overlap either way.
+    if os.path.isdir(args.model) and (within(args.output_dir, args.model) or within(args.model, args.output_dir)):
+        parser.error(f"--output_dir {args.output_dir} overlaps --model {args.model}: the input model is never "
+                     "written to; choose a new folder (the default is a new one under training/feedback_models)")
+    tv.check_args(parser, args)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feedback clips: text cleaned as prepare_data.py does, audio preloaded as train_vits.py does.
+
+def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_workers):
+    """Feedback clips as a ClipSet, the cleaned sentences of all rows with speakable text, and the skipped clips.
+
+    Returns (clipset, sentences [(file, text)], skipped [{"file", "reason", "detail"}], rows listed).
+    """
+    metadata = os.path.join(feedback_dir, "metadata.csv")
+    if not os.path.isfile(metadata):
+        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no metadata.csv (filename|text rows next to the "
+                               "audio; --make_session writes a template)")
+    rows, malformed = parse_metadata(metadata)
+    skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line")] * malformed
+    texts, sentences = {}, []
+    for name, raw in rows:
+        if name in texts or any(s["file"] == name for s in skipped):
+            skipped.append(dict(file=name, reason="duplicate", detail="a second row for the same file"))
+            continue
+        text, reason = clean_text(raw, vocab)
+        if reason:
+            skipped.append(dict(file=name, reason=reason, detail=raw))
+            continue
+        texts[name] = text
+        sentences.append((name, text))
+    if not rows:
+        raise tv.TrainingError(f"{metadata}: no clips listed")
+
+    # load_clips reads metadata.csv itself (raw texts, all rows): decode, then keep the cleaned texts.
+    clips, errors = tv.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="")
+    for err in errors:
+        name = err.split(": ", 1)[0]
+        if name in texts:
+            skipped.append(dict(file=name, reason=audio_reason(os.path.join(feedback_dir, name), sampling_rate),
+                                detail=err.split(": ", 1)[-1]))
+    decoded_ok = {name for name, *_ in clips}
+    for name in texts:
+        if name not in decoded_ok and not any(s["file"] == name for s in skipped):
+            # load_clips names unreadable clips by base name; a row pointing into a subfolder lands here.
+            skipped.append(dict(file=name, reason=audio_reason(os.path.join(feedback_dir, name), sampling_rate),
+                                detail="unreadable"))
+    usable = []
+    for name, _, pcm, mel in clips:
+        if name not in texts:
+            continue
+        if is_silent(pcm.astype(np.float32) / 32768.0):
+            skipped.append(dict(file=name, reason="silent", detail="nothing louder than -50 dBFS"))
+            continue
+        usable.append((name, texts[name], pcm, mel))
+    clipset = tv.ClipSet(usable, tokenizer)
+    kept = set(clipset.names)
+    for name, text, pcm, mel in usable:
+        if name not in kept:
+            reason = "too_few_frames" if len(tokenizer(text).input_ids) > mel.shape[1] else "empty_text"
+            skipped.append(dict(file=name, reason=reason, detail=f"{len(tokenizer(text).input_ids)} token ids, "
+                                                                 f"{mel.shape[1]} frames"))
+    return clipset, sentences, skipped, len(rows) + malformed
+
+
+def audio_reason(path, sampling_rate):
+    """Why a clip the preload could not read is unusable, under prepare_data.py's reason names."""
+    try:
+        audio = load_audio(path, sampling_rate)
+    except AudioError as err:
+        return err.reason
+    except Exception:  # noqa: BLE001 - anything else is reported, never raised
+        return "decode_error"
+    return "too_short" if len(audio) < tv.HOP else "decode_error"
+
+
+def count_reasons(skipped):
+    counts = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def hold_out(clipset, val_size):
+    """Held-out clips chosen by a hash of their names (as train_vits.split_validation), but at least one of
+    four or more: feedback sets are small and the report needs a held-out figure."""
+    n = len(clipset)
+    count = min(val_size, max(1, n // 10)) if n >= 4 else 0
+    order = sorted(range(n), key=lambda i: hashlib.sha1(clipset.names[i].encode()).hexdigest())
+    held = set(order[:count])
+    return clipset.subset([i for i in range(n) if i not in held]), clipset.subset(sorted(held))
+
+
+def load_original(args, sampling_rate, tokenizer):
+    """(train, held-out) ClipSets of the original training set, or (None, None) when there is none."""
+    metadata = os.path.join(args.data_dir, "metadata.csv")
+    if not os.path.isfile(metadata):
+        return None, None, []
+    # Reuse train_vits.py's preload cache when it holds exactly these clips (read only: a cache that
+    # does not match is never replaced there); otherwise decode into this run's own cache.
+    entries = tv.read_metadata(metadata)[:args.max_samples] if args.max_samples else tv.read_metadata(metadata)
+    key = tv.cache_key(os.path.join(args.data_dir, "wavs"), entries, sampling_rate)
+    cache_dir = os.path.join(args.output_dir, "cache", "original")
+    for candidate in (os.path.join(args.data_dir, "cache"), os.path.join(os.path.dirname(args.model), "cache")):
+        if os.path.isfile(os.path.join(candidate, f"preload_{key}.npz")):
+            cache_dir = candidate
+            break
+    clips, errors = tv.load_clips(args.data_dir, sampling_rate, cache_dir, args.num_workers, args.max_samples)
+    clipset = tv.ClipSet(clips, tokenizer)
+    # The same split as train_vits.py with the same --val_size: these clips were never trained on.
+    train, val = tv.split_validation(clipset, args.val_size)
+    return train, val, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay: every micro-batch mixes feedback and original clips.
+
+def mixed_batches(feedback, original, batch_size, replay_ratio, feedback_weight, seed):
+    """make_batches for fit(): each micro-batch holds feedback clips and replayed original clips.
+
+    An epoch uses every feedback clip `feedback_weight` times (the fraction as a seeded random subset) and
+    fills round(batch_size * replay_ratio) places of each batch (carried over between batches when it is
+    not whole) with original clips, walking a fixed shuffled order of the original set onwards from epoch
+    to epoch, so replay covers as much of it as the run allows. Batches are length-bucketed (feedback
+    and original clips of similar lengths together) and shuffled. Deterministic for a given epoch.
+    Returns make(epoch) -> [[(clipset, index), ...], ...].
+    """
+    replay = original is not None and len(original) > 0 and replay_ratio > 0
+    fb_lengths = [feedback.frames(i) for i in range(len(feedback))]
+    whole, fraction = int(feedback_weight), feedback_weight - int(feedback_weight)
+    extra = round(fraction * len(feedback))
+    per_epoch_fb = whole * len(feedback) + extra
+    # Original places per batch: error diffusion keeps the share exact over the epoch.
+    counts, placed, given = [], 0, 0
+    while placed < per_epoch_fb:
+        n_orig = (int((len(counts) + 1) * batch_size * replay_ratio) - given) if replay else 0
+        n_orig = min(n_orig, batch_size - 1)  # at least one feedback clip in every batch
+        counts.append(n_orig)
+        given += n_orig
+        placed += batch_size - n_orig
+    per_epoch_orig = given
+    if replay:
+        orig_order = list(range(len(original)))
+        random.Random(seed).shuffle(orig_order)
+        orig_lengths = [original.frames(i) for i in range(len(original))]
+
+    def make(epoch):
+        rng = random.Random(seed * 1000 + epoch)
+        items = [i for _ in range(whole) for i in range(len(feedback))] + rng.sample(range(len(feedback)), extra)
+        items.sort(key=lambda i: fb_lengths[i] * (1.0 + 0.1 * rng.random()))
+        batches, pos = [], 0
+        for n_orig in counts:
+            take = batch_size - n_orig
+            batches.append([(feedback, i) for i in items[pos:pos + take]])
+            pos += take
+        if replay:
+            start = (epoch - 1) * per_epoch_orig
+            picked = [orig_order[(start + k) % len(original)] for k in range(per_epoch_orig)]
+            picked.sort(key=lambda i: orig_lengths[i] * (1.0 + 0.1 * rng.random()))
+            pos = 0
+            for batch, n_orig in zip(batches, counts):
+                batch.extend((original, i) for i in picked[pos:pos + n_orig])
+                pos += n_orig
+        rng.shuffle(batches)
+        return batches
+
+    return make
+
+
+def epoch_views(make_batches):
+    """The clip sets fit() and the planner see: one per source, holding exactly the items of one epoch
+    (the planner sizes epochs by their length; resume checks their names)."""
+    by_set = {}
+    for batch in make_batches(1):
+        for cs, i in batch:
+            by_set.setdefault(id(cs), (cs, []))[1].append(i)
+    return [cs.subset(idx) for cs, idx in by_set.values()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Listening samples and the report.
+
+def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir):
+    """feedback/<clip>.wav for each feedback sentence, eval/NN.wav for the fixed ones; the same names
+    before and after, so the folders compare side by side."""
+    paths = tv.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
+                          os.path.join(out_dir, "feedback"))
+    for path, (name, _) in zip(paths, feedback_sentences):
+        os.replace(path, os.path.join(out_dir, "feedback", sample_name(name)))
+    tv.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"))
+
+
+def sample_name(clip_name):
+    return os.path.splitext(clip_name.replace(os.sep, "_"))[0] + ".wav"
+
+
+def write_recordings(clipset, sampling_rate, out_dir):
+    """The recordings themselves at the model's rate, under the same names as the samples."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, pcm in zip(clipset.names, clipset.audio):
+        tv.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
+
+
+def evaluate_all(trainer, val_sets, batch_size):
+    return {name: trainer.evaluate(cs, batch_size) if cs is not None and len(cs) else None
+            for name, cs in val_sets.items()}
+
+
+def write_json(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def compare(before, after):
+    """{set: {"before", "after", "change"}} of the validation mel loss (None where a set is empty)."""
+    out = {}
+    for name in before:
+        b = before[name]["mel"] if before[name] else None
+        a = after[name]["mel"] if after.get(name) else None
+        out[name] = dict(before=b, after=a, change=None if a is None or b is None else a - b)
+    return out
+
+
+def print_comparison(table):
+    print("validation mel loss (lower is better):")
+    for name, row in table.items():
+        if row["before"] is None:
+            print(f"  {name:<18} no clips")
+        else:
+            print(f"  {name:<18} before {row['before']:.4f}  after {row['after']:.4f}  change {row['change']:+.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The listening-session kit.
+
+def make_session(args):
+    """Speak every sentence of the file with the current voice; metadata.csv is the recording template."""
+    with open(args.make_session, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    model, tokenizer = tv.load_voice(args.model)
+    _, vocab = load_vocab(args.model)
+    model.to(tv.resolve_device(args.device))
+    rows, spoken, unspeakable = [], [], []
+    for line in lines:
+        text, reason = clean_text(line, vocab)
+        if reason:
+            unspeakable.append((line, reason))
+            continue
+        name = f"s{len(rows) + 1:03d}"
+        rows.append((f"{name}.wav", line))
+        spoken.append(text)
+    if not rows:
+        raise tv.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
+    out = args.output_dir
+    model_dir = os.path.join(out, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    for path, (wav, _) in zip(tv.synthesise(model, tokenizer, spoken, model_dir), rows):
+        os.replace(path, os.path.join(model_dir, wav))
+    with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
+        f.writelines(f"{wav}|{text}\n" for wav, text in rows)
+    with open(os.path.join(out, "README.txt"), "w", encoding="utf-8") as f:
+        f.write(
+            f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}.\n\n"
+            "1. Listen to model/sNNN.wav; metadata.csv holds what each one should say.\n"
+            "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
+            "   folder under the name metadata.csv gives (sNNN.wav; another format such as sNNN.flac or\n"
+            "   sNNN.mp3 is fine: change the name in metadata.csv to match).\n"
+            "3. Delete the rows of sentences you did not record.\n"
+            f"4. python train_feedback.py --model {args.model} --feedback_dir {out}\n")
+    for line, reason in unspeakable:
+        print(f"left out ({reason}): {line}")
+    print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "
+          "see README.txt)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = tv.Budget(args.target_hours * 3600)
+    try:
+        if args.make_session:
+            make_session(args)
+            return 0
+        # 1. Machine and precision.
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        device = tv.resolve_device(args.device)
+        precision = tv.resolve_precision(args.precision, device)
+        os.makedirs(args.output_dir, exist_ok=True)
+
+        # 2. The trained voice and its critic (read only: the tuned copy goes to output_dir).
+        model, tokenizer = tv.load_voice(args.model)
+        _, vocab = load_vocab(args.model)
+        tv.prepare_for_training(model)
+        disc_path = args.discriminator or os.path.join(args.model, "discriminator.pt")
+        if os.path.isfile(disc_path):
+            disc = tv.load_discriminator(disc_path)
+            print(f"discriminator: {disc_path}")
+        else:
+            disc_path = None
+            disc = tv.VitsDiscriminator(max_channels=args.disc_channels)
+            print(f"warning: no discriminator.pt beside {args.model} and no --discriminator: starting a fresh "
+                  "one, trained alone for the first steps (--d_warmup_steps); the voice may lose some crispness")
+        sr = model.config.sampling_rate
+
+        # 3. Feedback clips, and the original training set to replay.
+        fb_all, fb_sentences, skipped, listed = load_feedback(args.feedback_dir, tokenizer, vocab, sr,
+                                                      os.path.join(args.output_dir, "cache", "feedback"),
+                                                      args.num_workers)
+        for s in skipped:
+            print(f"skipped feedback clip {s['file']}: {s['reason']} ({s['detail']})")
+        if len(fb_all) == 0:
+            raise tv.TrainingError(f"--feedback_dir {args.feedback_dir}: no usable feedback clip "
+                                   f"(skipped: {count_reasons(skipped)})")
+        fb_train, fb_val = hold_out(fb_all, args.val_size)
+        orig_train, orig_val, orig_errors = load_original(args, sr, tokenizer)
+        if orig_train is None or len(orig_train) == 0:
+            print(f"no original training data in {args.data_dir} (no metadata.csv or no usable clip): training "
+                  "on feedback alone, nothing is replayed and the voice may drift on other sentences")
+        elif args.replay_ratio == 0:
+            print("--replay_ratio 0: training on feedback alone; the original clips are only used to validate")
+        print(f"feedback: {len(fb_train)} clips to train on, {len(fb_val)} held out, {len(skipped)} skipped "
+              f"{count_reasons(skipped)}; original: {len(orig_train or [])} to replay, {len(orig_val or [])} "
+              "held out")
+
+        # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
+        trainer = tv.VitsTrainer(model, disc, args, device, precision)
+        make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
+                                     args.feedback_weight, args.seed)
+        train_sets = epoch_views(make_batches)
+        val_sets = {"feedback": fb_val, "original": orig_val}
+        fit_val_sets = {k: v for k, v in val_sets.items() if v is not None and len(v)}
+        report_sets = dict(val_sets, feedback_trained=fb_train)
+        eval_sentences = tv.read_sentences(args.sample_sentences)
+        save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped)
+
+        # 5. Before: listening samples and validation of the input voice (kept when resuming).
+        report_path = os.path.join(args.output_dir, REPORT_NAME)
+        report = read_report(report_path) if args.resume else None
+        if report is None:
+            start = time.time()
+            before = evaluate_all(trainer, report_sets, args.batch_size)
+            speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
+                      os.path.join(args.output_dir, "samples", "before"))
+            write_recordings(fb_all, sr, os.path.join(args.output_dir, "samples", "recorded"))
+            report = dict(status="training", model=args.model, discriminator=disc_path, before=before,
+                          before_seconds=time.time() - start)
+            write_json(report_path, report)
+        # The same work is done again after training: keep time for it.
+        budget.seconds -= 1.5 * report["before_seconds"] + 5
+
+        # 6. Plan (or resume), then train with train_vits.py's loop.
+        run, data_key = tv.start_run(trainer, train_sets, make_batches, fit_val_sets, args, budget,
+                                     default_d_warmup=0 if disc_path else 50)
+        reason = tv.fit(trainer, tokenizer, train_sets, make_batches, fit_val_sets, args, budget, run, data_key)
+        if reason == "interrupted":
+            return 130
+
+        # 7. After: the same samples and validation with the tuned voice, and the report.
+        after = evaluate_all(trainer, report_sets, args.batch_size)
+        speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
+                  os.path.join(args.output_dir, "samples", "after"))
+        table = compare(report["before"], after)
+        report.update(
+            status="done", stop_reason=reason, final_model=os.path.join(args.output_dir, "final_model"),
+            validation_mel=table, after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps,
+            minutes=round(budget.used() / 60, 2),
+            feedback=dict(dir=args.feedback_dir, listed=listed, trained=len(fb_train), held_out=len(fb_val), held_out_clips=fb_val.names,
+                          skipped=count_reasons(skipped), skipped_clips=skipped),
+            original=dict(dir=args.data_dir, replayed_from=len(orig_train or []), held_out=len(orig_val or []),
+                          unreadable=len(orig_errors), replay_ratio=args.replay_ratio if orig_train else 0.0),
+            feedback_weight=args.feedback_weight,
+            samples=dict(before=os.path.join(args.output_dir, "samples", "before"),
+                         after=os.path.join(args.output_dir, "samples", "after"),
+                         recorded=os.path.join(args.output_dir, "samples", "recorded"),
+                         feedback={sample_name(n): t for n, t in fb_sentences},
+                         eval={f"{i:02d}.wav": t for i, t in enumerate(eval_sentences)}))
+        write_json(report_path, report)
+        print_comparison(table)
+        print(f"tuned voice: {report['final_model']} ({reason}, {trainer.step} steps, {report['minutes']:.1f} min); "
+              f"listen to {report['samples']['before']} vs {report['samples']['after']}; report: {report_path}")
+    except tv.TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def read_report(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return report if "before" in report else None
+
+
+def save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped):
+    tv.save_run_info(args, dict(precision=precision, device=str(device), discriminator=disc_path,
+                                feedback_train_clips=len(fb_train), feedback_val_clips=len(fb_val),
+                                original_train_clips=len(orig_train or []), original_val_clips=len(orig_val or []),
+                                skipped_feedback=count_reasons(skipped)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
