@@ -243,3 +243,45 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_m
     assert f"step {max(steps)}," in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
     assert not glob.glob(os.path.join(out, "checkpoints", "*.tmp*"))
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6"] + QUICK
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vits.py")] + args, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(out, "checkpoints", "checkpoint_epoch_1.pt")) and time.time() < deadline:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    interrupted = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*_interrupted.pt"))
+    assert len(interrupted) == 1
+    state = torch.load(interrupted[0], weights_only=False)
+    assert state["epoch"] == 2 and state["trainer"]["step"] >= 3
+    assert not os.path.exists(os.path.join(out, "final_model"))
+
+
+def test_preload_cache_is_reused_and_rebuilt_when_a_clip_changes(prepared_dataset, tmp_path, capsys, monkeypatch):
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_dataset, data)
+    cache = str(tmp_path / "cache")
+    first, _ = tv.load_clips(data, 16000, cache, 1)
+    capsys.readouterr()
+    cached, _ = tv.load_clips(data, 16000, cache, 1)
+    assert "from cache" in capsys.readouterr().out
+    for a, b in zip(first, cached):
+        assert a[0] == b[0] and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
+
+    name = first[0][0]
+    sf.write(os.path.join(data, "wavs", name), np.zeros(16000, np.float32), 16000, subtype="PCM_16")
+    rebuilt, _ = tv.load_clips(data, 16000, cache, 1)
+    assert "from cache" not in capsys.readouterr().out
+    assert not np.any(dict((c[0], c[2]) for c in rebuilt)[name])
+    assert len(glob.glob(os.path.join(cache, "preload_*.npz"))) == 1
+
+    monkeypatch.setattr(tv, "available_ram_bytes", lambda: 1000)
+    shutil.rmtree(cache)
+    with pytest.raises(tv.TrainingError, match="GiB"):
+        tv.load_clips(data, 16000, cache, 1)
