@@ -1,0 +1,288 @@
+"""Training throughput: train_vits.py's loop against a naive loop, same model, same data, one run.
+
+Both loops drive the same `VitsTrainer.train_window` (discriminator step, then generator step); only
+the way batches reach it differs:
+
+- naive: the seed's way. Every step reads its clips' WAVs from disk with soundfile, tokenises the
+  texts and computes the log-mels on the CPU, in fp32; batches are random (unbucketed, so padded to
+  their longest clip); plain, unpinned host-to-device copies.
+- ours: train_vits.py's way. Clips preloaded once (`load_clips`: int16 audio + fp16 log-mel in RAM,
+  cached on disk), length-bucketed batches, pinned memory with non-blocking copies, and
+  `--precision auto` (bf16 on GPUs that have it, else fp16; fp32 on CPU).
+
+The two loops take turns step by step (naive, ours, ours, naive, ...), so a machine that is busy with
+something else slows both alike; warm-up steps are not counted. The preload is timed apart: it is paid
+once per data set (and again only in seconds, from its cache).
+
+    # the acceptance run: tiny model, 200 clips, CPU (a few minutes on 2 cores)
+    python benchmarks/bench_train.py --clips 200 --steps 20 --model_size tiny --device cpu
+
+    # the MMS architecture (36M parameters, full discriminator) on a GPU
+    python benchmarks/bench_train.py --clips 1000 --steps 50 --model_size full --device cuda --batch_size 8
+    python benchmarks/bench_train.py --clips 1000 --steps 50 --model_size full --device cuda --precision fp32
+
+Data and models are generated under benchmarks/data/ (git-ignored) and reused by later runs.
+"""
+
+import argparse
+import copy
+import math
+import os
+import random
+import sys
+import time
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+import train_vits as tv  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=200, help="Clips in the generated data set.")
+    p.add_argument("--steps", type=int, default=20, help="Timed optimizer steps of each loop.")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps of each loop first.")
+    p.add_argument("--batch_size", type=int, default=8, help="Clips per step (one micro-batch per optimizer step).")
+    p.add_argument("--model_size", default="tiny", choices=["tiny", "full"],
+                   help="tiny: examples/tiny_model.py; full: VitsConfig() defaults, the MMS architecture (36M).")
+    p.add_argument("--disc_channels", type=int, default=None, choices=[64, 128, 256, 512, 1024],
+                   help="Widest discriminator layer (default: 64 for tiny, 1024 for full, as MMS).")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto.")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="Precision of ours (the naive loop is always fp32); auto as train_vits.py.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --device cpu, as a machine shared with other jobs makes "
+                        "several threads stall each other for seconds per step; torch's default on GPU).")
+    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="Preload processes of ours.")
+    p.add_argument("--data_dir", default=None,
+                   help="Prepared data folder to use or create (default: benchmarks/data/kmr_<clips>_seed<seed>).")
+    p.add_argument("--seed", type=int, default=0, help="Seed for data, weights, batches and slices.")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("clips", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.clips < args.batch_size:
+        parser.error(f"--clips ({args.clips}) must be at least --batch_size ({args.batch_size})")
+    if args.disc_channels is None:
+        args.disc_channels = 64 if args.model_size == "tiny" else 1024
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# The naive data path: disk + CPU mel + tokenizer every step, random batches, plain copies.
+
+class NaiveBatches:
+    def __init__(self, data_dir, names, texts, tokenizer, batch_size, sampling_rate, seed):
+        self.wavs = os.path.join(data_dir, "wavs")
+        self.names, self.texts, self.tokenizer = names, texts, tokenizer
+        self.batch_size, self.sr = batch_size, sampling_rate
+        self.rng = random.Random(seed)
+        self.order = []
+
+    def next(self, segment_frames):
+        if len(self.order) < self.batch_size:
+            self.order = list(range(len(self.names)))
+            self.rng.shuffle(self.order)
+        picked, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        audios, mels, ids = [], [], []
+        for i in picked:
+            audio, sr = sf.read(os.path.join(self.wavs, self.names[i]), dtype="float32")
+            if sr != self.sr:
+                import librosa
+                audio = librosa.resample(audio, orig_sr=sr, target_sr=self.sr)
+            audio = torch.from_numpy(audio)
+            audios.append(audio)
+            mels.append(tv.mel_spectrogram(audio[None], self.sr)[0])
+            ids.append(torch.tensor(self.tokenizer(self.texts[i]).input_ids))
+        frames = [m.shape[1] for m in mels]
+        max_frames = max(max(frames), segment_frames)
+        batch = len(picked)
+        out = dict(audio=torch.zeros(batch, max_frames * tv.HOP), mel=torch.zeros(batch, tv.N_MELS, max_frames),
+                   frames=torch.tensor(frames), input_ids=torch.zeros(batch, max(len(x) for x in ids), dtype=torch.long))
+        out["attention_mask"] = torch.zeros_like(out["input_ids"])
+        for b in range(batch):
+            n = frames[b] * tv.HOP
+            out["audio"][b, :n] = audios[b][:n]
+            out["mel"][b, :, :frames[b]] = mels[b]
+            out["input_ids"][b, :len(ids[b])] = ids[b]
+            out["attention_mask"][b, :len(ids[b])] = 1
+        return out
+
+
+def plain_to_device(batch, device):
+    """The naive copy: pageable memory, blocking."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+
+class Meter:
+    def __init__(self, name, precision):
+        self.name, self.precision = name, precision
+        self.samples = self.audio_s = self.padded = self.frames = 0
+        self.total_s = self.data_s = 0.0
+        self.peak = 0
+        self.losses = []
+
+
+def timed_step(meter, trainer, fetch, device, sr, count):
+    """fetch() -> collated CPU batch. One optimizer step; its data time includes the device copy."""
+    sync(device)
+    start = time.perf_counter()
+    batch = fetch()
+    data_s = time.perf_counter() - start
+    copy_s = [0.0]
+
+    def timed_copy(b, d, _copy=trainer_copy[meter.name]):
+        t = time.perf_counter()
+        out = _copy(b, d)
+        sync(device)  # a copy is only done when the device has it
+        copy_s[0] += time.perf_counter() - t
+        return out
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        common.reset_peak_rss()
+    with mock.patch.object(tv, "to_device", timed_copy):
+        terms = trainer.train_window([batch])
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else common.peak_rss_bytes()
+    if not count:
+        return
+    meter.peak = max(meter.peak, peak)
+    meter.total_s += elapsed
+    meter.data_s += data_s + copy_s[0]
+    frames = batch["frames"]
+    meter.samples += len(frames)
+    meter.audio_s += float(frames.sum()) * tv.HOP / sr
+    meter.frames += len(frames) * int(batch["mel"].shape[2])
+    meter.padded += len(frames) * int(batch["mel"].shape[2]) - int(frames.sum())
+    if terms:
+        meter.losses.append(terms["g"])
+
+
+trainer_copy = {"naive": plain_to_device, "ours": tv.to_device}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fmt_bytes(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def report(meters, device, header):
+    mem = "peak VRAM" if device.type == "cuda" else "peak RSS"
+    lines = header + ["",
+                      f"| loop | precision | samples/s | audio s/s | data wait | ms/step | padding | {mem} |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in meters:
+        lines.append(f"| {m.name} | {m.precision} | {m.samples / m.total_s:.2f} | {m.audio_s / m.total_s:.2f} | "
+                     f"{100 * m.data_s / m.total_s:.1f}% | {1000 * m.total_s / m.steps:.0f} | "
+                     f"{100 * m.padded / max(1, m.frames):.0f}% | {fmt_bytes(m.peak)} |")
+    naive, ours = meters
+    lines.append("")
+    lines.append(f"speedup {(ours.samples / ours.total_s) / (naive.samples / naive.total_s):.1f}x")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = tv.resolve_device(args.device)
+    precision = tv.resolve_precision(args.precision, device)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    # 1. Data and model, generated once under benchmarks/data/.
+    data_dir = args.data_dir or common.dataset_dir(args.clips, args.seed)
+    common.make_dataset(data_dir, args.clips, args.seed)
+    model, tokenizer = tv.load_voice(common.model_dir(args.model_size))
+    tv.prepare_for_training(model)
+    disc = tv.VitsDiscriminator(max_channels=args.disc_channels)
+    sr = model.config.sampling_rate
+    targs = tv.parse_args(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
+                           "--disc_channels", str(args.disc_channels), "--seed", str(args.seed)])
+
+    # 2. Ours: the preload, timed apart (bench_preload.py measures it at scale, first and cached).
+    cache_dir = os.path.join(data_dir, "cache_bench")
+    entries = tv.read_metadata(os.path.join(data_dir, "metadata.csv"))
+    cached = os.path.isfile(os.path.join(cache_dir, f"preload_{tv.cache_key(os.path.join(data_dir, 'wavs'), entries, sr)}.npz"))
+    rss_before = common.rss_bytes()
+    start = time.perf_counter()
+    clips, _ = tv.load_clips(data_dir, sr, cache_dir, args.num_workers)
+    preload_s = time.perf_counter() - start
+    preload_rss = max(0, common.rss_bytes() - rss_before)
+    held = sum(a.nbytes + m.nbytes for _, _, a, m in clips)
+    clipset = tv.ClipSet(clips, tokenizer)
+    lengths = [clipset.frames(i) for i in range(len(clipset))]
+    hours = sum(lengths) * tv.HOP / sr / 3600
+
+    # 3. Two trainers from the same weights; naive reads the same clips (ClipSet's filter) from disk.
+    trainers = {}
+    for name, prec in (("naive", "fp32"), ("ours", precision)):
+        trainers[name] = tv.VitsTrainer(copy.deepcopy(model), copy.deepcopy(disc), targs, device, prec)
+        trainers[name].schedule(args.warmup + args.steps + 1)
+    naive_data = NaiveBatches(data_dir, clipset.names, clipset.texts, tokenizer, args.batch_size, sr, args.seed)
+    buckets, epoch = [], [0]
+
+    def ours_fetch():
+        if not buckets:
+            epoch[0] += 1
+            buckets.extend(tv.bucket_batches(lengths, args.batch_size, args.seed * 1000 + epoch[0]))
+        return tv.collate([(clipset, i) for i in buckets.pop()], targs.segment_frames)
+
+    fetch = {"naive": lambda: naive_data.next(targs.segment_frames), "ours": ours_fetch}
+    meters = {"naive": Meter("naive", "fp32"), "ours": Meter("ours", precision)}
+    for m in meters.values():
+        m.steps = args.steps
+
+    # 4. Take turns: naive, ours, ours, naive, ... (ABBA), warm-up first.
+    print(f"bench_train: {args.warmup} warm-up + {args.steps} timed steps of each loop ...", flush=True)
+    for step in range(args.warmup + args.steps):
+        order = ("naive", "ours") if step % 2 == 0 else ("ours", "naive")
+        for name in order:
+            timed_step(meters[name], trainers[name], fetch[name], device, sr, count=step >= args.warmup)
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    dparams = sum(p.numel() for p in disc.parameters()) / 1e6
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = [
+        f"model {args.model_size} ({params:.1f}M generator, discriminator max_channels {args.disc_channels}: "
+        f"{dparams:.1f}M), batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"device {device} ({gpu}, {torch.get_num_threads()} torch threads, load average {load:.1f}), "
+        f"torch {torch.__version__}",
+        f"data: {len(clipset)} clips, {hours:.2f} h, mean {hours * 3600 / len(clipset):.2f} s ({data_dir})",
+        f"ours preload (paid once, not in the table): {preload_s:.1f} s ({'from its cache' if cached else 'decoded'}), "
+        f"{fmt_bytes(held)} held in RAM (int16 audio + fp16 log-mel), process RSS +{fmt_bytes(preload_rss)} after it",
+    ]
+    print(report([meters["naive"], meters["ours"]], device, header))
+    return meters
+
+
+if __name__ == "__main__":
+    main()
