@@ -42,7 +42,7 @@ import soundfile as sf
 import torch
 
 import train_vits as tv
-from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata
+from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, trim_silence
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
@@ -161,7 +161,7 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
         raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no metadata.csv (filename|text rows next to the "
                                "audio; --make_session writes a template)")
     rows, malformed = parse_metadata(metadata)
-    skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line")] * malformed
+    skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line") for _ in range(malformed)]
     texts, sentences = {}, []
     for name, raw in rows:
         if name in texts or any(s["file"] == name for s in skipped):
@@ -190,13 +190,21 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
             skipped.append(dict(file=name, reason=audio_reason(os.path.join(feedback_dir, name), sampling_rate),
                                 detail="unreadable"))
     usable = []
-    for name, _, pcm, mel in clips:
+    for name, _, pcm, _ in clips:
         if name not in texts:
             continue
-        if is_silent(pcm.astype(np.float32) / 32768.0):
+        # Trimmed as prepare_data.py trims the training clips: a phone recording's silent edges would
+        # otherwise teach the voice to pause before and after every sentence.
+        audio = trim_silence(pcm.astype(np.float32) / 32768.0)
+        if is_silent(audio):
             skipped.append(dict(file=name, reason="silent", detail="nothing louder than -50 dBFS"))
             continue
-        usable.append((name, texts[name], pcm, mel))
+        if len(audio) < tv.HOP:
+            skipped.append(dict(file=name, reason="too_short", detail=f"{len(audio)} samples after trimming"))
+            continue
+        pcm = np.round(audio * 32768.0).astype(np.int16)  # exact: audio came from int16 / 32768
+        mel = tv.mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
+        usable.append((name, texts[name], pcm, mel.numpy().astype(np.float16)))
     clipset = tv.ClipSet(usable, tokenizer)
     kept = set(clipset.names)
     for name, text, pcm, mel in usable:

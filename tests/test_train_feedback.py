@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_feedback as tf
 import train_vits as tv
-from examples.make_release import SENTENCES, espeak_clip
+from examples.make_release import SENTENCES, espeak_clip, pad_silence
 
 # Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py); the rest keep their defaults.
 QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
@@ -30,6 +30,16 @@ GOOD = [
     ("wav_16k.wav", SENTENCES[16], 16000, False, "WAV"),
     ("wav_24k_stereo.wav", SENTENCES[19], 24000, True, "WAV"),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, two threads wait on each other in every op and a
+    CPU run of the tiny model gets several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,10 @@ def feedback_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("feedback"))
     rows = []
     for name, text, sr, stereo, fmt in GOOD:
-        sf.write(os.path.join(out, name), espeak_clip(text, sr, stereo=stereo), sr, format=fmt)
+        audio = espeak_clip(text, sr, stereo=stereo)
+        if name == "wav_16k.wav":
+            audio = pad_silence(audio, sr, 1.0, np.random.default_rng(0))  # as a phone records it
+        sf.write(os.path.join(out, name), audio, sr, format=fmt)
         rows.append(f"{name}|{text}")
     with open(os.path.join(out, "corrupt.wav"), "wb") as f:
         f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
@@ -100,6 +113,9 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     audio, sr = sf.read(os.path.join(out, "samples", "after", "feedback", "flac_stereo.wav"))
     assert sr == 16000 and audio.ndim == 1 and len(audio) > 0
     assert len(os.listdir(os.path.join(out, "samples", "recorded"))) == len(GOOD)
+    # Silent edges are trimmed from feedback as prepare_data.py trims training clips.
+    recorded = sf.info(os.path.join(out, "samples", "recorded", "wav_16k.wav")).frames
+    assert recorded < sf.info(os.path.join(feedback_dir, "wav_16k.wav")).frames - 1.5 * 16000
     assert sorted(report["samples"]["feedback"]) == expected
 
     # Bad clips by reason; every good format was read; validation before and after on both sources.
