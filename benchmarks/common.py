@@ -48,7 +48,7 @@ def speech_pool(sr=SAMPLING_RATE, cache_dir=DATA_DIR):
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
         audio = list(pool.map(lambda j: espeak_clip(j[0], sr, j[1], j[2], j[3]), jobs))
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, texts=np.array([j[0] for j in jobs]), lengths=np.array([len(a) for a in audio]),
              audio=np.concatenate(audio))
     os.replace(tmp, path)
@@ -88,9 +88,9 @@ def make_dataset(out_dir, n_clips, seed=0):
         sf.write(os.path.join(wavs, name), audio, SAMPLING_RATE, subtype="PCM_16")
         rows.append(f"{name}|{text}\n")
     # metadata.csv last: a run killed while writing WAVs is regenerated next time.
-    with open(metadata + ".tmp", "w", encoding="utf-8") as f:
+    with open(f"{metadata}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
         f.writelines(rows)
-    os.replace(metadata + ".tmp", metadata)
+    os.replace(f"{metadata}.tmp{os.getpid()}", metadata)
     return out_dir
 
 
@@ -118,7 +118,11 @@ def model_dir(size):
         VitsModel(VitsConfig(vocab_size=len(tokenizer))).save_pretrained(tmp)
     elif size != "tiny":
         raise ValueError(f"model size {size!r}: choose tiny or full")
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process built it meanwhile
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
