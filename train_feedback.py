@@ -477,8 +477,8 @@ def main(argv=None):
         elif args.replay_ratio == 0:
             print("--replay_ratio 0: training on feedback alone; the original clips are only used to validate")
         print(f"feedback: {len(fb_train)} clips to train on, {len(fb_val)} held out, {len(skipped)} skipped "
-              f"{count_reasons(skipped)}; original: {len(orig_train or [])} to replay, {len(orig_val or [])} "
-              "held out")
+              f"{count_reasons(skipped)}; original: {len(orig_train or []) if args.replay_ratio else 0} to replay, "
+              f"{len(orig_val or [])} held out")
 
         # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
         trainer = tv.VitsTrainer(model, disc, args, device, precision)
