@@ -189,6 +189,8 @@ def main(argv=None):
         a, b = fits[name]
         return a + b * h
 
+    clips = [r["first"]["clips"] for r in rows]
+    per_clip = fit_line(clips, [r["first"]["seconds"] for r in rows])
     mean_s = sum(r["first"]["hours"] for r in rows) * 3600 / sum(r["first"]["clips"] for r in rows)
     print(f"\nfit per hour of audio (generated clips average {mean_s:.2f} s; the real set {TARGET_HOURS * 3600 / TARGET_CLIPS:.2f} s):")
     print(f"  first preload {fits['first'][1]:.1f} s/h (+{fits['first'][0]:.1f} s), cached {fits['cached'][1]:.2f} s/h "
@@ -200,8 +202,12 @@ def main(argv=None):
     print(f"| RAM held for training | {gb(at('held')):.2f} GB | 5.21 GB + 2-3 GB |")
     print(f"| process RSS after a cached preload | {gb(at('rss')):.2f} GB | |")
     print(f"| peak RSS during the first preload | {gb(at('peak')):.2f} GB | |")
-    print(f"| first preload | {at('first') / 60:.1f} min | |")
+    print(f"| first preload (fitted per hour; per clip) | {at('first') / 60:.1f} min; "
+          f"{(per_clip[0] + per_clip[1] * TARGET_CLIPS) / 60:.1f} min | |")
     print(f"| cached preload | {at('cached'):.0f} s | |")
+    if args.streaming_cache:
+        a, b = fit_line(hours, [r["streamed"]["peak"] for r in rows])
+        print(f"| peak RSS during the first preload, streaming save_cache (proposed) | {gb(a + b * TARGET_HOURS):.2f} GB | |")
     return rows
 
 
