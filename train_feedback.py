@@ -38,7 +38,6 @@ import sys
 import time
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import train_vits as tv
@@ -121,7 +120,8 @@ def parse_args(argv=None):
     elif args.target_hours is None:
         args.target_hours = 0.5
     if not 0 <= args.replay_ratio < 1:
-        parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no feedback), got {args.replay_ratio}")
+        parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "
+                     f"got {args.replay_ratio}")
     if args.feedback_weight <= 0:
         parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
     if args.make_session and not os.path.isfile(args.make_session):
@@ -485,6 +485,9 @@ def main(argv=None):
         make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
                                      args.feedback_weight, args.seed)
         train_sets = epoch_views(make_batches)
+        first_epoch = [cs for batch in make_batches(1) for cs, _ in batch]
+        items_per_epoch = dict(feedback=sum(cs is fb_train for cs in first_epoch),
+                               original=sum(cs is not fb_train for cs in first_epoch))
         val_sets = {"feedback": fb_val, "original": orig_val}
         fit_val_sets = {k: v for k, v in val_sets.items() if v is not None and len(v)}
         report_sets = dict(val_sets, feedback_trained=fb_train)
@@ -522,11 +525,11 @@ def main(argv=None):
             status="done", stop_reason=reason, final_model=os.path.join(args.output_dir, "final_model"),
             validation_mel=table, after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps,
             minutes=round(budget.used() / 60, 2),
-            feedback=dict(dir=args.feedback_dir, listed=listed, trained=len(fb_train), held_out=len(fb_val), held_out_clips=fb_val.names,
-                          skipped=count_reasons(skipped), skipped_clips=skipped),
+            feedback=dict(dir=args.feedback_dir, listed=listed, trained=len(fb_train), held_out=len(fb_val),
+                          held_out_clips=fb_val.names, skipped=count_reasons(skipped), skipped_clips=skipped),
             original=dict(dir=args.data_dir, replayed_from=len(orig_train or []), held_out=len(orig_val or []),
                           unreadable=len(orig_errors), replay_ratio=args.replay_ratio if orig_train else 0.0),
-            feedback_weight=args.feedback_weight,
+            feedback_weight=args.feedback_weight, items_per_epoch=items_per_epoch,
             samples=dict(before=os.path.join(args.output_dir, "samples", "before"),
                          after=os.path.join(args.output_dir, "samples", "after"),
                          recorded=os.path.join(args.output_dir, "samples", "recorded"),

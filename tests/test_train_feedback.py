@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
+from transformers import pipeline
 
 import train_feedback as tf
 import train_vits as tv
@@ -80,7 +81,8 @@ def tree_hashes(folder):
         for name in files:
             path = os.path.join(root, name)
             with open(path, "rb") as f:
-                hashes[os.path.relpath(path, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+                digest = hashlib.sha256(f.read()).hexdigest()
+            hashes[os.path.relpath(path, folder)] = (digest, os.stat(path).st_mtime_ns)
     return hashes
 
 
@@ -100,6 +102,8 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     assert tuned.keys() == original.keys()
     assert any(not torch.equal(tuned[k], original[k]) for k in tuned)
     assert os.path.isfile(os.path.join(out, "final_model", "discriminator.pt"))
+    speech = pipeline("text-to-speech", model=os.path.join(out, "final_model"), device="cpu")("Roj baş.")
+    assert speech["sampling_rate"] == 16000 and speech["audio"].size > 0
     assert f"discriminator: {os.path.join(trained_voice, 'discriminator.pt')}" in printed
 
     # Before and after samples of every feedback sentence the voice can say (also the one whose
@@ -130,6 +134,8 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
         assert np.isfinite(row["before"]) and np.isfinite(row["after"]), name
         assert row["change"] == pytest.approx(row["after"] - row["before"])
     assert report["original"]["held_out"] == 1 and report["original"]["replay_ratio"] == 0.5
+    # 5 feedback clips x weight 1, each batch of 2 with one replayed clip.
+    assert report["items_per_epoch"] == {"feedback": 5, "original": 5}
 
 
 def make_clipset(tokenizer, prefix, frames):
@@ -176,9 +182,28 @@ def test_without_original_data_it_says_so_and_trains_on_feedback(trained_voice, 
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     assert report["original"]["replay_ratio"] == 0.0
+    assert report["items_per_epoch"]["original"] == 0
     assert report["validation_mel"]["original"]["before"] is None
     assert np.isfinite(report["validation_mel"]["feedback"]["after"])
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
+
+
+def test_resume_continues_and_keeps_the_before_figures(trained_voice, feedback_dir, prepared_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
+              "--output_dir", out] + QUICK
+    assert tf.main(common + ["--max_steps", "1"]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        first = json.load(f)
+    sample = os.path.join(out, "samples", "before", "eval", "00.wav")
+    written = os.stat(sample).st_mtime_ns
+    assert tf.main(common + ["--max_steps", "2", "--resume", "auto"]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        second = json.load(f)
+    assert first["steps"] == 1 and second["steps"] == 2
+    # "before" is the input voice's, measured once: not the resumed checkpoint's.
+    assert second["before"] == first["before"]
+    assert os.stat(sample).st_mtime_ns == written
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
@@ -186,7 +211,8 @@ def test_output_dir_on_the_input_model_is_refused(trained_voice, feedback_dir, w
     before = tree_hashes(trained_voice)
     out = trained_voice if where == "same" else os.path.join(trained_voice, "tuned")
     with pytest.raises(SystemExit) as exit_info:
-        tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--output_dir", out] + QUICK)
+        tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--output_dir", out, "--max_steps", "1"]
+                + QUICK)
     assert exit_info.value.code == 2
     assert "overlaps --model" in capsys.readouterr().err
     assert tree_hashes(trained_voice) == before
