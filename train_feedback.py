@@ -286,7 +286,9 @@ def mixed_batches(feedback, original, batch_size, replay_ratio, feedback_weight,
     counts, placed, given = [], 0, 0
     while placed < per_epoch_fb:
         n_orig = (int((len(counts) + 1) * batch_size * replay_ratio) - given) if replay else 0
-        n_orig = min(n_orig, batch_size - 1)  # at least one feedback clip in every batch
+        if batch_size > 1:
+            n_orig = min(n_orig, batch_size - 1)  # at least one feedback clip in every batch
+        # (with --batch_size 1 the sources alternate between micro-batches instead)
         counts.append(n_orig)
         given += n_orig
         placed += batch_size - n_orig
