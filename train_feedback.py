@@ -23,7 +23,7 @@ Examples:
     # continue an interrupted feedback run (the newest one under training/feedback_models/)
     python train_feedback.py --resume auto
 
-    # a tiny CPU smoke run (after the tiny train_vits.py run in its docstring)
+    # a tiny CPU smoke run: train_vits.py's tiny run, then clips + metadata.csv in example_run/feedback
     python train_feedback.py --model example_run/final_model --data_dir example_run/data \\
         --feedback_dir example_run/feedback --output_dir example_run/feedback_run --max_steps 4 \\
         --device cpu --batch_size 2 --grad_accum 1 --feedback_weight 1 --disc_channels 64
