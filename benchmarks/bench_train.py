@@ -211,8 +211,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    device = tv.resolve_device(args.device)
-    precision = tv.resolve_precision(args.precision, device)
+    try:
+        device = tv.resolve_device(args.device)
+        precision = tv.resolve_precision(args.precision, device)
+    except tv.TrainingError as err:
+        raise SystemExit(f"error: {err}")
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
