@@ -40,51 +40,14 @@ def build_parser():
                         "(default: benchmarks/data/kmr_<max>_seed<seed>).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the generated clips.")
     p.add_argument("--keep_caches", action="store_true", help="Keep the preload caches written (default: removed).")
-    p.add_argument("--streaming_cache", action="store_true",
-                   help="Measure a proposed change too: the cache written clip by clip (no concatenated copy).")
-    p.add_argument("--_streaming", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_one", nargs=3, metavar=("DATA_DIR", "CACHE_DIR", "N"), help=argparse.SUPPRESS)
     return p
 
 
-def streaming_save_cache(path, names, audio, mels, errors):
-    """Proposed train_vits.save_cache: the same npz, each member streamed clip by clip.
-
-    np.concatenate in save_cache makes a second copy of every clip before writing, so the first preload
-    peaks at about twice the RAM the trainer keeps; writing each clip's bytes into the zip member
-    needs one clip of extra memory. np.load reads the file exactly as before.
-    """
-    import zipfile
-
-    import numpy as np
-    kept = [i for i, a in enumerate(audio) if a is not None]
-    small = dict(names=np.array([names[i] for i in kept]), errors=np.array(errors, dtype=str),
-                 audio_len=np.array([len(audio[i]) for i in kept], dtype=np.int64),
-                 mel_len=np.array([mels[i].shape[1] for i in kept], dtype=np.int64))
-    n_mels = mels[kept[0]].shape[0] if kept else 80
-    big = dict(audio=(np.dtype(np.int16), (int(small["audio_len"].sum()),), lambda i: audio[i]),
-               mel=(np.dtype(np.float16), (int(small["mel_len"].sum()), n_mels), lambda i: mels[i].T))
-    tmp = path + ".tmp.npz"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, value in small.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, value)
-        for key, (dtype, shape, get) in big.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(
-                    f, dict(descr=np.lib.format.dtype_to_descr(dtype), fortran_order=False, shape=shape))
-                for i in kept:
-                    f.write(np.ascontiguousarray(get(i), dtype=dtype).tobytes())
-    os.replace(tmp, path)
-
-
-def measure_one(data_dir, cache_dir, n, workers, streaming=False):
+def measure_one(data_dir, cache_dir, n, workers):
     """In a fresh process: one load_clips call; returns its time, held bytes and RSS figures."""
     import numpy as np  # noqa: F401  (imports before the baseline)
     import train_vits as tv
-
-    if streaming:
-        tv.save_cache = streaming_save_cache
 
     base = common.rss_bytes()
     common.reset_peak_rss()
@@ -97,9 +60,9 @@ def measure_one(data_dir, cache_dir, n, workers, streaming=False):
                 rss=common.rss_bytes() - base, peak=common.peak_rss_bytes() - base)
 
 
-def run_one(data_dir, cache_dir, n, workers, streaming=False):
+def run_one(data_dir, cache_dir, n, workers):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--num_workers", str(workers),
-                          "--_one", data_dir, cache_dir, str(n)] + (["--_streaming"] if streaming else []),
+                          "--_one", data_dir, cache_dir, str(n)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"preload of {n} clips failed:\n{out.stderr[-2000:]}")
@@ -123,7 +86,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args._one:
         data_dir, cache_dir, n = args._one
-        print(json.dumps(measure_one(data_dir, cache_dir, int(n), args.num_workers, args._streaming)))
+        print(json.dumps(measure_one(data_dir, cache_dir, int(n), args.num_workers)))
         return None
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -147,16 +110,10 @@ def main(argv=None):
         first = run_one(data_dir, cache_dir, n, args.num_workers)
         cached = run_one(data_dir, cache_dir, n, args.num_workers)
         cache_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "preload_*.npz")))
-        streamed = None
-        if args.streaming_cache:
-            for path in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
-                os.remove(path)
-            streamed = run_one(data_dir, cache_dir, n, args.num_workers, streaming=True)
-            streamed["cached"] = run_one(data_dir, cache_dir, n, args.num_workers)
         if not args.keep_caches:
             for path in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
                 os.remove(path)
-        rows.append(dict(n=n, first=first, cached=cached, cache_bytes=cache_bytes, streamed=streamed))
+        rows.append(dict(n=n, first=first, cached=cached, cache_bytes=cache_bytes))
         print(f"  {n} clips: first {first['seconds']:.1f} s, cached {cached['seconds']:.1f} s, "
               f"held {gb(first['held']):.3f} GB", flush=True)
 
@@ -171,14 +128,6 @@ def main(argv=None):
         f, c = r["first"], r["cached"]
         print(f"| {f['clips']:,} | {f['hours']:.2f} | {f['seconds']:.1f} s | {c['seconds']:.1f} s | "
               f"{gb(f['held']):.3f} GB | {gb(c['rss']):.3f} GB | {gb(f['peak']):.3f} GB | {gb(r['cache_bytes']):.3f} GB |")
-    if args.streaming_cache:
-        print("\nproposed save_cache streaming clip by clip (same file; first load, then cached):\n")
-        print("| clips | first | peak RSS, first load | (current save_cache) | cached | RSS after cached load |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for r in rows:
-            s = r["streamed"]
-            print(f"| {s['clips']:,} | {s['seconds']:.1f} s | {gb(s['peak']):.3f} GB | {gb(r['first']['peak']):.3f} GB | "
-                  f"{s['cached']['seconds']:.1f} s | {gb(s['cached']['rss']):.3f} GB |")
     hours = [r["first"]["hours"] for r in rows]
     fits = {name: fit_line(hours, [get(r) for r in rows]) for name, get in (
         ("first", lambda r: r["first"]["seconds"]), ("cached", lambda r: r["cached"]["seconds"]),
@@ -205,9 +154,6 @@ def main(argv=None):
     print(f"| first preload (fitted per hour; per clip) | {at('first') / 60:.1f} min; "
           f"{(per_clip[0] + per_clip[1] * TARGET_CLIPS) / 60:.1f} min | |")
     print(f"| cached preload | {at('cached'):.0f} s | |")
-    if args.streaming_cache:
-        a, b = fit_line(hours, [r["streamed"]["peak"] for r in rows])
-        print(f"| peak RSS during the first preload, streaming save_cache (proposed) | {gb(a + b * TARGET_HOURS):.2f} GB | |")
     return rows
 
 
