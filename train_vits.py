@@ -458,6 +458,17 @@ def export_voice(model, tokenizer, discriminator, out_dir):
     replace_dir(tmp, out_dir)
 
 
+def conv_stack(convs, conv_post, x):
+    """Leaky-ReLU conv stack of a HiFi-GAN sub-discriminator -> (flat logits, every layer's features)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        features.append(x)
+    x = conv_post(x)
+    features.append(x)
+    return torch.flatten(x, 1), features
+
+
 def scaled(channels, max_channels):
     return max(1, channels * max_channels // 1024)
 
@@ -476,14 +487,7 @@ class PeriodDiscriminator(nn.Module):
         b, c, t = x.shape
         if t % self.period:
             x = F.pad(x, (0, self.period - t % self.period), "reflect")
-        x = x.view(b, c, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.conv_post(x)
-        features.append(x)
-        return torch.flatten(x, 1), features
+        return conv_stack(self.convs, self.conv_post, x.view(b, c, -1, self.period))
 
 
 class ScaleDiscriminator(nn.Module):
@@ -498,13 +502,7 @@ class ScaleDiscriminator(nn.Module):
         self.conv_post = weight_norm(nn.Conv1d(c[-1], 1, 3, 1, padding=1))
 
     def forward(self, x):
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.conv_post(x)
-        features.append(x)
-        return torch.flatten(x, 1), features
+        return conv_stack(self.convs, self.conv_post, x)
 
 
 class VitsDiscriminator(nn.Module):

@@ -223,16 +223,22 @@ def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_
         assert any("corrupt.wav" in e for e in json.load(f)["skipped_clips"])
 
 
-def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_model_dir, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6",
-            "--logging_steps", "1"] + QUICK
+def train_until_first_checkpoint(args, out):
+    """train_vits.py in a subprocess, returned once its epoch-1 checkpoint is on disk."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vits.py")] + args, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not os.path.exists(os.path.join(out, "checkpoints", "checkpoint_epoch_1.pt")) and time.time() < deadline:
         assert proc.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.2)
+    return proc
+
+
+def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6",
+            "--logging_steps", "1"] + QUICK
+    proc = train_until_first_checkpoint(args, out)
     time.sleep(2.0)  # inside epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -248,12 +254,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_m
 def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6"] + QUICK
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vits.py")] + args, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(out, "checkpoints", "checkpoint_epoch_1.pt")) and time.time() < deadline:
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.2)
+    proc = train_until_first_checkpoint(args, out)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130
     interrupted = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*_interrupted.pt"))
