@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -1055,6 +1056,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     plan = run["plan"]
     d_warmup = run["d_warmup_steps"]
     save_seconds = [5.0]
+    end_of_epoch_seconds = 0.0  # validation + listening samples, as last measured
     reason = "done"
 
     def checkpoint(epoch, batches_done, tag=""):
@@ -1081,7 +1083,8 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 if stop.requested or budget.left() < reserve() or (args.max_steps and trainer.step >= args.max_steps):
                     break
                 tensors = [collate(items, args.segment_frames) for items in window]
-                terms = trainer.train_window(tensors, d_only=trainer.step < d_warmup) or terms
+                result = trainer.train_window(tensors, d_only=trainer.step < d_warmup)
+                terms = result or terms  # a skipped (non-finite) step keeps showing the last good terms
                 done += len(window)
                 samples += sum(len(items) for items in window)
                 rate = samples / (time.time() - start)
@@ -1089,7 +1092,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 bar.set_postfix_str(f"{format_terms(terms)} | {rate:.1f} samples/s {vram_text(trainer.device)} "
                                     f"| eta {epoch_eta / 60:.0f}m, total {budget.left() / 60:.0f}m left")
                 bar.update(len(window))
-                if trainer.step % args.logging_steps == 0 and terms:
+                if result and trainer.step % args.logging_steps == 0:
                     log.write(dict(step=trainer.step, epoch=epoch, **terms, lr=trainer.lr(), samples_per_s=rate,
                                    skipped_steps=trainer.skipped_steps))
             bar.close()
@@ -1102,10 +1105,11 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 checkpoint(epoch, done, "_partial")
                 break
             run.update(epoch=epoch + 1, batches_done=0)
-            val_start = time.time()
-            if budget.left() > reserve() + 2 * (time.time() - start) / max(1, len(windows)) * len(val_sets):
+            train_seconds = time.time() - start
+            if budget.left() > reserve() + end_of_epoch_seconds:
                 end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
-            print(f"epoch {epoch}: {len(batches) - skip} batches in {(val_start - start) / 60:.1f} min, "
+                end_of_epoch_seconds = time.time() - start - train_seconds
+            print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
             checkpoint(epoch, len(batches))
             if args.max_steps and trainer.step >= args.max_steps:
@@ -1205,7 +1209,6 @@ def save_run_info(args, extra):
     info = dict(args=vars(args), argv=sys.argv, torch=torch.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                 **extra)
     try:
-        import subprocess
         info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
