@@ -64,9 +64,18 @@ class TrainingError(RuntimeError):
     """A run that cannot go on safely; the message says why and what to do."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's example layout and shows each flag's default, unless its help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(description=__doc__):
     """All training flags; train_feedback.py builds on the same parser so its flags mean the same."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
     g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
