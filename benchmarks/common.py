@@ -129,12 +129,17 @@ def model_dir(size):
 # ----------------------------------------------------------------------------------------------------
 # Memory
 
-def rss_bytes():
+def status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM), else the peak getrusage reports."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes():
+    return status_bytes("VmRSS")
 
 
 def reset_peak_rss():
@@ -148,8 +153,4 @@ def reset_peak_rss():
 
 
 def peak_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return status_bytes("VmHWM")
