@@ -59,8 +59,21 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 # Typographic apostrophes Common Voice contributors type instead of '.
 APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u00b4\u0060\u2032"
-# Latin letters the Kurmanji alphabet lacks but that stand in for ones it has; only exact look-alikes.
-LETTER_FIXES = {"\u0131": "i"}  # dotless ı from Turkish keyboards
+# Double quotation marks; one between a quoted word and its suffix ("ez"ê) is not a word break.
+QUOTES = "\"\u201c\u201d\u201e\u201f\u00ab\u00bb\u2039\u203a"
+# Letters the Kurmanji alphabet lacks, typed on other keyboards for the one it has; only exact equivalents,
+# and only where the voice lacks the letter.
+LETTER_FIXES = {
+    "\u0131": "i",  # dotless ı (Turkish keyboards)
+    "\u012b": "\u00ee",  # ī → î: a long vowel marked with a macron instead of a circumflex
+    "\u016b": "\u00fb",  # ū → û
+    "\u0113": "\u00ea",  # ē → ê
+    "\u011f": "g",  # ğ, in Turkish spellings of names
+    "\u00f6": "o",  # ö, in Turkish spellings of names
+}
+# Cyrillic letters drawn exactly like a Latin one (а е о р с у х і ј ѕ һ ԛ ԝ), typed inside Latin text.
+CYRILLIC_LOOK_ALIKES = dict(zip("\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0456\u0458\u0455\u04bb\u051b\u051d",
+                                "aeopcyxijshqw"))
 COMBINING_DOT_ABOVE = "\u0307"  # left behind when "İ" is lowercased
 
 
@@ -170,25 +183,55 @@ def load_vocab(model_name_or_dir):
     return tokenizer, vocab
 
 
-def clean_text(text, vocab):
-    """Normalise `text` for the voice; return (text, None) or (None, reason) when it cannot be spoken."""
+def repair_letters(text, vocab, repairs):
+    """Letters from other keyboards → the Kurmanji letter they stand for, each counted in `repairs`.
+
+    Cyrillic look-alikes are replaced only in a Latin text whose every Cyrillic letter is one: a Cyrillic
+    sentence stays Cyrillic (and is dropped as other_script) instead of becoming Latin gibberish.
+    """
+    fixes = dict(LETTER_FIXES)
+    cyrillic = {ch for ch in text if unicodedata.name(ch, "").startswith("CYRILLIC")}
+    latin = any(unicodedata.name(ch, "").startswith("LATIN") for ch in text)
+    if cyrillic and latin and cyrillic <= CYRILLIC_LOOK_ALIKES.keys():
+        fixes.update(CYRILLIC_LOOK_ALIKES)
+    out = []
+    for ch in text:
+        fix = None if ch in vocab else fixes.get(ch)
+        if fix:
+            repairs[f"{ch}→{fix}" + (" (Cyrillic)" if ch in CYRILLIC_LOOK_ALIKES else "")] += 1
+        out.append(fix or ch)
+    return "".join(out)
+
+
+def clean_text(text, vocab, repairs=None):
+    """Normalise `text` for the voice; return (text, None) or (None, reason) when it cannot be spoken.
+
+    The repairs made to a text that can be spoken are added to the Counter `repairs`, when given.
+    """
+    found = Counter()
     text = unicodedata.normalize("NFC", text)
     # Lowercase what the vocab lacks, as VitsTokenizer(normalize=True) does.
     text = "".join(ch if ch in vocab else ch.lower() for ch in text)
     text = text.replace(COMBINING_DOT_ABOVE, "")
-    text = unicodedata.normalize("NFC", "".join(LETTER_FIXES.get(ch, ch) for ch in text))
+    text = unicodedata.normalize("NFC", repair_letters(text, vocab, found))
     apostrophe = "'" if "'" in vocab else ""
     out = []
     for i, ch in enumerate(text):
+        before, after = text[i - 1:i], text[i + 1:i + 2]
         if ch in APOSTROPHES or ch == "'":
-            # Doubled typographic apostrophes are used as quotes; a lone one joins letters.
-            neighbours = text[i - 1:i] + text[i + 1:i + 2]
-            joins_letters = any(c.isalpha() for c in neighbours) and not any(c in APOSTROPHES for c in neighbours)
-            out.append(apostrophe if joins_letters else " ")
+            if before.isalpha() and after.isalpha():
+                out.append(apostrophe)  # inside a word (Wan’ê, Qur’an) it is an apostrophe
+                continue
+            # At a word's edge it is a quotation mark (‘bavo’, 'W', ’’Were’’): not spoken.
+            if before.isalpha() or after.isalpha():
+                found["apostrophe used as a quote"] += 1
+            out.append(" ")
+        elif ch in QUOTES and before.isalpha() and after.isalpha() and quote_opened_in_word(text, i):
+            found["quote before a suffix"] += 1  # "ez"ê: the suffix belongs to the quoted word
         elif ch == "|" or unicodedata.category(ch)[0] in "PSZC" and ch not in vocab:
             # The tokenizer would delete punctuation and glue the words around it together.
             out.append("" if unicodedata.category(ch) == "Cf" else " ")
-        elif ch == "-" and not (text[i - 1:i].isalpha() and text[i + 1:i + 2].isalpha()):
+        elif ch == "-" and not (before.isalpha() and after.isalpha()):
             out.append(" ")  # dialogue dashes and dashes between words are not spoken
         else:
             out.append(ch)
@@ -203,7 +246,15 @@ def clean_text(text, vocab):
         if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
             return None, "other_script"
         return None, "unsupported_letter"
+    if repairs is not None:
+        repairs.update(found)
     return text, None
+
+
+def quote_opened_in_word(text, i):
+    """True when the word holding the quote at `i` also holds an earlier quote: this one closes it."""
+    word = re.search(r"\S*$", text[:i]).group()
+    return any(c in QUOTES or c in APOSTROPHES or c == "'" for c in word)
 
 
 def count_tokens(tokenizer, text):
@@ -344,11 +395,37 @@ def select_speakers(clips, speakers, top_speakers):
     return selected, len(clips) - len(selected)
 
 
+def vote_count(row, column):
+    """The row's vote count (an empty field counts 0), or None when it is not a number."""
+    try:
+        return int(float(row.get(column) or 0))
+    except ValueError:
+        return None
+
+
+def select_by_votes(rows, min_upvotes, max_downvotes):
+    """Rows with at least `min_upvotes` and at most `max_downvotes` votes (None: no limit); return (rows, left out)."""
+    selected, left_out = [], Counter()
+    for row in rows:
+        up, down = vote_count(row, "up_votes"), vote_count(row, "down_votes")
+        if min_upvotes is not None and (up is None or up < min_upvotes):
+            left_out["too_few_upvotes"] += 1
+        elif max_downvotes is not None and (down is None or down > max_downvotes):
+            left_out["too_many_downvotes"] += 1
+        else:
+            selected.append(row)
+    return selected, left_out
+
+
 def choose_clips(args, rows, malformed, vocab):
-    """Clean every text and apply the speaker and --max_clips choices; return (clips, dropped, not_selected)."""
-    dropped, not_selected = Counter(), Counter()
+    """Clean every text and apply the vote, speaker and --max_clips choices.
+
+    Returns (clips, dropped, not_selected, text repairs), each of the last three a Counter by reason.
+    """
+    dropped, repairs = Counter(), Counter()
     if malformed:
         dropped["malformed_row"] = malformed
+    rows, not_selected = select_by_votes(rows, args.min_upvotes, args.max_downvotes)
     clips = [Clip(row["path"], output_name(row["path"]), row["sentence"], row.get("client_id", ""))
              for row in rows if row["path"].strip()]
     if len(clips) < len(rows):
@@ -358,7 +435,7 @@ def choose_clips(args, rows, malformed, vocab):
         not_selected["other_speakers"] = other_speakers
     candidates, seen = [], set()
     for clip in clips:
-        text, reason = clean_text(clip.text, vocab)
+        text, reason = clean_text(clip.text, vocab, repairs)
         if reason is None and clip.name in seen:
             reason = "duplicate"
         if reason:
@@ -369,7 +446,7 @@ def choose_clips(args, rows, malformed, vocab):
     if args.max_clips is not None and len(candidates) > args.max_clips:
         not_selected["max_clips"] = len(candidates) - args.max_clips
         candidates = candidates[:args.max_clips]
-    return candidates, dropped, not_selected
+    return candidates, dropped, not_selected, repairs
 
 
 def audio_verdict(samples, n_tokens, n_chars, limits):
@@ -556,7 +633,7 @@ def remove_stale_files(wavs_dir, kept_names):
             os.remove(os.path.join(wavs_dir, name))
 
 
-def summarise(args, source, kept, dropped, not_selected, decoded, reused, elapsed):
+def summarise(args, source, kept, dropped, not_selected, repairs, decoded, reused, elapsed):
     hours = defaultdict(float)
     clips_per_speaker = Counter()
     for clip, samples in kept:
@@ -572,6 +649,7 @@ def summarise(args, source, kept, dropped, not_selected, decoded, reused, elapse
         "dropped_clips": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items())),
         "not_selected": dict(sorted(not_selected.items())),
+        "text_repairs": dict(sorted(repairs.items())),
         "speakers": len(speakers),
         "hours_per_speaker": {s: round(hours[s], 4) for s in speakers},
         "clips_per_speaker": {s: clips_per_speaker[s] for s in speakers},
@@ -594,6 +672,8 @@ def print_summary(report, output_dir):
             print(f"  {reason:<20} {n}")
     for reason, n in report["not_selected"].items():
         print(f"not selected ({reason}): {n}")
+    if report["text_repairs"]:
+        print("texts repaired: " + ", ".join(f"{what} {n}" for what, n in report["text_repairs"].items()))
     speakers = list(report["hours_per_speaker"].items())
     if speakers:
         print(f"hours per speaker (top {min(10, len(speakers))} of {len(speakers)}):")
@@ -628,6 +708,11 @@ def parse_args(argv):
                         help="Only this Common Voice client_id; repeat for several. (default: every speaker)")
     parser.add_argument("--top_speakers", type=int, default=None, metavar="N",
                         help="Only the N speakers with the most clips in the list. (default: every speaker)")
+    parser.add_argument("--min_upvotes", type=int, default=None, metavar="N",
+                        help="Only clips with at least N up-votes (Common Voice up_votes). (default: no limit: "
+                             "every clip of the list, e.g. all Common Voice validated)")
+    parser.add_argument("--max_downvotes", type=int, default=None, metavar="N",
+                        help="Only clips with at most N down-votes (Common Voice down_votes). (default: no limit)")
     parser.add_argument("--no_trim", action="store_true", help="Keep leading and trailing silence. (default: trim it)")
     parser.add_argument("--trim_db", type=float, default=40.0,
                         help="Trim edges quieter than this many dB below the clip's loudest part. (default: %(default)s)")
@@ -647,6 +732,9 @@ def parse_args(argv):
         parser.error("use --speaker or --top_speakers, not both")
     if args.top_speakers is not None and args.top_speakers < 1:
         parser.error("--top_speakers must be at least 1")
+    for flag in ("min_upvotes", "max_downvotes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be at least 0")
     if os.path.abspath(args.input) == os.path.abspath(args.output_dir):
         parser.error("--output_dir must differ from --input (stale wavs in it are deleted)")
     return args
@@ -665,10 +753,13 @@ def main(argv=None):
         fail(f"{args.tsv} has no {', '.join(missing_columns)} column (found: {', '.join(header) or 'nothing'})")
     if (args.speaker or args.top_speakers) and "client_id" not in header:
         fail("--speaker/--top_speakers need a Common Voice input with a client_id column")
+    for flag, column in (("min_upvotes", "up_votes"), ("max_downvotes", "down_votes")):
+        if getattr(args, flag) is not None and column not in header:
+            fail(f"--{flag} needs a Common Voice input with a {column} column (found: {', '.join(header)})")
     tokenizer, vocab = load_vocab(args.model)
 
     # 2. Text first: it is cheap, and a clip whose text the voice cannot say is never decoded.
-    candidates, dropped, not_selected = choose_clips(args, rows, malformed, vocab)
+    candidates, dropped, not_selected, repairs = choose_clips(args, rows, malformed, vocab)
     tokens = {clip.name: count_tokens(tokenizer, clip.text) for clip in candidates}
 
     # 3. Reuse what an earlier run measured with the same audio settings; decode the rest in parallel.
@@ -702,7 +793,7 @@ def main(argv=None):
             dropped_list.append({"clip": clip.source, "reason": reason, "detail": detail})
     write_metadata(os.path.join(args.output_dir, "metadata.csv"), kept)
     remove_stale_files(wavs_dir, {clip.name for clip, _ in kept})
-    report = summarise(args, source, kept, dropped, not_selected, len(to_decode), reused, elapsed)
+    report = summarise(args, source, kept, dropped, not_selected, repairs, len(to_decode), reused, elapsed)
     report["dropped_list"] = dropped_list
     write_json_atomic(os.path.join(args.output_dir, REPORT_NAME), report)
     print_summary(report, args.output_dir)

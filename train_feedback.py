@@ -12,10 +12,11 @@ train_vits.py; every training flag of train_vits.py means the same here.
 
 Examples:
 
-    # 1. a listening-session kit: the current voice speaks each sentence, metadata.csv is the template
+    # 1. a listening-session kit: the current voice speaks each sentence, sNNN.txt holds what to record
     python train_feedback.py --make_session sentences.txt            # -> training/sessions/<date>/
 
-    # 2. after recording corrections into training/feedback (audio + metadata.csv, filename|text):
+    # 2. after recording corrections into training/feedback (NAME.wav + NAME.txt pairs, as a recording
+    #    app saves them, or any audio + metadata.csv of filename|text rows, which wins when both exist):
     python train_feedback.py                                         # 30 minutes, new folder under
                                                                      # training/feedback_models/
     python train_feedback.py --feedback_dir training/sessions/2026-11-25 --target_minutes 10
@@ -23,7 +24,7 @@ Examples:
     # continue an interrupted feedback run (the newest one under training/feedback_models/)
     python train_feedback.py --resume auto
 
-    # a tiny CPU smoke run: train_vits.py's tiny run, then clips + metadata.csv in example_run/feedback
+    # a tiny CPU smoke run: train_vits.py's tiny run, then NAME.wav + NAME.txt pairs in example_run/feedback
     python train_feedback.py --model example_run/final_model --data_dir example_run/data \\
         --feedback_dir example_run/feedback --output_dir example_run/feedback_run --max_steps 4 \\
         --device cpu --batch_size 2 --grad_accum 1 --feedback_weight 1 --disc_channels 64
@@ -38,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+import soundfile as sf
 import torch
 
 import train_vits as tv
@@ -47,6 +49,8 @@ DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
 SESSIONS_DIR = os.path.join("training", "sessions")
 REPORT_NAME = "report.json"
+# Files of a feedback folder that are recordings: every format soundfile reads, by extension.
+AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
 # ClipSet's reasons for dropping a clip, under the names prepare_data.py counts them.
 CLIPSET_REASONS = {"more tokens than frames": "too_few_frames", "no speakable text": "empty_text"}
 
@@ -60,8 +64,9 @@ def build_parser():
                    target_hours=None, val_size=100, benchmark_samples=50)
     g = p.add_argument_group("feedback")
     g.add_argument("--feedback_dir", default=DEFAULT_FEEDBACK_DIR,
-                   help="Folder with the recorded clips (WAV, FLAC, OGG, MP3; any rate, mono or stereo) and "
-                        "metadata.csv (filename|text). (default: %(default)s)")
+                   help="Folder with the recorded clips (WAV, FLAC, OGG, MP3; any rate, mono or stereo), each "
+                        "with its text: NAME.wav + NAME.txt, or a metadata.csv of filename|text rows (which wins "
+                        "when both exist). (default: %(default)s)")
     g.add_argument("--replay_ratio", type=float, default=0.5,
                    help="Share of every batch taken from the original training set (--data_dir), so the voice "
                         "does not forget it; 0 trains on feedback alone. (default: %(default)s)")
@@ -74,7 +79,7 @@ def build_parser():
                         "replaces --target_hours. (default: 30)")
     g.add_argument("--make_session", default=None, metavar="SENTENCES.txt",
                    help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
-                        "--output_dir (default training/sessions/<date>/) with a metadata.csv template, "
+                        "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
                         "then exit.")
     # The new run folder is only decided after parsing (a timestamp, or the run --resume names).
     for action in p._actions:
@@ -156,12 +161,18 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
 
     Returns (clipset, sentences [(file, text)], skipped [{"file", "reason", "detail"}], rows listed).
     """
+    if not os.path.isdir(feedback_dir):
+        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no such folder")
     metadata = os.path.join(feedback_dir, "metadata.csv")
-    if not os.path.isfile(metadata):
-        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no metadata.csv (filename|text rows next to the "
-                               "audio; --make_session writes a template)")
-    rows, malformed = parse_metadata(metadata)
-    skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line") for _ in range(malformed)]
+    if os.path.isfile(metadata):  # it wins over NAME.txt files: it was written on purpose
+        rows, malformed = parse_metadata(metadata)
+        skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line") for _ in range(malformed)]
+    else:
+        rows, skipped = read_pairs(feedback_dir)
+    listed = len(rows) + len(skipped)
+    if not rows:
+        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no recordings listed (NAME.wav + NAME.txt pairs, "
+                               "or a metadata.csv of filename|text rows; --make_session writes a kit)")
     texts, sentences = {}, []
     for name, raw in rows:
         if name in texts or any(s["file"] == name for s in skipped):
@@ -173,11 +184,10 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
             continue
         texts[name] = text
         sentences.append((name, text))
-    if not rows:
-        raise tv.TrainingError(f"{metadata}: no clips listed")
 
-    # load_clips reads metadata.csv itself (raw texts, all rows): decode, then keep the cleaned texts.
-    clips, errors = tv.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="")
+    # Only clips with speakable text are decoded.
+    clips, errors = (tv.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="",
+                                   entries=sentences) if sentences else ([], []))
     for err in errors:
         name = err.split(": ", 1)[0]
         if name in texts:
@@ -212,7 +222,35 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
             reason = "too_few_frames" if len(tokenizer(text).input_ids) > mel.shape[1] else "empty_text"
             skipped.append(dict(file=name, reason=reason, detail=f"{len(tokenizer(text).input_ids)} token ids, "
                                                                  f"{mel.shape[1]} frames"))
-    return clipset, sentences, skipped, len(rows) + malformed
+    return clipset, sentences, skipped, listed
+
+
+def read_pairs(feedback_dir):
+    """A recording app's folder: NAME.<audio> + NAME.txt; return ([(audio file, text)], skipped).
+
+    Audio without its text, or with an empty one, is skipped by name. A text without audio (a sentence not
+    recorded yet, the session kit's README.txt) is no clip. Subfolders (the kit's model/) are not read.
+    """
+    rows, skipped = [], []
+    for name in sorted(os.listdir(feedback_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in AUDIO_EXTENSIONS or not os.path.isfile(os.path.join(feedback_dir, name)):
+            continue
+        text_file = os.path.join(feedback_dir, stem + ".txt")
+        try:
+            with open(text_file, encoding="utf-8-sig") as f:
+                text = " ".join(f.read().split())
+        except FileNotFoundError:
+            skipped.append(dict(file=name, reason="no_text", detail=f"no {stem}.txt beside it"))
+            continue
+        except (OSError, UnicodeDecodeError) as err:
+            skipped.append(dict(file=name, reason="unreadable_text", detail=f"{stem}.txt: {err}"))
+            continue
+        if not text:
+            skipped.append(dict(file=name, reason="empty_text", detail=f"{stem}.txt is empty"))
+            continue
+        rows.append((name, text))
+    return rows, skipped
 
 
 def audio_reason(path, sampling_rate):
@@ -390,7 +428,8 @@ def print_comparison(table):
 # The listening-session kit.
 
 def make_session(args):
-    """Speak every sentence of the file with the current voice; metadata.csv is the recording template."""
+    """Speak every sentence of the file with the current voice into model/sNNN.wav and write sNNN.txt:
+    recordings saved as sNNN.wav beside them make the folder a feedback folder as it is."""
     with open(args.make_session, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     model, tokenizer = tv.load_voice(args.model)
@@ -412,17 +451,17 @@ def make_session(args):
     os.makedirs(model_dir, exist_ok=True)
     for path, (wav, _) in zip(tv.synthesise(model, tokenizer, spoken, model_dir), rows):
         os.replace(path, os.path.join(model_dir, wav))
-    with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
-        f.writelines(f"{wav}|{text}\n" for wav, text in rows)
+    for wav, text in rows:
+        with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
     with open(os.path.join(out, "README.txt"), "w", encoding="utf-8") as f:
         f.write(
             f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}.\n\n"
-            "1. Listen to model/sNNN.wav; metadata.csv holds what each one should say.\n"
+            "1. Listen to model/sNNN.wav; sNNN.txt holds what each one should say.\n"
             "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
-            "   folder under the name metadata.csv gives (sNNN.wav; another format such as sNNN.flac or\n"
-            "   sNNN.mp3 is fine: change the name in metadata.csv to match).\n"
-            "3. Delete the rows of sentences you did not record.\n"
-            f"4. python train_feedback.py --model {args.model} --feedback_dir {out}\n")
+            "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
+            "   fine). Sentences you do not record are left out.\n"
+            f"3. python train_feedback.py --model {args.model} --feedback_dir {out}\n")
     for line, reason in unspeakable:
         print(f"left out ({reason}): {line}")
     print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "

@@ -287,16 +287,18 @@ def load_cache(path):
     return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors]
 
 
-def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None, audio_subdir="wavs"):
+def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None, audio_subdir="wavs", entries=None):
     """Clips of `data_dir/metadata.csv` as [(name, text, int16 audio, fp16 mel)], plus skipped-clip messages.
 
     Audio files are looked up in `data_dir/audio_subdir`, in any format soundfile reads, at any rate.
+    `entries` [(file, text)] replaces metadata.csv (a feedback folder of NAME.wav + NAME.txt pairs has none).
     """
     metadata = os.path.join(data_dir, "metadata.csv")
     audio_dir = os.path.join(data_dir, audio_subdir)
-    if not os.path.isfile(metadata):
-        raise TrainingError(f"{metadata}: not found (run prepare_data.py first, or pass --data_dir)")
-    entries = read_metadata(metadata)
+    if entries is None:
+        if not os.path.isfile(metadata):
+            raise TrainingError(f"{metadata}: not found (run prepare_data.py first, or pass --data_dir)")
+        entries = read_metadata(metadata)
     if max_samples:
         entries = entries[:max_samples]
     if not entries:

@@ -5,13 +5,14 @@ import json
 import os
 import shutil
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 import prepare_data
-from examples.make_release import BAD_KINDS, espeak_clip
+from examples.make_release import BAD_KINDS, espeak_clip, write_tsv
 from tests.conftest import GOOD_CLIPS
 
 
@@ -198,6 +199,33 @@ def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model
     assert json.load(open(tmp_path / "none" / "prepare_report.json"))["dropped"]["too_short"] == 2
 
 
+def test_vote_filters_select_exactly_the_rows_with_enough_votes(prepared_dataset, kmr_release, tiny_model_dir,
+                                                                tmp_path):
+    # The same clips with varied votes; the prepared folder's cache means nothing is decoded again.
+    header, rows, _ = prepare_data.read_tsv(os.path.join(kmr_release, "validated.tsv"))
+    votes = [("2", "0"), ("1", "0"), ("5", "0"), ("3", "1")]
+    for i, row in enumerate(rows):
+        row["up_votes"], row["down_votes"] = votes[i % 4]
+    release = tmp_path / "voted"
+    os.makedirs(release)
+    os.symlink(os.path.join(kmr_release, "clips"), release / "clips")
+    write_tsv(release / "validated.tsv", header, [[row[c] for c in header] for row in rows])
+    out = tmp_path / "out"
+    shutil.copytree(prepared_dataset, out)
+
+    report = run(release, tiny_model_dir, out, "--workers", "1", "--min_upvotes", "2", "--max_downvotes", "0")
+    kept_rows = [row for i, row in enumerate(rows[:GOOD_CLIPS]) if i % 4 in (0, 2)]
+    assert [name for name, _ in prepare_data.read_metadata(out / "metadata.csv")] == [
+        row["path"].replace(".mp3", ".wav") for row in kept_rows]
+    assert report["not_selected"] == {"too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows))),
+                                      "too_many_downvotes": sum(i % 4 == 3 for i in range(len(rows)))}
+    assert report["decoded_clips"] == 0
+    # Only --min_upvotes: the down-voted clips come back, from the cache.
+    report = run(release, tiny_model_dir, out, "--workers", "1", "--min_upvotes", "2")
+    assert report["kept_clips"] == sum(i % 4 != 1 for i in range(GOOD_CLIPS))
+    assert report["not_selected"] == {"too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows)))}
+
+
 def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     # Columns in another order than usual; default csv quoting would swallow the rows after the lone '"'.
     lines = ["sentence\tup_votes\tpath\tclient_id",
@@ -227,6 +255,16 @@ def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     ("a|b", "a b"),
     ("Kurdistan-ê xweş e", "kurdistan-ê xweş e"),
     ("bajêr,gund", "bajêr gund"),
+    # Letters from other keyboards and quotes typed as apostrophes, as the real corpus holds them.
+    ("Ez dīnim ū tu dērî", "ez dînim û tu dêrî"),
+    ("Erdoğan û Gök hatin", "erdogan û gok hatin"),
+    ("D\u0430r\u0430 s\u0435vê \u043e zar\u043ek", "dara sevê o zarok"),
+    ('Wî got "ez"ê nizanim', "wî got ezê nizanim"),
+    ("“Azadî”yê û «Kurdistan»ê", "azadîyê û kurdistanê"),
+    ('got"ez', "got ez"),
+    ("‘bavo’ hat", "bavo hat"),
+    ("Tîpa 'W' ye", "tîpa w ye"),
+    ("Qur’an û Qur'an", "qur'an û qur'an"),
 ])
 def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_model_dir):
     tokenizer, vocab = prepare_data.load_vocab(tiny_model_dir)
@@ -239,12 +277,23 @@ def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_mod
     ("Ez 25 salî me.", "digits"),
     ("ئەمڕۆ هەوا خۆشە", "other_script"),
     ("Привет", "other_script"),
-    ("Göl û dar", "unsupported_letter"),
+    ("Müzîk û dar", "unsupported_letter"),
+    # A Cyrillic word only of Latin look-alikes stays Cyrillic; so does one beside other Cyrillic letters.
+    ("\u0441\u043e\u0440\u043e\u043a", "other_script"),
+    ("Ez \u0441\u043e\u0440\u043e\u043a \u043f\u0430", "other_script"),
     ("“…” - !", "empty_text"),
 ])
 def test_clean_text_drops_what_the_voice_cannot_say(raw, reason, tiny_model_dir):
     _, vocab = prepare_data.load_vocab(tiny_model_dir)
     assert prepare_data.clean_text(raw, vocab) == (None, reason)
+
+
+def test_clean_text_counts_every_repair_of_a_kept_text(tiny_model_dir):
+    _, vocab = prepare_data.load_vocab(tiny_model_dir)
+    repairs = Counter()
+    prepare_data.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
+    prepare_data.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
+    assert repairs == {"ī→î": 2, "а→a (Cyrillic)": 1, "apostrophe used as a quote": 2, "quote before a suffix": 1}
 
 
 def test_load_vocab_is_the_speakable_alphabet(tiny_model_dir):

@@ -173,21 +173,6 @@ def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
         assert all(cs is feedback for b in make(1) for cs, _ in b)
 
 
-def test_without_original_data_it_says_so_and_trains_on_feedback(trained_voice, feedback_dir, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    code = tf.main(["--model", trained_voice, "--data_dir", str(tmp_path / "nothing"), "--feedback_dir",
-                    feedback_dir, "--output_dir", out, "--max_steps", "1"] + QUICK)
-    assert code == 0
-    assert "no original training data" in capsys.readouterr().out
-    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-        report = json.load(f)
-    assert report["original"]["replay_ratio"] == 0.0
-    assert report["items_per_epoch"]["original"] == 0
-    assert report["validation_mel"]["original"]["before"] is None
-    assert np.isfinite(report["validation_mel"]["feedback"]["after"])
-    assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
-
-
 def test_resume_continues_and_keeps_the_before_figures(trained_voice, feedback_dir, prepared_dataset, tmp_path):
     out = str(tmp_path / "run")
     common = ["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
@@ -225,13 +210,55 @@ def test_make_session_writes_samples_and_a_template(trained_voice, tmp_path, cap
     assert tf.main(["--model", trained_voice, "--make_session", str(sentences), "--output_dir", out,
                     "--device", "cpu"]) == 0
     assert "left out (digits): Ez 25 salî me." in capsys.readouterr().out
-    with open(os.path.join(out, "metadata.csv"), encoding="utf-8") as f:
-        assert f.read() == f"s001.wav|{SENTENCES[9]}\ns002.wav|{SENTENCES[11]}\n"
-    for name in ("s001.wav", "s002.wav"):
-        audio, sr = sf.read(os.path.join(out, "model", name))
+    for name, sentence in (("s001", SENTENCES[9]), ("s002", SENTENCES[11])):
+        with open(os.path.join(out, f"{name}.txt"), encoding="utf-8") as f:
+            assert f.read() == f"{sentence}\n"
+        audio, sr = sf.read(os.path.join(out, "model", f"{name}.wav"))
         assert sr == 16000 and len(audio) > 0
-    assert os.path.isfile(os.path.join(out, "README.txt"))
-    # The kit is a feedback folder once recordings are saved into it: its rows clean without loss.
+    assert os.path.isfile(os.path.join(out, "README.txt")) and not os.path.exists(os.path.join(out, "metadata.csv"))
+    # The kit is a feedback folder once a recording is saved into it; unrecorded sentences are no clips.
+    sf.write(os.path.join(out, "s002.flac"), espeak_clip(SENTENCES[11], 22050), 22050)
+    assert tf.read_pairs(out) == ([("s002.flac", SENTENCES[11])], [])
     _, vocab = tf.load_vocab(trained_voice)
-    assert tf.clean_text(SENTENCES[9], vocab)[1] is None
+    assert tf.clean_text(SENTENCES[11], vocab)[1] is None
     shutil.rmtree(out)
+
+
+def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_data(trained_voice, tmp_path,
+                                                                                    capsys):
+    folder = tmp_path / "feedback"
+    os.makedirs(folder / "model")
+    for i, (name, text, sr, stereo, fmt) in enumerate(GOOD[:4]):
+        sf.write(folder / name, espeak_clip(text, sr, stereo=stereo), sr, format=fmt)
+        (folder / (os.path.splitext(name)[0] + ".txt")).write_text(text + "\n", encoding="utf-8-sig" if i else "utf-8")
+    sf.write(folder / "no_text.wav", espeak_clip(SENTENCES[20], 16000), 16000)
+    sf.write(folder / "empty.wav", espeak_clip(SENTENCES[21], 16000), 16000)
+    (folder / "empty.txt").write_text(" \n", encoding="utf-8")
+    (folder / "README.txt").write_text("not a clip\n", encoding="utf-8")
+    sf.write(folder / "model" / "s001.wav", espeak_clip(SENTENCES[22], 16000), 16000)  # subfolders are not read
+    out = str(tmp_path / "run")
+    code = tf.main(["--model", trained_voice, "--data_dir", str(tmp_path / "nothing"), "--feedback_dir",
+                    str(folder), "--output_dir", out, "--max_steps", "1"] + QUICK)
+    assert code == 0
+    assert "no original training data" in capsys.readouterr().out
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["original"]["replay_ratio"] == 0.0
+    assert report["items_per_epoch"]["original"] == 0
+    assert report["validation_mel"]["original"]["before"] is None
+    assert np.isfinite(report["validation_mel"]["feedback"]["after"])
+    assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
+    feedback = report["feedback"]
+    assert feedback["listed"] == 6 and feedback["trained"] + feedback["held_out"] == 4
+    assert {(s["file"], s["reason"]) for s in feedback["skipped_clips"]} == {("no_text.wav", "no_text"),
+                                                                              ("empty.wav", "empty_text")}
+    assert sorted(os.listdir(os.path.join(out, "samples", "recorded"))) == sorted(
+        os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD[:4])
+
+    # A metadata.csv beside the pairs wins: only the clip it lists is used.
+    (folder / "metadata.csv").write_text(f"{GOOD[1][0]}|{GOOD[1][1]}\n", encoding="utf-8")
+    tokenizer = tv.load_voice(trained_voice)[1]
+    _, vocab = tf.load_vocab(trained_voice)
+    clipset, sentences, skipped, listed = tf.load_feedback(str(folder), tokenizer, vocab, 16000,
+                                                           str(tmp_path / "cache"), 1)
+    assert clipset.names == [GOOD[1][0]] and (skipped, listed) == ([], 1)
