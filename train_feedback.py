@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -109,8 +110,14 @@ def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
 
 
 def newest_run_dir(parent):
-    runs = [d for d in glob.glob(os.path.join(parent, "*")) if tv.newest_checkpoint(d)]
-    return max(runs, key=lambda d: os.path.getmtime(tv.newest_checkpoint(d))) if runs else None
+    """The latest run with a checkpoint, by the start time new_run_dir put in its name (file dates change
+    when folders are copied)."""
+    def started(run):
+        match = re.fullmatch(r"(\d{8}-\d{6})(?:-(\d+))?", os.path.basename(run))
+        return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
+    runs = [d for d in glob.glob(os.path.join(parent, "*"))
+            if glob.glob(os.path.join(d, "checkpoints", "checkpoint_epoch_*.pt"))]
+    return max(runs, key=started) if runs else None
 
 
 def parse_args(argv=None):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -922,7 +923,11 @@ def atomic_torch_save(obj, path):
 
 
 def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Every RNG's state as tensors and plain Python values, so checkpoints load with weights_only=True."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                            cached_gaussian=float(cached_gaussian)))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -930,20 +935,51 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_checkpoint(path, mmap=False):
+    """A checkpoint of this script, loaded with weights_only=True: tensors and plain values, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise TrainingError(f"{path}: refused, it holds pickled Python objects, not only tensors and plain values "
+                            "(a checkpoint of an older version, or one that could run code)") from err
+    except Exception as err:
+        raise TrainingError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]})") from err
+
+
+def checkpoint_progress(path):
+    """(step, epoch, batches done) a checkpoint records: how far its run had got, whatever the file dates."""
+    state = read_checkpoint(path, mmap=True)  # mmap: only these few values are read from disk
+    return state["trainer"]["step"], state["epoch"], state["batches_done"]
+
+
+def run_checkpoints(output_dir, skip_unreadable=False):
+    """The run's epoch checkpoints, oldest first by the progress they record (an unreadable one raises)."""
+    progress = {}
+    for path in glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint_epoch_*.pt")):
+        try:
+            progress[path] = checkpoint_progress(path)
+        except TrainingError:
+            if not skip_unreadable:
+                raise
+    return sorted(progress, key=progress.get)
+
+
 def newest_checkpoint(output_dir):
-    paths = glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint_epoch_*.pt"))
-    return max(paths, key=os.path.getmtime) if paths else None
+    paths = run_checkpoints(output_dir)
+    return paths[-1] if paths else None
 
 
 def prune_checkpoints(output_dir, keep):
-    paths = sorted(glob.glob(os.path.join(output_dir, "checkpoints", "checkpoint_epoch_*.pt")), key=os.path.getmtime)
-    for path in paths[:-keep]:
+    # A file that is not a readable checkpoint is not ours to judge: it is left alone.
+    for path in run_checkpoints(output_dir, skip_unreadable=True)[:-keep]:
         os.remove(path)
 
 
@@ -1154,10 +1190,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
 
 def load_checkpoint(path, trainer, data_key):
     """Restore a run exactly; a checkpoint of another model or data set fails loudly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise TrainingError(f"--resume {path}: cannot read the checkpoint ({err})") from err
+    state = read_checkpoint(path)
     if state.get("data_key") != data_key:
         raise TrainingError(f"--resume {path}: the checkpoint was trained on other data "
                             "(metadata.csv or the validation split changed); start a new --output_dir")

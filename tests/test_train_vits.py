@@ -181,7 +181,7 @@ def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset
     os.makedirs(os.path.join(second, "checkpoints"))
     epoch1 = os.path.join(second, "checkpoints", "checkpoint_epoch_1.pt")
     shutil.copy(os.path.join(first, "checkpoints/checkpoint_epoch_1.pt"), epoch1)
-    saved = torch.load(epoch1, weights_only=False)
+    saved = torch.load(epoch1, weights_only=True)
     assert tv.main(common + ["--output_dir", second, "--resume", epoch1]) == 0
     resumed = read_metrics(second)
     original = [m for m in metrics if m["step"] > saved["trainer"]["step"]]
@@ -243,7 +243,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_m
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     checkpoints = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*.pt"))
-    steps = [torch.load(path, weights_only=False)["trainer"]["step"] for path in checkpoints]  # none truncated
+    steps = [torch.load(path, weights_only=True)["trainer"]["step"] for path in checkpoints]  # none truncated
     capsys.readouterr()
     assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 0
     assert f"step {max(steps)}," in capsys.readouterr().out
@@ -259,7 +259,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_m
     assert proc.wait(timeout=120) == 130
     interrupted = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*_interrupted.pt"))
     assert len(interrupted) == 1
-    state = torch.load(interrupted[0], weights_only=False)
+    state = torch.load(interrupted[0], weights_only=True)
     assert state["epoch"] == 2 and state["trainer"]["step"] >= 3
     assert not os.path.exists(os.path.join(out, "final_model"))
 
