@@ -1,7 +1,8 @@
 """Turn a Common Voice Kurmanji release into a clean VITS training set (16 kHz mono WAVs + metadata.csv).
 
 Reads a Common Voice language folder (`clips/` + `validated.tsv`), the release tarball itself (streamed,
-never unpacked to disk) or an LJSpeech-style folder (`wavs/` + `metadata.csv`). Every clip is decoded
+never unpacked to disk), a Hugging Face dataset (a Hub id, parquet shards or a save_to_disk folder, read
+with pyarrow in batches) or an LJSpeech-style folder (`wavs/` + `metadata.csv`). Every clip is decoded
 with soundfile, mixed to mono, resampled to 16 kHz with librosa and trimmed of leading/trailing silence;
 its text is normalised so the tokenizer accepts every character. Clips that are unreadable, silent, too
 short or long, hold text the voice cannot say, or whose text cannot match their audio are skipped and
@@ -12,6 +13,9 @@ counted by reason. Re-running only decodes what is new.
 
     # an unpacked language folder, one consistent voice, offline tokenizer from a local model folder
     python prepare_data.py --input cv-corpus-22.0-2025-06-20/kmr --top_speakers 1 --model my_model/
+
+    # a Common Voice mirror on the Hugging Face Hub, only clips with 2+ up-votes and no down-vote
+    python prepare_data.py --input amedcj/kurmanji-commonvoice --min_upvotes 2 --max_downvotes 0
 
     # tiny CPU run on the committed sample (see README)
     python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \\
@@ -40,6 +44,8 @@ from typing import NamedTuple
 
 import librosa
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
@@ -56,6 +62,14 @@ REPORT_NAME = "prepare_report.json"
 CACHE_NAME = "prepare_cache.json"
 CACHE_EVERY = 2000  # clips between cache saves, so a killed run loses little work
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# Hugging Face datasets: column names Common Voice exports and their mirrors use, in order of preference.
+AUDIO_COLUMNS = ("audio", "path")  # a struct of the clip's bytes and file name
+TEXT_COLUMNS = ("sentence", "text", "normalized_text", "transcription")
+ROW_COLUMNS = ("client_id", "up_votes", "down_votes", "gender")
+DATASET_SUFFIXES = (".parquet", ".arrow")
+DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")  # save_to_disk / datasets cache
+DATASET_BATCH_ROWS = 64  # rows read at a time: the compressed audio of a whole dataset never sits in RAM
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Typographic apostrophes Common Voice contributors type instead of '.
 APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u00b4\u0060\u2032"
@@ -313,10 +327,11 @@ class Clip(NamedTuple):
 
 
 class Source(NamedTuple):
-    kind: str  # "folder", "tar" or "ljspeech"
+    kind: str  # "folder", "tar", "ljspeech" or "hf_dataset"
     path: str
-    clips_dir: str  # folder of the audio, or the tar member prefix
+    clips_dir: str  # folder of the audio, the tar member prefix, or the dataset folder
     signature: list  # tarball size and mtime, the cache key for every member in it
+    audio_column: str = ""  # Hugging Face datasets: the column holding each clip's audio
 
 
 def fail(message):
@@ -374,6 +389,175 @@ def output_name(source_path):
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem) + ".wav"
 
 
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def is_hf_dataset(path):
+    """A Hub dataset id, a parquet/Arrow file, or a folder of them (Hub snapshot, save_to_disk, datasets cache)."""
+    if not os.path.exists(path):
+        return bool(HUB_ID.match(path))
+    if os.path.isfile(path):
+        return path.endswith(DATASET_SUFFIXES)
+    if any(os.path.isfile(os.path.join(path, name)) for name in DATASET_MARKERS):
+        return True
+    # Hub layouts: train-*.parquet, data/train-*.parquet, default/train/0000.parquet.
+    return any(glob.glob(os.path.join(path, *["*"] * depth, "*.parquet")) for depth in range(3))
+
+
+def download_dataset(repo_id, split):
+    """Download the split's parquet files of a Hub dataset once into the Hugging Face cache; return the folder."""
+    from huggingface_hub import snapshot_download  # comes with transformers; only this input needs it
+
+    patterns = [f"*{split}*.parquet"]  # fnmatch's * crosses "/": data/train-*.parquet, default/train/*.parquet
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns)
+        if not dataset_files(folder, split, quiet=True):
+            # Datasets published as audio files + a loading script have a parquet copy made by the Hub.
+            folder = snapshot_download(repo_id, repo_type="dataset", revision="refs/convert/parquet",
+                                       allow_patterns=patterns)
+    except Exception as err:  # offline, unknown repo, gated: huggingface_hub raises many kinds
+        fail(f"--input {repo_id} is no local path, and as a Hugging Face Hub dataset: {type(err).__name__}: {err}")
+    return folder
+
+
+def dataset_files(path, split, quiet=False):
+    """The parquet or Arrow files holding `split` of the dataset at `path` (a folder or one file), in order."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):  # DatasetDict.save_to_disk: a folder per split
+        splits = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if split not in splits:
+            fail(f"{path} has no split {split!r} (it has: {', '.join(splits)}); choose one with --split")
+        path = os.path.join(path, split)
+    state = os.path.join(path, "state.json")
+    if os.path.isfile(state):  # Dataset.save_to_disk: Arrow stream files listed in order
+        with open(state, encoding="utf-8") as f:
+            return [os.path.join(path, entry["filename"]) for entry in json.load(f)["_data_files"]]
+    files = sorted(f for suffix in DATASET_SUFFIXES
+                   for f in glob.glob(os.path.join(path, "**", "*" + suffix), recursive=True))
+    # The split is named in the file or folder name: train-00000-of-00002, default/train/0000, x-train.arrow.
+    named = re.compile(rf"(^|[\\/._-]){re.escape(split)}([\\/._-]|$)")
+    chosen = [f for f in files if named.search(os.path.splitext(os.path.relpath(f, path))[0])]
+    if not chosen and not quiet:
+        found = ", ".join(os.path.relpath(f, path) for f in files[:5]) or "none"
+        fail(f"{path} holds no parquet or Arrow file of split {split!r} (found: {found}); choose one with --split")
+    return chosen
+
+
+def open_arrow(path):
+    """Reader of an Arrow stream file, the format `datasets` writes (save_to_disk and its cache)."""
+    # Memory-mapped, so reading the text columns does not read the audio bytes.
+    return pa.ipc.open_stream(pa.memory_map(path))
+
+
+def read_batches(path, columns=None):
+    """Yield (number of its first row, RecordBatch) through a parquet or Arrow file; only `columns` of parquet
+    are read ("audio.path" reads one field of a struct)."""
+    if path.endswith(".parquet"):
+        batches = pq.ParquetFile(path).iter_batches(batch_size=DATASET_BATCH_ROWS, columns=columns)
+    else:
+        batches = open_arrow(path)
+    start = 0
+    for batch in batches:
+        yield start, batch
+        start += batch.num_rows
+
+
+def dataset_schema(path):
+    return pq.read_schema(path) if path.endswith(".parquet") else open_arrow(path).schema
+
+
+def is_audio_type(dtype):
+    return (pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0) or pa.types.is_binary(dtype) \
+        or pa.types.is_large_binary(dtype)
+
+
+def find_columns(schema, where, audio_column, text_column):
+    """(audio column, text column) by name, as Common Voice and its mirrors name them, or as the flags say."""
+    names = schema.names
+    audio = audio_column or next((c for c in AUDIO_COLUMNS if c in names and is_audio_type(schema.field(c).type)), None)
+    text = text_column or next((c for c in TEXT_COLUMNS if c in names), None)
+    problem = None
+    if audio is None:
+        problem = "no audio column (audio or path, holding the clip's bytes; name it with --audio_column)"
+    elif text is None:
+        problem = f"no text column ({', '.join(TEXT_COLUMNS)}; name it with --text_column)"
+    elif audio not in names or text not in names:
+        problem = f"no column {(audio if audio not in names else text)!r}"
+    elif not is_audio_type(schema.field(audio).type):
+        problem = f"column {audio!r} holds {schema.field(audio).type}, not audio (a struct with bytes, or binary)"
+    if problem:
+        fail(f"{where}: {problem}; its columns: {', '.join(f'{n} ({schema.field(n).type})' for n in names)}")
+    return audio, text
+
+
+def read_hf_dataset(args):
+    """Rows of a Hugging Face dataset's split, as read_tsv gives Common Voice's: the text under "sentence",
+    "path" locating the audio as FILE#ROW, "name" the output file; the audio itself is read when decoded."""
+    folder = download_dataset(args.input, args.split) if not os.path.exists(args.input) else args.input
+    files = dataset_files(folder, args.split)
+    if os.path.isfile(folder):
+        folder = os.path.dirname(folder)
+    try:
+        schema = dataset_schema(files[0])
+        audio, text = find_columns(schema, files[0], args.audio_column, args.text_column)
+        extra = [c for c in ROW_COLUMNS if c in schema.names]
+        # A string `path` beside the audio struct is Common Voice's clip name; else the struct's own path.
+        name_column = "path" if "path" in schema.names and pa.types.is_string(schema.field("path").type) else None
+        has_name = pa.types.is_struct(schema.field(audio).type) and schema.field(audio).type.get_field_index("path") >= 0
+        columns = [text, *extra] + ([name_column] if name_column else [f"{audio}.path"] if has_name else [])
+        rows = []
+        for path in files:
+            relative = os.path.relpath(path, folder)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            for start, batch in read_batches(path, columns):
+                values = {c: batch.column(c).to_pylist() for c in [text, *extra]}
+                names = (batch.column(name_column).to_pylist() if name_column else
+                         batch.column(audio).field("path").to_pylist() if has_name else [None] * batch.num_rows)
+                for i, name in enumerate(names):
+                    row = {c: "" if values[c][i] is None else str(values[c][i]) for c in extra}
+                    row.update(path=f"{relative}#{start + i}", sentence=values[text][i] or "",
+                               name=output_name(name or f"{stem}_{start + i:06d}"))
+                    rows.append(row)
+    except (OSError, pa.ArrowException) as err:
+        fail(f"cannot read the dataset at {folder}: {err}")
+    print(f"dataset: {len(rows)} rows of split {args.split!r} in {len(files)} file(s) under {folder} "
+          f"(audio: {audio}, text: {text})")
+    return Source("hf_dataset", folder, folder, [], audio), ["path", "sentence", *extra], rows, 0
+
+
+def dataset_audio(value, folder):
+    """One row's audio for load_audio: its bytes, else the local file its path names; None when it has neither."""
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if data is not None:
+        return io.BytesIO(data)  # empty bytes too: that is an empty file, not a missing one
+    if path and os.path.isfile(os.path.join(folder, path)):
+        return os.path.join(folder, path)
+    return None
+
+
+def iter_dataset_jobs(source, clips, make_job):
+    """Decode jobs for clips of a Hugging Face dataset: each file read once, batch by batch, audio column only."""
+    wanted = defaultdict(dict)
+    for clip in clips:
+        relative, row = clip.source.rsplit("#", 1)
+        wanted[relative][int(row)] = clip
+    for relative, by_row in wanted.items():
+        path = os.path.join(source.clips_dir, relative)
+        try:
+            for start, batch in read_batches(path, [source.audio_column]):
+                audio = batch.column(source.audio_column)
+                for i in range(batch.num_rows):
+                    clip = by_row.pop(start + i, None)
+                    if clip is not None:
+                        yield make_job(clip, dataset_audio(audio[i].as_py(), source.clips_dir))
+        except (OSError, pa.ArrowException) as err:
+            # A damaged file still gives the rows before the damage; the rest count as missing.
+            tqdm.write(f"warning: {path}: unreadable past some row ({err})", file=sys.stderr)
+        for clip in by_row.values():
+            yield make_job(clip, None)
+
+
 # --------------------------------------------------------------------------- selection
 
 
@@ -426,7 +610,7 @@ def choose_clips(args, rows, malformed, vocab):
     if malformed:
         dropped["malformed_row"] = malformed
     rows, not_selected = select_by_votes(rows, args.min_upvotes, args.max_downvotes)
-    clips = [Clip(row["path"], output_name(row["path"]), row["sentence"], row.get("client_id", ""))
+    clips = [Clip(row["path"], row.get("name") or output_name(row["path"]), row["sentence"], row.get("client_id", ""))
              for row in rows if row["path"].strip()]
     if len(clips) < len(rows):
         dropped["malformed_row"] += len(rows) - len(clips)
@@ -471,7 +655,7 @@ def decode_clip(job):
     """Worker: decode, check and (if kept) write one clip; returns (job id, trimmed samples, reason, detail)."""
     job_id, source, out_path, n_tokens, n_chars, limits, trim, top_db = job
     if source is None:
-        return job_id, None, "missing_file", "not in the tarball"
+        return job_id, None, "missing_file", "no such clip in the input"
     try:
         audio = load_audio(source, SAMPLE_RATE, trim=trim, top_db=top_db)
         if is_silent(audio):
@@ -515,6 +699,9 @@ def run_jobs(jobs, workers, total):
 
 def iter_jobs(source, clips, make_job):
     """Decode jobs for `clips`. A tarball is streamed once, in order; clips it lacks come last, with no source."""
+    if source.kind == "hf_dataset":
+        yield from iter_dataset_jobs(source, clips, make_job)
+        return
     if source.kind != "tar":
         for clip in clips:
             yield make_job(clip, os.path.join(source.clips_dir, clip.source))
@@ -536,14 +723,17 @@ def iter_jobs(source, clips, make_job):
 
 
 def clip_signature(source, clip):
-    """What identifies the clip's audio: the tarball's size and mtime, or the clip file's (None if missing)."""
+    """What identifies the clip's audio: the tarball's size and mtime, the clip file's, or its dataset file's
+    plus its row (None if missing)."""
     if source.signature:
         return source.signature
+    # A dataset row is identified by its file, row number and the file's size and mtime.
+    path, row = clip.source.rsplit("#", 1) if source.kind == "hf_dataset" else (clip.source, None)
     try:
-        stat = os.stat(os.path.join(source.clips_dir, clip.source))
+        stat = os.stat(os.path.join(source.clips_dir, path))
     except OSError:
         return None
-    return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, stat.st_mtime_ns] + ([path, int(row)] if row is not None else [])
 
 
 def reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir):
@@ -641,7 +831,7 @@ def summarise(args, source, kept, dropped, not_selected, repairs, decoded, reuse
         clips_per_speaker[clip.speaker or "unknown"] += 1
     speakers = sorted(hours, key=lambda s: (-hours[s], s))
     return {
-        "input": os.path.abspath(args.input),
+        "input": os.path.abspath(args.input) if os.path.exists(args.input) else args.input,  # or a Hub id
         "input_kind": source.kind,
         "model": args.model,
         "kept_clips": len(kept),
@@ -689,12 +879,19 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
                         help="Common Voice language folder (clips/ + validated.tsv), its release tarball "
-                             "(.tar/.tar.gz), or an LJSpeech folder (wavs/ + metadata.csv).")
+                             "(.tar/.tar.gz), an LJSpeech folder (wavs/ + metadata.csv), or a Hugging Face "
+                             "dataset: a Hub id (owner/name), a folder of parquet files, or a save_to_disk folder.")
     parser.add_argument("--output_dir", default="training", help="Where wavs/, metadata.csv and the report go. (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Hub name or local folder of the voice; its tokenizer decides which characters "
                              "it can speak. (default: %(default)s)")
     parser.add_argument("--tsv", default="validated.tsv", help="Common Voice clip list to read. (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="Split of a Hugging Face dataset. (default: %(default)s)")
+    parser.add_argument("--audio_column", default=None,
+                        help="Hugging Face dataset column holding the audio. (default: audio, else path)")
+    parser.add_argument("--text_column", default=None,
+                        help="Hugging Face dataset column holding the text. (default: the first of "
+                             f"{', '.join(TEXT_COLUMNS)})")
     parser.add_argument("--min_duration", type=float, default=1.0, help="Shortest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--max_duration", type=float, default=15.0, help="Longest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--min_chars_per_second", type=float, default=4.0,
@@ -745,7 +942,10 @@ def main(argv=None):
 
     # 1. Read the clip list and the voice's alphabet.
     try:
-        source, header, rows, malformed = open_input(args.input, args.tsv)
+        if is_hf_dataset(args.input):
+            source, header, rows, malformed = read_hf_dataset(args)
+        else:
+            source, header, rows, malformed = open_input(args.input, args.tsv)
     except (csv.Error, UnicodeDecodeError, OSError) as err:
         fail(f"cannot read the clip list of {args.input}: {err}")
     missing_columns = [c for c in ("path", "sentence") if c not in header]

@@ -1,6 +1,7 @@
 """Session-wide fixtures built at test time, never downloaded: a tiny Kurmanji VITS model, a small
 Common Voice-shaped release spoken by espeak-ng, and that release prepared by prepare_data.py."""
 
+import multiprocessing
 import os
 
 import pytest
@@ -40,3 +41,13 @@ def prepared_dataset(kmr_release, tiny_model_dir, tmp_path_factory):
     prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
     assert os.path.isfile(os.path.join(out, "metadata.csv"))
     return out
+
+
+@pytest.fixture
+def spawn_start_method():
+    """Process pools start their workers as on Windows (and macOS): fresh interpreters that import what
+    they run, so a lambda, a closure or an unguarded script would fail here."""
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    yield
+    multiprocessing.set_start_method(before, force=True)

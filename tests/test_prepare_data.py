@@ -7,7 +7,10 @@ import shutil
 import tarfile
 from collections import Counter
 
+import huggingface_hub
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -224,6 +227,116 @@ def test_vote_filters_select_exactly_the_rows_with_enough_votes(prepared_dataset
     report = run(release, tiny_model_dir, out, "--workers", "1", "--min_upvotes", "2")
     assert report["kept_clips"] == sum(i % 4 != 1 for i in range(GOOD_CLIPS))
     assert report["not_selected"] == {"too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows)))}
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+VOTES = [(2, 0), (1, 0), (5, 0), (3, 1)]  # (up, down) of row i: VOTES[i % 4]
+
+
+def dataset_table(release, layout, rows=None):
+    """The release's clip list as a Hugging Face dataset: Common Voice's export ("cv": `audio` struct,
+    `path` name, `sentence`, votes) or a mirror's ("mirror": `path` struct, `text`); varied votes."""
+    rows = release_rows(release) if rows is None else rows
+    audio = []
+    for row in rows:
+        clip = os.path.join(release, "clips", row["path"])
+        audio.append({"bytes": open(clip, "rb").read() if os.path.exists(clip) else None, "path": row["path"]})
+    audio = pa.array(audio, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    if layout == "mirror":
+        return pa.table({"path": audio, "text": [row["sentence"] for row in rows]})
+    return pa.table({"client_id": [row["client_id"] for row in rows], "path": [row["path"] for row in rows],
+                     "audio": audio, "sentence": [row["sentence"] for row in rows],
+                     "up_votes": pa.array([VOTES[i % 4][0] for i in range(len(rows))], pa.int64()),
+                     "down_votes": pa.array([VOTES[i % 4][1] for i in range(len(rows))], pa.int64()),
+                     "gender": [""] * len(rows)})
+
+
+def write_hub_layout(table, folder):
+    """data/train-0000N-of-00002.parquet (two shards, small row groups) and a test split that must be ignored."""
+    os.makedirs(folder / "data")
+    half = table.num_rows // 2
+    for i, shard in enumerate([table.slice(0, half), table.slice(half)]):
+        pq.write_table(shard, folder / "data" / f"train-{i:05d}-of-00002.parquet", row_group_size=4)
+    # Were the test split read, its row would be counted as a duplicate.
+    pq.write_table(table.slice(0, 1), folder / "data" / "test-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nlicense: cc0-1.0\n---\n", encoding="utf-8")
+    return folder
+
+
+def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared_dataset, kmr_release,
+                                                                       tiny_model_dir, tmp_path, monkeypatch,
+                                                                       spawn_start_method):
+    dataset = write_hub_layout(dataset_table(kmr_release, "cv"), tmp_path / "dataset")
+    monkeypatch.setattr(prepare_data, "DATASET_BATCH_ROWS", 3)  # many batches: row numbers must carry over
+    report = run(dataset, tiny_model_dir, tmp_path / "out", "--workers", "2")  # decoded in spawned workers
+    assert report["input_kind"] == "hf_dataset"
+    # The same clips, bytes and texts as from the folder; the malformed TSV row has no dataset equivalent.
+    assert report["dropped"] == {kind: 1 for kind in BAD_KINDS if kind != "malformed_row"}
+    assert folder_bytes(tmp_path / "out") == folder_bytes(prepared_dataset)
+    assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, digits, other_script
+
+    # Re-run with the user's vote filters: nothing decoded (known by dataset file + row), the right rows kept.
+    monkeypatch.setattr(prepare_data, "load_audio", lambda *a, **k: pytest.fail("a re-run must not decode"))
+    report = run(dataset, tiny_model_dir, tmp_path / "out", "--workers", "1", "--min_upvotes", "2",
+                 "--max_downvotes", "0")
+    rows = release_rows(kmr_release)
+    assert [name for name, _ in prepare_data.read_metadata(tmp_path / "out" / "metadata.csv")] == [
+        row["path"].replace(".mp3", ".wav") for i, row in enumerate(rows[:GOOD_CLIPS]) if VOTES[i % 4] in VOTES[::2]]
+    assert report["decoded_clips"] == 0 and report["not_selected"] == {
+        "too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows))),
+        "too_many_downvotes": sum(i % 4 == 3 for i in range(len(rows)))}
+
+
+def test_parquet_in_mirror_layout_from_the_hub_prepares_like_the_folder(prepared_dataset, kmr_release,
+                                                                       tiny_model_dir, tmp_path, monkeypatch):
+    snapshot = write_hub_layout(dataset_table(kmr_release, "mirror"), tmp_path / "snapshot")
+    report = run(snapshot, tiny_model_dir, tmp_path / "out", "--workers", "1")
+    assert report["dropped"] == {kind: 1 for kind in BAD_KINDS if kind != "malformed_row"}
+    assert folder_bytes(tmp_path / "out") == folder_bytes(prepared_dataset)
+
+    # A Hub id: the split's parquet files are downloaded once into the Hugging Face cache, then read as above.
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    report = run("someone/kurmanji-mirror", tiny_model_dir, tmp_path / "out", "--workers", "1")
+    assert calls == [("someone/kurmanji-mirror", {"repo_type": "dataset", "allow_patterns": ["*train*.parquet"]})]
+    assert report["input"] == "someone/kurmanji-mirror" and report["decoded_clips"] == 0
+    assert folder_bytes(tmp_path / "out") == folder_bytes(prepared_dataset)
+
+
+def test_save_to_disk_folder_with_its_own_column_names(prepared_dataset, kmr_release, tiny_model_dir, tmp_path,
+                                                       capsys):
+    # DatasetDict.save_to_disk: dataset_dict.json and a folder per split of Arrow stream files + state.json.
+    rows = release_rows(kmr_release)[:3]
+    table = dataset_table(kmr_release, "mirror", rows).rename_columns(["speech", "words"])
+    saved = tmp_path / "saved"
+    for split in ("train", "test"):
+        os.makedirs(saved / split)
+        with pa.ipc.new_stream(str(saved / split / "data-00000-of-00001.arrow"), table.schema) as writer:
+            writer.write_table(table if split == "train" else table.slice(0, 1), max_chunksize=2)
+        (saved / split / "state.json").write_text(json.dumps(
+            {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}), encoding="utf-8")
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "test"]}', encoding="utf-8")
+
+    with pytest.raises(SystemExit) as err:
+        run(saved, tiny_model_dir, tmp_path / "out", "--workers", "1")
+    message = str(err.value)
+    assert "\n" not in message and "no audio column" in message and "speech (struct<bytes: binary" in message
+    assert "words (string)" in message
+
+    report = run(saved, tiny_model_dir, tmp_path / "out", "--workers", "1", "--audio_column", "speech",
+                 "--text_column", "words")
+    names = [row["path"].replace(".mp3", ".wav") for row in rows]
+    assert report["kept_clips"] == 3 and folder_bytes(tmp_path / "out") == {
+        name: data for name, data in folder_bytes(prepared_dataset).items() if name in names or name == "metadata.csv"
+    } | {"metadata.csv": "".join(f"{n}|{t}\n" for n, t in prepare_data.read_metadata(
+        os.path.join(prepared_dataset, "metadata.csv"))[:3]).encode()}
 
 
 def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
