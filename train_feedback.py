@@ -15,6 +15,10 @@ Examples:
     # 1. a listening-session kit: the current voice speaks each sentence, sNNN.txt holds what to record
     python train_feedback.py --make_session sentences.txt            # -> training/sessions/<date>/
 
+    # or the same in a local web page: hear each sentence, mark it, record corrections straight into
+    # training/feedback (open the printed http://127.0.0.1:8000/ address; --listen alone continues)
+    python train_feedback.py --listen sentences.txt
+
     # 2. after recording corrections into training/feedback (NAME.wav + NAME.txt pairs, as a recording
     #    app saves them, or any audio + metadata.csv of filename|text rows, which wins when both exist):
     python train_feedback.py                                         # 30 minutes, new folder under
@@ -43,6 +47,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import listening
 import train_vits as tv
 from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, trim_silence
 
@@ -82,6 +87,17 @@ def build_parser():
                    help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
                         "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
                         "then exit.")
+    g = p.add_argument_group("listening session")
+    g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
+                   help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
+                        "corrections into --feedback_dir. A sentence file starts a new session (a --make_session "
+                        "kit); a kit or session folder continues it; no value: the newest session.")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="Address the page is served on; another than this machine's needs --allow_remote.")
+    g.add_argument("--port", type=int, default=8000, help="Port of the page (0: any free port).")
+    g.add_argument("--allow_remote", action="store_true",
+                   help="Allow a --host other machines can reach: anyone on the network could then write into "
+                        "--feedback_dir.")
     # The new run folder is only decided after parsing (a timestamp, or the run --resume names).
     for action in p._actions:
         if action.dest == "output_dir":
@@ -92,6 +108,22 @@ def build_parser():
         elif action.dest == "model":
             action.help = "The trained voice to improve (a folder, or a Hub name); it is only read."
     return p
+
+
+def check_listen_args(parser, args):
+    """--listen's source (a sentence file, a session folder, or the newest session) and a safe address."""
+    if args.listen == "":
+        sessions = glob.glob(os.path.join(SESSIONS_DIR, "*", listening.SESSION_FILE))
+        if not sessions:
+            parser.error(f"--listen: no session under {SESSIONS_DIR} to continue (give a sentence file)")
+        args.listen = os.path.dirname(max(sessions, key=os.path.getmtime))
+    elif not os.path.exists(args.listen):
+        parser.error(f"--listen: no sentence file or session folder at {args.listen}")
+    if os.path.isdir(args.listen):
+        args.output_dir = args.listen
+    if args.host not in listening.LOCAL_HOSTS and not args.allow_remote:
+        parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
+                     "to mean it")
 
 
 def within(path, folder):
@@ -138,8 +170,12 @@ def parse_args(argv=None):
         parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
     if args.make_session and not os.path.isfile(args.make_session):
         parser.error(f"--make_session: no sentence file at {args.make_session}")
-    if args.output_dir is None:
+    if args.listen is not None:
         if args.make_session:
+            parser.error("give --make_session or --listen, not both (--listen makes the kit itself)")
+        check_listen_args(parser, args)
+    if args.output_dir is None:
+        if args.make_session or args.listen:
             args.output_dir = new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
         elif args.resume == "auto":
             args.output_dir = newest_run_dir(FEEDBACK_MODELS_DIR)
@@ -476,12 +512,23 @@ def make_session(args):
     return out
 
 
+def listen(args):
+    """--listen: a new kit from a sentence file (as --make_session makes it), then the page on the session."""
+    if os.path.isfile(args.listen):
+        args.make_session = args.listen
+        args.listen = make_session(args)
+    listening.serve(args.listen, args)
+
+
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     budget = tv.Budget(args.target_hours * 3600)
     try:
+        if args.listen is not None:
+            listen(args)
+            return 0
         if args.make_session:
             make_session(args)
             return 0

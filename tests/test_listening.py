@@ -1,0 +1,305 @@
+"""train_feedback.py --listen: the page, the voice's audio, corrections saved as WAV + TXT pairs, refusals,
+resume, and one real take recorded by headless Chromium."""
+
+import http.client
+import io
+import json
+import os
+import queue
+import shutil
+import threading
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import listening
+import train_feedback as tf
+from examples.make_release import SENTENCES, espeak_clip
+
+LISTENED = [SENTENCES[0], "Ez 25 salî me.", SENTENCES[1]]  # the line with digits is left out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Served:
+    """train_feedback.main(argv) serving in a thread; requests go to its port on 127.0.0.1."""
+
+    def __init__(self, argv, monkeypatch):
+        serving = queue.Queue()
+        real = listening.make_server
+
+        def capture(*args):
+            server = real(*args)
+            serve = server.serve_forever
+            server.serve_forever = lambda: serving.put(server) or serve()  # after the start-up lines are printed
+            return server
+
+        monkeypatch.setattr(listening, "make_server", capture)
+        self.code = []
+        self.thread = threading.Thread(target=lambda: self.code.append(tf.main(argv)))
+        self.thread.start()
+        self.server = None
+        while self.server is None:
+            try:
+                self.server = serving.get(timeout=1)
+            except queue.Empty:
+                assert self.thread.is_alive(), f"main() returned {self.code} instead of serving"
+        monkeypatch.setattr(listening, "make_server", real)
+        self.port = self.server.server_address[1]
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data
+
+    def save(self, index, audio_bytes, text, content_type="audio/wav"):
+        from urllib.parse import quote
+        status, data = self.request("POST", f"/api/save/{index}?text={quote(text)}", audio_bytes,
+                                    {"Content-Type": content_type})
+        return status, json.loads(data)
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join()
+        assert self.code == [0]
+
+
+def wav_bytes(audio, sr, fmt="WAV", subtype=None):
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def session(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A new session from a sentence file, served; a feedback folder where the app already wrote audio_007."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(LISTENED) + "\n", encoding="utf-8")
+    feedback = tmp_path / "feedback"
+    feedback.mkdir()
+    (feedback / "audio_007.wav").write_bytes(wav_bytes(np.zeros(1600), 16000))
+    (feedback / "audio_007.txt").write_text("roj baş\n", encoding="utf-8")
+    folder = str(tmp_path / "session")
+    argv = ["--listen", str(sentences), "--model", tiny_model_dir, "--feedback_dir", str(feedback),
+            "--output_dir", folder, "--port", "0", "--device", "cpu"]
+    served = Served(argv, monkeypatch)
+    yield served, folder, str(feedback), argv
+    if served.thread.is_alive():
+        served.stop()
+
+
+def test_page_and_voice_audio_are_served(session, capsys):
+    served, folder, feedback, _ = session
+    status, page = served.request("GET", "/")
+    assert status == 200 and b"<title>Listening session</title>" in page
+    assert b"http://" not in page and b"https://" not in page  # offline: nothing fetched from elsewhere
+    status, data = served.request("GET", "/api/session")
+    state = json.loads(data)
+    assert [r["text"] for r in state["rows"]] == [LISTENED[0], LISTENED[2]]
+    assert (state["heard"], state["total"], state["corrections"]) == (0, 2, 0)
+    assert state["command"] == f"python train_feedback.py --model {served_model(folder)} --feedback_dir {feedback}"
+    for i, row in enumerate(state["rows"]):
+        status, audio = served.request("GET", f"/audio/{i}.wav")
+        with open(os.path.join(folder, "model", f"{row['id']}.wav"), "rb") as f:
+            assert status == 200 and audio == f.read()
+        samples, sr = sf.read(io.BytesIO(audio))
+        assert sr == 16000 and samples.size > 0
+    served.stop()
+    printed = capsys.readouterr().out
+    assert "left out (digits): Ez 25 salî me." in printed
+    assert f"open http://127.0.0.1:{served.port}/" in printed
+    assert f"0 of 2 heard, 0 corrections in {feedback}" in printed
+
+
+def served_model(folder):
+    with open(os.path.join(folder, listening.SESSION_FILE), encoding="utf-8") as f:
+        return json.load(f)["voice"]
+
+
+def test_recordings_are_saved_as_16k_pcm_pairs_and_a_redo_replaces_its_take(session):
+    served, folder, feedback, _ = session
+    take = espeak_clip(SENTENCES[0], 48000, stereo=True)  # what a browser records: 48 kHz, maybe stereo
+    status, state = served.save(0, wav_bytes(take, 48000, subtype="FLOAT"), "  Roj baş,   hevalno! ")
+    assert status == 200, state
+    # Numbered after the app's own audio_007; text as typed, whitespace collapsed.
+    wav = os.path.join(feedback, "audio_008.wav")
+    assert state["saved"] == wav
+    info = sf.info(wav)
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    expected = librosa.resample(take.mean(axis=1), orig_sr=48000, target_sr=16000)
+    saved, _ = sf.read(wav, dtype="float32")
+    assert len(saved) == len(expected)
+    np.testing.assert_allclose(saved, np.clip(expected, -1, 1), atol=1.5 / 32768)
+    with open(os.path.join(feedback, "audio_008.txt"), encoding="utf-8") as f:
+        assert f.read() == "Roj baş, hevalno!\n"
+    assert state["rows"][0]["mark"] == "needs_work" and (state["heard"], state["corrections"]) == (1, 1)
+
+    # Ogg/Opus, as Firefox's MediaRecorder sends it, for the second sentence.
+    status, state = served.save(1, wav_bytes(espeak_clip(SENTENCES[1], 48000), 48000, "OGG", "OPUS"), SENTENCES[1],
+                                "audio/ogg")
+    assert status == 200 and state["saved"] == os.path.join(feedback, "audio_009.wav")
+    assert sf.info(state["saved"]).samplerate == 16000
+
+    # Redo of the first sentence: the same pair is replaced, nothing added.
+    redo = espeak_clip(SENTENCES[2], 16000)
+    status, state = served.save(0, wav_bytes(redo, 16000), SENTENCES[2])
+    assert status == 200 and state["saved"] == wav
+    np.testing.assert_allclose(sf.read(wav, dtype="float32")[0], redo, atol=1 / 32768)
+    assert sorted(os.listdir(feedback)) == ["audio_007.txt", "audio_007.wav", "audio_008.txt", "audio_008.wav",
+                                            "audio_009.txt", "audio_009.wav"]
+    status, audio = served.request("GET", "/recorded/0.wav")
+    with open(wav, "rb") as f:
+        assert status == 200 and audio == f.read()
+
+
+def test_bad_uploads_and_requests_are_refused(session, monkeypatch):
+    served, folder, feedback, _ = session
+    before = sorted(os.listdir(feedback)), sorted(os.listdir(folder))
+    speech = wav_bytes(espeak_clip(SENTENCES[0], 16000), 16000)
+
+    monkeypatch.setattr(listening, "MAX_UPLOAD_BYTES", len(speech) - 1)
+    status, answer = served.save(0, speech, SENTENCES[0])
+    assert status == 413 and "larger than" in answer["error"]
+    monkeypatch.setattr(listening, "MAX_UPLOAD_BYTES", 20 * 2**20)
+
+    status, answer = served.save(0, b"this is not audio at all" * 100, SENTENCES[0])
+    assert status == 415 and "not audio" in answer["error"]
+    status, answer = served.save(0, listening.WEBM_MAGIC + b"\x00" * 500, SENTENCES[0], "audio/webm")
+    assert status == 415 and "WebM" in answer["error"]
+    status, answer = served.save(0, wav_bytes(np.zeros(16000), 16000), SENTENCES[0])
+    assert status == 422 and "silent" in answer["error"]
+    status, answer = served.save(0, speech, "Ez 25 salî me.")
+    assert status == 422 and "digits" in answer["error"]
+
+    # Paths are never taken from the request.
+    for method, path in [("POST", "/api/save/../../evil"), ("POST", "/api/save/7"), ("GET", "/audio/..%2Fsession.json"),
+                         ("GET", "/audio/../session.json"), ("GET", "/audio/5.wav"), ("GET", "/recorded/0.wav"),
+                         ("GET", "/session.json"), ("POST", "/api/mark/9")]:
+        status, _ = served.request(method, path, speech if method == "POST" else None)
+        assert status == 404, path
+    # Another site's page, or a rebound domain name, gets nothing.
+    status, _ = served.request("POST", "/api/mark/0", b'{"mark": "good"}', {"Origin": "http://evil.example"})
+    assert status == 403
+    status, _ = served.request("GET", "/api/session", headers={"Host": "evil.example:80"})
+    assert status == 403
+    status, _ = served.request("POST", "/api/mark/0", b'{"mark": "bad"}')
+    assert status == 400
+    assert (sorted(os.listdir(feedback)), sorted(os.listdir(folder))) == before
+
+    # A text that looks like a path is only text: the name is still ours.
+    status, answer = served.save(0, speech, "../../../etc/passwd")
+    assert status == 200 and answer["saved"] == os.path.join(feedback, "audio_008.wav")
+    assert sorted(os.listdir(feedback)) == before[0] + ["audio_008.txt", "audio_008.wav"]
+
+
+def test_a_session_resumes_from_session_json(session, monkeypatch, capsys):
+    served, folder, feedback, argv = session
+    served.request("POST", "/api/mark/1", b'{"mark": "good"}')
+    status, state = served.save(0, wav_bytes(espeak_clip(SENTENCES[0], 16000), 16000), "Roj baş, hevalno!")
+    assert status == 200
+    served.stop()
+    voice_audio = {f: os.stat(os.path.join(folder, "model", f)).st_mtime_ns for f in os.listdir(os.path.join(folder, "model"))}
+
+    # --listen with no value continues the newest session under training/sessions.
+    monkeypatch.chdir(os.path.dirname(folder))
+    moved = os.path.join("training", "sessions", "2026-11-25")
+    shutil.move(folder, moved)
+    capsys.readouterr()
+    resumed = Served(["--listen", "--model", argv[3], "--feedback_dir", feedback, "--port", "0"], monkeypatch)
+    status, data = resumed.request("GET", "/api/session")
+    state = json.loads(data)
+    assert [(r["mark"], r["text"], r["saved"]) for r in state["rows"]] == [
+        ("needs_work", "Roj baş, hevalno!", os.path.join(feedback, "audio_008.wav")), ("good", SENTENCES[1], None)]
+    assert (state["heard"], state["total"], state["corrections"]) == (2, 2, 1)
+    assert f"listening session: 2 sentences in {moved} (2 of 2 heard, 1 correction so far)" in capsys.readouterr().out
+    # The voice's audio is not made again, and a redo after resuming replaces the same pair.
+    assert {f: os.stat(os.path.join(moved, "model", f)).st_mtime_ns for f in voice_audio} == voice_audio
+    status, answer = resumed.save(0, wav_bytes(espeak_clip(SENTENCES[3], 16000), 16000), SENTENCES[3])
+    assert answer["saved"] == os.path.join(feedback, "audio_008.wav")
+    resumed.stop()
+
+    # Another voice speaks the sentences again; the marks stay.
+    other_voice = shutil.copytree(argv[3], "other_voice")
+    args = tf.parse_args(["--listen", moved, "--model", other_voice, "--feedback_dir", feedback, "--device", "cpu"])
+    again = listening.open_session(moved, args)
+    assert all(os.stat(os.path.join(moved, "model", f)).st_mtime_ns != t for f, t in voice_audio.items())
+    assert [r["mark"] for r in again.rows] == ["needs_work", "good"] and again.voice == other_voice
+
+
+def test_listening_beyond_this_machine_needs_a_flag(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tf.parse_args(["--listen", str(tmp_path), "--model", tiny_model_dir, "--host", "0.0.0.0"])
+    assert "--allow_remote" in capsys.readouterr().err
+    args = tf.parse_args(["--listen", str(tmp_path), "--model", tiny_model_dir, "--host", "0.0.0.0", "--allow_remote"])
+    assert args.host == "0.0.0.0" and args.output_dir == str(tmp_path)
+
+
+def chromium(tmp_path, capture_wav):
+    """Headless Debian Chromium via Selenium, its microphone fed from `capture_wav`; skips with the reason."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    binary, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+    if not (os.path.isfile(binary) and driver):
+        pytest.skip("no chromium and chromedriver on this machine (apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={capture_wav}", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,760",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    except Exception as err:  # noqa: BLE001 - any start failure is a skip with its reason, never a pass
+        pytest.skip(f"headless chromium did not start: {str(err).splitlines()[0]}")
+
+
+def test_a_take_recorded_in_headless_chromium_lands_as_a_pair(session, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    served, folder, feedback, _ = session
+    capture = tmp_path / "microphone.wav"
+    sf.write(capture, espeak_clip(SENTENCES[4], 48000), 48000, subtype="PCM_16")
+    browser = chromium(tmp_path, capture)
+    try:
+        browser.get(f"http://127.0.0.1:{served.port}/")
+        wait = WebDriverWait(browser, 60)
+        row = wait.until(lambda b: b.find_element(By.ID, "row-0"))
+        row.find_element(By.CSS_SELECTOR, ".needs-work").click()
+        wait.until(lambda b: row.find_element(By.CSS_SELECTOR, ".record").is_displayed())
+        text = row.find_element(By.CSS_SELECTOR, ".text")
+        text.clear()
+        text.send_keys(SENTENCES[4])
+        row.find_element(By.CSS_SELECTOR, ".record").click()
+        # Stop once the page has taken in 1.5 s of microphone audio (the fake device loops the file).
+        length = row.find_element(By.CSS_SELECTOR, ".length")
+        wait.until(lambda b: length.text.startswith("recording") and float(length.text.split()[1]) >= 1.5)
+        row.find_element(By.CSS_SELECTOR, ".stop").click()
+        wait.until(lambda b: row.find_element(By.CSS_SELECTOR, ".save").is_enabled())
+        row.find_element(By.CSS_SELECTOR, ".save").click()
+        status = row.find_element(By.CSS_SELECTOR, ".status")
+        wait.until(lambda b: status.text.startswith("saved as") or "error" in status.text)
+        assert status.text == "saved as audio_008.wav"
+        assert browser.find_element(By.ID, "progress").text == "1 of 2 heard, 1 correction"
+    finally:
+        browser.quit()
+    info = sf.info(os.path.join(feedback, "audio_008.wav"))
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    assert info.duration >= 1.5
+    audio, _ = sf.read(os.path.join(feedback, "audio_008.wav"))
+    assert np.abs(audio).max() > 0.05  # the espeak speech arrived, not silence
+    with open(os.path.join(feedback, "audio_008.txt"), encoding="utf-8") as f:
+        assert f.read() == SENTENCES[4] + "\n"
