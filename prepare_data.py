@@ -183,12 +183,31 @@ def temp_name(path):
 # --------------------------------------------------------------------------- text
 
 
-def load_vocab(model_name_or_dir):
-    """Return the model's VitsTokenizer and the set of characters it can speak."""
+def load_tokenizer(model_name_or_dir):
+    """The voice's VitsTokenizer, set up to give the exact ids of `token_ids` to whoever calls it.
+
+    split_special_tokens is saved with the tokenizer, so a voice exported with it gives the same ids
+    when reloaded by AutoTokenizer or pipeline("text-to-speech").
+    """
     # Imported here so decoding workers never pay for importing transformers.
     from transformers import VitsTokenizer
 
-    tokenizer = VitsTokenizer.from_pretrained(model_name_or_dir)
+    return VitsTokenizer.from_pretrained(model_name_or_dir, split_special_tokens=True)
+
+
+def token_ids(tokenizer, text):
+    """The ids MMS was trained on: each character with a blank (id 0) around it, 2n+1 ids in all.
+
+    In MMS vocabularies id 0 is both the blank and a real letter, the pad token. VitsTokenizer splits the
+    text on special tokens before it inserts blanks, so wherever that letter starts or ends a sentence or
+    doubles, blanks go missing; split_special_tokens=True keeps the pad letter an ordinary character.
+    """
+    return tokenizer(text, split_special_tokens=True).input_ids
+
+
+def load_vocab(model_name_or_dir):
+    """Return the model's VitsTokenizer and the set of characters it can speak."""
+    tokenizer = load_tokenizer(model_name_or_dir)
     vocab = {token for token in tokenizer.get_vocab() if len(token) == 1}
     # An MMS pad token is a real letter (id 0 doubles as the blank); a symbol like "_" is not speech.
     if tokenizer.pad_token and len(tokenizer.pad_token) == 1 and not tokenizer.pad_token.isalpha():
@@ -269,11 +288,6 @@ def quote_opened_in_word(text, i):
     """True when the word holding the quote at `i` also holds an earlier quote: this one closes it."""
     word = re.search(r"\S*$", text[:i]).group()
     return any(c in QUOTES or c in APOSTROPHES or c == "'" for c in word)
-
-
-def count_tokens(tokenizer, text):
-    """Token ids the model sees for `text`, blanks included (2n+1 with add_blank)."""
-    return len(tokenizer(text).input_ids)
 
 
 # --------------------------------------------------------------------------- input
@@ -960,7 +974,7 @@ def main(argv=None):
 
     # 2. Text first: it is cheap, and a clip whose text the voice cannot say is never decoded.
     candidates, dropped, not_selected, repairs = choose_clips(args, rows, malformed, vocab)
-    tokens = {clip.name: count_tokens(tokenizer, clip.text) for clip in candidates}
+    tokens = {clip.name: len(token_ids(tokenizer, clip.text)) for clip in candidates}
 
     # 3. Reuse what an earlier run measured with the same audio settings; decode the rest in parallel.
     wavs_dir = os.path.join(args.output_dir, "wavs")

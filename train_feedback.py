@@ -49,7 +49,8 @@ import torch
 
 import listening
 import train_vits as tv
-from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, trim_silence
+from prepare_data import (AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, token_ids,
+                          trim_silence)
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
@@ -255,15 +256,16 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
         if len(audio) < tv.HOP:
             skipped.append(dict(file=name, reason="too_short", detail=f"{len(audio)} samples after trimming"))
             continue
-        pcm = np.round(audio * 32768.0).astype(np.int16)  # exact: audio came from int16 / 32768
+        pcm = tv.to_int16(audio)  # exact: audio came from int16 / 32768
         mel = tv.mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
         usable.append((name, texts[name], pcm, mel.numpy().astype(np.float16)))
     clipset = tv.ClipSet(usable, tokenizer)
     kept = set(clipset.names)
     for name, text, pcm, mel in usable:
         if name not in kept:
-            reason = "too_few_frames" if len(tokenizer(text).input_ids) > mel.shape[1] else "empty_text"
-            skipped.append(dict(file=name, reason=reason, detail=f"{len(tokenizer(text).input_ids)} token ids, "
+            n_ids = len(token_ids(tokenizer, text))
+            reason = "too_few_frames" if n_ids > mel.shape[1] else "empty_text"
+            skipped.append(dict(file=name, reason=reason, detail=f"{n_ids} token ids, "
                                                                  f"{mel.shape[1]} frames"))
     return clipset, sentences, skipped, listed
 

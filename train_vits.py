@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from monotonic_alignment_search import maximum_path
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import VitsModel, VitsTokenizer, get_cosine_schedule_with_warmup
+from transformers import VitsModel, get_cosine_schedule_with_warmup
 
-from prepare_data import AudioError, load_audio, read_metadata
+from prepare_data import AudioError, load_audio, load_tokenizer, read_metadata, token_ids
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
 N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
@@ -82,7 +82,8 @@ def build_parser(description=__doc__):
     g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
                    help="VitsModel to fine-tune: a Hugging Face name or a local folder.")
     g.add_argument("--discriminator", default=None,
-                   help="Pretrained discriminator: an original MMS D_*.pth or one saved by this script.")
+                   help="Pretrained discriminator: an original MMS/VITS D_*.pth, a finetune-hf-vits checkpoint "
+                        "(with or without weight norm) or a discriminator.pt saved by this script.")
     g.add_argument("--disc_channels", type=int, default=1024, choices=[64, 128, 256, 512, 1024],
                    help="Widest discriminator layer for a fresh discriminator: 1024 as VITS/MMS; smaller only "
                         "for quick trials with tiny models.")
@@ -188,6 +189,15 @@ def mel_spectrogram(audio, sampling_rate):
 # ----------------------------------------------------------------------------------------------------
 # Data: every clip decoded once, held in RAM as int16 audio + fp16 log-mel, cached on disk.
 
+def to_int16(audio):
+    """Float audio in [-1, 1] as int16, rounded, read back as `/ 32768`: a 16-bit WAV round-trips exactly.
+
+    (Truncating, `(x * 32767).astype(int16)`, would move every sample a step toward zero and turn quiet
+    passages into digital silence.)
+    """
+    return np.clip(np.round(np.asarray(audio, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def read_clip(job):
     """Worker: decode one wav at the model's rate and compute its log-mel. Never raises."""
     index, path, sampling_rate = job
@@ -195,7 +205,7 @@ def read_clip(job):
         audio = load_audio(path, sampling_rate)
         if len(audio) < HOP:
             raise AudioError("shorter than one spectrogram frame")
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        pcm = to_int16(audio)
         mel = mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
         return index, pcm, mel.numpy().astype(np.float16), None
     except (AudioError, OSError, RuntimeError, ValueError) as err:
@@ -336,7 +346,7 @@ class ClipSet:
         self.names, self.texts, self.audio, self.mels, self.tokens = [], [], [], [], []
         self.dropped = {}
         for name, text, pcm, mel in clips:
-            ids = tokenizer(text).input_ids
+            ids = token_ids(tokenizer, text)
             reason = None
             if len(ids) <= 1:
                 reason = "no speakable text"
@@ -418,7 +428,7 @@ def weight_norm(module):
 def load_voice(name_or_dir):
     try:
         model = VitsModel.from_pretrained(name_or_dir)
-        tokenizer = VitsTokenizer.from_pretrained(name_or_dir)
+        tokenizer = load_tokenizer(name_or_dir)
     except OSError as err:
         raise TrainingError(f"--model {name_or_dir}: cannot load a VITS model and tokenizer ({err})") from err
     return model, tokenizer
@@ -538,7 +548,8 @@ class VitsDiscriminator(nn.Module):
 
 
 def mms_discriminator_state(raw):
-    """Rename an original MMS/VITS D_*.pth (or finetune-hf-vits) state dict to our parameter names."""
+    """Rename an original MMS/VITS D_*.pth or a finetune-hf-vits state dict (weight norm or plain weights)
+    to our parameter names."""
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     renamed = {}
     for key, value in state.items():
@@ -548,6 +559,13 @@ def mms_discriminator_state(raw):
         key = key[key.index("discriminators."):].replace("final_conv", "conv_post")
         key = key.replace(".weight_g", ".parametrizations.weight.original0")
         key = key.replace(".weight_v", ".parametrizations.weight.original1")
+        if key.endswith(".weight"):
+            # Weight norm removed before saving (finetune-hf-vits): every layer here is weight-normed, and
+            # g = |w| over all dims but 0, v = w gives back exactly the same weight.
+            base = key[:-len("weight")] + "parametrizations.weight."
+            renamed[base + "original0"] = torch.linalg.vector_norm(value, dim=list(range(1, value.dim())),
+                                                                   keepdim=True)
+            key = base + "original1"
         renamed[key] = value
     return renamed
 
@@ -622,7 +640,7 @@ def generator_forward(model, batch, segment_frames):
 
     path = monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)  # [B, L, T]
     durations = path.sum(2).unsqueeze(1)  # [B, 1, L]
-    dur_nll = model.duration_predictor(hidden, x_mask, durations=durations.to(hidden.dtype))
+    dur_nll = duration_nll(model.duration_predictor, hidden, x_mask, durations.to(hidden.dtype))
     loss_dur = torch.sum(dur_nll.float() / torch.sum(x_mask))
 
     m_p = torch.matmul(m_p.float(), path)  # prior expanded to frames: [B, C, T]
@@ -633,6 +651,45 @@ def generator_forward(model, batch, segment_frames):
     audio = slice_frames(batch["audio"].unsqueeze(1), starts * HOP, segment_frames * HOP)
     return dict(audio=audio, audio_hat=audio_hat, mel=slice_frames(batch["mel"], starts, segment_frames),
                 loss_dur=loss_dur, loss_kl=kl_loss(z_p.float(), logs_q.float(), m_p, logs_p, y_mask))
+
+
+def flows_forward(flows, z, mask, cond):
+    """Training direction of a duration flow stack in the original VITS order.
+
+    VITS builds [ElementwiseAffine, (ConvFlow, Flip) x n]: no flip after the affine flow. transformers'
+    modules hold the flows without the Flips, and its training branch flips after every flow, a density
+    its own inference branch (which inverts the original order) never uses; so we run them ourselves.
+    """
+    logdet = 0
+    for i, flow in enumerate(flows):
+        z, flow_logdet = flow(z, mask, global_conditioning=cond)
+        logdet = logdet + flow_logdet
+        if i > 0:
+            z = torch.flip(z, [1])
+    return z, logdet
+
+
+def duration_nll(dp, hidden, x_mask, durations):
+    """Stochastic duration predictor NLL per item (original VITS), with the module's own submodules.
+
+    dp: transformers' VitsStochasticDurationPredictor; hidden [B, C, L] (detached here, as in VITS);
+    durations [B, 1, L] in frames. A variational bound: dequantise the durations with noise from the
+    posterior flows, then score log-duration under the main flows.
+    """
+    x = dp.conv_proj(dp.conv_dds(dp.conv_pre(hidden.detach()), x_mask)) * x_mask
+    h_w = dp.post_conv_proj(dp.post_conv_dds(dp.post_conv_pre(durations), x_mask)) * x_mask
+    e_q = torch.randn(durations.size(0), 2, durations.size(2), device=x.device, dtype=x.dtype) * x_mask
+    z_q, logdet_q = flows_forward(dp.post_flows, e_q, x_mask, x + h_w)
+    z_u, z1 = torch.split(z_q, [1, 1], 1)
+    u = torch.sigmoid(z_u) * x_mask
+    logdet_q = logdet_q + torch.sum((F.logsigmoid(z_u) + F.logsigmoid(-z_u)) * x_mask, [1, 2])
+    logq = torch.sum(-0.5 * (math.log(2 * math.pi) + e_q ** 2) * x_mask, [1, 2]) - logdet_q
+    # Log flow: z0 = log(d - u), whose log-determinant is -z0.
+    z0 = torch.log(torch.clamp_min((durations - u) * x_mask, 1e-5)) * x_mask
+    z, logdet = flows_forward(dp.flows, torch.cat([z0, z1], 1), x_mask, x)
+    logdet = logdet + torch.sum(-z0, [1, 2])
+    nll = torch.sum(0.5 * (math.log(2 * math.pi) + z ** 2) * x_mask, [1, 2]) - logdet
+    return nll + logq
 
 
 def kl_loss(z_p, logs_q, m_p, logs_p, mask):
@@ -1000,8 +1057,8 @@ def synthesise(model, tokenizer, sentences, out_dir, seed=0):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i, sentence in enumerate(sentences):
-            inputs = tokenizer(sentence, return_tensors="pt").to(device)
-            audio = model(**inputs).waveform[0].float().cpu().numpy()
+            ids = torch.tensor([token_ids(tokenizer, sentence)], device=device)
+            audio = model(input_ids=ids).waveform[0].float().cpu().numpy()
             paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
             write_wav(paths[-1], audio, model.config.sampling_rate)
     model.train(was_training)

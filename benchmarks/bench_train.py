@@ -106,7 +106,7 @@ class NaiveBatches:
             audio = torch.from_numpy(audio)
             audios.append(audio)
             mels.append(tv.mel_spectrogram(audio[None], self.sr)[0])
-            ids.append(torch.tensor(self.tokenizer(self.texts[i]).input_ids))
+            ids.append(torch.tensor(tv.token_ids(self.tokenizer, self.texts[i])))
         frames = [m.shape[1] for m in mels]
         max_frames = max(max(frames), segment_frames)
         batch = len(picked)

@@ -63,7 +63,7 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
         # The tokenizer keeps every character: nothing is silently dropped at training time.
         assert tokenizer.prepare_for_tokenization(text)[0] == text
         assert set(text) <= vocab and "|" not in text and text == text.strip() and "  " not in text
-        assert prepare_data.count_tokens(tokenizer, text) == 2 * len(text) + 1 <= info.frames // 256
+        assert len(prepare_data.token_ids(tokenizer, text)) == 2 * len(text) + 1 <= info.frames // 256
 
 
 def test_tarball_is_streamed_and_matches_folder_output(kmr_tarball, prepared_dataset, tiny_model_dir, tmp_path,
