@@ -32,6 +32,7 @@ import glob
 import io
 import json
 import os
+import posixpath
 import re
 import sys
 import tarfile
@@ -390,7 +391,8 @@ def read_tar_tsv(path, tsv):
                 if member.isfile() and os.path.basename(member.name) == tsv:
                     text = tar.extractfile(member).read().decode("utf-8-sig")
                     header, rows, malformed = read_tsv(io.StringIO(text, newline=""))
-                    prefix = os.path.join(os.path.dirname(member.name), "clips", "")
+                    # Member names use "/" on every system, Windows included.
+                    prefix = posixpath.join(posixpath.dirname(member.name), "clips", "")
                     stat = os.stat(path)
                     return Source("tar", path, prefix, [stat.st_size, stat.st_mtime_ns]), header, rows, malformed
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:

@@ -38,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import librosa
 import numpy as np
+import psutil
 import soundfile as sf
 import torch
 import torch.nn.functional as F
@@ -230,14 +231,8 @@ def cache_key(audio_dir, entries, sampling_rate):
 
 
 def available_ram_bytes():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """RAM the system can give without swapping, on Linux, Windows and macOS alike."""
+    return psutil.virtual_memory().available
 
 
 def estimate_preload_bytes(paths, sampling_rate):
@@ -324,9 +319,8 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
             os.remove(stale)
         paths = [os.path.join(audio_dir, name) for name, _ in entries]
         need, free = estimate_preload_bytes(paths, sampling_rate), available_ram_bytes()
-        print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM"
-              + (f" ({free / 2**30:.1f} GiB available)" if free else ""))
-        if free is not None and need > 0.8 * free:
+        print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM ({free / 2**30:.1f} GiB available)")
+        if need > 0.8 * free:
             raise TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
                                 "is available: use --max_samples or a machine with more RAM")
         names = [name for name, _ in entries]
@@ -1121,8 +1115,11 @@ class StopRequest:
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        # Windows has no SIGTERM from other processes; Ctrl-C is SIGINT everywhere, Ctrl-Break SIGBREAK.
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import librosa
 import numpy as np
@@ -264,6 +265,23 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_m
     assert not os.path.exists(os.path.join(out, "final_model"))
 
 
+def test_preload_decodes_in_spawned_workers_as_on_windows(tiny_clips, prepared_dataset, tmp_path,
+                                                          spawn_start_method):
+    clips, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path / "cache"), 1)  # one worker process
+    assert errors == [] and [c[0] for c in clips] == tiny_clips.names
+    assert all(np.array_equal(c[2], a) and np.array_equal(c[3], m) for c, a, m in
+               zip(clips, tiny_clips.audio, tiny_clips.mels))
+
+
+def test_ctrl_c_asks_to_stop_where_there_is_no_sigterm(monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.delattr(signal, "SIGTERM")
+    with tv.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 def test_preload_cache_is_reused_and_rebuilt_when_a_clip_changes(prepared_dataset, tmp_path, capsys, monkeypatch):
     data = str(tmp_path / "data")
     shutil.copytree(prepared_dataset, data)
@@ -282,7 +300,8 @@ def test_preload_cache_is_reused_and_rebuilt_when_a_clip_changes(prepared_datase
     assert not np.any(dict((c[0], c[2]) for c in rebuilt)[name])
     assert len(glob.glob(os.path.join(cache, "preload_*.npz"))) == 1
 
-    monkeypatch.setattr(tv, "available_ram_bytes", lambda: 1000)
+    # What psutil reports on every system (the check must not need Linux's /proc/meminfo).
+    monkeypatch.setattr(tv.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000, total=2000))
     shutil.rmtree(cache)
     with pytest.raises(tv.TrainingError, match="GiB"):
         tv.load_clips(data, 16000, cache, 1)
