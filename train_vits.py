@@ -730,6 +730,29 @@ def resolve_precision(precision, device):
     return precision
 
 
+def make_adamw(params, lr):
+    """AdamW as VITS (betas 0.8/0.99, eps 1e-9), fused where the device has the kernel.
+
+    The fused kernel updates every parameter in one pass (benchmarks/bench_train.py measures the gain);
+    without it (an older torch, an unsupported device) the default loop.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr, betas=(0.8, 0.99), eps=1e-9, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr, betas=(0.8, 0.99), eps=1e-9)
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """No parameter gradients for `module` inside the block, restored even if the block raises."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
+
+
 class VitsTrainer:
     """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
 
@@ -737,9 +760,8 @@ class VitsTrainer:
         self.model, self.disc = model.to(device), discriminator.to(device)
         self.args, self.device, self.precision = args, device, precision
         self.sampling_rate = model.config.sampling_rate
-        betas, eps = (0.8, 0.99), 1e-9
-        self.opt_g = torch.optim.AdamW(self.model.parameters(), args.lr, betas=betas, eps=eps)
-        self.opt_d = torch.optim.AdamW(self.disc.parameters(), args.lr, betas=betas, eps=eps)
+        self.opt_g = make_adamw(self.model.parameters(), args.lr)
+        self.opt_d = make_adamw(self.disc.parameters(), args.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.schedule(1)
         self.step = 0
@@ -805,7 +827,7 @@ class VitsTrainer:
             else:
                 out = generator_forward(self.model, batch, args.segment_frames)
             real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
-            logits, _ = self.disc(real_fake)
+            logits, features = self.disc(real_fake)
         half = out["audio"].size(0)
         loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
         if not torch.isfinite(loss_d):
@@ -815,14 +837,14 @@ class VitsTrainer:
         if d_only:
             return terms
 
-        # The generator pass must not leave gradients in the critic: freeze it for this backward.
-        self.disc.requires_grad_(False)
-        with self.autocast():
-            logits, features = self.disc(torch.cat([out["audio"], out["audio_hat"].to(out["audio"].dtype)]))
-        self.disc.requires_grad_(True)
-        loss_adv = generator_adversarial_loss([l[half:] for l in logits])
-        loss_fm = feature_matching_loss([[f[:half] for f in fs] for fs in features],
-                                        [[f[half:] for f in fs] for fs in features])
+        # Both optimizers step only after both passes, so the critic's features of the real audio are
+        # the same in the generator pass: reuse them (detached) instead of running the critic on it again.
+        real_features = [[f[:half].detach() for f in fs] for fs in features]
+        # The generator pass runs the critic on the fake audio only, frozen: no gradients left in it.
+        with frozen(self.disc), self.autocast():
+            fake_logits, fake_features = self.disc(out["audio_hat"].to(out["audio"].dtype))
+        loss_adv = generator_adversarial_loss(fake_logits)
+        loss_fm = feature_matching_loss(real_features, fake_features)
         loss_mel = mel_slice_loss(out, self.sampling_rate)
         loss_g = loss_adv + loss_fm + args.c_mel * loss_mel + args.c_kl * out["loss_kl"] + out["loss_dur"]
         if not torch.isfinite(loss_g):

@@ -58,6 +58,64 @@ def test_one_step_gives_every_trainable_parameter_a_gradient(tiny_model_dir, tin
         assert any(n.startswith(part) for n, _ in trainer.model.named_parameters())
 
 
+def test_generator_pass_reuses_real_features_with_the_plain_vits_losses_and_gradients(tiny_model_dir, tiny_clips):
+    trainer, _ = tiny_trainer(tiny_model_dir)
+    batch = batch_of(tiny_clips, 2)
+    torch.manual_seed(0)
+    terms = trainer.micro_step(batch, accum=1, d_only=False)
+    grads = {n: p.grad.clone() for n, p in itertools.chain(trainer.model.named_parameters(),
+                                                          trainer.disc.named_parameters()) if p.grad is not None}
+
+    # The plain step: the critic runs on real + fake again in the generator pass.
+    torch.manual_seed(0)
+    out = tv.generator_forward(trainer.model, batch, 32)
+    logits, _ = trainer.disc(torch.cat([out["audio"], out["audio_hat"].detach()]))
+    loss_d = tv.discriminator_loss([l[:2] for l in logits], [l[2:] for l in logits])
+    logits, features = trainer.disc(torch.cat([out["audio"], out["audio_hat"]]))
+    loss_adv = tv.generator_adversarial_loss([l[2:] for l in logits])
+    loss_fm = tv.feature_matching_loss([[f[:2] for f in fs] for fs in features], [[f[2:] for f in fs] for fs in features])
+    loss_g = (loss_adv + loss_fm + 45 * tv.mel_slice_loss(out, 16000) + out["loss_kl"] + out["loss_dur"])
+    assert (terms["d"], terms["adv"], terms["fm"], terms["g"]) == pytest.approx(
+        (loss_d.item(), loss_adv.item(), loss_fm.item(), loss_g.item()), rel=1e-6)
+    # The critic's gradients come from its own loss only; the generator's match the plain step's.
+    names, params = zip(*trainer.disc.named_parameters())
+    for name, grad in zip(names, torch.autograd.grad(loss_d, params)):
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5 * float(grad.abs().max()))
+    names, params = zip(*[(n, p) for n, p in trainer.model.named_parameters() if n in grads])
+    for name, grad in zip(names, torch.autograd.grad(loss_g, params)):
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5 * float(grad.abs().max()))
+
+
+def test_critic_is_unfrozen_when_the_generator_pass_fails(tiny_model_dir, tiny_clips, monkeypatch):
+    trainer, _ = tiny_trainer(tiny_model_dir)
+    forward, calls = trainer.disc.forward, []
+
+    def failing_second_call(audio):
+        calls.append(audio.shape)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return forward(audio)
+    monkeypatch.setattr(trainer.disc, "forward", failing_second_call)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.micro_step(batch_of(tiny_clips, 2), accum=1, d_only=False)
+    assert calls[1][0] == 2  # the generator pass runs the critic on the 2 fake rows only
+    assert all(p.requires_grad for p in trainer.disc.parameters())
+
+
+def test_adamw_is_fused_where_supported_and_falls_back(monkeypatch):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert tv.make_adamw(params, 1e-3).defaults["fused"] is True  # torch's CPU kernel
+    adamw = torch.optim.AdamW
+
+    def no_fused(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("fused=True requires all the params to be floating point Tensors of supported devices")
+        return adamw(*args, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = tv.make_adamw(params, 1e-3)
+    assert not opt.defaults["fused"] and opt.defaults["betas"] == (0.8, 0.99) and opt.defaults["eps"] == 1e-9
+
+
 def test_spectrograms_match_numpy_librosa_vits_formula():
     rng = np.random.default_rng(0)
     audio = (0.3 * np.sin(np.arange(7000) * 0.05) + 0.05 * rng.standard_normal(7000)).astype(np.float32)
