@@ -217,13 +217,20 @@ def test_a_session_resumes_from_session_json(session, monkeypatch, capsys):
     moved = os.path.join("training", "sessions", "2026-11-25")
     shutil.move(folder, moved)
     capsys.readouterr()
-    resumed = Served(["--listen", "--model", argv[3], "--feedback_dir", feedback, "--port", "0"], monkeypatch)
+    # (Served on every address this time, and a metadata.csv appears beside the pairs: both are warned about.)
+    with open(os.path.join(feedback, "metadata.csv"), "w", encoding="utf-8") as f:
+        f.write("other.wav|roj baş\n")
+    resumed = Served(["--listen", "--model", argv[3], "--feedback_dir", feedback, "--port", "0",
+                      "--host", "0.0.0.0", "--allow_remote"], monkeypatch)
     status, data = resumed.request("GET", "/api/session")
     state = json.loads(data)
     assert [(r["mark"], r["text"], r["saved"]) for r in state["rows"]] == [
         ("needs_work", "Roj baş, hevalno!", os.path.join(feedback, "audio_008.wav")), ("good", SENTENCES[1], None)]
     assert (state["heard"], state["total"], state["corrections"]) == (2, 2, 1)
-    assert f"listening session: 2 sentences in {moved} (2 of 2 heard, 1 correction so far)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"listening session: 2 sentences in {moved} (2 of 2 heard, 1 correction so far)" in printed
+    assert "warning: --host 0.0.0.0 lets other machines" in printed
+    assert f"warning: {feedback} holds a metadata.csv" in printed
     # The voice's audio is not made again, and a redo after resuming replaces the same pair.
     assert {f: os.stat(os.path.join(moved, "model", f)).st_mtime_ns for f in voice_audio} == voice_audio
     status, answer = resumed.save(0, wav_bytes(espeak_clip(SENTENCES[3], 16000), 16000), SENTENCES[3])
