@@ -58,6 +58,9 @@ SESSIONS_DIR = os.path.join("training", "sessions")
 REPORT_NAME = "report.json"
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
+# Voice-quality measures compared before/after in report.json (see train_vits.evaluate_quality).
+QUALITY_KEYS = {"mcd": "MCD-DTW, dB (lower is better)", "dur_ratio": "duration ratio, spoken / recorded (1 is right)",
+                "dnsmos_ovrl": "DNSMOS OVRL (higher is better)"}
 # ClipSet's reasons for dropping a clip, under the names prepare_data.py counts them.
 CLIPSET_REASONS = {"more tokens than frames": "too_few_frames", "no speakable text": "empty_text"}
 
@@ -438,9 +441,10 @@ def write_recordings(clipset, sampling_rate, out_dir):
         tv.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
 
 
-def evaluate_all(trainer, val_sets, batch_size):
-    return {name: trainer.evaluate(cs, batch_size) if cs is not None and len(cs) else None
-            for name, cs in val_sets.items()}
+def evaluate_all(trainer, val_sets, args):
+    """Validation loss terms and, with --eval_clips, the voice-quality metrics of every set."""
+    return {name: dict(trainer.evaluate(cs, args.batch_size), **tv.evaluate_quality(trainer.model, cs, args.eval_clips))
+            if cs is not None and len(cs) else None for name, cs in val_sets.items()}
 
 
 def write_json(path, data):
@@ -450,18 +454,18 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def compare(before, after):
-    """{set: {"before", "after", "change"}} of the validation mel loss (None where a set is empty)."""
+def compare(before, after, key="mel"):
+    """{set: {"before", "after", "change"}} of one measure (None where a set is empty or lacks it)."""
     out = {}
     for name in before:
-        b = before[name]["mel"] if before[name] else None
-        a = after[name]["mel"] if after.get(name) else None
+        b = before[name].get(key) if before[name] else None
+        a = after[name].get(key) if after.get(name) else None
         out[name] = dict(before=b, after=a, change=None if a is None or b is None else a - b)
     return out
 
 
-def print_comparison(table):
-    print("validation mel loss (lower is better):")
+def print_comparison(table, title="validation mel loss (lower is better)"):
+    print(f"{title}:")
     for name, row in table.items():
         if row["before"] is None:
             print(f"  {name:<18} no clips")
@@ -596,7 +600,7 @@ def main(argv=None):
         report = read_report(report_path) if args.resume else None
         if report is None:
             start = time.time()
-            before = evaluate_all(trainer, report_sets, args.batch_size)
+            before = evaluate_all(trainer, report_sets, args)
             speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
                       os.path.join(args.output_dir, "samples", "before"))
             write_recordings(fb_all, sr, os.path.join(args.output_dir, "samples", "recorded"))
@@ -614,13 +618,14 @@ def main(argv=None):
             return 130
 
         # 7. After: the same samples and validation with the tuned voice, and the report.
-        after = evaluate_all(trainer, report_sets, args.batch_size)
+        after = evaluate_all(trainer, report_sets, args)
         speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
                   os.path.join(args.output_dir, "samples", "after"))
         table = compare(report["before"], after)
+        quality = {key: compare(report["before"], after, key) for key in QUALITY_KEYS} if args.eval_clips else {}
         report.update(
             status="done", stop_reason=reason, final_model=os.path.join(args.output_dir, "final_model"),
-            validation_mel=table, after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps,
+            validation_mel=table, quality=quality, after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps,
             minutes=round(budget.used() / 60, 2),
             feedback=dict(dir=args.feedback_dir, listed=listed, trained=len(fb_train), held_out=len(fb_val),
                           held_out_clips=fb_val.names, skipped=count_reasons(skipped), skipped_clips=skipped),
@@ -634,6 +639,9 @@ def main(argv=None):
                          eval={f"{i:02d}.wav": t for i, t in enumerate(eval_sentences)}))
         write_json(report_path, report)
         print_comparison(table)
+        for key, title in QUALITY_KEYS.items():
+            if key in quality:
+                print_comparison(quality[key], title)
         print(f"tuned voice: {report['final_model']} ({reason}, {trainer.step} steps, {report['minutes']:.1f} min); "
               f"listen to {report['samples']['before']} vs {report['samples']['after']}; report: {report_path}")
     except tv.TrainingError as err:

@@ -20,6 +20,7 @@ Examples:
 import argparse
 import contextlib
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
@@ -43,11 +45,14 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from monotonic_alignment_search import maximum_path
+from scipy.fft import dct
+from scipy.spatial.distance import cdist
+from speechmos import dnsmos
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import VitsModel, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_schedule_with_warmup
 
-from prepare_data import AudioError, load_audio, load_tokenizer, read_metadata, token_ids
+from prepare_data import AudioError, load_audio, load_tokenizer, read_metadata, token_ids, trim_silence
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
 N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
@@ -129,6 +134,16 @@ def build_parser(description=__doc__):
                    help="'auto' (newest checkpoint in output_dir) or a checkpoint path.")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="Epoch checkpoints kept on disk.")
     g.add_argument("--logging_steps", type=int, default=20, help="Optimizer steps between metrics.jsonl lines.")
+    g = p.add_argument_group("voice quality (every epoch, after validation)")
+    g.add_argument("--eval_clips", type=int, default=16,
+                   help="Held-out clips spoken from their text alone and compared with the recording (MCD-DTW, "
+                        "duration ratio, DNSMOS); 0 turns this off.")
+    g.add_argument("--best_metric", default="val_mel", choices=["val_mel", "mcd", "dnsmos"],
+                   help="What checkpoints/best_model/ is best at: validation mel loss, MCD-DTW (both lowest) "
+                        "or DNSMOS OVRL (highest).")
+    g.add_argument("--asr_model", default=None,
+                   help="CTC speech recogniser (Hugging Face name or local folder) that transcribes the listening "
+                        "samples every epoch; their character error rate is logged as asr_cer. Off by default.")
     return p
 
 
@@ -151,6 +166,10 @@ def check_args(parser, args):
         parser.error(f"--discriminator: no file at {args.discriminator}")
     if args.benchmark_samples <= 0 and not (args.epochs or args.max_steps):
         parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
+    if args.eval_clips < 0:
+        parser.error(f"--eval_clips must be 0 or more, got {args.eval_clips}")
+    if args.best_metric != "val_mel" and args.eval_clips == 0:
+        parser.error(f"--best_metric {args.best_metric} needs --eval_clips above 0")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1091,6 +1110,174 @@ def read_sentences(path):
     return sentences
 
 
+# ----------------------------------------------------------------------------------------------------
+# Voice quality: held-out clips spoken from their text alone, compared with their recordings.
+#
+# MCD-DTW (mel-cepstral distortion after dynamic time warping), in dB. Both clips lose their silent
+# edges as prepare_data.py trims them, then are described by the training features: 80-band log-mel
+# (natural log of the magnitude; n_fft 1024, Hann window 1024 = 64 ms, hop 256 = 16 ms at 16 kHz). A
+# DCT-II over the 80 bands gives each frame a mel-cepstrum, scaled as SPTK's mel-cepstra are defined:
+# log-mel[k] = c0 + sum_m c_m cos(pi m (k + 1/2) / 80). c0 (loudness) is left out, c1..c24 kept, and
+#     MCD(x, y) = 10 / ln 10 * sqrt(2 * sum_{m=1..24} (c_m(x) - c_m(y))^2),
+# the RMS difference in dB of the two cepstrally smoothed mel spectra. librosa.sequence.dtw pairs the
+# frames (steps (1,1), (1,0), (0,1), equal weights, no band) minimising the summed MCD; MCD-DTW is the
+# mean MCD over the pairs of that path. Mel filters rather than SPTK's all-pass warping, and 16 ms
+# rather than 5 ms frames: compare these numbers with each other, not with papers.
+
+MCD_ORDER = 24
+MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
+# An untrained duration predictor can ask for minutes of audio: a spoken clip is cut at this many times
+# its recording's length, which also caps the duration ratio.
+MAX_DURATION_RATIO = 4.0
+
+
+def trim_edges(audio):
+    """Silent edges cut as prepare_data.py cuts them; never shorter than one STFT window."""
+    trimmed = trim_silence(audio)
+    audio = trimmed if len(trimmed) >= N_FFT else audio
+    return np.pad(audio, (0, max(0, N_FFT - len(audio))))
+
+
+def mel_cepstrum(audio, sampling_rate):
+    """[frames, 24]: c1..c24 of the mel-cepstrum of each frame of the training log-mel."""
+    log_mel = mel_spectrogram(torch.from_numpy(np.asarray(audio, dtype=np.float32))[None], sampling_rate)[0]
+    cepstrum = dct(log_mel.numpy().astype(np.float64), type=2, norm="ortho", axis=0) * math.sqrt(2.0 / N_MELS)
+    return cepstrum[1:MCD_ORDER + 1].T
+
+
+def compare_to_recording(synth, real, sampling_rate):
+    """(MCD-DTW in dB, duration ratio synth / real) of a spoken clip against its recording."""
+    synth, real = trim_edges(synth), trim_edges(real)
+    cost = MCD_SCALE * cdist(mel_cepstrum(synth, sampling_rate), mel_cepstrum(real, sampling_rate))
+    _, path = librosa.sequence.dtw(C=cost, backtrack=True)
+    return float(cost[path[:, 0], path[:, 1]].mean()), len(synth) / len(real)
+
+
+@functools.lru_cache(maxsize=1)
+def dnsmos_model():
+    """speechmos's DNSMOS with the ONNX models shipped inside the package: nothing is downloaded."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(dnsmos.__file__)), "dnsmos_models")
+    return dnsmos.DNSMOS(os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx"))
+
+
+def dnsmos_scores(audio, sampling_rate):
+    """DNSMOS P.835 SIG, BAK, OVRL (1-5), as Microsoft's dnsmos_local.py and speechmos compute them: the
+    mean over 9.01 s windows 1 s apart of the polynomial-mapped network outputs. A shorter clip is tiled
+    to one window (they tile it by doubling and average every window of the copies: shifts of the same
+    repeated audio, several times the work)."""
+    if sampling_rate != dnsmos.SR:
+        audio = librosa.resample(audio, orig_sr=sampling_rate, target_sr=dnsmos.SR)
+    window = int(dnsmos.INPUT_LENGTH * dnsmos.SR)
+    audio = np.resize(np.clip(audio, -1.0, 1.0).astype(np.float32), max(len(audio), window))
+    hops = int(np.floor(len(audio) / dnsmos.SR) - dnsmos.INPUT_LENGTH) + 1
+    segments = np.stack([audio[i * dnsmos.SR:i * dnsmos.SR + window] for i in range(hops)])
+    model = dnsmos_model()
+    raw = model.onnx_sess.run(None, {"input_1": segments})[0]
+    sig, bak, ovrl = model.get_polyfit_val(raw[:, 0], raw[:, 1], raw[:, 2], False)
+    return dict(dnsmos_sig=float(np.mean(sig)), dnsmos_bak=float(np.mean(bak)), dnsmos_ovrl=float(np.mean(ovrl)))
+
+
+@torch.no_grad()
+def speak_ids(model, ids, max_frames, seed):
+    """Waveform of token ids by the inference path (duration predictor, flow reversed, decoder), fixed
+    noise; durations are scaled down together when they ask for more than max_frames frames."""
+
+    def cap(module, inputs, log_duration):
+        frames = torch.exp(log_duration).sum() / model.speaking_rate
+        return log_duration - torch.log(torch.clamp(frames / max_frames, min=1.0))
+
+    device = next(model.parameters()).device
+    handle = model.duration_predictor.register_forward_hook(cap)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            waveform = model(input_ids=torch.as_tensor(ids, device=device)[None]).waveform[0]
+    finally:
+        handle.remove()
+    return waveform.float().cpu().numpy()
+
+
+def evaluate_quality(model, clipset, n_clips):
+    """Mean MCD-DTW, duration ratio (mean and spread) and DNSMOS of the first n_clips held-out clips,
+    each spoken from its token ids alone with the same noise every epoch."""
+    was_training = model.training
+    model.eval()
+    sampling_rate = model.config.sampling_rate
+    mcds, ratios, scores = [], [], []
+    for i in range(min(n_clips, len(clipset))):
+        real = clipset.audio[i].astype(np.float32) / 32768.0
+        synth = speak_ids(model, clipset.tokens[i], MAX_DURATION_RATIO * len(real) / HOP, seed=i)
+        mcd, ratio = compare_to_recording(synth, real, sampling_rate)
+        mcds.append(mcd)
+        ratios.append(ratio)
+        scores.append(dnsmos_scores(synth, sampling_rate))
+    model.train(was_training)
+    if not mcds:
+        return {}
+    return dict(mcd=float(np.mean(mcds)), dur_ratio=float(np.mean(ratios)), dur_ratio_std=float(np.std(ratios)),
+                **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]})
+
+
+def quality_prefix(set_name):
+    """eval_mcd, ... for train_vits.py's validation set; feedback_eval_mcd, ... for train_feedback.py's."""
+    return "eval" if set_name == "val" else f"{set_name}_eval"
+
+
+def selection_score(record, set_name, metric):
+    """What checkpoints/best_model/ minimises (--best_metric): validation mel, MCD, or minus DNSMOS OVRL."""
+    if metric == "val_mel":
+        return record[f"{set_name}_mel"]
+    if metric == "mcd":
+        return record[f"{quality_prefix(set_name)}_mcd"]
+    return -record[f"{quality_prefix(set_name)}_dnsmos_ovrl"]
+
+
+@functools.lru_cache(maxsize=1)
+def load_asr(name_or_dir):
+    """A CTC recogniser and its processor (e.g. MMS ASR saved with its Kurmanji adapter), on the CPU."""
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_dir)
+        model = AutoModelForCTC.from_pretrained(name_or_dir).eval()
+    except OSError as err:
+        raise TrainingError(f"--asr_model {name_or_dir}: cannot load a CTC model and processor ({err})") from err
+    return processor, model
+
+
+@torch.no_grad()
+def transcribe(paths, asr_model):
+    processor, model = load_asr(asr_model)
+    sampling_rate = processor.feature_extractor.sampling_rate
+    texts = []
+    for path in paths:
+        audio, rate = sf.read(path, dtype="float32")
+        if rate != sampling_rate:
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=sampling_rate)
+        logits = model(**processor(audio, sampling_rate=sampling_rate, return_tensors="pt")).logits
+        texts.append(processor.batch_decode(logits.argmax(-1))[0])
+    return texts
+
+
+def cer_text(text):
+    """Lowercase letters and apostrophes, one space between words: what a CTC recogniser writes."""
+    kept = "".join(ch if ch.isalpha() or ch == "'" else " " for ch in unicodedata.normalize("NFC", text.lower()))
+    return " ".join(kept.split())
+
+
+def edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ca != cb))
+    return row[-1]
+
+
+def character_error_rate(references, hypotheses):
+    """Character edits (insertions, deletions, substitutions) over reference characters, all sentences."""
+    refs, hyps = [cer_text(t) for t in references], [cer_text(t) for t in hypotheses]
+    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
+
+
 class MetricsLog:
     """metrics.jsonl lines, plus TensorBoard scalars and audio when tensorboard is installed."""
 
@@ -1176,6 +1363,8 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         os.remove(stale)  # left by a run killed while saving
     log = MetricsLog(output_dir)
     sentences = read_sentences(args.sample_sentences)
+    if args.asr_model:
+        load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
     plan = run["plan"]
     d_warmup = run["d_warmup_steps"]
     save_seconds = [5.0]
@@ -1247,21 +1436,27 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
 
 
 def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log):
-    """Validation, best model, listening samples."""
+    """Validation, voice quality, listening samples (transcribed with --asr_model), best model."""
     scores = {name: trainer.evaluate(cs, args.batch_size) for name, cs in val_sets.items() if len(cs)}
     record = dict(step=trainer.step, epoch=epoch)
     for name, terms in scores.items():
         record.update({f"{name}_{k}": v for k, v in terms.items()})
-    if scores:
+        if args.eval_clips:
+            quality = evaluate_quality(trainer.model, val_sets[name], args.eval_clips)
+            record.update({f"{quality_prefix(name)}_{k}": v for k, v in quality.items()})
+    paths = synthesise(trainer.model, tokenizer, sentences, os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
+    log.audio(f"epoch_{epoch}", paths, trainer.step)
+    if args.asr_model:
+        record["asr_cer"] = character_error_rate(sentences, transcribe(paths, args.asr_model))
+    if len(record) > 2:
         log.write(record)
         print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
-        main_score = next(iter(scores.values()))["mel"]
+    if scores:
+        main_score = selection_score(record, next(iter(scores)), args.best_metric)
         if run["best"] is None or main_score < run["best"]:
             run["best"] = main_score
             export_voice(trainer.model, tokenizer, trainer.disc,
                          os.path.join(args.output_dir, "checkpoints", "best_model"))
-    paths = synthesise(trainer.model, tokenizer, sentences, os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
-    log.audio(f"epoch_{epoch}", paths, trainer.step)
 
 
 def load_checkpoint(path, trainer, data_key):

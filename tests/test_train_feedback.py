@@ -91,7 +91,7 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     before = tree_hashes(trained_voice)
     out = str(tmp_path / "run")
     code = tf.main(["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
-                    "--output_dir", out, "--max_steps", "2"] + QUICK)
+                    "--output_dir", out, "--max_steps", "2", "--eval_clips", "1"] + QUICK)
     assert code == 0
     printed = capsys.readouterr().out
 
@@ -133,6 +133,12 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
         row = report["validation_mel"][name]
         assert np.isfinite(row["before"]) and np.isfinite(row["after"]), name
         assert row["change"] == pytest.approx(row["after"] - row["before"])
+        # Voice quality of the same sets before and after, spoken from text alone.
+        for key in ("mcd", "dur_ratio", "dnsmos_ovrl"):
+            row = report["quality"][key][name]
+            assert row["before"] == report["before"][name][key] and row["after"] == report["after"][name][key]
+            assert row["change"] == pytest.approx(row["after"] - row["before"])
+    assert "MCD-DTW, dB (lower is better):" in printed
     assert report["original"]["held_out"] == 1 and report["original"]["replay_ratio"] == 0.5
     # 5 feedback clips x weight 1, each batch of 2 with one replayed clip.
     assert report["items_per_epoch"] == {"feedback": 5, "original": 5}

@@ -1,0 +1,163 @@
+"""Voice-quality metrics of train_vits.py: MCD-DTW, duration ratio, DNSMOS, ASR CER, and --best_metric."""
+
+import json
+import math
+import os
+
+import librosa
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from speechmos import dnsmos
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, \
+    Wav2Vec2Processor
+
+import train_vits as tv
+from examples.make_release import espeak_clip
+from examples.tiny_model import KURMANJI_VOCAB
+
+SR = 16000
+QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
+         "--benchmark_samples", "0", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: two threads on a busy 2-core machine wait on each other in every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR)
+
+
+def reference_mcd_dtw(synth, real):
+    """The documented MCD-DTW written out plainly: cosine-sum mel-cepstra c1..c24, 10/ln10*sqrt(2*sum),
+    a dynamic-programming DTW over steps (1,1), (1,0), (0,1), mean cost along the cheapest path."""
+    def cepstra(audio):
+        log_mel = tv.mel_spectrogram(torch.from_numpy(tv.trim_edges(audio))[None], SR)[0].numpy().astype(np.float64)
+        k = np.arange(80)
+        basis = np.array([2 / 80 * np.cos(np.pi * m * (k + 0.5) / 80) for m in range(1, 25)])
+        return (basis @ log_mel).T
+
+    a, b = cepstra(synth), cepstra(real)
+    cost = np.array([[10 / math.log(10) * math.sqrt(2 * np.sum((x - y) ** 2)) for y in b] for x in a])
+    total = np.full((len(a) + 1, len(b) + 1), np.inf)
+    total[0, 0] = 0.0
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            total[i, j] = cost[i - 1, j - 1] + min(total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])
+    i, j, path = len(a), len(b), []
+    while (i, j) != (0, 0):
+        path.append(cost[i - 1, j - 1])
+        steps = [(total[i - 1, j - 1], i - 1, j - 1), (total[i - 1, j], i - 1, j), (total[i, j - 1], i, j - 1)]
+        _, i, j = min(steps)
+    return float(np.mean(path))
+
+
+def test_mcd_dtw_matches_its_documented_definition(speech):
+    other = espeak_clip("roj baş, tu çawa yî", SR, "ku+f2", 140, 70)
+    # Short excerpts keep the plain-Python DTW quick.
+    synth, real = other[4000:12000], speech[6000:11000]
+    mcd, _ = tv.compare_to_recording(synth, real, SR)
+    assert mcd == pytest.approx(reference_mcd_dtw(synth, real), rel=1e-6)
+
+
+def test_mcd_is_zero_on_itself_small_on_a_stretched_copy_large_on_noise(speech):
+    assert tv.compare_to_recording(speech, speech, SR) == (0.0, 1.0)
+    # Loudness is c0, which MCD leaves out: a quieter copy is the same voice.
+    assert tv.compare_to_recording(0.5 * speech, speech, SR)[0] < 0.5
+    stretched, _ = tv.compare_to_recording(librosa.effects.time_stretch(speech, rate=0.5), speech, SR)
+    noise = np.random.default_rng(0).standard_normal(len(speech)).astype(np.float32) * 0.1
+    noisy, _ = tv.compare_to_recording(noise, speech, SR)
+    other_voice, _ = tv.compare_to_recording(espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR, "ku+f2",
+                                                         140, 70), speech, SR)
+    assert 0 < stretched < 6 < other_voice < noisy, (stretched, other_voice, noisy)
+
+
+def test_duration_ratio_of_a_twice_as_long_clip_is_two_whatever_its_silences(speech):
+    padded = np.concatenate([np.zeros(SR // 2, np.float32), speech, np.zeros(SR // 4, np.float32)])
+    _, ratio = tv.compare_to_recording(librosa.effects.time_stretch(speech, rate=0.5), padded, SR)
+    assert ratio == pytest.approx(2.0, abs=0.05)
+
+
+def test_dnsmos_rates_clean_speech_above_white_noise(speech):
+    # 4.6 s: speechmos doubles it to 9.2 s and scores a single 9.01 s window, as we do.
+    clean = np.resize(speech, int(4.6 * SR))
+    noise = np.random.default_rng(0).standard_normal(len(clean)).astype(np.float32) * 0.1
+    good, bad = tv.dnsmos_scores(clean, SR), tv.dnsmos_scores(noise, SR)
+    reference = dnsmos.run(clean, SR)
+    assert [good[f"dnsmos_{k}"] for k in ("sig", "bak", "ovrl")] == pytest.approx(
+        [reference[f"{k}_mos"] for k in ("sig", "bak", "ovrl")], abs=1e-4)
+    for key in ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"):
+        assert 1.0 <= bad[key] < good[key] <= 5.0, key
+
+
+def test_character_error_rate_counts_edits_over_reference_characters():
+    # Case and punctuation are not errors; "ş" -> "s" is one substitution, a missing word 4 deletions.
+    assert tv.character_error_rate(["Roj baş, tu çawa yî?"], ["roj bas tu çawa yî"]) == pytest.approx(1 / 18)
+    assert tv.character_error_rate(["ez bi kurdî", "roj baş"], ["ez bi", "roj baş"]) == pytest.approx(6 / 18)
+
+
+def test_best_metric_dnsmos_prefers_the_higher_score():
+    record = dict(val_mel=1.0, eval_mcd=5.0, eval_dnsmos_ovrl=3.0)
+    better = dict(val_mel=2.0, eval_mcd=6.0, eval_dnsmos_ovrl=3.5)
+    for metric, best in (("val_mel", record), ("mcd", record), ("dnsmos", better)):
+        scores = [tv.selection_score(r, "val", metric) for r in (record, better)]
+        assert min(scores) == tv.selection_score(best, "val", metric), metric
+
+
+@pytest.fixture(scope="module")
+def tiny_asr_dir(tmp_path_factory):
+    """A tiny random Wav2Vec2ForCTC with a Kurmanji character vocabulary: plumbing only, it cannot hear."""
+    out = str(tmp_path_factory.mktemp("asr"))
+    vocab = {"<pad>": 0, "|": 1} | {ch: i + 2 for i, ch in enumerate(KURMANJI_VOCAB[2:])}
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    tokenizer = Wav2Vec2CTCTokenizer(os.path.join(out, "vocab.json"), word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=SR)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=16, conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4),
+                            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, pad_token_id=0)
+    Wav2Vec2ForCTC(config).save_pretrained(out)
+    return out
+
+
+def test_epoch_metrics_are_logged_and_best_metric_mcd_keeps_the_lowest(prepared_dataset, tiny_model_dir,
+                                                                       tiny_asr_dir, tmp_path, monkeypatch, capsys):
+    # The real metrics, except MCD: 5, 3, 4 over the three epochs, so epoch 2 is the best model whatever
+    # the validation mel says.
+    real = tv.evaluate_quality
+    mcds, weights = iter([5.0, 3.0, 4.0]), []
+
+    def patched(model, clipset, n_clips):
+        weights.append(model.text_encoder.embed_tokens.weight.detach().clone())
+        return dict(real(model, clipset, n_clips), mcd=next(mcds))
+
+    monkeypatch.setattr(tv, "evaluate_quality", patched)
+    out = str(tmp_path / "run")
+    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "3",
+                    "--eval_clips", "1", "--best_metric", "mcd", "--asr_model", tiny_asr_dir] + QUICK) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        epochs = [r for r in map(json.loads, f) if "eval_mcd" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["eval_mcd"] for r in epochs] == [5.0, 3.0, 4.0]
+    for record in epochs:
+        for key in ("val_mel", "eval_dur_ratio", "eval_dur_ratio_std", "eval_dnsmos_sig", "eval_dnsmos_bak",
+                    "eval_dnsmos_ovrl", "asr_cer"):
+            assert math.isfinite(record[key]), key
+        assert 0 < record["eval_dur_ratio"] <= tv.MAX_DURATION_RATIO + 0.1
+        assert record["eval_dur_ratio_std"] == 0.0  # one clip
+        assert 1 <= record["eval_dnsmos_ovrl"] <= 5
+        assert record["asr_cer"] >= 0
+    assert "eval_mcd 3 | eval_dur_ratio" in capsys.readouterr().out
+    best = load_file(os.path.join(out, "checkpoints", "best_model", "model.safetensors"))
+    assert torch.equal(best["text_encoder.embed_tokens.weight"], weights[1])
+    assert not torch.equal(weights[1], weights[2])
