@@ -277,7 +277,6 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise UploadError(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
         if int(length) > MAX_UPLOAD_BYTES:
-            self.close_connection = True  # the body is never read, so the connection cannot be reused
             raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
         return self.rfile.read(int(length))
