@@ -787,15 +787,20 @@ class VitsTrainer:
         self.bad_steps = 0
         self.skipped_steps = 0
 
-    def schedule(self, total_steps):
-        """Linear warm-up then cosine decay over the planned optimizer steps."""
-        warmup = min(self.args.warmup_steps, max(0, total_steps - 1))
+    def schedule(self, total_steps, d_warmup_steps=0):
+        """Linear warm-up then cosine decay over the planned optimizer steps.
+
+        The generator's schedule starts after the discriminator-only steps, which leave it untouched: they
+        must not use up its warm-up.
+        """
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = self.args.lr
                 group.pop("initial_lr", None)
-        self.sched_g = get_cosine_schedule_with_warmup(self.opt_g, warmup, total_steps)
-        self.sched_d = get_cosine_schedule_with_warmup(self.opt_d, warmup, total_steps)
+        g_steps = max(1, total_steps - d_warmup_steps)
+        self.sched_g = get_cosine_schedule_with_warmup(self.opt_g, min(self.args.warmup_steps, g_steps - 1), g_steps)
+        self.sched_d = get_cosine_schedule_with_warmup(self.opt_d, min(self.args.warmup_steps, max(0, total_steps - 1)),
+                                                       total_steps)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -833,7 +838,8 @@ class VitsTrainer:
             return None
         self.bad_steps = 0
         self.step += 1
-        self.sched_g.step()
+        if not d_only:
+            self.sched_g.step()
         self.sched_d.step()
         return totals
 
@@ -1466,7 +1472,7 @@ def load_checkpoint(path, trainer, data_key):
         raise TrainingError(f"--resume {path}: the checkpoint was trained on other data "
                             "(metadata.csv or the validation split changed); start a new --output_dir")
     try:
-        trainer.schedule(state["plan"]["total_steps"])
+        trainer.schedule(state["plan"]["total_steps"], state["d_warmup_steps"])
         trainer.load_state_dict(state["trainer"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"--resume {path}: the checkpoint does not match --model "
@@ -1514,8 +1520,8 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
         return run, data_key
     n_val = sum(len(cs) for cs in val_sets.values())
     plan = plan_run(trainer, train_sets, make_batches, n_val, args, budget)
-    trainer.schedule(plan["total_steps"])
     d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+    trainer.schedule(plan["total_steps"], d_warmup)
     return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
 
 

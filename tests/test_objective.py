@@ -1,9 +1,11 @@
 """The VITS objective as the original trains it: duration loss, token ids, int16 audio, critic files."""
 
+import itertools
 import json
 import math
 import os
 import shutil
+import signal
 
 import numpy as np
 import soundfile as sf
@@ -224,3 +226,210 @@ def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(tv.TrainingError, match="missing.*discriminators.0.conv_post.bias"):
         tv.load_discriminator(str(tmp_path / "broken.pth"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training step and the loop.
+
+@pytest.fixture(scope="module")
+def clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
+    _, tokenizer = tv.load_voice(tiny_model_dir)
+    loaded, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
+    assert not errors
+    return tv.ClipSet(loaded, tokenizer)
+
+
+def make_trainer(model_dir, *flags):
+    model, _ = tv.load_voice(model_dir)
+    tv.prepare_for_training(model)
+    args = tv.parse_args(["--lr", "2e-3", "--warmup_steps", "0", "--grad_accum", "1"] + list(flags))
+    torch.manual_seed(0)
+    trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
+    trainer.schedule(1000)
+    return trainer
+
+
+def first_batch(clips, n=4):
+    return tv.collate([(clips, i) for i in range(n)], 32)
+
+
+def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir, clips):
+    trainer = make_trainer(tiny_model_dir, "--lr", "1e-2")
+    batch = first_batch(clips)
+    for _ in range(10):
+        assert trainer.train_window([batch], d_only=True) is not None
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = tv.generator_forward(trainer.model.eval(), batch, 32)
+        real, _ = trainer.disc(out["audio"])
+        fake, _ = trainer.disc(out["audio_hat"])
+    # Least squares: real towards 1, generated towards 0, in every sub-discriminator.
+    margins = torch.stack([r.mean() - f.mean() for r, f in zip(real, fake)])
+    assert torch.all(margins > 0) and margins.mean() > 0.2, margins
+
+
+def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, clips, monkeypatch):
+    trainer = make_trainer(tiny_model_dir)
+    batch = first_batch(clips)
+    seen = {}
+    trainer.model.posterior_encoder.register_forward_hook(lambda m, args, out: seen.update(z=out[0]))
+    trainer.model.decoder.register_forward_pre_hook(lambda m, args: seen.update(decoded=args[0]))
+    torch.manual_seed(5)
+    out = tv.generator_forward(trainer.model, batch, 32)
+    for b in range(len(batch["frames"])):
+        # Where the target mel slice sits in the clip ...
+        mel = batch["mel"][b]
+        starts = [s for s in range(int(batch["frames"][b]) - 31) if torch.equal(mel[:, s:s + 32], out["mel"][b])]
+        assert len(starts) == 1
+        start = starts[0]
+        # ... is where the audio slice and the decoded latent slice come from.
+        torch.testing.assert_close(out["audio"][b, 0], batch["audio"][b, start * 256:(start + 32) * 256])
+        torch.testing.assert_close(seen["decoded"][b], seen["z"][b, :, start:start + 32])
+        # and the audio slice's own mel is the target (edges aside: the slice has no context there)
+        own = tv.mel_spectrogram(out["audio"][b], 16000)[0]
+        torch.testing.assert_close(own[:, 2:-2], out["mel"][b][:, 2:-2].float(), atol=2e-2, rtol=0)
+
+
+def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(tiny_model_dir, clips):
+    trainer = make_trainer(tiny_model_dir)
+    batch = first_batch(clips)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        out = tv.generator_forward(trainer.model, batch, 32)
+        real_logits, real_features = trainer.disc(out["audio"])
+        fake_logits, fake_features = trainer.disc(out["audio_hat"])
+        mel_hat = tv.mel_spectrogram(out["audio_hat"][:, 0], 16000)
+    expected = dict(
+        d=sum(torch.mean((1 - r) ** 2) + torch.mean(f ** 2) for r, f in zip(real_logits, fake_logits)),
+        adv=sum(torch.mean((1 - f) ** 2) for f in fake_logits),
+        fm=2 * sum(torch.mean(torch.abs(r - f)) for rs, fs in zip(real_features, fake_features)
+                   for r, f in zip(rs, fs)),
+        mel=torch.mean(torch.abs(mel_hat - out["mel"])))
+    expected["g"] = expected["adv"] + expected["fm"] + 45 * expected["mel"] + out["loss_kl"] + out["loss_dur"]
+    assert expected["fm"] > 0.01  # an untrained voice does not sound like the recording
+
+    # The critic's gradient is that of its own loss alone: the generator's backward adds nothing to it.
+    torch.manual_seed(2)
+    trainer.micro_step(batch, accum=1, d_only=True)
+    critic_alone = [p.grad.clone() for p in trainer.disc.parameters()]
+    trainer.opt_d.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    terms = trainer.micro_step(batch, accum=1, d_only=False)
+    for key, value in expected.items():
+        assert terms[key] == pytest.approx(float(value), rel=1e-4), key
+    for p, alone in zip(trainer.disc.parameters(), critic_alone):
+        torch.testing.assert_close(p.grad, alone)
+
+
+def brute_force_path(values, n_tokens, n_frames):
+    """Best monotonic path by enumerating where each token after the first starts."""
+    best, best_path = -np.inf, None
+    for starts in itertools.combinations(range(1, n_frames), n_tokens - 1):
+        bounds = (0,) + starts + (n_frames,)
+        path = np.zeros((n_tokens, n_frames))
+        for token in range(n_tokens):
+            path[token, bounds[token]:bounds[token + 1]] = 1
+        score = (values[:n_tokens, :n_frames] * path).sum()
+        if score > best:
+            best, best_path = score, path
+    return best_path
+
+
+def test_alignment_is_the_most_likely_path_and_its_durations_fill_each_clip():
+    g = torch.Generator().manual_seed(1)
+    lengths = [(3, 7), (5, 9), (1, 5), (4, 4)]  # (tokens, frames), unequal in a padded batch
+    tokens, frames = torch.tensor([t for t, _ in lengths]), torch.tensor([f for _, f in lengths])
+    z_p, m_p = torch.randn(4, 2, 9, generator=g), torch.randn(4, 2, 5, generator=g)
+    logs_p = 0.5 * torch.randn(4, 2, 5, generator=g)
+    x_mask = tv.sequence_mask(tokens, 5).unsqueeze(1).float()
+    y_mask = tv.sequence_mask(frames, 9).unsqueeze(1).float()
+    path = tv.monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)
+
+    # log N(z_p[:, t] | m_p[:, l], exp(logs_p[:, l])) summed over channels, for every (token l, frame t)
+    log_likelihood = torch.distributions.Normal(m_p.unsqueeze(3), logs_p.exp().unsqueeze(3)).log_prob(
+        z_p.unsqueeze(2)).sum(1)
+    durations = path.sum(2)
+    for b, (n_tokens, n_frames) in enumerate(lengths):
+        expected = np.zeros((5, 9))
+        expected[:n_tokens, :n_frames] = brute_force_path(log_likelihood[b].numpy(), n_tokens, n_frames)
+        np.testing.assert_array_equal(path[b].numpy(), expected)
+        assert durations[b].sum() == n_frames
+        assert torch.all(durations[b, :n_tokens] >= 1) and torch.all(durations[b, n_tokens:] == 0)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, clips, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, "--max_bad_steps", "2")
+    batch = first_batch(clips, 2)
+    before = {k: v.clone() for k, v in list(trainer.model.state_dict().items()) + list(
+        trainer.disc.state_dict().items())}
+    # Only the generator's loss is NaN: the critic's finished backward must be thrown away too.
+    monkeypatch.setattr(tv, "mel_slice_loss", lambda out, sr: torch.tensor(float("nan")))
+    assert trainer.train_window([batch]) is None
+    assert (trainer.step, trainer.skipped_steps) == (0, 1)
+    after = dict(list(trainer.model.state_dict().items()) + list(trainer.disc.state_dict().items()))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(tv.TrainingError, match="2 non-finite training steps in a row"):
+        trainer.train_window([batch])
+    assert trainer.skipped_steps == 2
+
+
+def test_learning_rate_warms_up_then_decays_and_critic_warm_up_spares_the_generator(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir, "--lr", "1e-3", "--warmup_steps", "3")
+    trainer.schedule(12, d_warmup_steps=4)
+    trainer.micro_step = lambda batch, accum, d_only: dict(d=0.0)  # no gradients: only the schedule moves
+    used_g, used_d = [], []
+    for step in range(12):
+        used_d.append(trainer.opt_d.param_groups[0]["lr"])
+        if step >= 4:
+            used_g.append(trainer.opt_g.param_groups[0]["lr"])
+        trainer.train_window([{}], d_only=step < 4)
+
+    def warmup_cosine(step, warmup, total):
+        if step < warmup:
+            return 1e-3 * step / warmup
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    assert used_d == pytest.approx([warmup_cosine(s, 3, 12) for s in range(12)], abs=1e-12)
+    assert used_g == pytest.approx([warmup_cosine(s, 3, 8) for s in range(8)], abs=1e-12)
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "ctrl_c", "deadline"])
+def test_a_run_stopped_mid_epoch_resumes_with_exactly_the_batches_it_had_left(stop, prepared_dataset, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    trained, expired = [], [False]
+    real_collate, real_left = tv.collate, tv.Budget.left
+
+    def named_collate(items, segment_frames):
+        batch = real_collate(items, segment_frames)
+        batch["names"] = [cs.names[i] for cs, i in items]
+        return batch
+
+    def recorded_step(self, batches, d_only=False):
+        # Training itself is tested above; here only which clips each optimizer step gets matters.
+        trained.append([name for batch in batches for name in batch["names"]])
+        self.step += 1
+        if self.step == 3 and stop == "ctrl_c":
+            signal.raise_signal(signal.SIGINT)
+        expired[0] = self.step == 3 and stop == "deadline"
+        return dict(d=0.0)
+
+    monkeypatch.setattr(tv, "collate", named_collate)
+    monkeypatch.setattr(tv.VitsTrainer, "train_window", recorded_step)
+    monkeypatch.setattr(tv.Budget, "left", lambda self: 0.0 if expired[0] else real_left(self))
+    (tmp_path / "sentences.txt").write_text("roj\n", encoding="utf-8")
+    out = str(tmp_path / "run")
+    args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "1",
+            "--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
+            "--benchmark_samples", "0", "--val_size", "0", "--sample_sentences", str(tmp_path / "sentences.txt")]
+    code = tv.main(args + (["--max_steps", "3"] if stop == "max_steps" else []))
+    assert code == (130 if stop == "ctrl_c" else 0)
+    first = list(trained)
+    assert len(first) == 3
+
+    trained.clear()
+    expired[0] = False
+    assert tv.main(args + ["--resume", "auto"]) == 0
+    with open(os.path.join(out, "run_config.json"), encoding="utf-8") as f:
+        n_train = json.load(f)["train_clips"]
+    names = [name for step in first + trained for name in step]
+    assert len(first) + len(trained) == math.ceil(n_train / 2)  # exactly the steps that were left
+    assert len(names) == len(set(names)) == n_train  # every clip once, none twice
