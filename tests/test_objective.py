@@ -19,6 +19,15 @@ from examples.tiny_model import KURMANJI_VOCAB
 from prepare_data import load_vocab, token_ids
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: two threads on a busy 2-core machine wait on each other in every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def duration_predictor(tiny_model_dir):
     """The tiny voice's stochastic duration predictor, every weight random (the affine flows start at 0)."""
@@ -249,28 +258,30 @@ def make_trainer(model_dir, *flags):
     return trainer
 
 
-def first_batch(clips, n=4):
-    return tv.collate([(clips, i) for i in range(n)], 32)
+def short_batch(clips, n=4, segment_frames=32):
+    """The n shortest clips: every step below runs the whole generator on them."""
+    shortest = sorted(range(len(clips)), key=clips.frames)[:n]
+    return tv.collate([(clips, i) for i in shortest], segment_frames)
 
 
 def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir, clips):
-    trainer = make_trainer(tiny_model_dir, "--lr", "1e-2")
-    batch = first_batch(clips)
+    trainer = make_trainer(tiny_model_dir, "--lr", "1e-2", "--segment_frames", "16")
+    batch = short_batch(clips, 2, 16)
     for _ in range(10):
         assert trainer.train_window([batch], d_only=True) is not None
     torch.manual_seed(1)
     with torch.no_grad():
-        out = tv.generator_forward(trainer.model.eval(), batch, 32)
+        out = tv.generator_forward(trainer.model.eval(), batch, 16)
         real, _ = trainer.disc(out["audio"])
         fake, _ = trainer.disc(out["audio_hat"])
     # Least squares: real towards 1, generated towards 0, in every sub-discriminator.
     margins = torch.stack([r.mean() - f.mean() for r, f in zip(real, fake)])
-    assert torch.all(margins > 0) and margins.mean() > 0.2, margins
+    assert torch.all(margins > 0) and margins.mean() > 0.3, margins
 
 
 def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, clips, monkeypatch):
     trainer = make_trainer(tiny_model_dir)
-    batch = first_batch(clips)
+    batch = short_batch(clips)
     seen = {}
     trainer.model.posterior_encoder.register_forward_hook(lambda m, args, out: seen.update(z=out[0]))
     trainer.model.decoder.register_forward_pre_hook(lambda m, args: seen.update(decoded=args[0]))
@@ -292,7 +303,7 @@ def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, clips
 
 def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(tiny_model_dir, clips):
     trainer = make_trainer(tiny_model_dir)
-    batch = first_batch(clips)
+    batch = short_batch(clips, 2)
     torch.manual_seed(2)
     with torch.no_grad():
         out = tv.generator_forward(trainer.model, batch, 32)
@@ -359,7 +370,7 @@ def test_alignment_is_the_most_likely_path_and_its_durations_fill_each_clip():
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, clips, monkeypatch):
     trainer = make_trainer(tiny_model_dir, "--max_bad_steps", "2")
-    batch = first_batch(clips, 2)
+    batch = short_batch(clips, 2)
     before = {k: v.clone() for k, v in list(trainer.model.state_dict().items()) + list(
         trainer.disc.state_dict().items())}
     # Only the generator's loss is NaN: the critic's finished backward must be thrown away too.
