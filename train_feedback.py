@@ -544,6 +544,8 @@ def main(argv=None):
         np.random.seed(args.seed)
         device = tv.resolve_device(args.device)
         precision = tv.resolve_precision(args.precision, device)
+        tv.init_distributed(device)
+        args.output_dir = tv.broadcast_object(args.output_dir)  # under torchrun: the new folder rank 0 named
         os.makedirs(args.output_dir, exist_ok=True)
 
         # 2. The trained voice and its critic (read only: the tuned copy goes to output_dir).
@@ -585,6 +587,7 @@ def main(argv=None):
         trainer = tv.VitsTrainer(model, disc, args, device, precision)
         make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
                                      args.feedback_weight, args.seed)
+        rank_batches = tv.shard_batches(make_batches)  # this process's share under torchrun
         train_sets = epoch_views(make_batches)
         first_epoch = [cs for batch in make_batches(1) for cs, _ in batch]
         items_per_epoch = dict(feedback=sum(cs is fb_train for cs in first_epoch),
@@ -598,7 +601,7 @@ def main(argv=None):
         # 5. Before: listening samples and validation of the input voice (kept when resuming).
         report_path = os.path.join(args.output_dir, REPORT_NAME)
         report = read_report(report_path) if args.resume else None
-        if report is None:
+        if report is None and tv.is_main_process():
             start = time.time()
             before = evaluate_all(trainer, report_sets, args)
             speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
@@ -607,15 +610,18 @@ def main(argv=None):
             report = dict(status="training", model=args.model, discriminator=disc_path, before=before,
                           before_seconds=time.time() - start)
             write_json(report_path, report)
+        report = tv.broadcast_object(report)  # the other ranks wait for it
         # The same work is done again after training: keep time for it.
         budget.seconds -= 1.5 * report["before_seconds"] + 5
 
         # 6. Plan (or resume), then train with train_vits.py's loop.
-        run, data_key = tv.start_run(trainer, train_sets, make_batches, fit_val_sets, args, budget,
+        run, data_key = tv.start_run(trainer, train_sets, rank_batches, fit_val_sets, args, budget,
                                      default_d_warmup=0 if disc_path else 50)
-        reason = tv.fit(trainer, tokenizer, train_sets, make_batches, fit_val_sets, args, budget, run, data_key)
+        reason = tv.fit(trainer, tokenizer, train_sets, rank_batches, fit_val_sets, args, budget, run, data_key)
         if reason == "interrupted":
             return 130
+        if not tv.is_main_process():
+            return 0
 
         # 7. After: the same samples and validation with the tuned voice, and the report.
         after = evaluate_all(trainer, report_sets, args)
@@ -647,6 +653,8 @@ def main(argv=None):
     except tv.TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        tv.leave_distributed()
     return 0
 
 

@@ -20,6 +20,7 @@ Examples:
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import glob
 import hashlib
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
@@ -43,12 +45,14 @@ import numpy as np
 import psutil
 import soundfile as sf
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monotonic_alignment_search import maximum_path
 from scipy.fft import dct
 from scipy.spatial.distance import cdist
 from speechmos import dnsmos
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_schedule_with_warmup
 
@@ -330,22 +334,27 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
         raise TrainingError(f"{metadata}: no clips listed")
     os.makedirs(cache_dir, exist_ok=True)
     cache = os.path.join(cache_dir, f"preload_{cache_key(audio_dir, entries, sampling_rate)}.npz")
-    if os.path.isfile(cache):
-        clips, errors = load_cache(cache)
-        print(f"preload: {len(clips)} clips from cache {cache}")
-    else:
-        for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
-            os.remove(stale)
-        paths = [os.path.join(audio_dir, name) for name, _ in entries]
-        need, free = estimate_preload_bytes(paths, sampling_rate), available_ram_bytes()
-        print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM ({free / 2**30:.1f} GiB available)")
-        if need > 0.8 * free:
-            raise TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
-                                "is available: use --max_samples or a machine with more RAM")
-        names = [name for name, _ in entries]
-        audio, mels, errors = decode_all(audio_dir, entries, sampling_rate, num_workers)
-        save_cache(cache, names, audio, mels, errors)
-        clips = {n: (a, m) for n, a, m in zip(names, audio, mels) if a is not None}
+    # Under torchrun rank 0 decodes and writes the cache; the other ranks then read it.
+    with main_process_first():
+        if os.path.isfile(cache):
+            clips, errors = load_cache(cache)
+            print(f"preload: {len(clips)} clips from cache {cache}")
+        else:
+            for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
+                os.remove(stale)
+            paths = [os.path.join(audio_dir, name) for name, _ in entries]
+            # Under torchrun every process on this node holds every clip (each epoch reshuffles them all).
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            need, free = local * estimate_preload_bytes(paths, sampling_rate), available_ram_bytes()
+            print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM"
+                  + (f" for {local} processes" if local > 1 else "") + f" ({free / 2**30:.1f} GiB available)")
+            if need > 0.8 * free:
+                raise TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
+                                    "is available: use --max_samples or a machine with more RAM")
+            names = [name for name, _ in entries]
+            audio, mels, errors = decode_all(audio_dir, entries, sampling_rate, num_workers)
+            save_cache(cache, names, audio, mels, errors)
+            clips = {n: (a, m) for n, a, m in zip(names, audio, mels) if a is not None}
     for err in errors:
         print(f"skipped clip {err}")
     texts = dict(entries)
@@ -429,6 +438,136 @@ def to_device(batch, device):
     if device.type != "cuda":
         return batch
     return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node N` runs N copies of this script, one per GPU, joined by
+# torch.distributed. A plain `python train_vits.py` starts no process group and every helper below is a
+# no-op for it.
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if distributed() else 1
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def is_main_process():
+    """Rank 0 alone writes checkpoints, models, samples, metrics and prints."""
+    return rank() == 0
+
+
+def launched_processes():
+    """Processes torchrun started (its WORLD_SIZE), known before the process group exists; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device):
+    """Join torchrun's process group when it started more than one process; a plain run starts none."""
+    if launched_processes() <= 1 or distributed():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Rank 0 may work alone for minutes (first preload, validation, saving) while the others wait.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    # Every rank starts from the same weights (DDP copies rank 0's) but draws its own random slices.
+    torch.manual_seed(torch.initial_seed() + rank())
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints; every rank's errors still reach stderr
+
+
+def leave_distributed():
+    if distributed():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def all_reduce(value, op):
+    """A number combined over all ranks (op "min", "max" or "sum"); the number itself without torchrun."""
+    if not distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
+    return t.item()
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on any: all ranks then take the same branch (stop, skip)."""
+    return bool(all_reduce(bool(flag), "max"))
+
+
+def all_ranks(flag):
+    return not any_rank(not flag)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a folder name it chose, a report it wrote)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (decoding, writing a cache); the others run it after, reading what it wrote."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+def shard_batches(make_batches):
+    """make_batches for this rank: every world_size-th batch of the epoch, starting at its rank.
+
+    The epoch's list is the same on every rank (seeded by epoch), so together the ranks train exactly
+    its batches; it is first padded by repeating its first batches to a multiple of world_size, so every
+    rank takes the same number of optimizer steps. Global step k covers the batches a single process
+    would take in k's window of grad_accum x world_size batches.
+    """
+    n, r = world_size(), rank()
+    if n == 1:
+        return make_batches
+
+    def make(epoch):
+        batches = make_batches(epoch)
+        padded = [batches[i % len(batches)] for i in range(math.ceil(len(batches) / n) * n)]
+        return padded[r::n]
+    return make
+
+
+def data_parallel(module, device):
+    """`module` under DistributedDataParallel when torchrun started several processes, else unchanged.
+
+    DDP averages gradients across ranks during backward, but only of what ran through its forward.
+    """
+    if not distributed():
+        return module
+    # The relative-position embeddings of VitsModel's attention get gradients of slices with other
+    # strides than DDP's buckets: DDP copies these few values and warns that it does.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -705,6 +844,18 @@ def duration_nll(dp, hidden, x_mask, durations):
     return nll + logq
 
 
+class GeneratorPass(nn.Module):
+    """generator_forward as a module's forward, so that DDP, which only averages the gradients of what
+    runs through the forward of the module it wraps, covers every VitsModel part the step calls."""
+
+    def __init__(self, model, segment_frames):
+        super().__init__()
+        self.model, self.segment_frames = model, segment_frames
+
+    def forward(self, batch):
+        return generator_forward(self.model, batch, self.segment_frames)
+
+
 def kl_loss(z_p, logs_q, m_p, logs_p, mask):
     kl = logs_p - logs_q - 0.5 + 0.5 * (z_p - m_p).pow(2) * torch.exp(-2.0 * logs_p)
     return torch.sum(kl * mask) / torch.sum(mask)
@@ -736,6 +887,8 @@ def resolve_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"--device {name}: no CUDA GPU is visible to torch (use --device cpu)")
+    if name == "cuda" and launched_processes() > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per process on each node
     return torch.device(name)
 
 
@@ -782,6 +935,10 @@ class VitsTrainer:
         self.opt_g = make_adamw(self.model.parameters(), args.lr)
         self.opt_d = make_adamw(self.disc.parameters(), args.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # The passes whose gradients are averaged across torchrun's ranks; the frozen critic of the
+        # generator pass leaves no gradient in itself and runs unwrapped.
+        self.generator_pass = data_parallel(GeneratorPass(self.model, args.segment_frames), device)
+        self.critic_pass = data_parallel(self.disc, device)
         self.schedule(1)
         self.step = 0
         self.bad_steps = 0
@@ -818,8 +975,9 @@ class VitsTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_g.zero_grad(set_to_none=True)
         totals, finite = {}, True
-        for batch in batches:
-            terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
+        for k, batch in enumerate(batches):
+            with self.no_sync(k < len(batches) - 1):
+                terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
             if terms is None:
                 finite = False
                 break
@@ -843,19 +1001,28 @@ class VitsTrainer:
         self.sched_d.step()
         return totals
 
+    def no_sync(self, accumulating):
+        """Under DDP, gradients are averaged once per optimizer step: not after the window's earlier micro-batches."""
+        stack = contextlib.ExitStack()
+        for net in (self.generator_pass, self.critic_pass):
+            if accumulating and isinstance(net, DistributedDataParallel):
+                stack.enter_context(net.no_sync())
+        return stack
+
     def micro_step(self, batch, accum, d_only):
         args = self.args
         with self.autocast():
             if d_only:
                 with torch.no_grad():
-                    out = generator_forward(self.model, batch, args.segment_frames)
+                    out = self.generator_pass(batch)
             else:
-                out = generator_forward(self.model, batch, args.segment_frames)
+                out = self.generator_pass(batch)
             real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
-            logits, features = self.disc(real_fake)
+            logits, features = self.critic_pass(real_fake)
         half = out["audio"].size(0)
         loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
-        if not torch.isfinite(loss_d):
+        # Under DDP every rank must run the same backward passes: a step is skipped on all or none.
+        if not all_ranks(torch.isfinite(loss_d)):
             return None
         self.scaler.scale(loss_d / accum).backward()
         terms = dict(d=loss_d.item())
@@ -872,7 +1039,7 @@ class VitsTrainer:
         loss_fm = feature_matching_loss(real_features, fake_features)
         loss_mel = mel_slice_loss(out, self.sampling_rate)
         loss_g = loss_adv + loss_fm + args.c_mel * loss_mel + args.c_kl * out["loss_kl"] + out["loss_dur"]
-        if not torch.isfinite(loss_g):
+        if not all_ranks(torch.isfinite(loss_g)):
             return None
         self.scaler.scale(loss_g / accum).backward()
         terms.update(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
@@ -960,7 +1127,7 @@ def benchmark_throughput(trainer, batches, samples):
     for window in windows[1:] + windows:
         trainer.train_window(window)
         done += sum(len(b["frames"]) for b in window)
-        if done >= samples:
+        if any_rank(done >= samples):  # ranks' batches differ in size; all must take the same steps
             break
     sync(trainer.device)
     elapsed = time.time() - start
@@ -991,7 +1158,8 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
     if args.benchmark_samples > 0:
         first = make_batches(0)
         bench = [collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
-        samples_per_s = benchmark_throughput(trainer, bench, args.benchmark_samples)
+        # Ranks step together, at the pace of the slowest one.
+        samples_per_s = world_size() * all_reduce(benchmark_throughput(trainer, bench, args.benchmark_samples), "min")
     if args.epochs:
         epochs = args.epochs
     elif samples_per_s:
@@ -1001,6 +1169,10 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
               f"validation and saving), {epochs} epochs, finishing about {finish}")
     else:
         epochs = math.ceil(args.max_steps / steps_per_epoch)
+    if world_size() > 1:
+        print(f"torchrun: {world_size()} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
+              f"= global batch of {world_size() * args.batch_size * args.grad_accum} clips, "
+              f"{steps_per_epoch} optimizer steps per epoch")
     total_steps = epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -1288,7 +1460,10 @@ class MetricsLog:
     """metrics.jsonl lines, plus TensorBoard scalars and audio when tensorboard is installed."""
 
     def __init__(self, output_dir):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path, self.tb = os.path.join(output_dir, "metrics.jsonl"), None
+        if not is_main_process():
+            self.path = None  # under torchrun only rank 0 logs
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
@@ -1296,6 +1471,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, record):
+        if self.path is None:
+            return
         # One write call per line, so a killed run never leaves half a record.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -1379,9 +1556,15 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
 
     def checkpoint(epoch, batches_done, tag=""):
         start = time.time()
+        rank_rngs = gather_objects(rng_state())  # each rank draws its own slices: resume restores each
+        if not is_main_process():
+            return
         state = dict(trainer=trainer.state_dict(), epoch=epoch, batches_done=batches_done, plan=plan,
-                     budget_used=budget.used(), best=run["best"], d_warmup_steps=d_warmup, rng=rng_state(),
-                     args=vars(args), data_key=data_key, model_config=trainer.model.config.to_dict())
+                     budget_used=budget.used(), best=run["best"], d_warmup_steps=d_warmup, rng=rank_rngs[0],
+                     args=vars(args), data_key=data_key, model_config=trainer.model.config.to_dict(),
+                     world_size=world_size())
+        if world_size() > 1:
+            state["rank_rngs"] = rank_rngs
         atomic_torch_save(state, os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch}{tag}.pt"))
         prune_checkpoints(output_dir, args.keep_checkpoints)
         save_seconds.append(time.time() - start)
@@ -1395,16 +1578,19 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             batches = make_batches(epoch)
             skip = run["batches_done"] if epoch == run["epoch"] else 0
             windows = [batches[i:i + args.grad_accum] for i in range(skip, len(batches), args.grad_accum)]
-            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan['epochs']}", unit="batch")
-            done, samples, start, terms = skip, 0, time.time(), {}
+            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan['epochs']}", unit="batch",
+                       disable=not is_main_process())
+            done, samples, start, terms, interrupted = skip, 0, time.time(), {}, False
             for window in windows:
-                if stop.requested or budget.left() < reserve() or (args.max_steps and trainer.step >= args.max_steps):
+                # Agreed by all ranks, so they stop at the same step (a signal may reach only one).
+                interrupted = any_rank(stop.requested)
+                if interrupted or any_rank(budget.left() < reserve()) or (args.max_steps and trainer.step >= args.max_steps):
                     break
                 tensors = [collate(items, args.segment_frames) for items in window]
                 result = trainer.train_window(tensors, d_only=trainer.step < d_warmup)
                 terms = result or terms  # a skipped (non-finite) step keeps showing the last good terms
                 done += len(window)
-                samples += sum(len(items) for items in window)
+                samples += sum(len(items) for items in window) * world_size()  # every rank trains as many
                 rate = samples / (time.time() - start)
                 epoch_eta = (len(batches) - done) * (time.time() - start) / max(1, done - skip)
                 bar.set_postfix_str(f"{format_terms(terms)} | {rate:.1f} samples/s {vram_text(trainer.device)} "
@@ -1415,7 +1601,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                                    skipped_steps=trainer.skipped_steps))
             bar.close()
             if done < len(batches):
-                if stop.requested:
+                if interrupted:
                     checkpoint(epoch, done, "_interrupted")
                     reason = "interrupted"
                     break
@@ -1424,20 +1610,24 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 break
             run.update(epoch=epoch + 1, batches_done=0)
             train_seconds = time.time() - start
-            if budget.left() > reserve() + end_of_epoch_seconds:
+            if is_main_process() and budget.left() > reserve() + end_of_epoch_seconds:
                 end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
                 end_of_epoch_seconds = time.time() - start - train_seconds
+            barrier()  # the other ranks wait for rank 0's validation and samples
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
             checkpoint(epoch, len(batches))
             if args.max_steps and trainer.step >= args.max_steps:
                 reason = "max_steps"
                 break
-    if reason != "interrupted":
+    if reason != "interrupted" and is_main_process():
         export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
         print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
               f"{budget.used() / 3600:.2f} h used)")
     log.close()
+    # torchrun stops every process once one exits with an error code (130 after Ctrl-C): none leaves
+    # before rank 0 has saved.
+    barrier()
     return reason
 
 
@@ -1471,13 +1661,19 @@ def load_checkpoint(path, trainer, data_key):
     if state.get("data_key") != data_key:
         raise TrainingError(f"--resume {path}: the checkpoint was trained on other data "
                             "(metadata.csv or the validation split changed); start a new --output_dir")
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size():
+        # Each rank's place in the epoch and its random state belong to the number of processes.
+        raise TrainingError(f"--resume {path}: the run was trained by {saved_world} process(es), this one has "
+                            f"{world_size()}; resume it with torchrun --nproc_per_node {saved_world}"
+                            + (" (or plain python)" if saved_world == 1 else ""))
     try:
         trainer.schedule(state["plan"]["total_steps"], state["d_warmup_steps"])
         trainer.load_state_dict(state["trainer"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"--resume {path}: the checkpoint does not match --model "
                             f"({str(err).splitlines()[0]})") from err
-    set_rng_state(state["rng"])
+    set_rng_state(state["rank_rngs"][rank()] if world_size() > 1 else state["rng"])
     return state
 
 
@@ -1527,8 +1723,10 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
 
 def save_run_info(args, extra):
     os.makedirs(args.output_dir, exist_ok=True)
+    if not is_main_process():
+        return
     info = dict(args=vars(args), argv=sys.argv, torch=torch.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                **extra)
+                processes=world_size(), **extra)
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -1548,6 +1746,7 @@ def main(argv=None):
         np.random.seed(args.seed)
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
+        init_distributed(device)
         # 2. The pretrained voice and its critic.
         model, tokenizer = load_voice(args.model)
         prepare_for_training(model)
@@ -1570,7 +1769,7 @@ def main(argv=None):
                                  val_clips=len(val_set), skipped_clips=errors, dropped_clips=clipset.dropped))
         # 4. Plan (or resume), then train.
         trainer = VitsTrainer(model, disc, args, device, precision)
-        make_batches = epoch_batches(train_set, args.batch_size, args.seed)
+        make_batches = shard_batches(epoch_batches(train_set, args.batch_size, args.seed))
         val_sets = {"val": val_set}
         run, data_key = start_run(trainer, [train_set], make_batches, val_sets, args, budget,
                                   default_d_warmup=0 if args.discriminator else 200)
@@ -1578,6 +1777,8 @@ def main(argv=None):
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        leave_distributed()
     return 130 if reason == "interrupted" else 0
 
 
