@@ -12,6 +12,9 @@ Examples:
     # continue an interrupted run with the budget it had left
     python train_vits.py --resume auto
 
+    # several GPUs of one machine (DistributedDataParallel; --batch_size is per GPU)
+    torchrun --standalone --nproc_per_node 4 train_vits.py --data_dir training --output_dir training
+
     # a tiny CPU smoke run (see examples/tiny_model.py and demo.sh)
     python train_vits.py --model example_run/tiny_model --data_dir example_run/data \\
         --output_dir example_run --target_hours 0.03 --device cpu --batch_size 4 --grad_accum 1
@@ -1584,7 +1587,8 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             for window in windows:
                 # Agreed by all ranks, so they stop at the same step (a signal may reach only one).
                 interrupted = any_rank(stop.requested)
-                if interrupted or any_rank(budget.left() < reserve()) or (args.max_steps and trainer.step >= args.max_steps):
+                out_of_time = any_rank(budget.left() < reserve())
+                if interrupted or out_of_time or (args.max_steps and trainer.step >= args.max_steps):
                     break
                 tensors = [collate(items, args.segment_frames) for items in window]
                 result = trainer.train_window(tensors, d_only=trainer.step < d_warmup)

@@ -50,7 +50,7 @@ def metric_steps(out):
 
 
 def checkpoint_step(out, name):
-    return torch.load(os.path.join(out, "checkpoints", name), weights_only=False)["trainer"]["step"]
+    return tv.read_checkpoint(os.path.join(out, "checkpoints", name))["trainer"]["step"]
 
 
 def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepared_dataset, tiny_model_dir,
