@@ -1549,7 +1549,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         os.remove(stale)  # left by a run killed while saving
     log = MetricsLog(output_dir)
     sentences = read_sentences(args.sample_sentences)
-    if args.asr_model:
+    if args.asr_model and is_main_process():  # only rank 0 runs the end-of-epoch work
         load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
     plan = run["plan"]
     d_warmup = run["d_warmup_steps"]
