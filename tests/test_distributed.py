@@ -54,7 +54,7 @@ def checkpoint_step(out, name):
 
 
 def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepared_dataset, tiny_model_dir,
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     out, dumps = str(tmp_path / "run"), str(tmp_path / "dumps")
     os.makedirs(dumps)
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "2",
@@ -92,3 +92,9 @@ def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepare
         assert torch.equal(value, rank1["model"][key]), key
     for key, value in disc.items():
         assert torch.equal(value, rank1["disc"][key]), key
+
+    # 3. One process cannot continue it: each rank's place in the epoch depends on the count.
+    capsys.readouterr()
+    assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 2
+    assert "trained by 2 process(es), this one has 1; resume it with torchrun --nproc_per_node 2" in \
+        capsys.readouterr().err
