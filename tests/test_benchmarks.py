@@ -23,3 +23,24 @@ def test_bench_train_prints_table_and_speedup(tmp_path, capsys):
         assert math.isfinite(audio_s) and audio_s > 0
         assert 0 <= wait <= 100
         assert re.fullmatch(r"\d+(\.\d+)? (MiB|GiB)", cells[-1]) and float(cells[-1].split()[0]) > 0
+
+
+def test_bench_quality_quick_prints_a_table_quality_lines_and_a_plot(tmp_path, capsys):
+    from benchmarks import bench_quality
+
+    plot = tmp_path / "quality.png"
+    rows = bench_quality.main(["--quick", "--data_dir", str(tmp_path / "data"), "--clips", "20", "--base_steps", "2",
+                               "--epochs", "1", "--eval_clips", "1", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert sorted(rows) == [0, 1]
+    assert "| epoch | step | new MCD dB | new dur ratio |" in out
+    lines = [line for line in out.splitlines() if line.startswith("quality: epoch ")]
+    assert [line.split()[2] for line in lines] == ["0", "1"]
+    for line in lines:
+        values = dict(zip(line.split()[3::2], map(float, line.split()[4::2])))
+        assert set(values) == {"step"} | {f"{v}_{k}" for v in ("new", "old") for k in
+                                          ("mcd", "dur_ratio", "dur_ratio_std", "dnsmos_ovrl", "val_mel")}
+        assert all(math.isfinite(v) for v in values.values())
+    # The fine-tune moved the voice: its epoch-1 numbers are train_vits.py's own, not the base's again.
+    assert rows[1]["new"] != rows[0]["new"]
+    assert plot.stat().st_size > 0

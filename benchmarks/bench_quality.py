@@ -1,0 +1,298 @@
+"""Does fine-tuning make the voice better? A night in miniature on the CPU, measured by voice quality.
+
+1. A base voice: a small VITS trained from scratch with train_vits.py on espeak-ng Kurmanji in one voice
+   (`ku`, speed 165, pitch 45); cached under benchmarks/data/quality/.
+2. A fine-tune of that base on another voice (`ku+f2`: female variant, slower, higher) with train_vits.py
+   as a user runs it, for a fixed number of epochs.
+3. Every epoch: MCD-DTW, duration ratio and DNSMOS on held-out sentences of the new voice (train_vits.py's
+   own eval_* metrics) and of the old voice (forgetting), and the validation mel loss of both. A table,
+   `quality:` lines to diff between versions, and a PNG plot (matplotlib: benchmarks/requirements.txt).
+
+The held-out clips are single sentences that no training clip of either voice contains, and they are the
+clips train_vits.py's own hash split holds out.
+
+    python benchmarks/bench_quality.py            # small model, ~15 min on a 2-core CPU
+    python benchmarks/bench_quality.py --quick    # tiny model, a smoke run
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+from transformers import VitsModel  # noqa: E402
+
+import train_vits as tv  # noqa: E402
+from benchmarks.common import DATA_DIR, SAMPLING_RATE  # noqa: E402
+from examples.make_release import SENTENCES, espeak_clip  # noqa: E402
+from examples.tiny_model import KURMANJI_VOCAB, make_tokenizer, tiny_config  # noqa: E402
+from prepare_data import clean_text, trim_silence  # noqa: E402
+
+# (espeak-ng voice, words per minute, pitch 0-99) of the base voice and of the voice it is tuned to.
+OLD_VOICE = ("ku", 165, 45)
+NEW_VOICE = ("ku+f2", 125, 75)
+# Per size: clips per voice, held-out sentences, base steps, fine-tune epochs, eval clips.
+SIZES = dict(small=dict(clips=120, held_out=8, base_steps=300, epochs=5, eval_clips=8),
+             tiny=dict(clips=40, held_out=2, base_steps=30, epochs=2, eval_clips=2))
+
+
+def small_config(vocab_size):
+    """Between the test model (0.2M) and MMS (36M): 2.4M parameters, a step about twice the tiny one's."""
+    config = tiny_config(vocab_size)
+    config.update(dict(hidden_size=96, num_hidden_layers=3, ffn_dim=256, flow_size=64,
+                       posterior_encoder_num_wavenet_layers=6, prior_encoder_num_wavenet_layers=3,
+                       duration_predictor_filter_channels=96, upsample_initial_channel=96,
+                       resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3], [1, 3]]))
+    return config
+
+
+def init_model(out_dir, size):
+    """A random-initialised VitsModel + the Kurmanji tokenizer, made once."""
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer(out_dir)
+    config = tiny_config(len(tokenizer)) if size == "tiny" else small_config(len(tokenizer))
+    VitsModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: one espeak-ng voice per folder, held-out sentences never inside a training clip.
+
+class Names:
+    """Just enough of a ClipSet for train_vits.split_validation: which names will it hold out?"""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __len__(self):
+        return len(self.names)
+
+    def subset(self, indices):
+        return Names([self.names[i] for i in indices])
+
+
+def sentence_split(held_out):
+    vocab = set(KURMANJI_VOCAB[1:])
+    sentences = [clean_text(s, vocab)[0] for s in SENTENCES]
+    sentences = [s for s in sentences if s]
+    return sentences[:held_out], sentences[held_out:]
+
+
+def make_voice_data(out_dir, voice, n_clips, held_out, seed=0):
+    """A prepared folder (wavs/ + metadata.csv) of one voice; reused when it already holds n_clips.
+
+    The clips train_vits.py will hold out (by its hash of the names) each say one held-out sentence;
+    every other clip joins one to three of the remaining sentences."""
+    metadata = os.path.join(out_dir, "metadata.csv")
+    if os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            if sum(1 for line in f if line.strip()) == n_clips:
+                return out_dir
+    evaluation, training = sentence_split(held_out)
+    names = [f"clip_{i:04d}.wav" for i in range(n_clips)]
+    _, val = tv.split_validation(Names(names), held_out)
+    rng = random.Random(seed)
+    texts = {name: evaluation[k] for k, name in enumerate(val.names)}
+    for name in names:
+        texts.setdefault(name, " ".join(rng.sample(training, rng.randint(1, 3))))
+    os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
+    name_of, speed, pitch = voice
+
+    def render(name):
+        audio = trim_silence(espeak_clip(texts[name], SAMPLING_RATE, name_of, speed, pitch))
+        sf.write(os.path.join(out_dir, "wavs", name), audio, SAMPLING_RATE, subtype="PCM_16")
+
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        list(pool.map(render, names))
+    with open(metadata + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(f"{name}|{texts[name]}\n" for name in names)
+    os.replace(metadata + ".tmp", metadata)
+    return out_dir
+
+
+def held_out_clips(data_dir, model_dir, held_out):
+    """The clips train_vits.py holds out of data_dir, as a ClipSet."""
+    _, tokenizer = tv.load_voice(model_dir)
+    clips, _ = tv.load_clips(data_dir, SAMPLING_RATE, os.path.join(data_dir, "cache"), 1)
+    return tv.split_validation(tv.ClipSet(clips, tokenizer), held_out)[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training (train_vits.py's main, with the flags a user would pass) and measuring.
+
+def common_flags(args):
+    return ["--device", "cpu", "--batch_size", "8", "--grad_accum", "1", "--disc_channels", "64",
+            "--num_workers", "1", "--benchmark_samples", "0", "--logging_steps", "10"]
+
+
+def train_base(args, size, init_dir, old_dir):
+    out = os.path.join(args.data_dir, f"base_{size}_{args.clips}clips_{args.base_steps}steps")
+    if os.path.isfile(os.path.join(out, "final_model", "model.safetensors")):
+        print(f"base voice: {out}/final_model (cached)")
+        return os.path.join(out, "final_model")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.time()
+    code = tv.main(["--model", init_dir, "--data_dir", old_dir, "--output_dir", out, "--lr", "1e-3",
+                    "--max_steps", str(args.base_steps), "--epochs", "1000", "--warmup_steps", "20",
+                    "--d_warmup_steps", "20", "--val_size", str(args.held_out), "--eval_clips", "0"]
+                   + common_flags(args))
+    if code != 0:
+        sys.exit(f"base voice training failed (exit {code})")
+    print(f"base voice: {args.base_steps} steps in {(time.time() - start) / 60:.1f} min")
+    return os.path.join(out, "final_model")
+
+
+def quality(trainer, clipset, n_clips):
+    return dict(val_mel=trainer.evaluate(clipset, 8)["mel"], **tv.evaluate_quality(trainer.model, clipset, n_clips))
+
+
+def measuring_old_voice(old_val, n_clips, rows):
+    """train_vits.end_of_epoch that also measures the old voice's held-out clips (forgetting)."""
+    end_of_epoch = tv.end_of_epoch
+
+    def measured(trainer, *rest, **kwargs):
+        end_of_epoch(trainer, *rest, **kwargs)
+        rows[trainer.step] = quality(trainer, old_val, n_clips)
+    return measured
+
+
+def fine_tune(args, base_dir, new_dir, old_val):
+    """train_vits.py on the new voice from the base; returns {epoch: row} with epoch 0 the base itself."""
+    model, tokenizer = tv.load_voice(base_dir)
+    tv.prepare_for_training(model)
+    flags = tv.parse_args(["--device", "cpu"])
+    trainer = tv.VitsTrainer(model, tv.load_discriminator(os.path.join(base_dir, "discriminator.pt")), flags,
+                             torch.device("cpu"), "fp32")
+    new_val = held_out_clips(new_dir, base_dir, args.held_out)
+    rows = {0: dict(step=0, minutes=0.0, new=quality(trainer, new_val, args.eval_clips),
+                    old=quality(trainer, old_val, args.eval_clips))}
+    out = os.path.join(args.data_dir, "fine_tune")
+    shutil.rmtree(out, ignore_errors=True)
+    old_rows = {}
+    tv.end_of_epoch, original = measuring_old_voice(old_val, args.eval_clips, old_rows), tv.end_of_epoch
+    start = time.time()
+    try:
+        code = tv.main(["--model", base_dir, "--discriminator", os.path.join(base_dir, "discriminator.pt"),
+                        "--data_dir", new_dir, "--output_dir", out, "--lr", "5e-4",
+                        "--epochs", str(args.epochs), "--warmup_steps", "10", "--val_size", str(args.held_out),
+                        "--eval_clips", str(args.eval_clips), "--keep_checkpoints", "1"] + common_flags(args))
+    finally:
+        tv.end_of_epoch = original
+    if code != 0:
+        sys.exit(f"fine-tune failed (exit {code})")
+    minutes = (time.time() - start) / 60
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        for record in map(json.loads, f):
+            if "eval_mcd" in record:
+                new = {k[len("eval_"):]: v for k, v in record.items() if k.startswith("eval_")}
+                rows[record["epoch"]] = dict(step=record["step"], new=dict(val_mel=record["val_mel"], **new),
+                                             old=old_rows[record["step"]])
+    return rows, minutes
+
+
+def voices_apart(new_val, old_val):
+    """MCD-DTW and duration ratio of the new voice's recordings against the old voice's, same sentences."""
+    pairs = [tv.compare_to_recording(n.astype(np.float32) / 32768.0, o.astype(np.float32) / 32768.0, SAMPLING_RATE)
+             for n, o in zip(new_val.audio, old_val.audio)]
+    return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+COLUMNS = [("mcd", "MCD dB", "{:.2f}"), ("dur_ratio", "dur ratio", "{:.2f}"), ("dur_ratio_std", "± std", "{:.2f}"),
+           ("dnsmos_ovrl", "DNSMOS", "{:.2f}"), ("val_mel", "val mel", "{:.3f}")]
+
+
+def print_table(rows):
+    header = ["epoch", "step"] + [f"{voice} {title}" for voice in ("new", "old") for _, title, _ in COLUMNS]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---:|" * len(header))
+    for epoch, row in sorted(rows.items()):
+        cells = [str(epoch), str(row["step"])] + [fmt.format(row[voice][key]) for voice in ("new", "old")
+                                                  for key, _, fmt in COLUMNS]
+        print("| " + " | ".join(cells) + " |")
+    for epoch, row in sorted(rows.items()):
+        print(f"quality: epoch {epoch} step {row['step']} " + " ".join(
+            f"{voice}_{key} {row[voice][key]:.4f}" for voice in ("new", "old") for key, _, _ in COLUMNS))
+
+
+def plot(rows, path, apart):
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("the plot needs matplotlib: pip install -r benchmarks/requirements.txt")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = sorted(rows)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (key, title, _) in zip(axes, [COLUMNS[0], COLUMNS[1], COLUMNS[3], COLUMNS[4]]):
+        for voice, style in (("new", "o-"), ("old", "s--")):
+            ax.plot(epochs, [rows[e][voice][key] for e in epochs], style, label=f"{voice} voice (held out)")
+        if key == "dur_ratio":
+            ax.axhline(1.0, color="grey", lw=0.8)
+        if key == "mcd":
+            ax.axhline(apart, color="grey", lw=0.8, ls=":", label="old vs new recordings")
+        ax.set_title(title)
+        ax.set_xlabel("fine-tune epoch (0 = base)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Tiny model, few clips and steps: a smoke run.")
+    p.add_argument("--data_dir", default=os.path.join(DATA_DIR, "quality"),
+                   help="Voices, base models (cached) and the fine-tune run.")
+    p.add_argument("--clips", type=int, default=None, help="Clips per voice (default by size).")
+    p.add_argument("--base_steps", type=int, default=None, help="Training steps of the base voice (default by size).")
+    p.add_argument("--epochs", type=int, default=None, help="Fine-tune epochs (default by size).")
+    p.add_argument("--eval_clips", type=int, default=None, help="Held-out clips measured per voice (default by size).")
+    p.add_argument("--plot", default=None, help="PNG path (default DATA_DIR/quality_<size>.png).")
+    p.add_argument("--threads", type=int, default=1,
+                   help="Torch threads: 1 is fastest on a busy 2-core machine (README, Performance).")
+    args = p.parse_args(argv)
+    size = "tiny" if args.quick else "small"
+    for key, value in SIZES[size].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    torch.set_num_threads(args.threads)
+
+    old_dir = make_voice_data(os.path.join(args.data_dir, f"voice_old_{args.clips}"), OLD_VOICE, args.clips,
+                              args.held_out)
+    new_dir = make_voice_data(os.path.join(args.data_dir, f"voice_new_{args.clips}"), NEW_VOICE, args.clips,
+                              args.held_out)
+    init_dir = init_model(os.path.join(args.data_dir, f"init_{size}"), size)
+    base_dir = train_base(args, size, init_dir, old_dir)
+    old_val = held_out_clips(old_dir, base_dir, args.held_out)
+    rows, minutes = fine_tune(args, base_dir, new_dir, old_val)
+    apart = voices_apart(held_out_clips(new_dir, base_dir, args.held_out), old_val)
+
+    print(f"\nfine-tune: {args.epochs} epochs on {args.clips} clips of {NEW_VOICE} in {minutes:.1f} min; "
+          f"held out: {args.held_out} sentences per voice, {args.eval_clips} measured")
+    print_table(rows)
+    first, last = rows[0], rows[max(rows)]
+    print(f"quality: voices apart mcd {apart[0]:.4f} dur_ratio {apart[1]:.4f}")
+    print(f"quality: new voice mcd {first['new']['mcd']:.2f} -> {last['new']['mcd']:.2f}, dur_ratio "
+          f"{first['new']['dur_ratio']:.2f} -> {last['new']['dur_ratio']:.2f}; old voice mcd "
+          f"{first['old']['mcd']:.2f} -> {last['old']['mcd']:.2f}")
+    plot(rows, args.plot or os.path.join(DATA_DIR, f"quality_{size}.png"), apart[0])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
