@@ -112,6 +112,12 @@ def test_best_metric_dnsmos_prefers_the_higher_score():
         assert min(scores) == tv.selection_score(best, "val", metric), metric
 
 
+def test_best_metric_other_than_val_mel_needs_eval_clips(capsys):
+    with pytest.raises(SystemExit):
+        tv.parse_args(["--best_metric", "mcd", "--eval_clips", "0"])
+    assert "--best_metric mcd needs --eval_clips above 0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_asr_dir(tmp_path_factory):
     """A tiny random Wav2Vec2ForCTC with a Kurmanji character vocabulary: plumbing only, it cannot hear."""
