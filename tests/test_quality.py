@@ -112,6 +112,16 @@ def test_best_metric_dnsmos_prefers_the_higher_score():
         assert min(scores) == tv.selection_score(best, "val", metric), metric
 
 
+def test_speaking_from_text_is_repeatable_and_capped(tiny_model_dir):
+    model, tokenizer = tv.load_voice(tiny_model_dir)
+    ids = tv.token_ids(tokenizer, "ez bi kurdî diaxivim")
+    free = tv.speak_ids(model, ids, max_frames=1e9, seed=3)
+    np.testing.assert_array_equal(free, tv.speak_ids(model, ids, max_frames=1e9, seed=3))
+    # Durations are scaled down together; each token's ceil() may add one frame.
+    capped = tv.speak_ids(model, ids, max_frames=len(free) // 256 // 4, seed=3)
+    assert len(capped) <= (len(free) // 256 // 4 + len(ids)) * 256 < len(free)
+
+
 def test_best_metric_other_than_val_mel_needs_eval_clips(capsys):
     with pytest.raises(SystemExit):
         tv.parse_args(["--best_metric", "mcd", "--eval_clips", "0"])
