@@ -50,6 +50,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
+from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name, within
+
 SAMPLE_RATE = 16000
 HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
 DEFAULT_MODEL = "facebook/mms-tts-kmr-script_latin"
@@ -171,14 +173,18 @@ def is_silent(audio):
 
 
 def write_wav_atomic(path, audio):
+    # Encoded in memory, so a full disk raises the OSError itself (libsndfile only says "System error").
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     tmp = temp_name(path)
-    sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
-
-
-def temp_name(path):
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------- text
@@ -678,7 +684,10 @@ def decode_clip(job):
             return job_id, None, "silent", f"no sound above {SILENCE_DBFS:.0f} dBFS"
         reason = audio_verdict(len(audio), n_tokens, n_chars, limits)
         if reason is None:
-            write_wav_atomic(out_path, audio)
+            try:
+                write_wav_atomic(out_path, audio)
+            except OSError as err:  # our own output, not the clip, is at fault: the run must stop
+                return job_id, None, "write_error", f"cannot write {out_path}: {err.strerror or err}"
         return job_id, len(audio), reason, None
     except AudioError as err:
         return job_id, None, err.reason, str(err)
@@ -786,6 +795,8 @@ def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache, s
     results = run_jobs(iter_jobs(source, clips, make_job), args.workers, len(clips))
     for done, (name, samples, reason, detail) in enumerate(results, 1):
         clip = by_name[name]
+        if reason == "write_error":
+            fail(detail)
         outcomes[name] = (samples, reason, detail)
         if detail:
             tqdm.write(f"warning: {clip.source}: {detail}", file=sys.stderr)
@@ -834,8 +845,9 @@ def write_metadata(path, kept):
 
 def remove_stale_files(wavs_dir, kept_names):
     """Delete WAVs no longer listed (metadata.csv must match the folder) and temp files of killed runs."""
+    remove_stale_temps(wavs_dir)
     for name in os.listdir(wavs_dir):
-        if (name.startswith(".") and name.endswith(".tmp")) or (name.endswith(".wav") and name not in kept_names):
+        if name.endswith(".wav") and name not in kept_names:
             os.remove(os.path.join(wavs_dir, name))
 
 
@@ -948,14 +960,30 @@ def parse_args(argv):
     for flag in ("min_upvotes", "max_downvotes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must be at least 0")
-    if os.path.abspath(args.input) == os.path.abspath(args.output_dir):
-        parser.error("--output_dir must differ from --input (stale wavs in it are deleted)")
+    if within(args.input, args.output_dir):
+        parser.error(f"--input {args.input} lies in --output_dir {args.output_dir} (links followed), where stale "
+                     "WAVs are deleted: choose another --output_dir")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        lock = OutputLock(args.output_dir).acquire()
+    except FolderInUse as err:
+        fail(str(err))
+    try:
+        return prepare(args)
+    except OSError as err:  # writing our own outputs (a full disk): reading errors are handled where they occur
+        for folder in (args.output_dir, os.path.join(args.output_dir, "wavs")):
+            remove_stale_temps(folder)
+        fail(f"{err.filename or args.output_dir}: {err.strerror or err}")
+    finally:
+        lock.release()
 
+
+def prepare(args):
+    """Steps 1-4 of a run in a locked --output_dir; returns the report."""
     # 1. Read the clip list and the voice's alphabet.
     try:
         if is_hf_dataset(args.input):

@@ -51,6 +51,7 @@ import listening
 import train_vits as tv
 from prepare_data import (AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, token_ids,
                           trim_silence)
+from run_folder import overlap
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
@@ -130,12 +131,6 @@ def check_listen_args(parser, args):
                      "to mean it")
 
 
-def within(path, folder):
-    """True when `path` is `folder` or lies inside it (both resolved, links followed)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
     base = os.path.join(parent, time.strftime(stamp_format))
     path, n = base, 1
@@ -193,7 +188,7 @@ def parse_args(argv=None):
             args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
     # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
     # samples/ and a cache under output_dir, so the two folders may not overlap either way.
-    if os.path.isdir(args.model) and (within(args.output_dir, args.model) or within(args.model, args.output_dir)):
+    if os.path.isdir(args.model) and overlap(args.output_dir, args.model):
         parser.error(f"--output_dir {args.output_dir} overlaps --model {args.model}: the input model is never "
                      "written to; choose a new folder (the default is a new one under training/feedback_models)")
     tv.check_args(parser, args)
@@ -448,7 +443,7 @@ def evaluate_all(trainer, val_sets, args):
 
 
 def write_json(path, data):
-    tmp = f"{path}.tmp"
+    tmp = tv.temp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
     os.replace(tmp, path)
@@ -531,10 +526,12 @@ def listen(args):
 def main(argv=None):
     args = parse_args(argv)
     budget = tv.Budget(args.target_hours * 3600)
+    lock = None
     try:
         if args.listen is not None:
             listen(args)
             return 0
+        lock = tv.claim_output_dir(args, "train_feedback")
         if args.make_session:
             make_session(args)
             return 0
@@ -653,7 +650,12 @@ def main(argv=None):
     except tv.TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
+        print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
+        return 2
     finally:
+        if lock:
+            lock.release()
         tv.leave_distributed()
     return 0
 
@@ -668,7 +670,7 @@ def read_report(path):
 
 
 def save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped):
-    tv.save_run_info(args, dict(precision=precision, device=str(device), discriminator=disc_path,
+    tv.save_run_info(args, dict(script="train_feedback", precision=precision, device=str(device), discriminator=disc_path,
                                 feedback_train_clips=len(fb_train), feedback_val_clips=len(fb_val),
                                 original_train_clips=len(orig_train or []), original_val_clips=len(orig_val or []),
                                 skipped_feedback=count_reasons(skipped)))

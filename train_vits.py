@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unicodedata
 import warnings
@@ -60,6 +59,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_schedule_with_warmup
 
 from prepare_data import AudioError, load_audio, load_tokenizer, read_metadata, token_ids, trim_silence
+from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
 N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
@@ -139,6 +139,9 @@ def build_parser(description=__doc__):
     g = p.add_argument_group("saving and logging")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="'auto' (newest checkpoint in output_dir) or a checkpoint path.")
+    g.add_argument("--overwrite", action="store_true",
+                   help="Start a fresh run in an output_dir that holds an earlier one, deleting its checkpoints, "
+                        "final_model/, samples/ and metrics (default: refuse, and say so).")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="Epoch checkpoints kept on disk.")
     g.add_argument("--logging_steps", type=int, default=20, help="Optimizer steps between metrics.jsonl lines.")
     g = p.add_argument_group("voice quality (every epoch, after validation)")
@@ -167,6 +170,8 @@ def check_args(parser, args):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.target_hours <= 0:
         parser.error(f"--target_hours must be positive, got {args.target_hours}")
+    if args.resume and args.overwrite:
+        parser.error("give --resume (continue the run in --output_dir) or --overwrite (start it over), not both")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume: no checkpoint file at {args.resume}")
     if args.discriminator and not os.path.isfile(args.discriminator):
@@ -297,7 +302,7 @@ def save_cache(path, names, audio, mels, errors):
                  mel_len=np.array([mels[i].shape[1] for i in kept], dtype=np.int64))
     big = dict(audio=(np.int16, (int(small["audio_len"].sum()),), lambda i: audio[i]),
                mel=(np.float16, (int(small["mel_len"].sum()), N_MELS), lambda i: mels[i].T))
-    tmp = path + ".tmp.npz"
+    tmp = temp_name(path)
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, value in small.items():
             with zf.open(key + ".npy", "w", force_zip64=True) as f:
@@ -339,6 +344,7 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
     cache = os.path.join(cache_dir, f"preload_{cache_key(audio_dir, entries, sampling_rate)}.npz")
     # Under torchrun rank 0 decodes and writes the cache; the other ranks then read it.
     with main_process_first():
+        remove_stale_temps(cache_dir)
         if os.path.isfile(cache):
             clips, errors = load_cache(cache)
             print(f"preload: {len(clips)} clips from cache {cache}")
@@ -629,11 +635,16 @@ def export_voice(model, tokenizer, discriminator, out_dir):
     """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt, atomically."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
-    inference_copy(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
-    replace_dir(tmp, out_dir)
+    tmp = temp_name(os.path.abspath(out_dir))
+    os.mkdir(tmp)
+    try:
+        inference_copy(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep a hidden half-written copy
+        raise
 
 
 def conv_stack(convs, conv_post, x):
@@ -1186,13 +1197,41 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
 # ----------------------------------------------------------------------------------------------------
 # Saving: atomic checkpoints, listening samples, metrics.
 
+class FileWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports only "unexpected pos"."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = FileWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error:
+                    raise writer.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk must not keep half a checkpoint
+        raise
 
 
 def rng_state():
@@ -1257,8 +1296,8 @@ def prune_checkpoints(output_dir, keep):
 
 
 def write_wav(path, audio, sampling_rate):
-    tmp = path + ".tmp.wav"
-    sf.write(tmp, audio, sampling_rate, subtype="PCM_16")
+    tmp = temp_name(path)
+    sf.write(tmp, audio, sampling_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, path)
 
 
@@ -1545,8 +1584,8 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     output_dir = args.output_dir
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp*")):
-        os.remove(stale)  # left by a run killed while saving
+    for folder in (output_dir, ckpt_dir):
+        remove_stale_temps(folder)  # left by a run killed while saving
     log = MetricsLog(output_dir)
     sentences = read_sentences(args.sample_sentences)
     if args.asr_model and is_main_process():  # only rank 0 runs the end-of-epoch work
@@ -1725,6 +1764,55 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
     return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
 
 
+# What a run leaves in its output_dir; the first three mean a run was started there.
+RUN_MARKERS = ("run_config.json", "checkpoints", "final_model")
+RUN_OUTPUTS = RUN_MARKERS + ("samples", "metrics.jsonl", "tensorboard", "report.json")
+
+
+def claim_output_dir(args, script):
+    """Lock args.output_dir for this run. A fresh run refuses a folder holding an earlier run unless
+    --overwrite (which deletes that run's outputs, never the data or the cache); nothing ever writes into
+    another script's run. Under torchrun only rank 0 claims it, for the whole run (None elsewhere)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = OutputLock(args.output_dir)
+    try:
+        lock.acquire()
+    except FolderInUse as err:
+        raise TrainingError(str(err)) from None
+    found = [name for name in RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
+             or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
+    owner = run_script(args.output_dir)
+    if owner not in (None, script):
+        lock.release()
+        raise TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never writes into "
+                            "it: choose another folder")
+    if found and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): continue "
+                                "it with --resume auto, start it over with --overwrite, or choose another folder")
+        for name in RUN_OUTPUTS:
+            path = os.path.join(args.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"--overwrite: deleted the earlier run in {args.output_dir} ({', '.join(found)})")
+    return lock
+
+
+def run_script(output_dir):
+    """Which script's run `output_dir` holds, from its run_config.json (None when there is none)."""
+    try:
+        with open(os.path.join(output_dir, "run_config.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
+    return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
+
+
 def save_run_info(args, extra):
     os.makedirs(args.output_dir, exist_ok=True)
     if not is_main_process():
@@ -1743,7 +1831,9 @@ def save_run_info(args, extra):
 def main(argv=None):
     args = parse_args(argv)
     budget = Budget(args.target_hours * 3600)
+    lock = None
     try:
+        lock = claim_output_dir(args, "train_vits")
         # 1. Machine and precision.
         torch.manual_seed(args.seed)
         random.seed(args.seed)
@@ -1769,7 +1859,7 @@ def main(argv=None):
             raise TrainingError(f"{args.data_dir}: no usable clips ({len(errors)} failed to load)")
         print(f"data: {len(train_set)} training clips, {len(val_set)} validation clips, "
               f"{len(errors)} skipped as unreadable")
-        save_run_info(args, dict(precision=precision, device=str(device), train_clips=len(train_set),
+        save_run_info(args, dict(script="train_vits", precision=precision, device=str(device), train_clips=len(train_set),
                                  val_clips=len(val_set), skipped_clips=errors, dropped_clips=clipset.dropped))
         # 4. Plan (or resume), then train.
         trainer = VitsTrainer(model, disc, args, device, precision)
@@ -1781,7 +1871,12 @@ def main(argv=None):
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
+        print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
+        return 2
     finally:
+        if lock:
+            lock.release()
         leave_distributed()
     return 130 if reason == "interrupted" else 0
 

@@ -1,14 +1,24 @@
 """Issue 10: a night's work is never lost and no file runs code: safe checkpoints, the output-folder
 lock, refused overlaps and hostile input, and one clear line for every failure."""
 
+import glob
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
+import psutil
 import pytest
 import torch
 
+import prepare_data
+import run_folder
 import train_feedback as tf
 import train_vits as tv
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py).
 QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
          "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
@@ -22,6 +32,16 @@ class Payload:
 
     def __reduce__(self):
         return os.mkdir, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def trained_voice_dir(tiny_model_dir, tmp_path_factory):
+    """A voice folder as train_vits.py leaves it (final_model/ with discriminator.pt)."""
+    model, tokenizer = tv.load_voice(tiny_model_dir)
+    tv.prepare_for_training(model)
+    out = str(tmp_path_factory.mktemp("voice") / "final_model")
+    tv.export_voice(model, tokenizer, tv.VitsDiscriminator(max_channels=64), out)
+    return out
 
 
 def one_error_line(stderr):
@@ -76,3 +96,138 @@ def test_feedback_resume_auto_takes_the_latest_run_by_its_start_time(tmp_path):
         os.utime(os.path.join(parent, run, "checkpoints", "checkpoint_epoch_1.pt"), (2e9 - i, 2e9 - i))
     os.makedirs(os.path.join(parent, "20261126-000000"))  # no checkpoint: nothing to resume
     assert tf.newest_run_dir(parent) == os.path.join(parent, "20261125-090000-10")
+
+
+# ---------------------------------------------------------------------------------------------------- 2, 3, 6
+
+def dead_process():
+    """(pid, start time) of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(proc.pid).create_time()
+    proc.wait()
+    return proc.pid, started
+
+
+def test_a_live_run_holds_its_folder_against_every_script(prepared_dataset, tiny_model_dir, kmr_release, tmp_path,
+                                                          capsys):
+    out = str(tmp_path / "run")
+    with run_folder.OutputLock(out):  # this test process is the live run
+        assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
+                        "--resume", "auto"] + QUICK) == 2
+        assert "in use by another run" in one_error_line(capsys.readouterr().err)
+        assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
+                        "--overwrite"] + QUICK) == 2
+        assert "in use by another run" in one_error_line(capsys.readouterr().err)
+        with pytest.raises(SystemExit, match="in use by another run"):
+            prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out])
+        assert os.listdir(out) == [run_folder.LOCK_NAME]
+    assert os.listdir(out) == []  # released
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    pid, started = dead_process()
+    folder = str(tmp_path / "run")
+    os.makedirs(folder)
+    lock_path = os.path.join(folder, run_folder.LOCK_NAME)
+    me = run_folder.this_process()
+    for holder in (dict(me, pid=pid, started=started),  # crashed
+                   dict(me, started=me["started"] - 3600)):  # its PID now belongs to this process
+        with open(lock_path, "w") as f:
+            json.dump(holder, f)
+        with run_folder.OutputLock(folder):
+            assert run_folder.read_lock(lock_path)["pid"] == os.getpid()
+    with open(lock_path, "w") as f:
+        json.dump(dict(me, host="another-machine"), f)
+    with pytest.raises(run_folder.FolderInUse, match="another machine"):
+        run_folder.OutputLock(folder).acquire()
+
+
+def test_temp_files_of_live_processes_are_left_alone(prepared_dataset, tmp_path):
+    dead_pid, _ = dead_process()
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    live = os.path.join(cache, f".preload_0123.npz.{os.getppid()}.tmp")  # another run's cache being written
+    dead = os.path.join(cache, f".preload_4567.npz.{dead_pid}.tmp")
+    for path in (live, dead):
+        open(path, "w").close()
+    tv.load_clips(prepared_dataset, 16000, cache, 1)
+    assert os.path.exists(live) and not os.path.exists(dead)
+    assert len(glob.glob(os.path.join(cache, "preload_*.npz"))) == 1
+
+
+def a_finished_run(folder, script):
+    os.makedirs(os.path.join(folder, "checkpoints"))
+    fake_checkpoint(os.path.join(folder, "checkpoints", "checkpoint_epoch_5.pt"), 50, 5)
+    os.makedirs(os.path.join(folder, "final_model"))
+    with open(os.path.join(folder, "run_config.json"), "w") as f:
+        json.dump(dict(script=script, args={}), f)
+    return tree(folder)
+
+
+def tree(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, dirs, files in os.walk(folder)
+                  for name in dirs + files)
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_run_unless_told(tmp_path, capsys):
+    out = str(tmp_path / "training")
+    before = a_finished_run(out, "train_vits")
+    with open(os.path.join(out, "metadata.csv"), "w") as f:  # the data may share the folder (README)
+        f.write("a.wav|roj baş\n")
+    assert tv.main(["--output_dir", out] + QUICK) == 2
+    error = one_error_line(capsys.readouterr().err)
+    assert "already holds a run" in error and "--resume auto" in error and "--overwrite" in error
+    assert tree(out) == sorted(before + ["metadata.csv"])
+
+    args = tv.parse_args(["--output_dir", out, "--overwrite"] + QUICK)
+    with tv.claim_output_dir(args, "train_vits"):
+        assert sorted(os.listdir(out)) == [run_folder.LOCK_NAME, "metadata.csv"]
+    with pytest.raises(SystemExit):
+        tv.parse_args(["--output_dir", out, "--overwrite", "--resume", "auto"])
+
+
+def test_train_feedback_never_writes_into_a_train_vits_run(trained_voice_dir, tmp_path, capsys):
+    vits_run = str(tmp_path / "training")
+    before = a_finished_run(vits_run, "train_vits")
+    for extra in ([], ["--overwrite"], ["--resume", "auto"]):
+        assert tf.main(["--model", trained_voice_dir, "--output_dir", vits_run] + extra + QUICK) == 2
+        assert "holds a train_vits.py run" in one_error_line(capsys.readouterr().err)
+        assert tree(vits_run) == before
+
+
+# ---------------------------------------------------------------------------------------------------- 5, 7, 12
+
+def test_prepare_data_refuses_an_output_dir_reaching_the_input_through_a_link(prepared_dataset, tiny_model_dir,
+                                                                            tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_dataset, data)
+    link = str(tmp_path / "link")
+    try:
+        os.symlink(data, link, target_is_directory=True)
+    except OSError:
+        pytest.skip("no permission to make symlinks here")
+    before = tree(data)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--input", data, "--model", tiny_model_dir, "--output_dir", link, "--max_clips", "1"])
+    assert exit_info.value.code == 2
+    assert "lies in --output_dir" in capsys.readouterr().err
+    assert tree(data) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="RLIMIT_FSIZE is POSIX")
+def test_prepare_data_stops_in_one_line_when_its_outputs_cannot_be_written(kmr_release, tiny_model_dir, tmp_path):
+    import resource
+
+    def small_files_only():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))  # every WAV is larger: as a full disk
+
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--input", kmr_release, "--model",
+                           tiny_model_dir, "--output_dir", out, "--workers", "1"], cwd=ROOT, capture_output=True,
+                          text=True, preexec_fn=small_files_only)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(r"error: cannot write \S+\.wav: File too large$", errors[0]), errors
+    assert not os.path.exists(os.path.join(out, "metadata.csv"))
+    assert [name for name in os.listdir(os.path.join(out, "wavs")) if name.startswith(".")] == []

@@ -1,0 +1,143 @@
+"""The output folder of a run: a lock so that two runs never write into one folder, and temporary files
+named by the process that writes them, so cleaning up never removes a live process's file.
+
+Used by prepare_data.py, train_vits.py and train_feedback.py. It behaves the same on Windows and Linux:
+the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
+a lock whose process has ended (killed, crashed, machine rebooted) is stale and taken over.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+import psutil
+
+LOCK_NAME = ".run.lock"
+# An empty or unreadable lock younger than this may be one another process is writing right now.
+UNREADABLE_LOCK_GRACE_S = 60.0
+TEMP_PATTERN = re.compile(r"\..+\.(\d+)\.tmp")
+
+
+class FolderInUse(RuntimeError):
+    """Another live run holds the folder's lock; the message says which and what to do."""
+
+
+def process_running(pid, started=None):
+    """True while process `pid` runs (and, given `started`, is the one that started then: PIDs are reused)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # another user's process: it exists
+
+
+def this_process():
+    me = psutil.Process()
+    return dict(pid=me.pid, started=me.create_time(), host=socket.gethostname())
+
+
+class OutputLock:
+    """`with OutputLock(folder):` holds `folder` for this process, or raises FolderInUse."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.owner = this_process()
+        self.held = False
+
+    def __enter__(self):
+        if not self.held:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self):
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self.take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.owner, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+
+    def take_over_if_stale(self):
+        """Remove a lock whose owner has ended; raise FolderInUse for a live (or unknowable) one."""
+        holder = read_lock(self.path)
+        if holder is None:
+            try:
+                if time.time() - os.path.getmtime(self.path) < UNREADABLE_LOCK_GRACE_S:
+                    raise FolderInUse(f"{self.folder} is being claimed by another run right now "
+                                      f"(lock file {self.path}); try again in a minute")
+            except FileNotFoundError:
+                return
+        elif holder.get("host") != self.owner["host"]:
+            raise FolderInUse(f"{self.folder} is in use by a run on another machine ({holder.get('host')}, "
+                              f"PID {holder.get('pid')}); if that run has ended, delete {self.path}")
+        elif process_running(holder["pid"], holder.get("started")):
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("started", 0)))
+            raise FolderInUse(f"{self.folder} is in use by another run (PID {holder['pid']}, started {since}): "
+                              "wait for it to end, or choose another folder")
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass  # another process took it over first; the next try finds its lock
+
+    def release(self):
+        if self.held and read_lock(self.path) == self.owner:
+            os.remove(self.path)
+        self.held = False
+
+
+def read_lock(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def within(path, folder):
+    """True when `path` is `folder` or lies inside it (both resolved, links followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def overlap(a, b):
+    """True when one of two folders is, or holds, the other: the rule for every "must not overlap"."""
+    return within(a, b) or within(b, a)
+
+
+def temp_name(path):
+    """Where `path` is written before it is renamed into place: hidden, and named by the writing process."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(folder):
+    """Delete temp files and folders (temp_name) in `folder` whose writing process has ended."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        match = TEMP_PATTERN.fullmatch(name)
+        if match and (int(match.group(1)) == os.getpid() or not process_running(int(match.group(1)))):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
