@@ -31,6 +31,7 @@ import csv
 import glob
 import io
 import json
+import ntpath
 import os
 import posixpath
 import re
@@ -318,26 +319,59 @@ def read_tsv(path_or_file):
     return header, rows, malformed
 
 
+class MetadataError(ValueError):
+    """A metadata.csv that cannot be read as text; the message names the file."""
+
+
 def parse_metadata(path):
-    """Read an LJSpeech `name|text` (or `name|raw|normalised`) file; return ([(file, text)], malformed)."""
+    """Read an LJSpeech `name|text` (or `name|raw|normalised`) file; return ([(file, text)], malformed).
+
+    A line with another number of fields is malformed: its text cannot be told from the rest.
+    """
     rows, malformed = [], 0
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for line in f:
-            fields = line.rstrip("\r\n").split("|")
-            if len(fields) < 2 or not fields[0].strip():
-                if line.strip():
-                    malformed += 1
-                continue
-            name = fields[0].strip()
-            if not os.path.splitext(name)[1]:
-                name += ".wav"
-            rows.append((name, fields[-1]))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for line in f:
+                fields = line.rstrip("\r\n").split("|")
+                if len(fields) not in (2, 3) or not fields[0].strip():
+                    if line.strip():
+                        malformed += 1
+                    continue
+                name = fields[0].strip()
+                if not os.path.splitext(name)[1]:
+                    name += ".wav"
+                rows.append((name, fields[-1]))
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a line); "
+                            "save it as UTF-8") from None
     return rows, malformed
 
 
-def read_metadata(path):
-    """Rows of an LJSpeech-style metadata.csv as (wav file name relative to wavs/, text); bad lines skipped."""
-    return parse_metadata(path)[0]
+def outside_folder(path):
+    """True for a listed path that would leave its folder: absolute, on a drive, or through '..'."""
+    return (os.path.isabs(path) or path.startswith(("/", "\\")) or bool(ntpath.splitdrive(path)[0])
+            or ".." in re.split(r"[\\/]", path))
+
+
+def read_metadata(path, left_out=None):
+    """Rows of an LJSpeech-style metadata.csv as (wav file name relative to wavs/, text), as prepare_data.py
+    keeps them: well-formed rows whose path stays in the folder, the first row of a name winning.
+
+    `left_out`, a Counter, counts the rows left out by reason (malformed_row, bad_path, duplicate).
+    """
+    rows, malformed = parse_metadata(path)
+    left_out = Counter() if left_out is None else left_out
+    if malformed:
+        left_out["malformed_row"] += malformed
+    entries, seen = [], set()
+    for name, text in rows:
+        reason = "bad_path" if outside_folder(name) else "duplicate" if name in seen else None
+        if reason:
+            left_out[reason] += 1
+            continue
+        seen.add(name)
+        entries.append((name, text))
+    return entries
 
 
 class Clip(NamedTuple):
@@ -632,22 +666,26 @@ def choose_clips(args, rows, malformed, vocab):
     if malformed:
         dropped["malformed_row"] = malformed
     rows, not_selected = select_by_votes(rows, args.min_upvotes, args.max_downvotes)
-    clips = [Clip(row["path"], row.get("name") or output_name(row["path"]), row["sentence"], row.get("client_id", ""))
-             for row in rows if row["path"].strip()]
-    if len(clips) < len(rows):
-        dropped["malformed_row"] += len(rows) - len(clips)
+    clips = []
+    for row in rows:
+        if not row["path"].strip():
+            dropped["malformed_row"] += 1
+        elif outside_folder(row["path"]):
+            dropped["bad_path"] += 1  # never read from elsewhere on the disk
+        else:
+            clips.append(Clip(row["path"], row.get("name") or output_name(row["path"]), row["sentence"],
+                              row.get("client_id", "")))
     clips, other_speakers = select_speakers(clips, args.speaker, args.top_speakers)
     if other_speakers:
         not_selected["other_speakers"] = other_speakers
     candidates, seen = [], set()
     for clip in clips:
-        text, reason = clean_text(clip.text, vocab, repairs)
-        if reason is None and clip.name in seen:
-            reason = "duplicate"
+        # The first row of a clip wins, whatever its text (as in train_vits.py and train_feedback.py).
+        text, reason = (None, "duplicate") if clip.name in seen else clean_text(clip.text, vocab, repairs)
+        seen.add(clip.name)
         if reason:
             dropped[reason] += 1
             continue
-        seen.add(clip.name)
         candidates.append(clip._replace(text=text))
     if args.max_clips is not None and len(candidates) > args.max_clips:
         not_selected["max_clips"] = len(candidates) - args.max_clips
@@ -723,7 +761,8 @@ def run_jobs(jobs, workers, total):
 
 
 def iter_jobs(source, clips, make_job):
-    """Decode jobs for `clips`. A tarball is streamed once, in order; clips it lacks come last, with no source."""
+    """Decode jobs for `clips`. A tarball is streamed once, in order (twice when clips are link members);
+    clips it lacks come last, with no source."""
     if source.kind == "hf_dataset":
         yield from iter_dataset_jobs(source, clips, make_job)
         return
@@ -731,20 +770,40 @@ def iter_jobs(source, clips, make_job):
         for clip in clips:
             yield make_job(clip, os.path.join(source.clips_dir, clip.source))
         return
-    wanted = {source.clips_dir + clip.source: clip for clip in clips}
-    if not wanted:
-        return
-    try:
-        with tarfile.open(source.path, "r|*") as tar:
-            for member in tar:
-                clip = wanted.pop(member.name, None)
-                if clip is not None and member.isfile():
-                    yield make_job(clip, io.BytesIO(tar.extractfile(member).read()))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        # A truncated download still gives the clips before the damage; the rest count as missing.
-        tqdm.write(f"warning: {source.path}: archive ends early ({err})", file=sys.stderr)
-    for clip in wanted.values():
-        yield make_job(clip, None)
+    wanted = {source.clips_dir + clip.source: [clip] for clip in clips}
+    # Hard and symbolic link members (GNU tar links repeated files) point at a member that may have
+    # passed already: a stream cannot go back, so their targets are read in a second pass.
+    for second_pass in (False, True):
+        if not wanted:
+            return
+        links, missing = {}, []
+        try:
+            with tarfile.open(source.path, "r|*") as tar:
+                for member in tar:
+                    listed = wanted.pop(member.name, None)
+                    if not listed:
+                        continue
+                    if member.isfile():
+                        data = tar.extractfile(member).read()
+                        for clip in listed:
+                            yield make_job(clip, io.BytesIO(data))
+                    elif (member.islnk() or member.issym()) and not second_pass:
+                        links.setdefault(link_target(member), []).extend(listed)
+                    else:
+                        missing.extend(listed)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            # A truncated download still gives the clips before the damage; the rest count as missing.
+            tqdm.write(f"warning: {source.path}: archive ends early ({err})", file=sys.stderr)
+        for clip in missing + [clip for listed in wanted.values() for clip in listed]:
+            yield make_job(clip, None)
+        wanted = links
+
+
+def link_target(member):
+    """The member name a tar link member points at (a symlink's target is relative to its folder)."""
+    if member.islnk():
+        return member.linkname
+    return posixpath.normpath(posixpath.join(posixpath.dirname(member.name), member.linkname))
 
 
 def clip_signature(source, clip):

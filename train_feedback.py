@@ -49,8 +49,8 @@ import torch
 
 import listening
 import train_vits as tv
-from prepare_data import (AudioError, clean_text, is_silent, load_audio, load_vocab, parse_metadata, token_ids,
-                          trim_silence)
+from prepare_data import (AudioError, MetadataError, clean_text, is_silent, load_audio, load_vocab, outside_folder,
+                          parse_metadata, token_ids, trim_silence)
 from run_folder import overlap
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
@@ -207,7 +207,10 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
         raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no such folder")
     metadata = os.path.join(feedback_dir, "metadata.csv")
     if os.path.isfile(metadata):  # it wins over NAME.txt files: it was written on purpose
-        rows, malformed = parse_metadata(metadata)
+        try:
+            rows, malformed = parse_metadata(metadata)
+        except MetadataError as err:
+            raise tv.TrainingError(str(err)) from None
         skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line") for _ in range(malformed)]
     else:
         rows, skipped = read_pairs(feedback_dir)
@@ -219,6 +222,9 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
     for name, raw in rows:
         if name in texts or any(s["file"] == name for s in skipped):
             skipped.append(dict(file=name, reason="duplicate", detail="a second row for the same file"))
+            continue
+        if outside_folder(name):
+            skipped.append(dict(file=name, reason="bad_path", detail="the path leaves --feedback_dir"))
             continue
         text, reason = clean_text(raw, vocab)
         if reason:

@@ -40,6 +40,7 @@ import time
 import unicodedata
 import warnings
 import zipfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import librosa
@@ -58,7 +59,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_schedule_with_warmup
 
-from prepare_data import AudioError, load_audio, load_tokenizer, read_metadata, token_ids, trim_silence
+from prepare_data import (AudioError, MetadataError, load_audio, load_tokenizer, read_metadata, token_ids,
+                          trim_silence)
 from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
@@ -303,24 +305,38 @@ def save_cache(path, names, audio, mels, errors):
     big = dict(audio=(np.int16, (int(small["audio_len"].sum()),), lambda i: audio[i]),
                mel=(np.float16, (int(small["mel_len"].sum()), N_MELS), lambda i: mels[i].T))
     tmp = temp_name(path)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, value in small.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, value)
-        for key, (dtype, shape, clip) in big.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False, shape=shape)
-                np.lib.format.write_array_header_2_0(f, header)
-                for i in kept:
-                    f.write(np.ascontiguousarray(clip(i), dtype=dtype).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in small.items():
+                with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, value)
+            for key, (dtype, shape, clip) in big.items():
+                with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
+                                  shape=shape)
+                    np.lib.format.write_array_header_2_0(f, header)
+                    for i in kept:
+                        f.write(np.ascontiguousarray(clip(i), dtype=dtype).tobytes())
+            zf.close()  # writes the zip directory, which must reach the disk before the rename
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk must not keep half a cache
+        raise
 
 
 def load_cache(path):
-    with np.load(path) as z:
-        names, errors = list(z["names"]), list(z["errors"])
-        audio = np.split(z["audio"], np.cumsum(z["audio_len"])[:-1])
-        mels = [m.T for m in np.split(z["mel"], np.cumsum(z["mel_len"])[:-1])]
+    """The cached clips and errors, or None when the file is damaged (a copy cut short, a failing disk)."""
+    try:
+        with np.load(path) as z:
+            names, errors = list(z["names"]), list(z["errors"])
+            audio = np.split(z["audio"], np.cumsum(z["audio_len"])[:-1])
+            mels = [m.T for m in np.split(z["mel"], np.cumsum(z["mel_len"])[:-1])]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        print(f"preload: cache {path} is unreadable ({err}): rebuilding it")
+        return None
     return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors]
 
 
@@ -335,7 +351,13 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
     if entries is None:
         if not os.path.isfile(metadata):
             raise TrainingError(f"{metadata}: not found (run prepare_data.py first, or pass --data_dir)")
-        entries = read_metadata(metadata)
+        left_out = Counter()
+        try:
+            entries = read_metadata(metadata, left_out)
+        except MetadataError as err:
+            raise TrainingError(str(err)) from None
+        if left_out:
+            print(f"{metadata}: rows left out: {', '.join(f'{n} {reason}' for reason, n in left_out.items())}")
     if max_samples:
         entries = entries[:max_samples]
     if not entries:
@@ -345,8 +367,9 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
     # Under torchrun rank 0 decodes and writes the cache; the other ranks then read it.
     with main_process_first():
         remove_stale_temps(cache_dir)
-        if os.path.isfile(cache):
-            clips, errors = load_cache(cache)
+        cached = load_cache(cache) if os.path.isfile(cache) else None
+        if cached:
+            clips, errors = cached
             print(f"preload: {len(clips)} clips from cache {cache}")
         else:
             for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
@@ -1859,8 +1882,9 @@ def main(argv=None):
             raise TrainingError(f"{args.data_dir}: no usable clips ({len(errors)} failed to load)")
         print(f"data: {len(train_set)} training clips, {len(val_set)} validation clips, "
               f"{len(errors)} skipped as unreadable")
-        save_run_info(args, dict(script="train_vits", precision=precision, device=str(device), train_clips=len(train_set),
-                                 val_clips=len(val_set), skipped_clips=errors, dropped_clips=clipset.dropped))
+        save_run_info(args, dict(script="train_vits", precision=precision, device=str(device),
+                                 train_clips=len(train_set), val_clips=len(val_set), skipped_clips=errors,
+                                 dropped_clips=clipset.dropped))
         # 4. Plan (or resume), then train.
         trainer = VitsTrainer(model, disc, args, device, precision)
         make_batches = shard_batches(epoch_batches(train_set, args.batch_size, args.seed))

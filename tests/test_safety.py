@@ -1,6 +1,7 @@
 """Issue 10: a night's work is never lost and no file runs code: safe checkpoints, the output-folder
 lock, refused overlaps and hostile input, and one clear line for every failure."""
 
+import collections
 import glob
 import json
 import os
@@ -8,7 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -231,3 +234,84 @@ def test_prepare_data_stops_in_one_line_when_its_outputs_cannot_be_written(kmr_r
     assert len(errors) == 1 and re.search(r"error: cannot write \S+\.wav: File too large$", errors[0]), errors
     assert not os.path.exists(os.path.join(out, "metadata.csv"))
     assert [name for name in os.listdir(os.path.join(out, "wavs")) if name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------------- 8, 13, 15
+
+def test_tarball_link_members_are_read_from_their_targets(kmr_release, tiny_model_dir, tmp_path):
+    release = str(tmp_path / "kmr")
+    shutil.copytree(kmr_release, release)
+    header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
+    first = rows[0]
+    # GNU tar stores a repeated file as a hard link to its first copy, here after it in the archive.
+    os.link(os.path.join(release, "clips", first["path"]), os.path.join(release, "clips", "zz_hard.mp3"))
+    os.symlink(first["path"], os.path.join(release, "clips", "zz_soft.mp3"))
+    rows = [dict(first, path="zz_hard.mp3"), dict(first, path="zz_soft.mp3"), dict(first, path="zz_gone.mp3")]
+    with open(os.path.join(release, "validated.tsv"), "w", encoding="utf-8") as f:
+        f.write("\t".join(header) + "\n" + "".join("\t".join(r[c] for c in header) + "\n" for r in rows))
+    os.symlink("/nowhere/clip.mp3", os.path.join(release, "clips", "zz_gone.mp3"))
+    tarball = str(tmp_path / "cv.tar")
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(release, arcname="cv-corpus-99.0-2026-01-01/kmr")
+    kinds = {m.name.rsplit("/", 1)[-1]: m.type for m in tarfile.open(tarball).getmembers()}
+    assert kinds["zz_hard.mp3"] == tarfile.LNKTYPE and kinds["zz_soft.mp3"] == tarfile.SYMTYPE
+
+    out = str(tmp_path / "out")
+    report = prepare_data.main(["--input", tarball, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    assert report["kept_clips"] == 2 and report["dropped"] == {"missing_file": 1}
+    with open(os.path.join(out, "metadata.csv"), encoding="utf-8") as f:
+        assert [line.split("|")[0] for line in f] == ["zz_hard.wav", "zz_soft.wav"]
+
+
+def test_rows_are_read_alike_by_every_script(prepared_dataset, tiny_model_dir, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_dataset, data)
+    with open(os.path.join(data, "metadata.csv"), encoding="utf-8") as f:
+        (a, text_a), (b, text_b) = [line.rstrip("\n").split("|") for line in f][:2]
+    outside = str(tmp_path / "outside.wav")
+    shutil.copy(os.path.join(data, "wavs", b), outside)
+    lines = [f"{a}|{text_a}", f"{a}|{text_b}",  # a duplicate: the first row wins
+             f"{b}|raw text|{text_b}",  # name|raw|normalised
+             f"{b[:-4]}x.wav|four|fields|here",  # malformed
+             f"../{os.path.basename(outside)}|{text_b}", f"{outside}|{text_b}"]  # paths leaving wavs/
+    with open(os.path.join(data, "metadata.csv"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    left_out = collections.Counter()
+    assert tv.read_metadata(os.path.join(data, "metadata.csv"), left_out) == [(a, text_a), (b, text_b)]
+    assert left_out == {"duplicate": 1, "malformed_row": 1, "bad_path": 2}
+
+    out = str(tmp_path / "out")
+    shutil.copy(outside, os.path.join(data, "outside.wav"))  # within reach of ../ from wavs/
+    report = prepare_data.main(["--input", data, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    assert report["kept_clips"] == 2
+    assert report["dropped"] == {"duplicate": 1, "malformed_row": 1, "bad_path": 2}
+    with open(os.path.join(out, "metadata.csv"), encoding="utf-8") as f:
+        assert f.read() == f"{a}|{text_a}\n{b}|{text_b}\n"
+
+
+def test_metadata_that_is_not_utf8_is_one_line(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    os.makedirs(os.path.join(data, "wavs"))
+    with open(os.path.join(data, "metadata.csv"), "wb") as f:
+        f.write("a.wav|Ez bi kurdî diaxivim.\n".encode("cp1254"))
+    assert tv.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", str(tmp_path / "run")]
+                   + QUICK) == 2
+    assert "not UTF-8" in one_error_line(capsys.readouterr().err)
+    assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--feedback_dir", data,
+                    "--output_dir", str(tmp_path / "feedback_run")] + QUICK) == 2
+    assert "not UTF-8" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_damaged_preload_cache_is_rebuilt(prepared_dataset, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    first, _ = tv.load_clips(prepared_dataset, 16000, cache, 1)
+    [path] = glob.glob(os.path.join(cache, "preload_*.npz"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    again, _ = tv.load_clips(prepared_dataset, 16000, cache, 1)
+    assert "rebuilding" in capsys.readouterr().out
+    assert [c[0] for c in again] == [c[0] for c in first]
+    assert all(np.array_equal(x[2], y[2]) for x, y in zip(first, again))
+    tv.load_clips(prepared_dataset, 16000, cache, 1)
+    assert "from cache" in capsys.readouterr().out
