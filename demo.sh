@@ -18,7 +18,7 @@ fi
 .venv/bin/python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \
     --output_dir example_run/data
 .venv/bin/python train_vits.py --model example_run/tiny_model --data_dir example_run/data \
-    --output_dir example_run --max_steps 150 --benchmark_samples 0 --device cpu --batch_size 4 --grad_accum 1 \
+    --output_dir example_run --overwrite --max_steps 150 --benchmark_samples 0 --device cpu --batch_size 4 --grad_accum 1 \
     --disc_channels 64 --lr 1e-3 --warmup_steps 20 --d_warmup_steps 20 --eval_clips 2 "$@"
 
 # Before/after: validation and voice quality (README, train_vits.py) after the first epoch, which only

@@ -35,6 +35,7 @@ import ntpath
 import os
 import posixpath
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -51,7 +52,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
-from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name, within
+from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name, within, worker_setup
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
@@ -745,7 +746,7 @@ def run_jobs(jobs, workers, total):
             return
         # librosa imports its resampler lazily (~2 s); doing it once here lets forked workers inherit it.
         librosa.resample(np.zeros(64, dtype=np.float32), orig_sr=32000, target_sr=SAMPLE_RATE)
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, **worker_setup()) as pool:
             pending = set()
             for job in jobs:
                 # Bounded queue: a tarball's clips are read only as fast as they are decoded.
@@ -1031,13 +1032,18 @@ def main(argv=None):
         lock = OutputLock(args.output_dir).acquire()
     except FolderInUse as err:
         fail(str(err))
+    # SIGTERM ends the run as Ctrl-C does, through the finally blocks that save the decode cache.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return prepare(args)
     except OSError as err:  # writing our own outputs (a full disk): reading errors are handled where they occur
         for folder in (args.output_dir, os.path.join(args.output_dir, "wavs")):
             remove_stale_temps(folder)
         fail(f"{err.filename or args.output_dir}: {err.strerror or err}")
+    except KeyboardInterrupt:
+        fail("interrupted; the clips decoded so far are remembered: the same command goes on from there")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         lock.release()
 
 

@@ -1,5 +1,6 @@
 """The output folder of a run: a lock so that two runs never write into one folder, and temporary files
-named by the process that writes them, so cleaning up never removes a live process's file.
+named by the process that writes them, so cleaning up never removes a live process's file; and worker
+processes that end with the run that started them.
 
 Used by prepare_data.py, train_vits.py and train_feedback.py. It behaves the same on Windows and Linux:
 the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 
 import psutil
@@ -36,6 +38,26 @@ def process_running(pid, started=None):
         return False
     except psutil.AccessDenied:
         return True  # another user's process: it exists
+
+
+def exit_with_parent(parent_pid, parent_started=None, poll_s=1.0):
+    """Pool worker initializer: end this worker when the process that started it has ended.
+
+    A killed parent (SIGKILL, a closed console, Task Manager) cannot shut its pool down; without this its
+    workers, each holding decoded audio, would live on and eat the RAM the next run's preload checks.
+    Polling works alike on Windows and Linux, where no signal reaches the orphans.
+    """
+    def watch():
+        while process_running(parent_pid, parent_started):
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker_setup():
+    """initializer/initargs for a ProcessPoolExecutor whose workers must not outlive this process."""
+    me = psutil.Process()
+    return dict(initializer=exit_with_parent, initargs=(me.pid, me.create_time()))
 
 
 def this_process():

@@ -37,6 +37,7 @@ Examples:
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -157,7 +158,7 @@ def parse_args(argv=None):
     if args.target_minutes is not None and args.target_hours is not None:
         parser.error("give --target_minutes or --target_hours, not both")
     if args.target_minutes is not None:
-        if args.target_minutes <= 0:
+        if not (math.isfinite(args.target_minutes) and args.target_minutes > 0):
             parser.error(f"--target_minutes must be positive, got {args.target_minutes}")
         args.target_hours = args.target_minutes / 60
     elif args.target_hours is None:
@@ -165,7 +166,7 @@ def parse_args(argv=None):
     if not 0 <= args.replay_ratio < 1:
         parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "
                      f"got {args.replay_ratio}")
-    if args.feedback_weight <= 0:
+    if not (math.isfinite(args.feedback_weight) and args.feedback_weight > 0):
         parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
     if args.make_session and not os.path.isfile(args.make_session):
         parser.error(f"--make_session: no sentence file at {args.make_session}")
@@ -659,6 +660,9 @@ def main(argv=None):
     except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
         print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C before training (preload, benchmark) or a second one during it
+        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
+        return 130
     finally:
         if lock:
             lock.release()

@@ -32,6 +32,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ import time
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
@@ -61,12 +63,13 @@ from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_s
 
 from prepare_data import (AudioError, MetadataError, load_audio, load_tokenizer, read_metadata, token_ids,
                           trim_silence)
-from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name
+from run_folder import FolderInUse, OutputLock, exit_with_parent, remove_stale_temps, temp_name, worker_setup
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
 N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
 SPEC_SETTINGS = dict(n_fft=N_FFT, hop=HOP, win=WIN, n_mels=N_MELS, fmin=FMIN, fmax=FMAX, pad="reflect384")
 CACHE_VERSION = 1
+SAMPLE_MAX_SECONDS = 30.0  # longest listening sample: a longer one means the durations diverged
 
 DEFAULT_SENTENCES = [
     "Ez bi kurdî diaxivim.",
@@ -167,11 +170,20 @@ def parse_args(argv=None):
 
 
 def check_args(parser, args):
-    for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps", "epochs",
+                 "max_steps", "max_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.target_hours <= 0:
-        parser.error(f"--target_hours must be positive, got {args.target_hours}")
+    for name in ("target_hours", "lr", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    for name in ("seed", "val_size"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        parser.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device}")
+    if args.sample_sentences and not os.path.isfile(args.sample_sentences):
+        parser.error(f"--sample_sentences: no file at {args.sample_sentences}")
     if args.resume and args.overwrite:
         parser.error("give --resume (continue the run in --output_dir) or --overwrite (start it over), not both")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
@@ -246,8 +258,9 @@ def read_clip(job):
         return index, None, None, f"{os.path.basename(path)}: {err}"
 
 
-def _init_worker():
+def _init_worker(parent_pid, parent_started):
     torch.set_num_threads(1)
+    exit_with_parent(parent_pid, parent_started)
 
 
 def cache_key(audio_dir, entries, sampling_rate):
@@ -283,7 +296,8 @@ def estimate_preload_bytes(paths, sampling_rate):
 def decode_all(audio_dir, entries, sampling_rate, num_workers):
     jobs = [(i, os.path.join(audio_dir, name), sampling_rate) for i, (name, _) in enumerate(entries)]
     audio, mels, errors = [None] * len(jobs), [None] * len(jobs), []
-    with ProcessPoolExecutor(max_workers=max(1, num_workers), initializer=_init_worker) as pool:
+    parent = worker_setup()["initargs"]
+    with ProcessPoolExecutor(max_workers=max(1, num_workers), initializer=_init_worker, initargs=parent) as pool:
         results = pool.map(read_clip, jobs, chunksize=16)
         for index, pcm, mel, err in tqdm(results, total=len(jobs), desc="preload", unit="clip"):
             audio[index], mels[index] = pcm, mel
@@ -613,8 +627,9 @@ def load_voice(name_or_dir):
     try:
         model = VitsModel.from_pretrained(name_or_dir)
         tokenizer = load_tokenizer(name_or_dir)
-    except OSError as err:
-        raise TrainingError(f"--model {name_or_dir}: cannot load a VITS model and tokenizer ({err})") from err
+    except Exception as err:  # a damaged file raises whatever its reader raises (UnpicklingError, SafetensorError)
+        raise TrainingError(f"--model {name_or_dir}: cannot load a VITS model and tokenizer "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
     return model, tokenizer
 
 
@@ -1013,8 +1028,16 @@ class VitsTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         totals, finite = {}, True
         for k, batch in enumerate(batches):
-            with self.no_sync(k < len(batches) - 1):
-                terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
+            try:
+                with self.no_sync(k < len(batches) - 1):
+                    terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError) as err:
+                # A diverging model feeds inf/NaN to the duration spline or MAS, which raise: a bad step too.
+                message = str(err).splitlines()[0] if str(err) else ""
+                tqdm.write(f"step {self.step + 1} skipped: {type(err).__name__}: {message}")
+                terms = None
             if terms is None:
                 finite = False
                 break
@@ -1325,22 +1348,40 @@ def write_wav(path, audio, sampling_rate):
 
 
 @torch.no_grad()
-def synthesise(model, tokenizer, sentences, out_dir, seed=0):
+def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_MAX_SECONDS):
     """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear."""
     os.makedirs(out_dir, exist_ok=True)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     paths = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i, sentence in enumerate(sentences):
-            ids = torch.tensor([token_ids(tokenizer, sentence)], device=device)
-            audio = model(input_ids=ids).waveform[0].float().cpu().numpy()
-            paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
-            write_wav(paths[-1], audio, model.config.sampling_rate)
+    cap = model.duration_predictor.register_forward_hook(
+        cap_durations(int(max_seconds * model.config.sampling_rate / HOP)))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for i, sentence in enumerate(sentences):
+                ids = torch.tensor([token_ids(tokenizer, sentence)], device=device)
+                audio = model(input_ids=ids).waveform[0].float().cpu().numpy()
+                paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
+                write_wav(paths[-1], audio, model.config.sampling_rate)
+    finally:
+        cap.remove()
     model.train(was_training)
     return paths
+
+
+def cap_durations(max_frames):
+    """Forward hook on the duration predictor at inference: at most `max_frames` frames per sentence.
+
+    A diverging model can predict hours of audio for one sentence (or NaN durations), and decoding them
+    takes gigabytes and minutes; the listening sample of such a model is worthless anyway.
+    """
+    def hook(module, inputs, log_duration):
+        log_duration = torch.nan_to_num(log_duration, nan=0.0, posinf=math.log(max_frames), neginf=0.0)
+        excess = torch.logsumexp(log_duration.flatten(1), dim=1) - math.log(max_frames)
+        return log_duration - excess.clamp(min=0)[:, None, None]
+    return hook
 
 
 def read_sentences(path):
@@ -1724,6 +1765,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
 def load_checkpoint(path, trainer, data_key):
     """Restore a run exactly; a checkpoint of another model or data set fails loudly."""
     state = read_checkpoint(path)
+    check_resumed_flags(state.get("args", {}), trainer.args, path)
     if state.get("data_key") != data_key:
         raise TrainingError(f"--resume {path}: the checkpoint was trained on other data "
                             "(metadata.csv or the validation split changed); start a new --output_dir")
@@ -1743,10 +1785,24 @@ def load_checkpoint(path, trainer, data_key):
     return state
 
 
+# Flags that shape the LR schedule or which clips make up each batch: a resumed run must keep them.
+RESUME_FIXED = ("lr", "batch_size", "grad_accum", "seed", "replay_ratio", "feedback_weight")
+
+
+def check_resumed_flags(saved, args, path):
+    changed = [f"--{name} {getattr(args, name)} (the run has {saved[name]})" for name in RESUME_FIXED
+               if name in saved and hasattr(args, name) and saved[name] != getattr(args, name)]
+    if changed:
+        raise TrainingError(f"--resume {path}: {', '.join(changed)}; a resumed run keeps its LR schedule and the "
+                            "clips of every batch: give the run's values, or start over with --overwrite")
+
+
 def data_fingerprint(train_sets, val_sets):
+    """What the run trains on: names, texts and audio (a WAV replaced under the same name changes it)."""
     h = hashlib.sha256()
     for cs in list(train_sets) + list(val_sets.values()):
-        h.update("\n".join(cs.names).encode())
+        for name, text, pcm in zip(cs.names, cs.texts, cs.audio):
+            h.update(f"{name}|{text}|{len(pcm)}|{zlib.crc32(np.ascontiguousarray(pcm))}\n".encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
 
@@ -1763,6 +1819,10 @@ def epoch_batches(clipset, batch_size, seed):
 def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup):
     """A fresh run (benchmark + plan) or the state of the checkpoint named by --resume."""
     data_key = data_fingerprint(train_sets, val_sets)
+    longest = max(cs.frames(i) for cs in train_sets for i in range(len(cs)))
+    if args.segment_frames > longest:
+        raise TrainingError(f"--segment_frames {args.segment_frames} is longer than the longest training clip "
+                            f"({longest} frames): every slice would be padding; use at most {longest}")
     resume = args.resume
     if resume == "auto":
         resume = newest_checkpoint(args.output_dir)
@@ -1898,6 +1958,9 @@ def main(argv=None):
     except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
         print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C before training (preload, benchmark) or a second one during it
+        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
+        return 130
     finally:
         if lock:
             lock.release()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ import tarfile
 import numpy as np
 import psutil
 import pytest
+import soundfile as sf
 import torch
 
 import prepare_data
@@ -315,3 +317,151 @@ def test_a_damaged_preload_cache_is_rebuilt(prepared_dataset, tmp_path, capsys):
     assert all(np.array_equal(x[2], y[2]) for x, y in zip(first, again))
     tv.load_clips(prepared_dataset, 16000, cache, 1)
     assert "from cache" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- 9, 16
+
+def test_pool_workers_end_with_a_killed_parent():
+    # The parent starts a pool as the scripts do, reports its worker, then kills itself.
+    script = ("import os, signal\n"
+              "from concurrent.futures import ProcessPoolExecutor\n"
+              "import run_folder\n"
+              "pool = ProcessPoolExecutor(1, **run_folder.worker_setup())\n"
+              "print(pool.submit(os.getpid).result(), flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL if hasattr(signal, 'SIGKILL') else signal.SIGTERM)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    worker = psutil.Process(int(proc.stdout.split()[0]))
+    try:
+        worker.wait(timeout=60)  # an upper bound only: it polls its parent every second
+    except psutil.TimeoutExpired:
+        worker.kill()
+        pytest.fail("the pool worker outlived its killed parent")
+
+
+def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tmp_path, monkeypatch):
+    decode = prepare_data.decode_clip
+    calls = []
+
+    def decode_then_sigterm(job):
+        calls.append(job)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a shutdown or `kill` would, mid-run
+        return decode(job)
+
+    monkeypatch.setattr(prepare_data, "decode_clip", decode_then_sigterm)
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="interrupted"):
+        prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    with open(os.path.join(out, prepare_data.CACHE_NAME), encoding="utf-8") as f:
+        assert len(json.load(f)["clips"]) >= 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert not os.path.exists(os.path.join(out, run_folder.LOCK_NAME))
+
+
+def test_ctrl_c_before_training_is_one_line(prepared_dataset, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tv, "decode_all", interrupted)
+    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir",
+                    str(tmp_path / "run")] + QUICK) == 130
+    assert "interrupted" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_damaged_model_file_is_one_line(tiny_model_dir, tmp_path):
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_model_dir, model)
+    [weights] = [n for n in os.listdir(model) if n.endswith((".safetensors", ".bin"))]
+    with open(os.path.join(model, weights), "wb") as f:
+        f.write(b"\x80\x04not a model")
+    with pytest.raises(tv.TrainingError, match=f"--model {re.escape(model)}: cannot load"):
+        tv.load_voice(model)
+
+
+def test_exported_models_have_ordinary_permissions(trained_voice_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(trained_voice_dir).st_mode & 0o777 == 0o777 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------- 10, 11, 14
+
+def quick_trainer(model_dir, **flags):
+    model, tokenizer = tv.load_voice(model_dir)
+    tv.prepare_for_training(model)
+    args = tv.parse_args([f"--{k}={v}" for k, v in flags.items()])
+    return tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32"), tokenizer
+
+
+def test_listening_samples_of_a_diverged_model_are_capped(tiny_model_dir, tmp_path):
+    trainer, tokenizer = quick_trainer(tiny_model_dir)
+    # Durations e^6 = 400 frames a token: a 13 s sentence, as a diverging model predicts far longer ones.
+    trainer.model.duration_predictor.register_forward_hook(lambda module, inputs, out: out + 6.0)
+    [path] = tv.synthesise(trainer.model, tokenizer, ["Roj baş."], str(tmp_path), max_seconds=1.0)
+    audio, sr = sf.read(path)
+    tokens = len(tokenizer("Roj baş.").input_ids)
+    assert 0 < len(audio) <= sr + tokens * tv.HOP  # ceil() adds at most a frame per token
+
+
+def test_a_step_that_raises_a_numeric_error_is_a_skipped_step(tiny_model_dir, monkeypatch, capsys):
+    trainer, _ = quick_trainer(tiny_model_dir, max_bad_steps=2)
+
+    def spline_fails(*args, **kwargs):
+        raise RuntimeError("Input to the spline is outside its domain")
+
+    monkeypatch.setattr(tv, "generator_forward", spline_fails)
+    batch = dict(audio=torch.zeros(1, 8192))
+    assert trainer.train_window([batch]) is None
+    assert trainer.skipped_steps == 1 and trainer.step == 0
+    assert all(p.requires_grad for p in trainer.disc.parameters())
+    with pytest.raises(tv.TrainingError, match="2 non-finite training steps in a row"):
+        trainer.train_window([batch])
+    assert "RuntimeError: Input to the spline" in capsys.readouterr().out
+
+
+def test_resume_refuses_flags_that_change_the_run():
+    saved = vars(tv.parse_args(["--lr", "2e-5", "--batch_size", "8"]))
+    tv.check_resumed_flags(saved, tv.parse_args(["--lr", "2e-5", "--epochs", "9"]), "c.pt")  # free to change
+    for flags, named in ((["--lr", "1e-4"], "--lr 0.0001 (the run has 2e-05)"),
+                         (["--batch_size", "4"], "--batch_size 4 (the run has 8)"),
+                         (["--grad_accum", "2"], "--grad_accum 2 (the run has 4)")):
+        with pytest.raises(tv.TrainingError, match=re.escape(named)):
+            tv.check_resumed_flags(saved, tv.parse_args(flags), "c.pt")
+
+
+def test_the_data_check_sees_a_wav_replaced_under_its_name(tiny_model_dir):
+    _, tokenizer = tv.load_voice(tiny_model_dir)
+    pcm = np.arange(16000, dtype=np.int16)
+    mel = np.zeros((80, 62), np.float16)
+    before = tv.ClipSet([("a.wav", "roj baş", pcm, mel)], tokenizer)
+    replaced = tv.ClipSet([("a.wav", "roj baş", pcm[::-1].copy(), mel)], tokenizer)
+    retexted = tv.ClipSet([("a.wav", "roj xweş", pcm, mel)], tokenizer)
+    keys = {tv.data_fingerprint([cs], {}) for cs in (before, replaced, retexted)}
+    assert len(keys) == 3
+    assert tv.data_fingerprint([before], {}) == tv.data_fingerprint([before.subset([0])], {})
+
+
+@pytest.mark.parametrize("flags", [["--lr", "0"], ["--lr", "nan"], ["--seed", "-1"], ["--device", "foo"],
+                                   ["--target_hours", "nan"], ["--target_hours", "inf"], ["--val_size", "-1"],
+                                   ["--grad_clip", "-1"], ["--epochs", "-1"], ["--max_steps", "-3"],
+                                   ["--sample_sentences", "no_such_file.txt"]])
+def test_bad_flags_are_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tv.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert flags[0] in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags", [["--feedback_weight", "nan"], ["--feedback_weight", "inf"],
+                                   ["--target_minutes", "nan"]])
+def test_bad_feedback_flags_are_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tf.parse_args(flags + ["--output_dir", "unused"])
+    assert exit_info.value.code == 2
+    assert flags[0] in one_error_line(capsys.readouterr().err)
+
+
+def test_segment_frames_longer_than_every_clip_is_refused(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", str(tmp_path / "run"),
+                    "--epochs", "1"] + QUICK + ["--segment_frames", "100000"]) == 2
+    assert "--segment_frames 100000 is longer than the longest" in one_error_line(capsys.readouterr().err)
