@@ -132,7 +132,7 @@ def next_free_name(feedback_dir):
 
 
 def write_text_atomic(path, text):
-    tmp = f"{path}.tmp"
+    tmp = tv.temp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
