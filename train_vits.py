@@ -1027,16 +1027,8 @@ class VitsTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         totals, finite = {}, True
         for k, batch in enumerate(batches):
-            try:
-                with self.no_sync(k < len(batches) - 1):
-                    terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
-            except torch.OutOfMemoryError:
-                raise
-            except (RuntimeError, ValueError) as err:
-                # A diverging model feeds inf/NaN to the duration spline or MAS, which raise: a bad step too.
-                message = str(err).splitlines()[0] if str(err) else ""
-                tqdm.write(f"step {self.step + 1} skipped: {type(err).__name__}: {message}")
-                terms = None
+            with self.no_sync(k < len(batches) - 1):
+                terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
             if terms is None:
                 finite = False
                 break
@@ -1070,16 +1062,25 @@ class VitsTrainer:
 
     def micro_step(self, batch, accum, d_only):
         args = self.args
-        with self.autocast():
-            if d_only:
-                with torch.no_grad():
+        try:
+            with self.autocast():
+                if d_only:
+                    with torch.no_grad():
+                        out = self.generator_pass(batch)
+                else:
                     out = self.generator_pass(batch)
-            else:
-                out = self.generator_pass(batch)
-            real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
-            logits, features = self.critic_pass(real_fake)
-        half = out["audio"].size(0)
-        loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
+                real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
+                logits, features = self.critic_pass(real_fake)
+            half = out["audio"].size(0)
+            loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            # A diverging model feeds inf/NaN to the duration spline or MAS, which raise: a bad step too,
+            # agreed below like a non-finite loss (under DDP the other ranks wait in that agreement).
+            message = str(err).splitlines()[0] if str(err) else ""
+            tqdm.write(f"step {self.step + 1} skipped: {type(err).__name__}: {message}")
+            loss_d = torch.tensor(float("nan"))
         # Under DDP every rank must run the same backward passes: a step is skipped on all or none.
         if not all_ranks(torch.isfinite(loss_d)):
             return None
