@@ -5,6 +5,7 @@ import multiprocessing
 import os
 
 import pytest
+import torch
 
 import prepare_data
 from examples.make_release import BAD_KINDS, make_release, make_tarball
@@ -12,6 +13,16 @@ from examples.tiny_model import make_tiny_model
 
 # Good clips in `kmr_release`; it also holds one clip of every kind in BAD_KINDS.
 GOOD_CLIPS = 12
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine two threads wait on each other in every op, and a CPU
+    run of the tiny model gets several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""train_vits.py under torchrun: 2 CPU processes with the gloo backend, tiny model (tests/ddp_worker.py)."""
+"""train_vits.py under torchrun: 2 CPU processes with the gloo backend, tiny model (tests/hooked_run.py)."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from transformers import VitsModel
 import train_vits as tv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
+WORKER = os.path.join(ROOT, "tests", "hooked_run.py")
 # --grad_accum 1: a process's optimizer steps per epoch are its batches.
 QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
          "--warmup_steps", "2", "--d_warmup_steps", "1", "--logging_steps", "1"]
@@ -59,10 +59,10 @@ def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepare
     os.makedirs(dumps)
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "2",
             "--benchmark_samples", "4"] + QUICK
-    env = dict(os.environ, DDP_TEST_DUMP_DIR=dumps)
+    env = dict(os.environ, TEST_DUMP_DIR=dumps)
 
     # 1. SIGTERM reaches rank 1 alone after step 2: both ranks stop there; rank 0 saves.
-    codes, outputs = launch_two(args, dict(env, DDP_TEST_STOP_AFTER_STEP="2"))
+    codes, outputs = launch_two(args, dict(env, TEST_SIGNAL_AFTER_STEP="2", TEST_SIGNAL_RANK="1"))
     assert codes == [130, 130], outputs
     with open(os.path.join(out, "run_config.json")) as f:
         single_process_steps = math.ceil(json.load(f)["train_clips"] / 2)  # batch 2, one batch per step

@@ -13,21 +13,12 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 import listening
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
 
 LISTENED = [SENTENCES[0], "Ez 25 salî me.", SENTENCES[1]]  # the line with digits is left out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Served:

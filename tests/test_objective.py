@@ -19,15 +19,6 @@ from examples.tiny_model import KURMANJI_VOCAB
 from prepare_data import load_vocab, token_ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two threads on a busy 2-core machine wait on each other in every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def duration_predictor(tiny_model_dir):
     """The tiny voice's stochastic duration predictor, every weight random (the affine flows start at 0)."""

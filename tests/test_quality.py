@@ -22,15 +22,6 @@ QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_ch
          "--benchmark_samples", "0", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two threads on a busy 2-core machine wait on each other in every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def speech():
     return espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR)

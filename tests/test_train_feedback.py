@@ -33,16 +33,6 @@ GOOD = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads wait on each other in every op and a
-    CPU run of the tiny model gets several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained_voice(tiny_model_dir, tmp_path_factory):
     """A voice folder as train_vits.py leaves it: save_pretrained files plus discriminator.pt."""

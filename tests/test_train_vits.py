@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import librosa
@@ -253,21 +252,30 @@ def test_resume_refuses_a_checkpoint_of_other_data(prepared_dataset, tiny_model_
     assert tv.main(args + ["--resume", "auto", "--max_samples", "8"]) == 2
 
 
-def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_model_dir, tmp_path, capsys):
+def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_model_dir, tmp_path, capsys,
+                                                         monkeypatch):
     data = str(tmp_path / "data")
     shutil.copytree(prepared_dataset, data)
     with open(os.path.join(data, "wavs", "corrupt.wav"), "wb") as f:
         f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage")
     with open(os.path.join(data, "metadata.csv"), "a", encoding="utf-8") as f:
         f.write("corrupt.wav|ez bi kurdî diaxivim\n")
+    # The budget's clock counts 2 s a training step, so the deadline falls at a known step on any machine;
+    # the time kept back for saving (at least 2 s) covers the step that was already running.
+    clock, real_window = [0.0], tv.VitsTrainer.train_window
+
+    def two_second_window(trainer, *args, **kwargs):
+        clock[0] += 2.0
+        return real_window(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(tv.VitsTrainer, "train_window", two_second_window)
+    monkeypatch.setattr(tv.Budget, "used", lambda budget: budget.used_before + clock[0])
     out = str(tmp_path / "run")
-    start = time.time()
-    # 100 epochs cannot fit: the deadline, not the plan, must end this run.
+    # 100 epochs cannot fit: the deadline, not the plan, must end this run, and before the budget is spent.
     code = tv.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", out, "--epochs", "100",
-                    "--target_hours", str(60 / 3600)] + QUICK)
-    elapsed = time.time() - start
+                    "--target_hours", str(40 / 3600)] + QUICK)
     assert code == 0
-    assert elapsed < 60, elapsed
+    assert clock[0] <= 40, clock[0]
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
     printed = capsys.readouterr().out
     assert "skipped clip corrupt.wav" in printed
@@ -276,30 +284,25 @@ def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_
         assert any("corrupt.wav" in e for e in json.load(f)["skipped_clips"])
 
 
-def train_until_first_checkpoint(args, out):
-    """train_vits.py in a subprocess, returned once its epoch-1 checkpoint is on disk."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vits.py")] + args, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(out, "checkpoints", "checkpoint_epoch_1.pt")) and time.time() < deadline:
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.2)
-    return proc
+def train_until_signal(args, step, signame):
+    """train_vits.py in a subprocess that signals itself `signame` right after training step `step`."""
+    env = dict(os.environ, TEST_SIGNAL_AFTER_STEP=str(step), TEST_SIGNAL=signame, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hooked_run.py"), "train_vits"] + args,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+# QUICK trains 11 clips as 3 optimizer steps an epoch: step 5 lies inside epoch 2.
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6",
             "--logging_steps", "1"] + QUICK
-    proc = train_until_first_checkpoint(args, out)
-    time.sleep(2.0)  # inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert train_until_signal(args, 5, "SIGKILL").returncode == -signal.SIGKILL
     checkpoints = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*.pt"))
     steps = [torch.load(path, weights_only=True)["trainer"]["step"] for path in checkpoints]  # none truncated
+    assert steps == [3]
     capsys.readouterr()
     assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 0
-    assert f"step {max(steps)}," in capsys.readouterr().out
+    assert "step 3," in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
     assert not glob.glob(os.path.join(out, "checkpoints", "*.tmp*"))
 
@@ -307,13 +310,11 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_m
 def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "6"] + QUICK
-    proc = train_until_first_checkpoint(args, out)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 130
+    assert train_until_signal(args, 5, "SIGTERM").returncode == 130
     interrupted = glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*_interrupted.pt"))
     assert len(interrupted) == 1
     state = torch.load(interrupted[0], weights_only=True)
-    assert state["epoch"] == 2 and state["trainer"]["step"] >= 3
+    assert state["epoch"] == 2 and state["trainer"]["step"] == 5
     assert not os.path.exists(os.path.join(out, "final_model"))
 
 

@@ -1,9 +1,10 @@
-"""One process of a torchrun job for tests/test_distributed.py: `python ddp_worker.py SCRIPT ARGS...`
-runs SCRIPT's main(ARGS) (train_vits or train_feedback) with two test hooks:
+"""A training script run with test hooks: `python hooked_run.py SCRIPT ARGS...` runs SCRIPT's main(ARGS)
+(train_vits or train_feedback), alone or as one torchrun process, with two hooks set by environment:
 
-- DDP_TEST_DUMP_DIR: when fit() returns, this rank saves the voice it holds (as export_voice saves it)
-  and its discriminator to DDP_TEST_DUMP_DIR/rank<N>.pt;
-- DDP_TEST_STOP_AFTER_STEP=N: rank 1 alone signals itself SIGTERM right after training step N.
+- TEST_DUMP_DIR: when fit() returns, this process saves the voice it holds (as export_voice saves it)
+  and its discriminator to TEST_DUMP_DIR/rank<N>.pt;
+- TEST_SIGNAL_AFTER_STEP=N: right after training step N the process of rank TEST_SIGNAL_RANK (default 0)
+  signals itself TEST_SIGNAL (default SIGTERM), so kills land at a known step, whatever the machine's speed.
 """
 
 import os
@@ -26,7 +27,7 @@ def fit(trainer, *args, **kwargs):
     global in_fit
     in_fit = True  # the planner's benchmark steps run before fit and do not count
     reason = run_fit(trainer, *args, **kwargs)
-    dump_dir = os.environ.get("DDP_TEST_DUMP_DIR")
+    dump_dir = os.environ.get("TEST_DUMP_DIR")
     if dump_dir:
         state = dict(model=tv.inference_copy(trainer.model).state_dict(), disc=trainer.disc.state_dict(),
                      reason=reason, step=trainer.step)
@@ -36,9 +37,9 @@ def fit(trainer, *args, **kwargs):
 
 def train_window(trainer, *args, **kwargs):
     result = run_window(trainer, *args, **kwargs)
-    stop_after = os.environ.get("DDP_TEST_STOP_AFTER_STEP")
-    if in_fit and stop_after and tv.rank() == 1 and trainer.step == int(stop_after):
-        signal.raise_signal(signal.SIGTERM)
+    after = os.environ.get("TEST_SIGNAL_AFTER_STEP")
+    if in_fit and after and tv.rank() == int(os.environ.get("TEST_SIGNAL_RANK", "0")) and trainer.step == int(after):
+        signal.raise_signal(getattr(signal, os.environ.get("TEST_SIGNAL", "SIGTERM")))
     return result
 
 
