@@ -57,8 +57,8 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="Precision of ours (the naive loop is always fp32); auto as train_vits.py.")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 with --device cpu, as a machine shared with other jobs makes "
-                        "several threads stall each other for seconds per step; torch's default on GPU).")
+                   help="torch CPU threads (default: torch's, as train_vits.py runs; 1 measures a machine shared "
+                        "with other jobs more steadily, but understates what uses several cores, e.g. fused AdamW).")
     p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="Preload processes of ours.")
     p.add_argument("--data_dir", default=None,
                    help="Prepared data folder to use or create (default: benchmarks/data/kmr_<clips>_seed<seed>).")
@@ -220,9 +220,8 @@ def main(argv=None):
         precision = tv.resolve_precision(args.precision, device)
     except tv.TrainingError as err:
         raise SystemExit(f"error: {err}")
-    threads = args.threads or (1 if device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     # 1. Data and model, generated once under benchmarks/data/.
     data_dir = args.data_dir or common.dataset_dir(args.clips, args.seed)
