@@ -123,9 +123,10 @@ def test_fp16_runs_on_cpu_and_an_overflow_is_skipped_counted_and_leaves_the_weig
     trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), precision)
     trainer.schedule(100)
     assert trainer.scaler.is_enabled()
-    # The random tiny model's text-encoder gradients overflow fp16 at scales of 8 and more (measured):
-    # start at 1 instead of spending a dozen skipped steps on the scaler's search.
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    # The random tiny model's text-encoder gradients overflow fp16 at scales of 8 and more, at 1 on some
+    # slices (measured): start low instead of spending a dozen skipped steps on the scaler's search.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -4)
+    torch.manual_seed(0)
     batch = batch_of(tiny_clips, 2)
     for d_only in (True, False):
         terms = trainer.train_window([batch], d_only=d_only)
