@@ -589,6 +589,8 @@ def main(argv=None):
 
         # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
         trainer = tv.VitsTrainer(model, disc, args, device, precision)
+        if args.batch_size == "auto":
+            args.batch_size, args.grad_accum = tv.choose_batch_size(trainer, fb_train, args)
         make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
                                      args.feedback_weight, args.seed)
         rank_batches = tv.shard_batches(make_batches)  # this process's share under torchrun

@@ -59,7 +59,7 @@ from speechmos import dnsmos
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCTC, AutoProcessor, VitsModel, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCTC, AutoProcessor, VitsModel
 
 from prepare_data import (AudioError, MetadataError, load_audio, load_tokenizer, read_metadata, token_ids,
                           trim_silence)
@@ -92,6 +92,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
+
+
+def batch_size_arg(text):
+    return text if text == "auto" else int(text)
+
+
 def build_parser(description=__doc__):
     """All training flags; train_feedback.py builds on the same parser so its flags mean the same."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
@@ -120,7 +127,10 @@ def build_parser(description=__doc__):
     g.add_argument("--benchmark_samples", type=int, default=200,
                    help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first epoch).")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="Clips per micro-batch.")
+    g.add_argument("--batch_size", type=batch_size_arg, default=8,
+                   help="Clips per micro-batch, or 'auto': on a GPU the largest that fits with 10%% to spare "
+                        f"(tried with real steps on the longest clips), on a CPU {AUTO_CPU_BATCH}; auto keeps "
+                        f"{AUTO_CPU_BATCH} x --grad_accum clips per optimizer step by lowering --grad_accum.")
     g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
     g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
     g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")
@@ -173,7 +183,7 @@ def parse_args(argv=None):
 def check_args(parser, args):
     for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps", "epochs",
                  "max_steps", "max_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("target_hours", "lr", "grad_clip"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
@@ -976,6 +986,21 @@ def frozen(module):
         module.requires_grad_(True)
 
 
+def lr_factor(step, warmup, total_steps, decay_from=None):
+    """LR multiplier at `step`: linear warm-up, then cosine decay to 0 at total_steps (and 0 after it).
+
+    decay_from=(step0, factor0): a re-planned run, whose cosine decays from factor0 at step0 instead.
+    """
+    if decay_from is not None and step >= decay_from[0]:
+        start, peak = decay_from
+    elif step < warmup:
+        return step / max(1, warmup)
+    else:
+        start, peak = warmup, 1.0
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class VitsTrainer:
     """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
 
@@ -995,20 +1020,40 @@ class VitsTrainer:
         self.bad_steps = 0
         self.skipped_steps = 0
 
-    def schedule(self, total_steps, d_warmup_steps=0):
-        """Linear warm-up then cosine decay over the planned optimizer steps.
+    def schedule(self, total_steps, d_warmup_steps=0, decay_from=(None, None)):
+        """Linear warm-up then cosine decay over the planned optimizer steps (see lr_factor).
 
         The generator's schedule starts after the discriminator-only steps, which leave it untouched: they
-        must not use up its warm-up.
+        must not use up its warm-up. decay_from: the generator's and the critic's (see replan).
         """
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = self.args.lr
                 group.pop("initial_lr", None)
         g_steps = max(1, total_steps - d_warmup_steps)
-        self.sched_g = get_cosine_schedule_with_warmup(self.opt_g, min(self.args.warmup_steps, g_steps - 1), g_steps)
-        self.sched_d = get_cosine_schedule_with_warmup(self.opt_d, min(self.args.warmup_steps, max(0, total_steps - 1)),
-                                                       total_steps)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self.lr_factor(g_steps, decay_from[0]))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self.lr_factor(total_steps, decay_from[1]))
+
+    def lr_factor(self, total_steps, decay_from=None):
+        warmup = min(self.args.warmup_steps, max(0, total_steps - 1))
+        return functools.partial(lr_factor, warmup=warmup, total_steps=total_steps, decay_from=decay_from)
+
+    def replan(self, total_steps, d_warmup_steps=0):
+        """A new end for a resumed run: from here the LR decays to 0 at `total_steps` and never goes up.
+
+        Stretching the old cosine would raise the LR; keeping it would climb back up after its end.
+        During a warm-up the warm-up goes on as planned. Each scheduler counts its own steps (the
+        generator's only those after the discriminator-only ones). Returns decay_from for the plan.
+        """
+        decay_from = []
+        for sched, steps in ((self.sched_g, max(1, total_steps - d_warmup_steps)), (self.sched_d, total_steps)):
+            warmup = min(self.args.warmup_steps, max(0, steps - 1))
+            start = None
+            if sched.last_epoch >= warmup:
+                start = [sched.last_epoch, sched.get_last_lr()[0] / sched.base_lrs[0]]
+            sched.lr_lambdas = [self.lr_factor(steps, start)] * len(sched.lr_lambdas)
+            decay_from.append(start)
+        return decay_from
 
     def autocast(self):
         if self.precision == "fp32":
@@ -1178,24 +1223,91 @@ class Budget:
         return self.seconds - self.used()
 
 
-def benchmark_throughput(trainer, batches, samples):
-    """Samples/s of real training steps (after one warm-up step); the weights are restored afterwards."""
-    parts = dict(model=trainer.model, disc=trainer.disc, opt_g=trainer.opt_g, opt_d=trainer.opt_d)
+@contextlib.contextmanager
+def trial_steps(trainer):
+    """Training steps that leave no trace: weights, optimizer and scaler states and counters restored."""
+    parts = dict(model=trainer.model, disc=trainer.disc, opt_g=trainer.opt_g, opt_d=trainer.opt_d,
+                 sched_g=trainer.sched_g, sched_d=trainer.sched_d, scaler=trainer.scaler)
     snapshot = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
-    windows = [batches[i:i + trainer.args.grad_accum] for i in range(0, len(batches), trainer.args.grad_accum)]
-    trainer.train_window(windows[0])
-    sync(trainer.device)
-    done, start = 0, time.time()
-    for window in windows[1:] + windows:
-        trainer.train_window(window)
-        done += sum(len(b["frames"]) for b in window)
-        if any_rank(done >= samples):  # ranks' batches differ in size; all must take the same steps
+    try:
+        yield trainer
+    finally:
+        trainer.opt_g.zero_grad(set_to_none=True)
+        trainer.opt_d.zero_grad(set_to_none=True)
+        for name, part in parts.items():
+            part.load_state_dict(snapshot[name])
+        trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
+
+
+def largest_batch(effective, try_batch, headroom=0.1):
+    """Largest divisor of `effective` whose trial step fits with `headroom` of the memory to spare.
+
+    try_batch(b) -> (peak bytes, capacity bytes) of a real step at micro-batch b; it raises
+    torch.OutOfMemoryError when the step does not fit at all. Returns None if not even 1 fits.
+    """
+    best = None
+    for b in [d for d in range(1, effective + 1) if effective % d == 0]:
+        try:
+            peak, capacity = try_batch(b)
+        except torch.OutOfMemoryError:
             break
-    sync(trainer.device)
-    elapsed = time.time() - start
-    for name, part in parts.items():
-        part.load_state_dict(snapshot[name])
-    trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
+        if peak > (1 - headroom) * capacity:
+            break
+        best = b
+    return best
+
+
+def choose_batch_size(trainer, clipset, args):
+    """--batch_size auto -> (micro-batch, grad_accum) with AUTO_CPU_BATCH x --grad_accum clips a step."""
+    resume = resume_path(args)
+    if resume:
+        # The run chose its batch when it started; a resumed run keeps it (see check_resumed_flags).
+        saved = read_checkpoint(resume, mmap=True)["args"]
+        print(f"batch size auto: {saved['batch_size']} clips x {saved['grad_accum']} accumulated, as the resumed "
+              "run had")
+        return saved["batch_size"], saved["grad_accum"]
+    effective = AUTO_CPU_BATCH * args.grad_accum
+    device = trainer.device
+    if device.type != "cuda":
+        batch = AUTO_CPU_BATCH
+    elif world_size() > 1:
+        # A trial that runs out of memory on one process would leave the others waiting in its all-reduce.
+        raise TrainingError("--batch_size auto searches one GPU alone: under torchrun give a number")
+    else:
+        longest = sorted(range(len(clipset)), key=clipset.frames, reverse=True)
+
+        def try_batch(b):
+            items = [(clipset, longest[i % len(longest)]) for i in range(b)]
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            with trial_steps(trainer):
+                trainer.train_window([collate(items, args.segment_frames)])
+            return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+        batch = largest_batch(effective, try_batch)
+        torch.cuda.empty_cache()
+        if batch is None:
+            raise TrainingError("--batch_size auto: not even one clip of the longest fits in GPU memory "
+                                "(use a shorter --max_samples selection or --precision bf16/fp16)")
+    print(f"batch size auto: {batch} clips x {effective // batch} accumulated = {effective} per optimizer step"
+          + (" (the longest clips fit with 10% of the GPU memory to spare)" if device.type == "cuda" else ""))
+    return batch, effective // batch
+
+
+def benchmark_throughput(trainer, batches, samples, d_only=False):
+    """Samples/s of real training steps of one kind over `samples` samples, cycling through `batches`
+    after one warm-up step; the weights are restored afterwards."""
+    windows = [batches[i:i + trainer.args.grad_accum] for i in range(0, len(batches), trainer.args.grad_accum)]
+    with trial_steps(trainer):
+        trainer.train_window(windows[0], d_only=d_only)
+        sync(trainer.device)
+        done, start, count = 0, time.time(), 0
+        while not any_rank(done >= samples):  # ranks' batches differ in size; all must take the same steps
+            count += 1
+            window = windows[count % len(windows)]
+            trainer.train_window(window, d_only=d_only)
+            done += sum(len(b["frames"]) for b in window)
+        sync(trainer.device)
+        elapsed = time.time() - start
     return done / max(elapsed, 1e-9)
 
 
@@ -1211,23 +1323,31 @@ def plan_epochs(samples_per_s, n_train, n_val, seconds_left, overhead_s=10.0):
     return max(1, int(seconds_left // per_epoch)), epoch_s, per_epoch
 
 
-def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
-    """Benchmark, then size epochs and the LR schedule; print the plan."""
+def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0):
+    """Benchmark both kinds of step the run will do, then size epochs and the LR schedule; print the plan."""
     n_train = sum(len(cs) for cs in train_sets)
     batches_per_epoch = len(make_batches(1))
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    samples_per_s = None
+    samples_per_s = d_only_per_s = None
     if args.benchmark_samples > 0:
         first = make_batches(0)
         bench = [collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
         # Ranks step together, at the pace of the slowest one.
         samples_per_s = world_size() * all_reduce(benchmark_throughput(trainer, bench, args.benchmark_samples), "min")
+        if d_warmup:
+            # The discriminator-only warm-up steps are faster; a quarter of the samples tells by how much.
+            d_only_per_s = world_size() * all_reduce(
+                benchmark_throughput(trainer, bench, max(1, args.benchmark_samples // 4), d_only=True), "min")
     if args.epochs:
         epochs = args.epochs
     elif samples_per_s:
-        epochs, epoch_s, per_epoch = plan_epochs(samples_per_s, n_train, n_val, budget.left())
-        finish = time.strftime("%H:%M", time.localtime(time.time() + epochs * per_epoch))
-        print(f"plan: {samples_per_s:.2f} samples/s, {epoch_s / 60:.1f} min/epoch ({per_epoch / 60:.1f} with "
+        saved_s = 0.0
+        if d_only_per_s:
+            saved_s = d_warmup * args.batch_size * args.grad_accum * (1 / samples_per_s - 1 / d_only_per_s)
+        epochs, epoch_s, per_epoch = plan_epochs(samples_per_s, n_train, n_val, budget.left() + saved_s)
+        finish = time.strftime("%H:%M", time.localtime(time.time() + epochs * per_epoch - saved_s))
+        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s else ""
+        print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch ({per_epoch / 60:.1f} with "
               f"validation and saving), {epochs} epochs, finishing about {finish}")
     else:
         epochs = math.ceil(args.max_steps / steps_per_epoch)
@@ -1239,7 +1359,7 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                samples_per_s=samples_per_s)
+                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1778,7 +1898,8 @@ def load_checkpoint(path, trainer, data_key):
                             f"{world_size()}; resume it with torchrun --nproc_per_node {saved_world}"
                             + (" (or plain python)" if saved_world == 1 else ""))
     try:
-        trainer.schedule(state["plan"]["total_steps"], state["d_warmup_steps"])
+        trainer.schedule(state["plan"]["total_steps"], state["d_warmup_steps"],
+                         state["plan"].get("decay_from", (None, None)))
         trainer.load_state_dict(state["trainer"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"--resume {path}: the checkpoint does not match --model "
@@ -1818,6 +1939,16 @@ def epoch_batches(clipset, batch_size, seed):
     return make
 
 
+def resume_path(args):
+    """The checkpoint --resume names (auto: the newest in --output_dir), or None for a fresh run."""
+    if args.resume != "auto":
+        return args.resume
+    path = newest_checkpoint(args.output_dir)
+    if path is None:
+        raise TrainingError(f"--resume auto: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
+    return path
+
+
 def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup):
     """A fresh run (benchmark + plan) or the state of the checkpoint named by --resume."""
     data_key = data_fingerprint(train_sets, val_sets)
@@ -1825,28 +1956,34 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
     if args.segment_frames > longest:
         raise TrainingError(f"--segment_frames {args.segment_frames} is longer than the longest training clip "
                             f"({longest} frames): every slice would be padding; use at most {longest}")
-    resume = args.resume
-    if resume == "auto":
-        resume = newest_checkpoint(args.output_dir)
-        if resume is None:
-            raise TrainingError(f"--resume auto: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
+    resume = resume_path(args)
     if resume:
         state = load_checkpoint(resume, trainer, data_key)
         budget.used_before = state["budget_used"]
         print(f"resumed {resume}: epoch {state['epoch']}, step {trainer.step}, "
               f"{budget.left() / 3600:.2f} h of budget left")
-        if args.epochs:
-            state["plan"]["epochs"] = args.epochs
+        if args.epochs and args.epochs != state["plan"]["epochs"]:
+            resize_plan(trainer, state["plan"], args.epochs, args.max_steps, state["d_warmup_steps"])
         run = dict(plan=state["plan"], epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
                    d_warmup_steps=state["d_warmup_steps"])
         if state["batches_done"] >= len(make_batches(state["epoch"])):
             run.update(epoch=state["epoch"] + 1, batches_done=0)
         return run, data_key
     n_val = sum(len(cs) for cs in val_sets.values())
-    plan = plan_run(trainer, train_sets, make_batches, n_val, args, budget)
     d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+    plan = plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
     trainer.schedule(plan["total_steps"], d_warmup)
     return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
+
+
+def resize_plan(trainer, plan, epochs, max_steps, d_warmup_steps=0):
+    """--epochs changed on resume: the schedule ends at the new last step, from the LR it has now."""
+    total_steps = epochs * plan["steps_per_epoch"]
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    plan.update(epochs=epochs, total_steps=total_steps, decay_from=trainer.replan(total_steps, d_warmup_steps))
+    print(f"plan: {epochs} epochs, {total_steps} steps; the learning rate decays from {trainer.lr():.2e} "
+          f"at step {trainer.step}")
 
 
 # What a run leaves in its output_dir; the first three mean a run was started there.
@@ -1949,6 +2086,8 @@ def main(argv=None):
                                  dropped_clips=clipset.dropped))
         # 4. Plan (or resume), then train.
         trainer = VitsTrainer(model, disc, args, device, precision)
+        if args.batch_size == "auto":
+            args.batch_size, args.grad_accum = choose_batch_size(trainer, train_set, args)
         make_batches = shard_batches(epoch_batches(train_set, args.batch_size, args.seed))
         val_sets = {"val": val_set}
         run, data_key = start_run(trainer, [train_set], make_batches, val_sets, args, budget,

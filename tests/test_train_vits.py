@@ -144,6 +144,130 @@ def test_fp16_runs_on_cpu_and_an_overflow_is_skipped_counted_and_leaves_the_weig
     assert all(torch.equal(weights[k], after[k]) for k in weights)
 
 
+def test_benchmark_times_the_samples_asked_cycling_batches_and_restores_the_weights(tiny_model_dir, monkeypatch):
+    trainer, _ = tiny_trainer(tiny_model_dir)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    seen = []
+
+    def fake_window(window, d_only=False):
+        seen.append((tuple(id(b) for b in window), d_only))
+        torch.nn.init.zeros_(trainer.model.decoder.conv_pre.bias)  # as if trained
+        trainer.step += 1
+    monkeypatch.setattr(trainer, "train_window", fake_window)
+    batches = [dict(frames=torch.ones(n)) for n in (2, 3, 1)]
+    tv.benchmark_throughput(trainer, batches, 20, d_only=True)
+    # one warm-up window, then windows 1, 2, 0, 1, ... (3 + 1 + 2 samples a cycle) until 20 samples: ten
+    assert [w for w, _ in seen] == [(id(batches[0]),)] + [(id(batches[i % 3]),) for i in range(1, 11)]
+    assert all(d_only for _, d_only in seen)
+    assert trainer.step == 0
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+
+
+class FixedBudget:
+    def left(self):
+        return 3600.0
+
+
+def test_plan_counts_the_faster_discriminator_only_warmup(tiny_model_dir, tiny_clips, monkeypatch):
+    trainer, _ = tiny_trainer(tiny_model_dir)
+    calls = []
+
+    def fake_benchmark(trainer, batches, samples, d_only=False):
+        calls.append((samples, d_only))
+        return 4.0 if d_only else 1.0
+    monkeypatch.setattr(tv, "benchmark_throughput", fake_benchmark)
+    args = tv.parse_args(["--batch_size", "2", "--grad_accum", "2", "--benchmark_samples", "40"])
+    make_batches = tv.epoch_batches(tiny_clips, 2, 0)
+    n = len(tiny_clips)
+    plan = tv.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget(), d_warmup=200)
+    assert calls == [(40, False), (10, True)]
+    # 200 warm-up steps of 4 samples at 4/s instead of 1/s leave 600 s more for whole epochs.
+    assert plan["epochs"] == int((3600 + 200 * 4 * (1 - 1 / 4)) // (n / 1.0 + 3 / 3.0 + 10.0))
+    calls.clear()
+    assert tv.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget())["epochs"] == int(3600 // (n + 11))
+    assert calls == [(40, False)]
+
+
+def advance(trainer, steps, d_only=False):
+    """Optimizer steps without gradients, as train_window steps the schedules; the weights do not move."""
+    for _ in range(steps):
+        for opt, sched in ((trainer.opt_g, trainer.sched_g), (trainer.opt_d, trainer.sched_d))[d_only:]:
+            opt.step()
+            sched.step()
+        trainer.step += 1
+
+
+def cosine(s, n):
+    return 0.5 * (1 + np.cos(np.pi * s / n))
+
+
+def test_resume_with_more_epochs_decays_the_lr_from_where_it_is_never_up(tiny_model_dir):
+    trainer, _ = tiny_trainer(tiny_model_dir, lr=1e-3)
+    trainer.args.warmup_steps = 2
+    # 12 steps, the first 2 discriminator-only: the generator's own schedule has 10 steps.
+    trainer.schedule(12, d_warmup_steps=2)
+    advance(trainer, 2, d_only=True)
+    advance(trainer, 6)
+    lr_g, lr_d = trainer.lr(), trainer.sched_d.get_last_lr()[0]
+    assert lr_g == pytest.approx(1e-3 * cosine(4, 8)) and lr_d == pytest.approx(1e-3 * cosine(6, 10))
+    # As load_checkpoint does, then --epochs 6 where the plan had 2 (6 steps an epoch).
+    state = trainer.state_dict()
+    trainer.schedule(12, 2)
+    trainer.load_state_dict(state)
+    plan = dict(epochs=2, total_steps=12, steps_per_epoch=6)
+    tv.resize_plan(trainer, plan, 6, None, 2)
+    assert plan["total_steps"] == 36
+    assert plan["decay_from"] == [[6, pytest.approx(lr_g / 1e-3)], [8, pytest.approx(lr_d / 1e-3)]]
+    lrs_g, lrs_d = [], []
+    for _ in range(28):
+        advance(trainer, 1)
+        lrs_g.append(trainer.lr())
+        lrs_d.append(trainer.sched_d.get_last_lr()[0])
+    # Both reach 0 at the new last step (the generator's 34th, the critic's 36th), from where they were.
+    assert lrs_g == pytest.approx([lr_g * cosine(s, 28) for s in range(1, 29)], abs=1e-12)
+    assert lrs_d == pytest.approx([lr_d * cosine(s, 28) for s in range(1, 29)], abs=1e-12)
+    assert all(b < a for a, b in zip([lr_g] + lrs_g, lrs_g[:-1])) and lrs_g[-1] == 0.0 and lrs_d[-1] == 0.0
+    # A checkpoint of the re-planned run resumes on the same curve.
+    state = trainer.state_dict()
+    trainer.schedule(plan["total_steps"], 2, plan["decay_from"])
+    trainer.load_state_dict(state)
+    advance(trainer, 1)
+    assert trainer.lr() == 0.0 and trainer.sched_d.get_last_lr()[0] == 0.0
+
+
+def test_batch_size_auto_takes_the_largest_batch_that_fits_and_keeps_the_effective_batch(tiny_clips, capsys):
+    def step_of(capacity, limit):
+        def step(b):  # a fake device: 100 bytes a clip, out of memory beyond `limit`
+            if 100 * b > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return 100 * b, capacity
+        return step
+    assert tv.largest_batch(32, step_of(1000, 1000)) == 8  # 16 runs out of memory
+    assert tv.largest_batch(32, step_of(850, 1000)) == 4  # 8 fits, but with less than 10% to spare
+    assert tv.largest_batch(12, step_of(1000, 1000)) == 6  # divisors only: 6 x 2 keeps 12 a step
+    assert tv.largest_batch(32, step_of(1000, 50)) is None
+    # On a CPU a fixed micro-batch, and 8 x --grad_accum clips a step as with the default --batch_size.
+    cpu = type("CpuTrainer", (), dict(device=torch.device("cpu")))()
+    args = tv.parse_args(["--batch_size", "auto", "--grad_accum", "4"])
+    assert tv.choose_batch_size(cpu, tiny_clips, args) == (8, 4)
+    assert "batch size auto: 8 clips x 4 accumulated = 32 per optimizer step" in capsys.readouterr().out
+    for bad in ("0", "big"):
+        with pytest.raises(SystemExit):
+            tv.parse_args(["--batch_size", bad])
+
+
+def test_batch_size_auto_on_resume_keeps_the_batch_the_run_chose(tmp_path, tiny_clips, capsys):
+    checkpoint = str(tmp_path / "checkpoint_epoch_1.pt")
+    saved = vars(tv.parse_args(["--batch_size", "16", "--grad_accum", "2"]))
+    torch.save(dict(args=saved), checkpoint)
+    cpu = type("CpuTrainer", (), dict(device=torch.device("cpu")))()
+    args = tv.parse_args(["--batch_size", "auto", "--grad_accum", "4", "--resume", checkpoint])
+    args.batch_size, args.grad_accum = tv.choose_batch_size(cpu, tiny_clips, args)
+    assert (args.batch_size, args.grad_accum) == (16, 2)  # not a new choice (8 x 4 on a CPU)
+    assert "16 clips x 2 accumulated, as the resumed run had" in capsys.readouterr().out
+    tv.check_resumed_flags(saved, args, checkpoint)  # the resume is not refused
+
+
 def test_spectrograms_match_numpy_librosa_vits_formula():
     rng = np.random.default_rng(0)
     audio = (0.3 * np.sin(np.arange(7000) * 0.05) + 0.05 * rng.standard_normal(7000)).astype(np.float32)
