@@ -656,15 +656,8 @@ def main(argv=None):
                 print_comparison(quality[key], title)
         print(f"tuned voice: {report['final_model']} ({reason}, {trainer.step} steps, {report['minutes']:.1f} min); "
               f"listen to {report['samples']['before']} vs {report['samples']['after']}; report: {report_path}")
-    except tv.TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
-        print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a Ctrl-C before training (preload, benchmark) or a second one during it
-        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
-        return 130
+    except (tv.TrainingError, OSError, KeyboardInterrupt) as err:
+        return tv.report_fatal(err, args.output_dir)
     finally:
         if lock:
             lock.release()

@@ -2035,6 +2035,18 @@ def run_script(output_dir):
     return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
 
 
+def report_fatal(err, output_dir):
+    """One line on stderr for what ended a run early, and the exit code: 130 for Ctrl-C, else 2."""
+    if isinstance(err, KeyboardInterrupt):  # before training (preload, benchmark) or a second one during it
+        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
+        return 130
+    if isinstance(err, OSError):  # e.g. a full disk while saving: one line, not a chain of tracebacks
+        print(f"error: {err.filename or output_dir}: {err.strerror or err}", file=sys.stderr)
+    else:
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def save_run_info(args, extra):
     os.makedirs(args.output_dir, exist_ok=True)
     if not is_main_process():
@@ -2093,15 +2105,8 @@ def main(argv=None):
         run, data_key = start_run(trainer, [train_set], make_batches, val_sets, args, budget,
                                   default_d_warmup=0 if args.discriminator else 200)
         reason = fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a full disk while saving: one line, not a chain of tracebacks
-        print(f"error: {err.filename or args.output_dir}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a Ctrl-C before training (preload, benchmark) or a second one during it
-        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
-        return 130
+    except (TrainingError, OSError, KeyboardInterrupt) as err:
+        return report_fatal(err, args.output_dir)
     finally:
         if lock:
             lock.release()
