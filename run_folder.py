@@ -7,6 +7,7 @@ the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, pr
 a lock whose process has ended (killed, crashed, machine rebooted) is stale and taken over.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -149,6 +150,23 @@ def temp_name(path):
     """Where `path` is written before it is renamed into place: hidden, and named by the writing process."""
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def written_atomically(path):
+    """A binary file that replaces `path` only once all of it is on disk; on any error the temp file is
+    removed, so a full disk never leaves half a file."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def remove_stale_temps(folder):

@@ -63,7 +63,8 @@ from transformers import AutoModelForCTC, AutoProcessor, VitsModel
 
 from prepare_data import (AudioError, MetadataError, load_audio, load_tokenizer, read_metadata, token_ids,
                           trim_silence)
-from run_folder import FolderInUse, OutputLock, exit_with_parent, remove_stale_temps, temp_name, worker_setup
+from run_folder import (FolderInUse, OutputLock, exit_with_parent, remove_stale_temps, temp_name, worker_setup,
+                        written_atomically)
 
 # Spectrogram settings of the original VITS (mel_processing.py); the MMS voices were trained on these.
 N_FFT, HOP, WIN, N_MELS, FMIN, FMAX = 1024, 256, 1024, 80, 0.0, 8000.0
@@ -329,27 +330,18 @@ def save_cache(path, names, audio, mels, errors):
                  mel_len=np.array([mels[i].shape[1] for i in kept], dtype=np.int64))
     big = dict(audio=(np.int16, (int(small["audio_len"].sum()),), lambda i: audio[i]),
                mel=(np.float16, (int(small["mel_len"].sum()), N_MELS), lambda i: mels[i].T))
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, value in small.items():
-                with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, value)
-            for key, (dtype, shape, clip) in big.items():
-                with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
-                                  shape=shape)
-                    np.lib.format.write_array_header_2_0(f, header)
-                    for i in kept:
-                        f.write(np.ascontiguousarray(clip(i), dtype=dtype).tobytes())
-            zf.close()  # writes the zip directory, which must reach the disk before the rename
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a full disk must not keep half a cache
-        raise
+    # The zip directory is written as the ZipFile closes, before the file reaches the disk and is renamed.
+    with written_atomically(path) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in small.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, value)
+        for key, (dtype, shape, clip) in big.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
+                              shape=shape)
+                np.lib.format.write_array_header_2_0(f, header)
+                for i in kept:
+                    f.write(np.ascontiguousarray(clip(i), dtype=dtype).tobytes())
 
 
 def load_cache(path):
@@ -1383,23 +1375,14 @@ class FileWriter:
 
 
 def atomic_torch_save(obj, path):
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            writer = FileWriter(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error:
-                    raise writer.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a full disk must not keep half a checkpoint
-        raise
+    with written_atomically(path) as f:
+        writer = FileWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error:
+                raise writer.error from None
+            raise
 
 
 def rng_state():

@@ -231,14 +231,6 @@ def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # The training step and the loop.
 
-@pytest.fixture(scope="module")
-def clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
-    _, tokenizer = tv.load_voice(tiny_model_dir)
-    loaded, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
-    assert not errors
-    return tv.ClipSet(loaded, tokenizer)
-
-
 def make_trainer(model_dir, *flags):
     model, _ = tv.load_voice(model_dir)
     tv.prepare_for_training(model)
@@ -255,9 +247,9 @@ def short_batch(clips, n=4, segment_frames=32):
     return tv.collate([(clips, i) for i in shortest], segment_frames)
 
 
-def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir, clips):
+def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir, tiny_clips):
     trainer = make_trainer(tiny_model_dir, "--lr", "1e-2", "--segment_frames", "16")
-    batch = short_batch(clips, 2, 16)
+    batch = short_batch(tiny_clips, 2, 16)
     for _ in range(10):
         assert trainer.train_window([batch], d_only=True) is not None
     torch.manual_seed(1)
@@ -270,9 +262,9 @@ def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir,
     assert torch.all(margins > 0) and margins.mean() > 0.3, margins
 
 
-def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, clips, monkeypatch):
+def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, tiny_clips, monkeypatch):
     trainer = make_trainer(tiny_model_dir)
-    batch = short_batch(clips)
+    batch = short_batch(tiny_clips)
     seen = {}
     trainer.model.posterior_encoder.register_forward_hook(lambda m, args, out: seen.update(z=out[0]))
     trainer.model.decoder.register_forward_pre_hook(lambda m, args: seen.update(decoded=args[0]))
@@ -292,9 +284,9 @@ def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, clips
         torch.testing.assert_close(own[:, 2:-2], out["mel"][b][:, 2:-2].float(), atol=2e-2, rtol=0)
 
 
-def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(tiny_model_dir, clips):
+def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(tiny_model_dir, tiny_clips):
     trainer = make_trainer(tiny_model_dir)
-    batch = short_batch(clips, 2)
+    batch = short_batch(tiny_clips, 2)
     torch.manual_seed(2)
     with torch.no_grad():
         out = tv.generator_forward(trainer.model, batch, 32)
@@ -359,9 +351,9 @@ def test_alignment_is_the_most_likely_path_and_its_durations_fill_each_clip():
         assert torch.all(durations[b, :n_tokens] >= 1) and torch.all(durations[b, n_tokens:] == 0)
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, clips, monkeypatch):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tiny_clips, monkeypatch):
     trainer = make_trainer(tiny_model_dir, "--max_bad_steps", "2")
-    batch = short_batch(clips, 2)
+    batch = short_batch(tiny_clips, 2)
     before = {k: v.clone() for k, v in list(trainer.model.state_dict().items()) + list(
         trainer.disc.state_dict().items())}
     # Only the generator's loss is NaN: the critic's finished backward must be thrown away too.

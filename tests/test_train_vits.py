@@ -25,14 +25,6 @@ QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_ch
          "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
-    model, tokenizer = tv.load_voice(tiny_model_dir)
-    clips, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
-    assert not errors
-    return tv.ClipSet(clips, tokenizer)
-
-
 def tiny_trainer(model_dir, lr=2e-4):
     model, tokenizer = tv.load_voice(model_dir)
     tv.prepare_for_training(model)
