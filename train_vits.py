@@ -150,6 +150,10 @@ def build_parser(description=__doc__):
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU (fp16 runs "
                         "there too, slowly: a check of the fp16 path).")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the critic and the HiFi-GAN decoder (the convolutions, most of a step). "
+                        "Off: on a CPU it measured slower (benchmarks/bench_train.py --levers); the first steps "
+                        "wait minutes for the compiler; on Windows it needs a C++ compiler, on a GPU Triton.")
     g.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
                    help="Processes that decode clips during the preload.")
     g.add_argument("--seed", type=int, default=1234, help="Seed for shuffling, slicing and initialisation.")
@@ -993,6 +997,11 @@ def lr_factor(step, warmup, total_steps, decay_from=None):
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def add_mean(totals, terms, n):
+    for key, value in terms.items():
+        totals[key] = totals.get(key, 0.0) + value / n
+
+
 class VitsTrainer:
     """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
 
@@ -1003,6 +1012,10 @@ class VitsTrainer:
         self.opt_g = make_adamw(self.model.parameters(), args.lr)
         self.opt_d = make_adamw(self.disc.parameters(), args.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if args.compile:
+            # In place: the parameter names, checkpoints and exported voices stay those of eager modules.
+            self.disc.compile()
+            self.model.decoder.compile()
         # The passes whose gradients are averaged across torchrun's ranks; the frozen critic of the
         # generator pass leaves no gradient in itself and runs unwrapped.
         self.generator_pass = data_parallel(GeneratorPass(self.model, args.segment_frames), device)
@@ -1057,57 +1070,95 @@ class VitsTrainer:
         return self.sched_g.get_last_lr()[0]
 
     def train_window(self, batches, d_only=False):
-        """One optimizer step over `batches` (gradient accumulation). Returns the mean loss terms."""
+        """One optimizer step over `batches` (gradient accumulation), in the original VITS order: the critic
+        steps first, then the generator's pass runs through the updated critic. Returns the mean loss terms,
+        or None for a skipped step (the critic's update, once made, stands, as in VITS).
+
+        With one micro-batch the generator's forward serves both passes. With several, keeping every
+        micro-batch's generator graph until the critic has stepped would cost the memory accumulation
+        saves, so the critic's pass runs the generator without gradients and the generator's pass runs it
+        again from the same RNG state: the same slices and noise, the same numbers.
+        """
         self.model.train()
         self.disc.train()
+        batches = [to_device(batch, self.device) for batch in batches]
+        keep_graph = len(batches) == 1 and not d_only
         self.opt_d.zero_grad(set_to_none=True)
-        self.opt_g.zero_grad(set_to_none=True)
-        totals, finite = {}, True
+        totals, outputs, rng = {}, [], []
         for k, batch in enumerate(batches):
-            with self.no_sync(k < len(batches) - 1):
-                terms = self.micro_step(to_device(batch, self.device), len(batches), d_only)
+            rng.append(None if keep_graph else rng_state())
+            with self.no_sync(self.critic_pass, k < len(batches) - 1):
+                out, terms = self.critic_backward(batch, len(batches), keep_graph)
             if terms is None:
-                finite = False
-                break
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
-        if finite:
-            finite = self.apply_gradients(d_only)
-        if not finite:
-            self.opt_d.zero_grad(set_to_none=True)
-            self.opt_g.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            if self.bad_steps >= self.args.max_bad_steps:
-                raise TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
-                                    "stopping before the model is ruined (try --precision bf16/fp32 or a lower --lr)")
-            return None
+                return self.skipped()
+            outputs.append(out if keep_graph else None)
+            add_mean(totals, terms, len(batches))
+        critic_stepped = self.update(self.opt_d, self.disc)
+        if critic_stepped:
+            self.sched_d.step()
+        if d_only:
+            return self.finish(critic_stepped, totals)
+
+        self.opt_g.zero_grad(set_to_none=True)
+        for k, batch in enumerate(batches):
+            if not keep_graph:
+                set_rng_state(rng[k])
+                outputs[k] = self.generator_outputs(batch)
+            with self.no_sync(self.generator_pass, k < len(batches) - 1):
+                terms = self.generator_backward(outputs[k], len(batches))
+            outputs[k] = None
+            if terms is None:
+                self.scaler.update()
+                return self.skipped()
+            add_mean(totals, terms, len(batches))
+        generator_stepped = self.update(self.opt_g, self.model)
+        if generator_stepped:
+            self.sched_g.step()
+        return self.finish(critic_stepped and generator_stepped, totals)
+
+    def finish(self, stepped, totals):
+        # fp16: finite losses with overflowing gradients are how the GradScaler finds its scale; they only
+        # count towards --max_bad_steps once the scale is below 1, where overflow is no longer its search.
+        searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1
+        self.scaler.update()
+        if not stepped:
+            return self.skipped(bad=not searching)
         self.bad_steps = 0
         self.step += 1
-        if not d_only:
-            self.sched_g.step()
-        self.sched_d.step()
         return totals
 
-    def no_sync(self, accumulating):
-        """Under DDP, gradients are averaged once per optimizer step: not after the window's earlier micro-batches."""
-        stack = contextlib.ExitStack()
-        for net in (self.generator_pass, self.critic_pass):
-            if accumulating and isinstance(net, DistributedDataParallel):
-                stack.enter_context(net.no_sync())
-        return stack
+    def skipped(self, bad=True):
+        """A step with a non-finite loss or gradient: its pending gradients dropped and counted; too many bad
+        ones in a row stop the run."""
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_steps += bad
+        if self.bad_steps >= self.args.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
+                                "stopping before the model is ruined (try --precision bf16/fp32 or a lower --lr)")
+        return None
 
-    def micro_step(self, batch, accum, d_only):
-        args = self.args
+    def no_sync(self, net, accumulating):
+        """Under DDP, gradients are averaged once per optimizer step: not after the window's earlier micro-batches."""
+        if accumulating and isinstance(net, DistributedDataParallel):
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def generator_outputs(self, batch, grad=True):
+        with self.autocast(), torch.set_grad_enabled(grad):
+            return self.generator_pass(batch)
+
+    def critic_backward(self, batch, accum, keep_graph):
+        """The generator's forward and the critic's loss on real and (detached) generated slices, backward.
+
+        Returns (generator outputs, terms); terms is None when the loss is not finite on some process.
+        """
         try:
+            out = self.generator_outputs(batch, grad=keep_graph)
             with self.autocast():
-                if d_only:
-                    with torch.no_grad():
-                        out = self.generator_pass(batch)
-                else:
-                    out = self.generator_pass(batch)
                 real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
-                logits, features = self.critic_pass(real_fake)
+                logits, _ = self.critic_pass(real_fake)
             half = out["audio"].size(0)
             loss_d = discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
         except torch.OutOfMemoryError:
@@ -1117,48 +1168,47 @@ class VitsTrainer:
             # agreed below like a non-finite loss (under DDP the other ranks wait in that agreement).
             message = str(err).splitlines()[0] if str(err) else ""
             tqdm.write(f"step {self.step + 1} skipped: {type(err).__name__}: {message}")
-            loss_d = torch.tensor(float("nan"))
+            out, loss_d = None, torch.tensor(float("nan"))
         # Under DDP every rank must run the same backward passes: a step is skipped on all or none.
         if not all_ranks(torch.isfinite(loss_d)):
-            return None
+            return out, None
         self.scaler.scale(loss_d / accum).backward()
-        terms = dict(d=loss_d.item())
-        if d_only:
-            return terms
+        return out, dict(d=loss_d.item())
 
-        # Both optimizers step only after both passes, so the critic's features of the real audio are
-        # the same in the generator pass: reuse them (detached) instead of running the critic on it again.
-        real_features = [[f[:half].detach() for f in fs] for fs in features]
-        # The generator pass runs the critic on the fake audio only, frozen: no gradients left in it.
-        with frozen(self.disc), self.autocast():
-            fake_logits, fake_features = self.disc(out["audio_hat"].to(out["audio"].dtype))
+    def generator_backward(self, out, accum):
+        """The generator's losses through the (updated, frozen) critic, backward. Returns the terms or None."""
+        fake_logits, real_features, fake_features = self.generator_critic(out)
         loss_adv = generator_adversarial_loss(fake_logits)
         loss_fm = feature_matching_loss(real_features, fake_features)
         loss_mel = mel_slice_loss(out, self.sampling_rate)
-        loss_g = loss_adv + loss_fm + args.c_mel * loss_mel + args.c_kl * out["loss_kl"] + out["loss_dur"]
+        loss_g = (loss_adv + loss_fm + self.args.c_mel * loss_mel + self.args.c_kl * out["loss_kl"]
+                  + out["loss_dur"])
         if not all_ranks(torch.isfinite(loss_g)):
             return None
         self.scaler.scale(loss_g / accum).backward()
-        terms.update(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
-                     kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
-        return terms
+        return dict(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
+                    kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
 
-    def apply_gradients(self, d_only):
-        pairs = [(self.opt_d, self.disc)] + ([] if d_only else [(self.opt_g, self.model)])
-        finite = True
-        for opt, net in pairs:
-            self.scaler.unscale_(opt)
-            norm = nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_clip)
-            # With fp16 the scaler skips inf steps itself (that is how it finds its scale).
-            finite &= bool(torch.isfinite(norm)) or self.scaler.is_enabled()
-        if not finite:
+    def generator_critic(self, out):
+        """The updated critic, frozen, on the real and the generated slices: (fake logits, real features, fake
+        features). The real slices need no gradient, so they run without a graph; weight norm is computed
+        once for both calls."""
+        with frozen(self.disc), nn.utils.parametrize.cached(), self.autocast():
+            with torch.no_grad():
+                _, real_features = self.disc(out["audio"])
+            fake_logits, fake_features = self.disc(out["audio_hat"].to(out["audio"].dtype))
+        return fake_logits, real_features, fake_features
+
+    def update(self, opt, net):
+        """Clip and step one network. False, and no update, when its gradients are not finite (with fp16
+        the GradScaler skips that step itself and lowers its scale at the window's end)."""
+        self.scaler.unscale_(opt)
+        norm = nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_clip)
+        if not torch.isfinite(norm):
+            opt.zero_grad(set_to_none=True)
             return False
-        for opt, _ in pairs:
-            self.scaler.step(opt)
-        scale = self.scaler.get_scale()
-        self.scaler.update()
-        # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
-        return self.scaler.get_scale() >= scale
+        self.scaler.step(opt)
+        return True
 
     @torch.no_grad()
     def evaluate(self, clipset, batch_size):
@@ -1249,6 +1299,13 @@ def largest_batch(effective, try_batch, headroom=0.1):
     return best
 
 
+def gpu_memory_bytes(device):
+    """The memory this process may use on the GPU: the card's, or the share set_per_process_memory_fraction gives."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
+    return int(torch.cuda.get_device_properties(index).total_memory * fraction)
+
+
 def choose_batch_size(trainer, clipset, args):
     """--batch_size auto -> (micro-batch, grad_accum) with AUTO_CPU_BATCH x --grad_accum clips a step."""
     resume = resume_path(args)
@@ -1274,7 +1331,7 @@ def choose_batch_size(trainer, clipset, args):
             torch.cuda.reset_peak_memory_stats(device)
             with trial_steps(trainer):
                 trainer.train_window([collate(items, args.segment_frames)])
-            return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+            return torch.cuda.max_memory_allocated(device), gpu_memory_bytes(device)
         batch = largest_batch(effective, try_batch)
         torch.cuda.empty_cache()
         if batch is None:

@@ -21,15 +21,27 @@ once per data set (and again only in seconds, from its cache).
     python benchmarks/bench_train.py --clips 1000 --steps 50 --model_size full --device cuda --batch_size 8
     python benchmarks/bench_train.py --clips 1000 --steps 50 --model_size full --device cuda --precision fp32
 
+`--levers` measures train_vits.py's own step instead: each of its speed-ups switched off in turn (fused
+AdamW; the critic run on the real slices without a graph in the generator's pass), `--compile` switched
+on, and with `--against COMMIT` train_vits.py as it was at that commit. Every variant starts from the same
+weights and takes the same batch with the same seed at each step, in turns whose order rotates:
+
+    # issue 13's setting: full size, batch 2, fp32, 2 threads, against the step of 288519f
+    python benchmarks/bench_train.py --levers --model_size full --batch_size 2 --clips 32 --steps 10 \
+        --device cpu --precision fp32 --threads 2 --against 288519f
+
 Data and models are generated under benchmarks/data/ (git-ignored) and reused by later runs.
 """
 
 import argparse
 import copy
-import math
+import importlib.util
 import os
 import random
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from unittest import mock
 
@@ -63,6 +75,15 @@ def build_parser():
     p.add_argument("--data_dir", default=None,
                    help="Prepared data folder to use or create (default: benchmarks/data/kmr_<clips>_seed<seed>).")
     p.add_argument("--seed", type=int, default=0, help="Seed for data, weights, batches and slices.")
+    p.add_argument("--levers", action="store_true",
+                   help="Instead of ours against the naive loop: ours against itself with each speed-up switched "
+                        "off in turn, in one interleaved run; prints each one's ratio.")
+    p.add_argument("--compile", action="store_true",
+                   help="With --levers: also ours with train_vits.py --compile (its first step waits minutes for "
+                        "the compiler; not timed).")
+    p.add_argument("--against", metavar="COMMIT", default=None,
+                   help="With --levers: also the step of train_vits.py at this git commit (e.g. 288519f, before "
+                        "issue 13), loaded with `git show`, on the same weights and batches.")
     return p
 
 
@@ -76,6 +97,8 @@ def parse_args(argv=None):
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.clips < args.batch_size:
         parser.error(f"--clips ({args.clips}) must be at least --batch_size ({args.batch_size})")
+    if (args.compile or args.against) and not args.levers:
+        parser.error("--compile and --against go with --levers")
     if args.disc_channels is None:
         args.disc_channels = 64 if args.model_size == "tiny" else 1024
     return args
@@ -209,6 +232,105 @@ def report(meters, device, header):
 
 
 # ----------------------------------------------------------------------------------------------------
+# --levers: train_vits.py's step with one speed-up switched off
+
+class CriticOnRealRowsWithAGraph(tv.VitsTrainer):
+    """The generator's pass as VITS writes it: the critic on real + generated slices together, so the
+    backward also runs through the real rows, whose input gradient nobody uses."""
+
+    def generator_critic(self, out):
+        with tv.frozen(self.disc), self.autocast():
+            logits, features = self.disc(torch.cat([out["audio"], out["audio_hat"].to(out["audio"].dtype)]))
+        half = out["audio"].size(0)
+        return ([l[half:] for l in logits], [[f[:half] for f in fs] for fs in features],
+                [[f[half:] for f in fs] for fs in features])
+
+
+def without_fused_adamw(trainer):
+    betas, eps = (0.8, 0.99), 1e-9
+    trainer.opt_g = torch.optim.AdamW(trainer.model.parameters(), trainer.args.lr, betas=betas, eps=eps, fused=False)
+    trainer.opt_d = torch.optim.AdamW(trainer.disc.parameters(), trainer.args.lr, betas=betas, eps=eps, fused=False)
+    return trainer
+
+
+def train_vits_at(commit):
+    """train_vits.py as it was at a git commit, imported under another name (it imports today's siblings)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "-C", root, "show", f"{commit}:train_vits.py"], capture_output=True, text=True)
+    if source.returncode:
+        raise SystemExit(f"error: --against {commit}: {source.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), f"train_vits_{commit}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location(f"train_vits_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lever_variants(model, disc, args, targs, device, precision):
+    """name -> trainer, every one from the same weights; 'ours' is train_vits.py as it is."""
+    def fresh(cls=tv.VitsTrainer, module_args=targs):
+        return cls(copy.deepcopy(model), copy.deepcopy(disc), module_args, device, precision)
+    variants = {"ours": fresh(),
+                "fused AdamW off": without_fused_adamw(fresh()),
+                "critic on the real rows with a graph": fresh(CriticOnRealRowsWithAGraph)}
+    if args.compile:
+        compiled = copy.copy(targs)
+        compiled.compile = True
+        variants["ours with --compile"] = fresh(module_args=compiled)
+    if args.against:
+        old = train_vits_at(args.against)
+        old_args = old.parse_args(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
+                                   "--disc_channels", str(args.disc_channels), "--seed", str(args.seed)])
+        variants[f"train_vits.py at {args.against}"] = fresh(old.VitsTrainer, old_args)
+    for trainer in variants.values():
+        trainer.schedule(args.warmup + args.steps + 1)
+    return variants
+
+
+def run_levers(variants, fetch, device, args):
+    """Every variant takes each batch in turn (the order rotates every step).
+
+    Returns name -> step times and name -> the generator loss of every step (a speed-up changes no number).
+    """
+    names = list(variants)
+    times, losses = {name: [] for name in names}, {name: [] for name in names}
+    print(f"bench_train --levers: {args.warmup} warm-up + {args.steps} timed steps of {len(names)} variants ...",
+          flush=True)
+    for step in range(args.warmup + args.steps):
+        batch = fetch()
+        shift = step % len(names)
+        for name in names[shift:] + names[:shift]:
+            torch.manual_seed(args.seed * 1000 + step)
+            sync(device)
+            start = time.perf_counter()
+            terms = variants[name].train_window([batch])
+            sync(device)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+            losses[name].append(terms["g"] if terms else float("nan"))
+            if terms is None:
+                print(f"  step {step}: {name}: non-finite, skipped (timed all the same)")
+    return times, losses
+
+
+def lever_report(times, losses, header):
+    lines = header + ["", "| variant | median ms/step | mean ms/step | ours is faster by | generator loss vs ours |",
+                      "|---|---:|---:|---:|---:|"]
+    for name, spent in times.items():
+        ratio = statistics.median([t / o for t, o in zip(spent, times["ours"])])
+        differ = max(abs(a - b) / abs(b) for a, b in zip(losses[name], losses["ours"]))
+        lines.append(f"| {name} | {1000 * statistics.median(spent):.0f} | {1000 * statistics.mean(spent):.0f} | "
+                     f"{ratio:.2f}x | {differ:.1e} |")
+    lines.append("")
+    lines.append("ours is faster by: the variant's step time over ours on the same batch, median over the steps "
+                 "(above 1 the switched-off speed-up wins; for --compile, below 1 compiling wins). generator loss "
+                 "vs ours: the largest relative difference over all steps, warm-up included.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -247,12 +369,6 @@ def main(argv=None):
     lengths = [clipset.frames(i) for i in range(len(clipset))]
     hours = sum(lengths) * tv.HOP / sr / 3600
 
-    # 3. Two trainers from the same weights; naive reads the same clips (ClipSet's filter) from disk.
-    trainers = {}
-    for name, prec in (("naive", "fp32"), ("ours", precision)):
-        trainers[name] = tv.VitsTrainer(copy.deepcopy(model), copy.deepcopy(disc), targs, device, prec)
-        trainers[name].schedule(args.warmup + args.steps + 1)
-    naive_data = NaiveBatches(data_dir, clipset.names, clipset.texts, tokenizer, args.batch_size, sr, args.seed)
     buckets, epoch = [], [0]
 
     def ours_fetch():
@@ -261,6 +377,29 @@ def main(argv=None):
             buckets.extend(tv.bucket_batches(lengths, args.batch_size, args.seed * 1000 + epoch[0]))
         return tv.collate([(clipset, i) for i in buckets.pop()], targs.segment_frames)
 
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    dparams = sum(p.numel() for p in disc.parameters()) / 1e6
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = [
+        f"model {args.model_size} ({params:.1f}M generator, discriminator max_channels {args.disc_channels}: "
+        f"{dparams:.1f}M), batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"device {device} ({gpu}, {torch.get_num_threads()} torch threads, load average {load:.1f}), "
+        f"{precision}, torch {torch.__version__}",
+        f"data: {len(clipset)} clips, {hours:.2f} h, mean {hours * 3600 / len(clipset):.2f} s ({data_dir})",
+    ]
+    if args.levers:
+        variants = lever_variants(model, disc, args, targs, device, precision)
+        times, losses = run_levers(variants, ours_fetch, device, args)
+        print(lever_report(times, losses, header))
+        return times, losses
+
+    # 3. Two trainers from the same weights; naive reads the same clips (ClipSet's filter) from disk.
+    trainers = {}
+    for name, prec in (("naive", "fp32"), ("ours", precision)):
+        trainers[name] = tv.VitsTrainer(copy.deepcopy(model), copy.deepcopy(disc), targs, device, prec)
+        trainers[name].schedule(args.warmup + args.steps + 1)
+    naive_data = NaiveBatches(data_dir, clipset.names, clipset.texts, tokenizer, args.batch_size, sr, args.seed)
     fetch = {"naive": lambda: naive_data.next(targs.segment_frames), "ours": ours_fetch}
     meters = {"naive": Meter("naive", "fp32", args.steps), "ours": Meter("ours", precision, args.steps)}
 
@@ -271,19 +410,9 @@ def main(argv=None):
         for name in order:
             timed_step(meters[name], trainers[name], fetch[name], device, sr, count=step >= args.warmup)
 
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    dparams = sum(p.numel() for p in disc.parameters()) / 1e6
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    header = [
-        f"model {args.model_size} ({params:.1f}M generator, discriminator max_channels {args.disc_channels}: "
-        f"{dparams:.1f}M), batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
-        f"device {device} ({gpu}, {torch.get_num_threads()} torch threads, load average {load:.1f}), "
-        f"torch {torch.__version__}",
-        f"data: {len(clipset)} clips, {hours:.2f} h, mean {hours * 3600 / len(clipset):.2f} s ({data_dir})",
-        f"ours preload (paid once, not in the table): {preload_s:.1f} s ({'from its cache' if cached else 'decoded'}), "
-        f"{fmt_bytes(held)} held in RAM (int16 audio + fp16 log-mel), process RSS +{fmt_bytes(preload_rss)} after it",
-    ]
+    header.append(f"ours preload (paid once, not in the table): {preload_s:.1f} s "
+                  f"({'from its cache' if cached else 'decoded'}), {fmt_bytes(held)} held in RAM (int16 audio + fp16 "
+                  f"log-mel), process RSS +{fmt_bytes(preload_rss)} after it")
     print(report([meters["naive"], meters["ours"]], device, header))
     return meters
 

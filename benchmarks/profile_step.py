@@ -43,9 +43,6 @@ def build_parser():
     p.add_argument("--clips", type=int, default=200, help="Generated clips to draw batches from.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU).")
     p.add_argument("--only", choices=["mas", "data", "step"], default=None, help="Run one part only.")
-    p.add_argument("--fused_adamw", action="store_true",
-                   help="Also time whole steps with AdamW(fused=True) (a proposed change), taking turns with "
-                        "train_vits.py's optimizers on the same batches.")
     return p
 
 
@@ -137,9 +134,9 @@ def profile_step(trainer, batches, device):
             wrap(tv, "monotonic_alignment", "MAS: log-likelihood matrix"),
             wrap(model.duration_predictor, "forward", "stochastic duration predictor"),
             wrap(model.decoder, "forward", "HiFi-GAN decoder (32-frame slices)"),
-            wrap(trainer.disc, "forward", "discriminator (2 passes)"),
+            wrap(trainer.disc, "forward", "discriminator (3 calls)"),
             wrap(tv, "linear_spectrogram", "spectrograms (linear; mel of the slices)"),
-            wrap(trainer, "apply_gradients", "gradient clipping + optimizer steps")]
+            wrap(trainer, "update", "gradient clipping + optimizer steps")]
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:  # warm-up, counting operators (not timed)
         trainer.train_window([batches[0]])
@@ -194,47 +191,7 @@ def main(argv=None):
         print(f"\n## One training step, model {args.model_size}, discriminator {disc_channels}, batch {args.batch_size} "
               f"of the longest clips ({batches[1]['mel'].shape[2]} frames, {batches[1]['input_ids'].shape[1]} "
               f"token ids), {precision}, mean of {args.steps}\n")
-        if args.fused_adamw:
-            import copy
-            state = copy.deepcopy(trainer.state_dict())
         profile_step(trainer, batches, device)
-        if args.fused_adamw:
-            compare_fused(trainer, state, batches, device)
-
-
-def compare_fused(trainer, state, batches, device):
-    """Steps with train_vits.py's AdamW (default implementation) against AdamW(fused=True), same weights."""
-    import copy
-    import warnings
-    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")  # new optimizers under old schedulers
-    fused = copy.copy(trainer)
-    fused.model, fused.disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.disc)
-    for t in (trainer, fused):
-        t.model.load_state_dict(state["model"])
-        t.disc.load_state_dict(state["disc"])
-    betas, eps = (0.8, 0.99), 1e-9
-    fused.opt_g = torch.optim.AdamW(fused.model.parameters(), trainer.args.lr, betas=betas, eps=eps, fused=True)
-    fused.opt_d = torch.optim.AdamW(fused.disc.parameters(), trainer.args.lr, betas=betas, eps=eps, fused=True)
-    trainer.opt_g = torch.optim.AdamW(trainer.model.parameters(), trainer.args.lr, betas=betas, eps=eps)
-    trainer.opt_d = torch.optim.AdamW(trainer.disc.parameters(), trainer.args.lr, betas=betas, eps=eps)
-    for t in (trainer, fused):
-        t.schedule(100)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    spent = {"default": 0.0, "fused": 0.0}
-    for k, batch in enumerate(batches):
-        order = (("default", trainer), ("fused", fused)) if k % 2 else (("fused", fused), ("default", trainer))
-        for name, t in order:
-            sync()
-            start = time.perf_counter()
-            terms = t.train_window([batch])
-            sync()
-            if k:  # the first is a warm-up
-                spent[name] += time.perf_counter() - start
-            if k == len(batches) - 1:
-                print(f"  {name}: last step loss g {terms['g']:.4f}, d {terms['d']:.4f}")
-    n = len(batches) - 1
-    print(f"\nAdamW, whole training steps taking turns ({n} each): default {1000 * spent['default'] / n:.0f} ms/step, "
-          f"fused=True {1000 * spent['fused'] / n:.0f} ms/step ({spent['default'] / spent['fused']:.2f}x)")
 
 
 if __name__ == "__main__":

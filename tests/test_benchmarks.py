@@ -3,6 +3,8 @@
 import math
 import re
 
+import pytest
+
 from benchmarks import bench_train
 
 
@@ -23,6 +25,21 @@ def test_bench_train_prints_table_and_speedup(tmp_path, capsys):
         assert math.isfinite(audio_s) and audio_s > 0
         assert 0 <= wait <= 100
         assert re.fullmatch(r"\d+(\.\d+)? (MiB|GiB)", cells[-1]) and float(cells[-1].split()[0]) > 0
+
+
+def test_bench_train_levers_time_every_variant_and_change_no_loss(tmp_path, capsys):
+    times, losses = bench_train.main(["--levers", "--clips", "4", "--steps", "2", "--warmup", "0", "--batch_size", "2",
+                                      "--model_size", "tiny", "--device", "cpu", "--num_workers", "1",
+                                      "--data_dir", str(tmp_path / "data")])
+    out = capsys.readouterr().out
+    assert list(times) == ["ours", "fused AdamW off", "critic on the real rows with a graph"]
+    assert all(len(t) == 2 and all(s > 0 for s in t) for t in times.values())
+    # Each speed-up is only one: switched off, the same weights and batches give the same losses.
+    for name in times:
+        assert losses[name] == pytest.approx(losses["ours"], rel=1e-4), name
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split("|")[1].strip() for row in rows] == list(times)
+    assert all(re.fullmatch(r"\d+\.\d\dx", row.split("|")[4].strip()) for row in rows)
 
 
 def test_bench_quality_quick_prints_a_table_quality_lines_and_a_plot(tmp_path, capsys):

@@ -304,11 +304,9 @@ def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(t
 
     # The critic's gradient is that of its own loss alone: the generator's backward adds nothing to it.
     torch.manual_seed(2)
-    trainer.micro_step(batch, accum=1, d_only=True)
+    out, terms = trainer.critic_backward(batch, accum=1, keep_graph=True)
     critic_alone = [p.grad.clone() for p in trainer.disc.parameters()]
-    trainer.opt_d.zero_grad(set_to_none=True)
-    torch.manual_seed(2)
-    terms = trainer.micro_step(batch, accum=1, d_only=False)
+    terms.update(trainer.generator_backward(out, accum=1))
     for key, value in expected.items():
         assert terms[key] == pytest.approx(float(value), rel=1e-4), key
     for p, alone in zip(trainer.disc.parameters(), critic_alone):
@@ -356,12 +354,15 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, t
     batch = short_batch(tiny_clips, 2)
     before = {k: v.clone() for k, v in list(trainer.model.state_dict().items()) + list(
         trainer.disc.state_dict().items())}
-    # Only the generator's loss is NaN: the critic's finished backward must be thrown away too.
+    # Only the generator's loss is NaN: the critic has already stepped (VITS's order) and keeps its update;
+    # the generator's update is dropped.
     monkeypatch.setattr(tv, "mel_slice_loss", lambda out, sr: torch.tensor(float("nan")))
     assert trainer.train_window([batch]) is None
     assert (trainer.step, trainer.skipped_steps) == (0, 1)
     after = dict(list(trainer.model.state_dict().items()) + list(trainer.disc.state_dict().items()))
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in trainer.model.state_dict())
+    assert not all(torch.equal(before[k], after[k]) for k in trainer.disc.state_dict())
+    assert all(p.grad is None for p in itertools.chain(trainer.model.parameters(), trainer.disc.parameters()))
     with pytest.raises(tv.TrainingError, match="2 non-finite training steps in a row"):
         trainer.train_window([batch])
     assert trainer.skipped_steps == 2
@@ -370,7 +371,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, t
 def test_learning_rate_warms_up_then_decays_and_critic_warm_up_spares_the_generator(tiny_model_dir):
     trainer = make_trainer(tiny_model_dir, "--lr", "1e-3", "--warmup_steps", "3")
     trainer.schedule(12, d_warmup_steps=4)
-    trainer.micro_step = lambda batch, accum, d_only: dict(d=0.0)  # no gradients: only the schedule moves
+    # No forward and no gradients: only the schedule moves.
+    trainer.generator_outputs = lambda batch, grad=True: None
+    trainer.critic_backward = lambda batch, accum, keep_graph: (None, dict(d=0.0))
+    trainer.generator_backward = lambda out, accum: dict(g=0.0)
     used_g, used_d = [], []
     for step in range(12):
         used_d.append(trainer.opt_d.param_groups[0]["lr"])
