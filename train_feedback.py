@@ -590,7 +590,10 @@ def main(argv=None):
         # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
         trainer = tv.VitsTrainer(model, disc, args, device, precision)
         if args.batch_size == "auto":
-            args.batch_size, args.grad_accum = tv.choose_batch_size(trainer, fb_train, args)
+            # Tried on the longest clips the batches can hold: replayed originals may be longer than feedback.
+            longest = max([fb_train] + ([orig_train] if orig_train and args.replay_ratio else []),
+                          key=lambda cs: max(map(cs.frames, range(len(cs)))))
+            args.batch_size, args.grad_accum = tv.choose_batch_size(trainer, longest, args)
         make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
                                      args.feedback_weight, args.seed)
         rank_batches = tv.shard_batches(make_batches)  # this process's share under torchrun

@@ -128,10 +128,11 @@ def build_parser(description=__doc__):
     g.add_argument("--benchmark_samples", type=int, default=200,
                    help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first epoch).")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=batch_size_arg, default=8,
-                   help="Clips per micro-batch, or 'auto': on a GPU the largest that fits with 10%% to spare "
-                        f"(tried with real steps on the longest clips), on a CPU {AUTO_CPU_BATCH}; auto keeps "
-                        f"{AUTO_CPU_BATCH} x --grad_accum clips per optimizer step by lowering --grad_accum.")
+    g.add_argument("--batch_size", type=batch_size_arg, default="auto",
+                   help="Clips per micro-batch, or 'auto': on one GPU the largest that fits with 10%% of its free "
+                        f"memory to spare (tried with real steps on the longest clips), on a CPU or under torchrun "
+                        f"{AUTO_CPU_BATCH}; auto keeps {AUTO_CPU_BATCH} x --grad_accum clips per optimizer step by "
+                        "lowering --grad_accum. A resumed run keeps the batch it had.")
     g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
     g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
     g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")
@@ -152,8 +153,8 @@ def build_parser(description=__doc__):
                         "there too, slowly: a check of the fp16 path).")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the critic and the HiFi-GAN decoder (the convolutions, most of a step). "
-                        "Off: on a CPU it measured slower (benchmarks/bench_train.py --levers); the first steps "
-                        "wait minutes for the compiler; on Windows it needs a C++ compiler, on a GPU Triton.")
+                        "Off: it measured slower on a CPU and no faster on an H100 (README, Performance); the first "
+                        "steps wait minutes for the compiler; on Windows it needs a C++ compiler, on a GPU Triton.")
     g.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
                    help="Processes that decode clips during the preload.")
     g.add_argument("--seed", type=int, default=1234, help="Seed for shuffling, slicing and initialisation.")
@@ -1300,10 +1301,12 @@ def largest_batch(effective, try_batch, headroom=0.1):
 
 
 def gpu_memory_bytes(device):
-    """The memory this process may use on the GPU: the card's, or the share set_per_process_memory_fraction gives."""
+    """The GPU memory this process may use: what is free plus what its allocator already holds (the CUDA
+    context, a desktop or other programs keep the rest), within set_per_process_memory_fraction's share."""
     index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
-    return int(torch.cuda.get_device_properties(index).total_memory * fraction)
+    return int(min(free + torch.cuda.memory_reserved(index), total * fraction))
 
 
 def choose_batch_size(trainer, clipset, args):
@@ -1317,11 +1320,10 @@ def choose_batch_size(trainer, clipset, args):
         return saved["batch_size"], saved["grad_accum"]
     effective = AUTO_CPU_BATCH * args.grad_accum
     device = trainer.device
-    if device.type != "cuda":
+    # Under torchrun a trial that runs out of memory on one process would leave the others waiting in its
+    # all-reduce: there auto does not search.
+    if device.type != "cuda" or world_size() > 1:
         batch = AUTO_CPU_BATCH
-    elif world_size() > 1:
-        # A trial that runs out of memory on one process would leave the others waiting in its all-reduce.
-        raise TrainingError("--batch_size auto searches one GPU alone: under torchrun give a number")
     else:
         longest = sorted(range(len(clipset)), key=clipset.frames, reverse=True)
 
@@ -1331,14 +1333,17 @@ def choose_batch_size(trainer, clipset, args):
             torch.cuda.reset_peak_memory_stats(device)
             with trial_steps(trainer):
                 trainer.train_window([collate(items, args.segment_frames)])
-            return torch.cuda.max_memory_allocated(device), gpu_memory_bytes(device)
+            # Reserved, not allocated: what the allocator had to hold, fragmentation included.
+            return torch.cuda.max_memory_reserved(device), gpu_memory_bytes(device)
         batch = largest_batch(effective, try_batch)
         torch.cuda.empty_cache()
         if batch is None:
             raise TrainingError("--batch_size auto: not even one clip of the longest fits in GPU memory "
                                 "(use a shorter --max_samples selection or --precision bf16/fp16)")
+    searched = device.type == "cuda" and world_size() == 1
     print(f"batch size auto: {batch} clips x {effective // batch} accumulated = {effective} per optimizer step"
-          + (" (the longest clips fit with 10% of the GPU memory to spare)" if device.type == "cuda" else ""))
+          + (" (the longest clips fit with 10% of the GPU memory to spare)" if searched else "")
+          + (" (under torchrun auto does not search: give --batch_size to choose)" if world_size() > 1 else ""))
     return batch, effective // batch
 
 

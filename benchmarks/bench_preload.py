@@ -73,7 +73,7 @@ def fit_line(xs, ys):
     """Least-squares y = a + b x (a = 0 with a single point)."""
     if len(xs) == 1:
         return 0.0, ys[0] / xs[0]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 

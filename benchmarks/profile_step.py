@@ -22,7 +22,6 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from monotonic_alignment_search import maximum_path_cython, maximum_path_numpy  # noqa: E402

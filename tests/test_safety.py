@@ -421,7 +421,8 @@ def test_a_step_that_raises_a_numeric_error_is_a_skipped_step(tiny_model_dir, mo
 
 def test_resume_refuses_flags_that_change_the_run():
     saved = vars(tv.parse_args(["--lr", "2e-5", "--batch_size", "8"]))
-    tv.check_resumed_flags(saved, tv.parse_args(["--lr", "2e-5", "--epochs", "9"]), "c.pt")  # free to change
+    tv.check_resumed_flags(saved, tv.parse_args(["--lr", "2e-5", "--batch_size", "8", "--epochs", "9"]),
+                           "c.pt")  # free to change
     for flags, named in ((["--lr", "1e-4"], "--lr 0.0001 (the run has 2e-05)"),
                          (["--batch_size", "4"], "--batch_size 4 (the run has 8)"),
                          (["--grad_accum", "2"], "--grad_accum 2 (the run has 4)")):

@@ -119,6 +119,19 @@ def test_critic_is_unfrozen_when_the_generator_pass_fails(tiny_model_dir, tiny_c
     assert all(p.requires_grad for p in trainer.disc.parameters())
 
 
+def test_compile_flag_compiles_the_critic_and_decoder_in_place(tiny_model_dir, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    model, _ = tv.load_voice(tiny_model_dir)
+    tv.prepare_for_training(model)
+    for flags, expected in (([], []), (["--compile"], ["disc", "decoder"])):
+        compiled.clear()
+        trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), tv.parse_args(flags),
+                                 torch.device("cpu"), "fp32")
+        parts = dict(disc=trainer.disc, decoder=trainer.model.decoder)
+        assert [next(k for k, v in parts.items() if v is m) for m in compiled] == expected
+
+
 def test_adamw_is_fused_where_supported_and_falls_back(monkeypatch):
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert tv.make_adamw(params, 1e-3).defaults["fused"] is True  # torch's CPU kernel
@@ -286,6 +299,24 @@ def test_batch_size_auto_takes_the_largest_batch_that_fits_and_keeps_the_effecti
     for bad in ("0", "big"):
         with pytest.raises(SystemExit):
             tv.parse_args(["--batch_size", bad])
+
+
+def test_batch_size_auto_is_the_default_and_leaves_other_programs_their_gpu_memory(tiny_clips, monkeypatch, capsys):
+    assert tv.parse_args([]).batch_size == "auto"
+    gib = 2 ** 30
+    # A card of 8 GiB: 3 GiB free, 1 GiB held by this process's allocator, the rest a desktop's.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (3 * gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 1 * gib)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)
+    assert tv.gpu_memory_bytes(torch.device("cuda")) == 4 * gib
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.25)  # with_gpu_memory.py 2
+    assert tv.gpu_memory_bytes(torch.device("cuda:0")) == 2 * gib
+    # Under torchrun no process searches alone (a trial running out of memory would strand the others).
+    monkeypatch.setattr(tv, "world_size", lambda: 2)
+    gpu = type("GpuTrainer", (), dict(device=torch.device("cuda:0")))()
+    assert tv.choose_batch_size(gpu, tiny_clips, tv.parse_args(["--grad_accum", "4"])) == (8, 4)
+    assert "under torchrun auto does not search" in capsys.readouterr().out
 
 
 def test_batch_size_auto_on_resume_keeps_the_batch_the_run_chose(tmp_path, tiny_clips, capsys):
