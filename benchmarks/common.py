@@ -9,11 +9,11 @@ with its own speed, gain and background noise, so thousands of clips take second
 
 import os
 import random
-import resource
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 import soundfile as sf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,23 +127,14 @@ def model_dir(size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memory
-
-def status_bytes(field):
-    """A memory field of /proc/self/status (VmRSS, VmHWM), else the peak getrusage reports."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
+# Memory (psutil, so the benchmarks run on Windows too)
 
 def rss_bytes():
-    return status_bytes("VmRSS")
+    return psutil.Process().memory_info().rss
 
 
 def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (VmHWM); False where the kernel does not allow it."""
+    """Reset Linux's peak-RSS mark (VmHWM); False where the system has no such reset (Windows, macOS)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -153,4 +144,17 @@ def reset_peak_rss():
 
 
 def peak_rss_bytes():
-    return status_bytes("VmHWM")
+    """The process's peak RSS: Windows's peak working set, Linux's VmHWM, else getrusage's maximum."""
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):
+        return info.peak_wset
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
