@@ -52,7 +52,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
-from run_folder import FolderInUse, OutputLock, remove_stale_temps, temp_name, within, worker_setup
+from run_folder import (FolderInUse, OutputLock, remove_stale_temps, temp_name, within, worker_setup,
+                        written_atomically)
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
@@ -178,15 +179,8 @@ def write_wav_atomic(path, audio):
     # Encoded in memory, so a full disk raises the OSError itself (libsndfile only says "System error").
     buffer = io.BytesIO()
     sf.write(buffer, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with written_atomically(path, durable=False) as f:
+        f.write(buffer.getbuffer())
 
 
 # --------------------------------------------------------------------------- text

@@ -153,15 +153,17 @@ def temp_name(path):
 
 
 @contextlib.contextmanager
-def written_atomically(path):
-    """A binary file that replaces `path` only once all of it is on disk; on any error the temp file is
-    removed, so a full disk never leaves half a file."""
+def written_atomically(path, durable=True):
+    """A binary file that replaces `path` only once all of it is written; on any error the temp file is
+    removed, so a full disk never leaves half a file. durable: on disk (fsync) before the rename, for files
+    a crash must not take (checkpoints, caches); off for the many small WAVs of a data set."""
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
