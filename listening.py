@@ -20,8 +20,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from transformers import VitsConfig
 
-import train_vits as tv
-from prepare_data import AudioError, clean_text, is_silent, load_audio, load_vocab
+import distributed
+import models
+import run_errors
+import run_folder
+import speech
+import voice_quality
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = "session.json"
@@ -89,7 +93,7 @@ class Session:
         text = " ".join(text.split())
         if len(text) > MAX_TEXT_CHARS:
             raise UploadError(HTTPStatus.BAD_REQUEST, f"text longer than {MAX_TEXT_CHARS} characters")
-        _, reason = clean_text(text, self.vocab)
+        _, reason = speech.clean_text(text, self.vocab)
         if reason:
             raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the voice cannot learn this text ({reason}): "
                                                                "write numbers as words, use the Latin alphabet")
@@ -98,8 +102,8 @@ class Session:
             # A redo replaces this sentence's earlier correction instead of adding a second one.
             wav = self.recording(index) or next_free_name(self.feedback_dir)
             os.makedirs(self.feedback_dir, exist_ok=True)
-            tv.write_wav(wav, audio, self.sampling_rate)
-            write_text_atomic(os.path.splitext(wav)[0] + ".txt", text + "\n")
+            speech.write_wav(wav, audio, self.sampling_rate)
+            run_folder.write_atomically(os.path.splitext(wav)[0] + ".txt", text + "\n", durable=False)
             row.update(mark="needs_work", text=text, saved=wav)
             self.write()
         print(f"saved {wav} ({len(audio) / self.sampling_rate:.1f} s): {text}")
@@ -107,7 +111,8 @@ class Session:
 
     def write(self):
         data = dict(voice=self.voice, feedback_dir=self.feedback_dir, sentences=self.rows)
-        write_text_atomic(os.path.join(self.folder, SESSION_FILE), json.dumps(data, indent=2, ensure_ascii=False))
+        run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE), json.dumps(data, indent=2, ensure_ascii=False),
+                                    durable=False)
 
 
 def decode_upload(data, sampling_rate):
@@ -116,10 +121,10 @@ def decode_upload(data, sampling_rate):
         raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                           "WebM audio cannot be decoded without ffmpeg: send WAV, FLAC, Ogg or MP3")
     try:
-        audio = load_audio(io.BytesIO(data), sampling_rate)
-    except AudioError as err:
+        audio = speech.load_audio(io.BytesIO(data), sampling_rate)
+    except speech.AudioError as err:
         raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not audio soundfile can read ({err})") from None
-    if is_silent(audio):
+    if speech.is_silent(audio):
         raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, "the recording is silent: check the microphone")
     return audio
 
@@ -129,13 +134,6 @@ def next_free_name(feedback_dir):
     numbers = [int(m.group(1)) for f in (os.listdir(feedback_dir) if os.path.isdir(feedback_dir) else [])
                if (m := re.fullmatch(r"audio_(\d+)\.\w+", f))]
     return os.path.join(feedback_dir, f"audio_{max(numbers, default=0) + 1:03d}.wav")
-
-
-def write_text_atomic(path, text):
-    tmp = tv.temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train_command(voice, feedback_dir):
@@ -151,7 +149,7 @@ def kit_sentences(folder):
     ids = sorted(os.path.splitext(f)[0] for f in os.listdir(folder)
                  if f.endswith(".txt") and os.path.isfile(os.path.join(folder, "model", f[:-4] + ".wav")))
     if not ids:
-        raise tv.TrainingError(f"--listen {folder}: no {SESSION_FILE} and no sNNN.txt + model/sNNN.wav sentences "
+        raise run_errors.TrainingError(f"--listen {folder}: no {SESSION_FILE} and no sNNN.txt + model/sNNN.wav sentences "
                                "(give a sentence file or a --make_session kit)")
     sentences = []
     for i in ids:
@@ -162,7 +160,7 @@ def kit_sentences(folder):
 
 def open_session(folder, args):
     """The session in `folder`, its voice audio made with --model wherever it is missing or from another voice."""
-    _, vocab = load_vocab(args.model)
+    _, vocab = speech.load_vocab(args.model)
     path = os.path.join(folder, SESSION_FILE)
     if os.path.isfile(path):
         try:
@@ -170,23 +168,23 @@ def open_session(folder, args):
                 saved = json.load(f)
             rows, voice = saved["sentences"], saved["voice"]
         except (ValueError, KeyError, TypeError) as err:
-            raise tv.TrainingError(f"{path}: not a listening session ({err}); move it away to start afresh") from None
+            raise run_errors.TrainingError(f"{path}: not a listening session ({err}); move it away to start afresh") from None
     else:
         rows = [dict(id=i, text=t, mark=None, saved=None) for i, t in kit_sentences(folder)]
         voice = args.model  # --make_session spoke the kit with the voice given now
     # Ids name files in model/: never a path.
     bad = [r["id"] for r in rows if not re.fullmatch(r"[\w.-]+", r["id"]) or r["id"].strip(".") == ""]
     if bad:
-        raise tv.TrainingError(f"{path}: sentence ids must be plain names, got {bad[:3]}")
+        raise run_errors.TrainingError(f"{path}: sentence ids must be plain names, got {bad[:3]}")
     speakable = []
     for r in rows:
-        text, reason = clean_text(r["text"], vocab)
+        text, reason = speech.clean_text(r["text"], vocab)
         if reason:
             print(f"left out ({reason}): {r['text']}")
         else:
             speakable.append((r, text))
     if not speakable:
-        raise tv.TrainingError(f"--listen {folder}: no sentence the voice can say")
+        raise run_errors.TrainingError(f"--listen {folder}: no sentence the voice can say")
     rows = [r for r, _ in speakable]
     stale = [(r, t) for r, t in speakable
              if voice != args.model or not os.path.isfile(os.path.join(folder, "model", f"{r['id']}.wav"))]
@@ -202,10 +200,10 @@ def open_session(folder, args):
 def speak(rows_and_texts, folder, args):
     """The voice speaks each sentence once into FOLDER/model/<id>.wav (the page's cache)."""
     print(f"speaking {len(rows_and_texts)} sentences with {args.model} ...")
-    model, tokenizer = tv.load_voice(args.model)
-    model.to(tv.resolve_device(args.device))
+    model, tokenizer = models.load_voice(args.model)
+    model.to(distributed.resolve_device(args.device))
     model_dir = os.path.join(folder, "model")
-    paths = tv.synthesise(model, tokenizer, [t for _, t in rows_and_texts], os.path.join(model_dir, ".new"))
+    paths = voice_quality.synthesise(model, tokenizer, [t for _, t in rows_and_texts], os.path.join(model_dir, ".new"))
     for path, (row, _) in zip(paths, rows_and_texts):
         os.replace(path, os.path.join(model_dir, f"{row['id']}.wav"))
     os.rmdir(os.path.join(model_dir, ".new"))

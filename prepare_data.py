@@ -31,7 +31,6 @@ import csv
 import glob
 import io
 import json
-import ntpath
 import os
 import posixpath
 import re
@@ -39,7 +38,6 @@ import signal
 import sys
 import tarfile
 import time
-import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -49,19 +47,12 @@ import librosa
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
 from tqdm import tqdm
 
-from run_folder import (FolderInUse, OutputLock, remove_stale_temps, temp_name, within, worker_setup,
-                        written_atomically)
+import run_folder
+import speech
 
-SAMPLE_RATE = 16000
-HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256
 DEFAULT_MODEL = "facebook/mms-tts-kmr-script_latin"
-# A clip whose loudest 64 ms window stays below -50 dBFS holds no usable speech.
-SILENCE_DBFS = -50.0
-TRIM_FRAME = 1024
-TRIM_HOP = 256
 # Bump when decoding or trimming changes, so caches made by older code are not trusted.
 AUDIO_VERSION = 1
 REPORT_NAME = "prepare_report.json"
@@ -77,32 +68,8 @@ DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")  # sa
 DATASET_BATCH_ROWS = 64  # rows read at a time: the compressed audio of a whole dataset never sits in RAM
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-# Typographic apostrophes Common Voice contributors type instead of '.
-APOSTROPHES = "\u2019\u2018\u02bc\u02b9\u00b4\u0060\u2032"
-# Double quotation marks; one between a quoted word and its suffix ("ez"ê) is not a word break.
-QUOTES = "\"\u201c\u201d\u201e\u201f\u00ab\u00bb\u2039\u203a"
-# Letters the Kurmanji alphabet lacks, typed on other keyboards for the one it has; only exact equivalents,
-# and only where the voice lacks the letter.
-LETTER_FIXES = {
-    "\u0131": "i",  # dotless ı (Turkish keyboards)
-    "\u012b": "\u00ee",  # ī → î: a long vowel marked with a macron instead of a circumflex
-    "\u016b": "\u00fb",  # ū → û
-    "\u0113": "\u00ea",  # ē → ê
-    "\u011f": "g",  # ğ, in Turkish spellings of names
-    "\u00f6": "o",  # ö, in Turkish spellings of names
-}
-# Cyrillic letters drawn exactly like a Latin one (а е о р с у х і ј ѕ һ ԛ ԝ), typed inside Latin text.
-CYRILLIC_LOOK_ALIKES = dict(zip("\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0456\u0458\u0455\u04bb\u051b\u051d",
-                                "aeopcyxijshqw"))
-COMBINING_DOT_ABOVE = "\u0307"  # left behind when "İ" is lowercased
 
 
-class AudioError(ValueError):
-    """A clip that cannot be used as audio; `reason` is the name it is counted under."""
-
-    def __init__(self, message, reason="corrupt_audio"):
-        super().__init__(message)
-        self.reason = reason
 
 
 class Limits(NamedTuple):
@@ -115,182 +82,29 @@ class Limits(NamedTuple):
 # --------------------------------------------------------------------------- audio
 
 
-def load_audio(source, target_sr, trim=False, top_db=40.0):
-    """Decode `source` (a path or binary file object) to float32 mono in [-1, 1] at `target_sr`."""
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
-            raise AudioError("file not found", "missing_file")
-        if os.path.getsize(source) == 0:
-            raise AudioError("empty file", "empty_file")
-    else:
-        # libsndfile needs to seek; tar streams cannot, so buffer the (small) clip.
-        data = source.read()
-        if not data:
-            raise AudioError("empty file", "empty_file")
-        source = io.BytesIO(data)
-    try:
-        audio, sr = sf.read(source, dtype="float32", always_2d=True)
-    except Exception as err:  # libsndfile reports corrupt input with several exception types
-        raise AudioError(f"cannot decode audio ({str(err).split(': ')[-1].strip()})") from None
-    if audio.shape[0] == 0:
-        raise AudioError("no audio samples", "empty_file")
-    audio = audio.mean(axis=1)
-    if not np.isfinite(audio).all():
-        raise AudioError("audio holds NaN or infinite samples")
-    if sr != target_sr:
-        audio = librosa.resample(audio, orig_sr=sr, target_sr=target_sr)
-    # Resampling can overshoot full scale by a hair; 16-bit output must not wrap around.
-    audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
-    return trim_silence(audio, top_db) if trim else audio
 
 
-def frame_power(audio):
-    """Mean power of each TRIM_FRAME window, TRIM_HOP apart (a short clip is one window)."""
-    squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
-    frame = min(TRIM_FRAME, len(audio))
-    starts = np.arange(0, len(audio) - frame + 1, TRIM_HOP)
-    if starts[-1] != len(audio) - frame:
-        # One more window flush with the end, so a clip that ends mid-word keeps its last samples.
-        starts = np.append(starts, len(audio) - frame)
-    return (squares[starts + frame] - squares[starts]) / max(frame, 1), starts, frame
 
 
-def trim_silence(audio, top_db=40.0):
-    """Cut leading and trailing windows more than `top_db` below the loudest one; all-zero audio → empty."""
-    if len(audio) == 0:
-        return audio
-    power, starts, frame = frame_power(audio)
-    peak = power.max()
-    if peak <= 0:
-        return audio[:0]
-    # Whole windows are kept, so a quiet onset inside the first loud window is never cut.
-    loud = np.flatnonzero(power >= peak * 10 ** (-top_db / 10))
-    return audio[starts[loud[0]]:starts[loud[-1]] + frame]
 
 
-def is_silent(audio):
-    if len(audio) == 0:
-        return True
-    power, _, _ = frame_power(audio)
-    return 10 * np.log10(power.max() + 1e-20) < SILENCE_DBFS
 
 
-def write_wav_atomic(path, audio):
-    # Encoded in memory, so a full disk raises the OSError itself (libsndfile only says "System error").
-    buffer = io.BytesIO()
-    sf.write(buffer, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    with written_atomically(path, durable=False) as f:
-        f.write(buffer.getbuffer())
 
 
 # --------------------------------------------------------------------------- text
 
 
-def load_tokenizer(model_name_or_dir):
-    """The voice's VitsTokenizer, set up to give the exact ids of `token_ids` to whoever calls it.
-
-    split_special_tokens is saved with the tokenizer, so a voice exported with it gives the same ids
-    when reloaded by AutoTokenizer or pipeline("text-to-speech").
-    """
-    # Imported here so decoding workers never pay for importing transformers.
-    from transformers import VitsTokenizer
-
-    return VitsTokenizer.from_pretrained(model_name_or_dir, split_special_tokens=True)
 
 
-def token_ids(tokenizer, text):
-    """The ids MMS was trained on: each character with a blank (id 0) around it, 2n+1 ids in all.
-
-    In MMS vocabularies id 0 is both the blank and a real letter, the pad token. VitsTokenizer splits the
-    text on special tokens before it inserts blanks, so wherever that letter starts or ends a sentence or
-    doubles, blanks go missing; split_special_tokens=True keeps the pad letter an ordinary character.
-    """
-    return tokenizer(text, split_special_tokens=True).input_ids
 
 
-def load_vocab(model_name_or_dir):
-    """Return the model's VitsTokenizer and the set of characters it can speak."""
-    tokenizer = load_tokenizer(model_name_or_dir)
-    vocab = {token for token in tokenizer.get_vocab() if len(token) == 1}
-    # An MMS pad token is a real letter (id 0 doubles as the blank); a symbol like "_" is not speech.
-    if tokenizer.pad_token and len(tokenizer.pad_token) == 1 and not tokenizer.pad_token.isalpha():
-        vocab.discard(tokenizer.pad_token)
-    vocab.discard("|")  # the metadata.csv separator must never be part of a text
-    return tokenizer, vocab
 
 
-def repair_letters(text, vocab, repairs):
-    """Letters from other keyboards → the Kurmanji letter they stand for, each counted in `repairs`.
-
-    Cyrillic look-alikes are replaced only in a Latin text whose every Cyrillic letter is one: a Cyrillic
-    sentence stays Cyrillic (and is dropped as other_script) instead of becoming Latin gibberish.
-    """
-    fixes = dict(LETTER_FIXES)
-    cyrillic = {ch for ch in text if unicodedata.name(ch, "").startswith("CYRILLIC")}
-    latin = any(unicodedata.name(ch, "").startswith("LATIN") for ch in text)
-    if cyrillic and latin and cyrillic <= CYRILLIC_LOOK_ALIKES.keys():
-        fixes.update(CYRILLIC_LOOK_ALIKES)
-    out = []
-    for ch in text:
-        fix = None if ch in vocab else fixes.get(ch)
-        if fix:
-            repairs[f"{ch}→{fix}" + (" (Cyrillic)" if ch in CYRILLIC_LOOK_ALIKES else "")] += 1
-        out.append(fix or ch)
-    return "".join(out)
 
 
-def clean_text(text, vocab, repairs=None):
-    """Normalise `text` for the voice; return (text, None) or (None, reason) when it cannot be spoken.
-
-    The repairs made to a text that can be spoken are added to the Counter `repairs`, when given.
-    """
-    found = Counter()
-    text = unicodedata.normalize("NFC", text)
-    # Lowercase what the vocab lacks, as VitsTokenizer(normalize=True) does.
-    text = "".join(ch if ch in vocab else ch.lower() for ch in text)
-    text = text.replace(COMBINING_DOT_ABOVE, "")
-    text = unicodedata.normalize("NFC", repair_letters(text, vocab, found))
-    apostrophe = "'" if "'" in vocab else ""
-    out = []
-    for i, ch in enumerate(text):
-        before, after = text[i - 1:i], text[i + 1:i + 2]
-        if ch in APOSTROPHES or ch == "'":
-            if before.isalpha() and after.isalpha():
-                out.append(apostrophe)  # inside a word (Wan’ê, Qur’an) it is an apostrophe
-                continue
-            # At a word's edge it is a quotation mark (‘bavo’, 'W', ’’Were’’): not spoken.
-            if before.isalpha() or after.isalpha():
-                found["apostrophe used as a quote"] += 1
-            out.append(" ")
-        elif ch in QUOTES and before.isalpha() and after.isalpha() and quote_opened_in_word(text, i):
-            found["quote before a suffix"] += 1  # "ez"ê: the suffix belongs to the quoted word
-        elif ch == "|" or unicodedata.category(ch)[0] in "PSZC" and ch not in vocab:
-            # The tokenizer would delete punctuation and glue the words around it together.
-            out.append("" if unicodedata.category(ch) == "Cf" else " ")
-        elif ch == "-" and not (before.isalpha() and after.isalpha()):
-            out.append(" ")  # dialogue dashes and dashes between words are not spoken
-        else:
-            out.append(ch)
-    text = re.sub(r"\s+", " ", "".join(out)).strip()
-    if not text:
-        return None, "empty_text"
-    for ch in text:
-        if ch in vocab:
-            continue
-        if ch.isdigit():
-            return None, "digits"
-        if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
-            return None, "other_script"
-        return None, "unsupported_letter"
-    if repairs is not None:
-        repairs.update(found)
-    return text, None
 
 
-def quote_opened_in_word(text, i):
-    """True when the word holding the quote at `i` also holds an earlier quote: this one closes it."""
-    word = re.search(r"\S*$", text[:i]).group()
-    return any(c in QUOTES or c in APOSTROPHES or c == "'" for c in word)
 
 
 # --------------------------------------------------------------------------- input
@@ -314,59 +128,12 @@ def read_tsv(path_or_file):
     return header, rows, malformed
 
 
-class MetadataError(ValueError):
-    """A metadata.csv that cannot be read as text; the message names the file."""
 
 
-def parse_metadata(path):
-    """Read an LJSpeech `name|text` (or `name|raw|normalised`) file; return ([(file, text)], malformed).
-
-    A line with another number of fields is malformed: its text cannot be told from the rest.
-    """
-    rows, malformed = [], 0
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            for line in f:
-                fields = line.rstrip("\r\n").split("|")
-                if len(fields) not in (2, 3) or not fields[0].strip():
-                    if line.strip():
-                        malformed += 1
-                    continue
-                name = fields[0].strip()
-                if not os.path.splitext(name)[1]:
-                    name += ".wav"
-                rows.append((name, fields[-1]))
-    except UnicodeDecodeError as err:
-        raise MetadataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a line); "
-                            "save it as UTF-8") from None
-    return rows, malformed
 
 
-def outside_folder(path):
-    """True for a listed path that would leave its folder: absolute, on a drive, or through '..'."""
-    return (os.path.isabs(path) or path.startswith(("/", "\\")) or bool(ntpath.splitdrive(path)[0])
-            or ".." in re.split(r"[\\/]", path))
 
 
-def read_metadata(path, left_out=None):
-    """Rows of an LJSpeech-style metadata.csv as (wav file name relative to wavs/, text), as prepare_data.py
-    keeps them: well-formed rows whose path stays in the folder, the first row of a name winning.
-
-    `left_out`, a Counter, counts the rows left out by reason (malformed_row, bad_path, duplicate).
-    """
-    rows, malformed = parse_metadata(path)
-    left_out = Counter() if left_out is None else left_out
-    if malformed:
-        left_out["malformed_row"] += malformed
-    entries, seen = [], set()
-    for name, text in rows:
-        reason = "bad_path" if outside_folder(name) else "duplicate" if name in seen else None
-        if reason:
-            left_out[reason] += 1
-            continue
-        seen.add(name)
-        entries.append((name, text))
-    return entries
 
 
 class Clip(NamedTuple):
@@ -412,7 +179,7 @@ def open_input(path, tsv):
         header, rows, malformed = read_tsv(os.path.join(language_dir, tsv))
         return Source("folder", language_dir, os.path.join(language_dir, "clips"), []), header, rows, malformed
     if os.path.isfile(os.path.join(path, "metadata.csv")) and os.path.isdir(os.path.join(path, "wavs")):
-        pairs, malformed = parse_metadata(os.path.join(path, "metadata.csv"))
+        pairs, malformed = speech.parse_metadata(os.path.join(path, "metadata.csv"))
         rows = [{"path": name, "sentence": text, "client_id": ""} for name, text in pairs]
         return Source("ljspeech", path, os.path.join(path, "wavs"), []), ["path", "sentence"], rows, malformed
     fail(f"--input {path} holds neither {tsv} (Common Voice) nor wavs/ + metadata.csv (LJSpeech)")
@@ -665,7 +432,7 @@ def choose_clips(args, rows, malformed, vocab):
     for row in rows:
         if not row["path"].strip():
             dropped["malformed_row"] += 1
-        elif outside_folder(row["path"]):
+        elif speech.outside_folder(row["path"]):
             dropped["bad_path"] += 1  # never read from elsewhere on the disk
         else:
             clips.append(Clip(row["path"], row.get("name") or output_name(row["path"]), row["sentence"],
@@ -676,7 +443,7 @@ def choose_clips(args, rows, malformed, vocab):
     candidates, seen = [], set()
     for clip in clips:
         # The first row of a clip wins, whatever its text (as in train_vits.py and train_feedback.py).
-        text, reason = (None, "duplicate") if clip.name in seen else clean_text(clip.text, vocab, repairs)
+        text, reason = (None, "duplicate") if clip.name in seen else speech.clean_text(clip.text, vocab, repairs)
         seen.add(clip.name)
         if reason:
             dropped[reason] += 1
@@ -695,9 +462,9 @@ def audio_verdict(samples, n_tokens, n_chars, limits):
     if samples > limits.max_samples:
         return "too_long"
     # Monotonic alignment needs a frame per token id; fewer frames means the text is not this audio.
-    if samples // HOP_LENGTH < n_tokens:
+    if samples // speech.HOP_LENGTH < n_tokens:
         return "too_few_frames"
-    rate = n_chars / (samples / SAMPLE_RATE)
+    rate = n_chars / (samples / speech.SAMPLE_RATE)
     if not limits.min_cps <= rate <= limits.max_cps:
         return "implausible_rate"
     return None
@@ -712,17 +479,17 @@ def decode_clip(job):
     if source is None:
         return job_id, None, "missing_file", "no such clip in the input"
     try:
-        audio = load_audio(source, SAMPLE_RATE, trim=trim, top_db=top_db)
-        if is_silent(audio):
-            return job_id, None, "silent", f"no sound above {SILENCE_DBFS:.0f} dBFS"
+        audio = speech.load_audio(source, speech.SAMPLE_RATE, trim=trim, top_db=top_db)
+        if speech.is_silent(audio):
+            return job_id, None, "silent", f"no sound above {speech.SILENCE_DBFS:.0f} dBFS"
         reason = audio_verdict(len(audio), n_tokens, n_chars, limits)
         if reason is None:
             try:
-                write_wav_atomic(out_path, audio)
+                speech.write_wav(out_path, audio, speech.SAMPLE_RATE)
             except OSError as err:  # our own output, not the clip, is at fault: the run must stop
                 return job_id, None, "write_error", f"cannot write {out_path}: {err.strerror or err}"
         return job_id, len(audio), reason, None
-    except AudioError as err:
+    except speech.AudioError as err:
         return job_id, None, err.reason, str(err)
     except Exception as err:  # one odd clip must never take the whole run down
         return job_id, None, "decode_error", f"{type(err).__name__}: {err}"
@@ -739,8 +506,8 @@ def run_jobs(jobs, workers, total):
                 bar.update()
             return
         # librosa imports its resampler lazily (~2 s); doing it once here lets forked workers inherit it.
-        librosa.resample(np.zeros(64, dtype=np.float32), orig_sr=32000, target_sr=SAMPLE_RATE)
-        with ProcessPoolExecutor(max_workers=workers, **worker_setup()) as pool:
+        librosa.resample(np.zeros(64, dtype=np.float32), orig_sr=32000, target_sr=speech.SAMPLE_RATE)
+        with ProcessPoolExecutor(max_workers=workers, **run_folder.worker_setup()) as pool:
             pending = set()
             for job in jobs:
                 # Bounded queue: a tarball's clips are read only as fast as they are decoded.
@@ -868,7 +635,7 @@ def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache, s
 
 
 def audio_settings(args):
-    return {"version": AUDIO_VERSION, "sample_rate": SAMPLE_RATE, "trim": not args.no_trim, "trim_db": args.trim_db}
+    return {"version": AUDIO_VERSION, "sample_rate": speech.SAMPLE_RATE, "trim": not args.no_trim, "trim_db": args.trim_db}
 
 
 def load_cache(output_dir, settings):
@@ -881,25 +648,17 @@ def load_cache(output_dir, settings):
     return cache.get("clips", {}) if cache.get("settings") == settings else {}
 
 
-def write_json_atomic(path, data):
-    tmp = temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
-def write_metadata(path, kept):
-    tmp = temp_name(path)
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for clip, _ in kept:
-            f.write(f"{clip.name}|{clip.text}\n")
-    os.replace(tmp, path)
+
+
+def write_json(path, data):
+    run_folder.write_atomically(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n", durable=False)
 
 
 def remove_stale_files(wavs_dir, kept_names):
     """Delete WAVs no longer listed (metadata.csv must match the folder) and temp files of killed runs."""
-    remove_stale_temps(wavs_dir)
+    run_folder.remove_stale_temps(wavs_dir)
     for name in os.listdir(wavs_dir):
         if name.endswith(".wav") and name not in kept_names:
             os.remove(os.path.join(wavs_dir, name))
@@ -909,7 +668,7 @@ def summarise(args, source, kept, dropped, not_selected, repairs, decoded, reuse
     hours = defaultdict(float)
     clips_per_speaker = Counter()
     for clip, samples in kept:
-        hours[clip.speaker or "unknown"] += samples / SAMPLE_RATE / 3600
+        hours[clip.speaker or "unknown"] += samples / speech.SAMPLE_RATE / 3600
         clips_per_speaker[clip.speaker or "unknown"] += 1
     speakers = sorted(hours, key=lambda s: (-hours[s], s))
     return {
@@ -1014,7 +773,7 @@ def parse_args(argv):
     for flag in ("min_upvotes", "max_downvotes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must be at least 0")
-    if within(args.input, args.output_dir):
+    if run_folder.within(args.input, args.output_dir):
         parser.error(f"--input {args.input} lies in --output_dir {args.output_dir} (links followed), where stale "
                      "WAVs are deleted: choose another --output_dir")
     return args
@@ -1023,8 +782,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        lock = OutputLock(args.output_dir).acquire()
-    except FolderInUse as err:
+        lock = run_folder.OutputLock(args.output_dir).acquire()
+    except run_folder.FolderInUse as err:
         fail(str(err))
     # SIGTERM ends the run as Ctrl-C does, through the finally blocks that save the decode cache.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -1032,7 +791,7 @@ def main(argv=None):
         return prepare(args)
     except OSError as err:  # writing our own outputs (a full disk): reading errors are handled where they occur
         for folder in (args.output_dir, os.path.join(args.output_dir, "wavs")):
-            remove_stale_temps(folder)
+            run_folder.remove_stale_temps(folder)
         fail(f"{err.filename or args.output_dir}: {err.strerror or err}")
     except KeyboardInterrupt:
         fail("interrupted; the clips decoded so far are remembered: the same command goes on from there")
@@ -1059,25 +818,25 @@ def prepare(args):
     for flag, column in (("min_upvotes", "up_votes"), ("max_downvotes", "down_votes")):
         if getattr(args, flag) is not None and column not in header:
             fail(f"--{flag} needs a Common Voice input with a {column} column (found: {', '.join(header)})")
-    tokenizer, vocab = load_vocab(args.model)
+    tokenizer, vocab = speech.load_vocab(args.model)
 
     # 2. Text first: it is cheap, and a clip whose text the voice cannot say is never decoded.
     candidates, dropped, not_selected, repairs = choose_clips(args, rows, malformed, vocab)
-    tokens = {clip.name: len(token_ids(tokenizer, clip.text)) for clip in candidates}
+    tokens = {clip.name: len(speech.token_ids(tokenizer, clip.text)) for clip in candidates}
 
     # 3. Reuse what an earlier run measured with the same audio settings; decode the rest in parallel.
     wavs_dir = os.path.join(args.output_dir, "wavs")
     os.makedirs(wavs_dir, exist_ok=True)
     settings = audio_settings(args)
     cache = load_cache(args.output_dir, settings)
-    limits = Limits(round(args.min_duration * SAMPLE_RATE), round(args.max_duration * SAMPLE_RATE),
+    limits = Limits(round(args.min_duration * speech.SAMPLE_RATE), round(args.max_duration * speech.SAMPLE_RATE),
                     args.min_chars_per_second, args.max_chars_per_second)
     outcomes, to_decode = reuse_earlier_work(source, candidates, cache, tokens, limits, wavs_dir)
     reused = sum(reason != "missing_file" for _, reason, _ in outcomes.values())
     start = time.time()
 
     def save_cache():
-        write_json_atomic(os.path.join(args.output_dir, CACHE_NAME), {"settings": settings, "clips": cache})
+        write_json(os.path.join(args.output_dir, CACHE_NAME), {"settings": settings, "clips": cache})
 
     try:
         decode_all(args, source, to_decode, tokens, limits, wavs_dir, outcomes, cache, save_cache)
@@ -1094,11 +853,11 @@ def prepare(args):
         else:
             dropped[reason] += 1
             dropped_list.append({"clip": clip.source, "reason": reason, "detail": detail})
-    write_metadata(os.path.join(args.output_dir, "metadata.csv"), kept)
+    speech.write_metadata(os.path.join(args.output_dir, "metadata.csv"), [(clip.name, clip.text) for clip, _ in kept])
     remove_stale_files(wavs_dir, {clip.name for clip, _ in kept})
     report = summarise(args, source, kept, dropped, not_selected, repairs, len(to_decode), reused, elapsed)
     report["dropped_list"] = dropped_list
-    write_json_atomic(os.path.join(args.output_dir, REPORT_NAME), report)
+    write_json(os.path.join(args.output_dir, REPORT_NAME), report)
     print_summary(report, args.output_dir)
     if not kept:
         fail(f"no clip was kept from {args.input} (see {os.path.join(args.output_dir, REPORT_NAME)})")

@@ -2,7 +2,8 @@
 named by the process that writes them, so cleaning up never removes a live process's file; and worker
 processes that end with the run that started them.
 
-Used by prepare_data.py, train_vits.py and train_feedback.py. It behaves the same on Windows and Linux:
+Used by prepare_data.py, train_vits.py and train_feedback.py; also what a run leaves in its folder and
+which script a folder belongs to. It behaves the same on Windows and Linux:
 the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
 a lock whose process has ended (killed, crashed, machine rebooted) is stale and taken over.
 """
@@ -17,6 +18,8 @@ import threading
 import time
 
 import psutil
+
+import run_errors
 
 LOCK_NAME = ".run.lock"
 # An empty or unreadable lock younger than this may be one another process is writing right now.
@@ -171,6 +174,12 @@ def written_atomically(path, durable=True):
         raise
 
 
+def write_atomically(path, data, durable=True):
+    """Replace `path` by `data` (bytes, or str written as UTF-8) as written_atomically does."""
+    with written_atomically(path, durable) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 def remove_stale_temps(folder):
     """Delete temp files and folders (temp_name) in `folder` whose writing process has ended."""
     if not os.path.isdir(folder):
@@ -183,3 +192,52 @@ def remove_stale_temps(folder):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.remove(path)
+
+
+# What a run leaves in its output_dir; the first three mean a run was started there.
+RUN_MARKERS = ("run_config.json", "checkpoints", "final_model")
+RUN_OUTPUTS = RUN_MARKERS + ("samples", "metrics.jsonl", "tensorboard", "report.json")
+
+
+def claim_output_dir(args, script):
+    """Lock args.output_dir for this run. A fresh run refuses a folder holding an earlier run unless
+    --overwrite (which deletes that run's outputs, never the data or the cache); nothing ever writes into
+    another script's run. Under torchrun only rank 0 claims it, for the whole run (None elsewhere)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = OutputLock(args.output_dir)
+    try:
+        lock.acquire()
+    except FolderInUse as err:
+        raise run_errors.TrainingError(str(err)) from None
+    found = [name for name in RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
+             or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
+    owner = run_script(args.output_dir)
+    if owner not in (None, script):
+        lock.release()
+        raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never writes into "
+                            "it: choose another folder")
+    if found and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): continue "
+                                "it with --resume auto, start it over with --overwrite, or choose another folder")
+        for name in RUN_OUTPUTS:
+            path = os.path.join(args.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"--overwrite: deleted the earlier run in {args.output_dir} ({', '.join(found)})")
+    return lock
+
+
+def run_script(output_dir):
+    """Which script's run `output_dir` holds, from its run_config.json (None when there is none)."""
+    try:
+        with open(os.path.join(output_dir, "run_config.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
+    return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")

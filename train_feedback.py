@@ -34,8 +34,8 @@ Examples:
         --device cpu --batch_size 2 --grad_accum 1 --feedback_weight 1 --disc_channels 64
 """
 
+import argparse
 import glob
-import hashlib
 import json
 import math
 import os
@@ -48,11 +48,20 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import checkpoints
+import clip_data
+import distributed
 import listening
-import train_vits as tv
-from prepare_data import (AudioError, MetadataError, clean_text, is_silent, load_audio, load_vocab, outside_folder,
-                          parse_metadata, token_ids, trim_silence)
-from run_folder import overlap
+import loop
+import models
+import planning
+import run_errors
+import run_folder
+import spectrogram
+import speech
+import training_flags
+import vits_trainer
+import voice_quality
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
@@ -60,18 +69,18 @@ SESSIONS_DIR = os.path.join("training", "sessions")
 REPORT_NAME = "report.json"
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
-# Voice-quality measures compared before/after in report.json (see train_vits.evaluate_quality).
+# Voice-quality measures compared before/after in report.json (see voice_quality.evaluate_quality).
 QUALITY_KEYS = {"mcd": "MCD-DTW, dB (lower is better)", "dur_ratio": "duration ratio, spoken / recorded (1 is right)",
                 "dnsmos_ovrl": "DNSMOS OVRL (higher is better)"}
-# ClipSet's reasons for dropping a clip, under the names prepare_data.py counts them.
-CLIPSET_REASONS = {"more tokens than frames": "too_few_frames", "no speakable text": "empty_text"}
+# Flags a resumed feedback run keeps besides train_vits.py's: they decide which clips make up each batch.
+RESUME_FIXED = checkpoints.RESUME_FIXED + ("replay_ratio", "feedback_weight")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Flags: train_vits.py's parser with defaults for a short fine-tune, plus the feedback flags.
 
 def build_parser():
-    p = tv.build_parser(__doc__)
+    p = training_flags.build_parser(__doc__)
     p.set_defaults(model=os.path.join("training", "final_model"), lr=1e-5, warmup_steps=20, output_dir=None,
                    target_hours=None, val_size=100, benchmark_samples=50)
     g = p.add_argument_group("feedback")
@@ -189,10 +198,10 @@ def parse_args(argv=None):
             args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
     # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
     # samples/ and a cache under output_dir, so the two folders may not overlap either way.
-    if os.path.isdir(args.model) and overlap(args.output_dir, args.model):
+    if os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
         parser.error(f"--output_dir {args.output_dir} overlaps --model {args.model}: the input model is never "
                      "written to; choose a new folder (the default is a new one under training/feedback_models)")
-    tv.check_args(parser, args)
+    training_flags.check_args(parser, args)
     return args
 
 
@@ -205,29 +214,29 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
     Returns (clipset, sentences [(file, text)], skipped [{"file", "reason", "detail"}], rows listed).
     """
     if not os.path.isdir(feedback_dir):
-        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no such folder")
+        raise run_errors.TrainingError(f"--feedback_dir {feedback_dir}: no such folder")
     metadata = os.path.join(feedback_dir, "metadata.csv")
     if os.path.isfile(metadata):  # it wins over NAME.txt files: it was written on purpose
         try:
-            rows, malformed = parse_metadata(metadata)
-        except MetadataError as err:
-            raise tv.TrainingError(str(err)) from None
+            rows, malformed = speech.parse_metadata(metadata)
+        except speech.MetadataError as err:
+            raise run_errors.TrainingError(str(err)) from None
         skipped = [dict(file=None, reason="malformed_row", detail="not a filename|text line") for _ in range(malformed)]
     else:
         rows, skipped = read_pairs(feedback_dir)
     listed = len(rows) + len(skipped)
     if not rows:
-        raise tv.TrainingError(f"--feedback_dir {feedback_dir}: no recordings listed (NAME.wav + NAME.txt pairs, "
+        raise run_errors.TrainingError(f"--feedback_dir {feedback_dir}: no recordings listed (NAME.wav + NAME.txt pairs, "
                                "or a metadata.csv of filename|text rows; --make_session writes a kit)")
     texts, sentences = {}, []
     for name, raw in rows:
         if name in texts or any(s["file"] == name for s in skipped):
             skipped.append(dict(file=name, reason="duplicate", detail="a second row for the same file"))
             continue
-        if outside_folder(name):
+        if speech.outside_folder(name):
             skipped.append(dict(file=name, reason="bad_path", detail="the path leaves --feedback_dir"))
             continue
-        text, reason = clean_text(raw, vocab)
+        text, reason = speech.clean_text(raw, vocab)
         if reason:
             skipped.append(dict(file=name, reason=reason, detail=raw))
             continue
@@ -235,7 +244,7 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
         sentences.append((name, text))
 
     # Only clips with speakable text are decoded.
-    clips, errors = (tv.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="",
+    clips, errors = (clip_data.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="",
                                    entries=sentences) if sentences else ([], []))
     for err in errors:
         name = err.split(": ", 1)[0]
@@ -254,21 +263,21 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
             continue
         # Trimmed as prepare_data.py trims the training clips: a phone recording's silent edges would
         # otherwise teach the voice to pause before and after every sentence.
-        audio = trim_silence(pcm.astype(np.float32) / 32768.0)
-        if is_silent(audio):
+        audio = speech.trim_silence(pcm.astype(np.float32) / 32768.0)
+        if speech.is_silent(audio):
             skipped.append(dict(file=name, reason="silent", detail="nothing louder than -50 dBFS"))
             continue
-        if len(audio) < tv.HOP:
+        if len(audio) < spectrogram.HOP:
             skipped.append(dict(file=name, reason="too_short", detail=f"{len(audio)} samples after trimming"))
             continue
-        pcm = tv.to_int16(audio)  # exact: audio came from int16 / 32768
-        mel = tv.mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
+        pcm = speech.to_int16(audio)  # exact: audio came from int16 / 32768
+        mel = spectrogram.mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
         usable.append((name, texts[name], pcm, mel.numpy().astype(np.float16)))
-    clipset = tv.ClipSet(usable, tokenizer)
+    clipset = clip_data.ClipSet(usable, tokenizer)
     kept = set(clipset.names)
     for name, text, pcm, mel in usable:
         if name not in kept:
-            n_ids = len(token_ids(tokenizer, text))
+            n_ids = len(speech.token_ids(tokenizer, text))
             reason = "too_few_frames" if n_ids > mel.shape[1] else "empty_text"
             skipped.append(dict(file=name, reason=reason, detail=f"{n_ids} token ids, "
                                                                  f"{mel.shape[1]} frames"))
@@ -306,12 +315,12 @@ def read_pairs(feedback_dir):
 def audio_reason(path, sampling_rate):
     """Why a clip the preload could not read is unusable, under prepare_data.py's reason names."""
     try:
-        audio = load_audio(path, sampling_rate)
-    except AudioError as err:
+        audio = speech.load_audio(path, sampling_rate)
+    except speech.AudioError as err:
         return err.reason
     except Exception:  # noqa: BLE001 - anything else is reported, never raised
         return "decode_error"
-    return "too_short" if len(audio) < tv.HOP else "decode_error"
+    return "too_short" if len(audio) < spectrogram.HOP else "decode_error"
 
 
 def count_reasons(skipped):
@@ -321,16 +330,6 @@ def count_reasons(skipped):
     return dict(sorted(counts.items()))
 
 
-def hold_out(clipset, val_size):
-    """Held-out clips chosen by a hash of their names (as train_vits.split_validation), but at least one of
-    four or more: feedback sets are small and the report needs a held-out figure."""
-    n = len(clipset)
-    count = min(val_size, max(1, n // 10)) if n >= 4 else 0
-    order = sorted(range(n), key=lambda i: hashlib.sha1(clipset.names[i].encode()).hexdigest())
-    held = set(order[:count])
-    return clipset.subset([i for i in range(n) if i not in held]), clipset.subset(sorted(held))
-
-
 def load_original(args, sampling_rate, tokenizer):
     """(train, held-out) ClipSets of the original training set, or (None, None) when there is none."""
     metadata = os.path.join(args.data_dir, "metadata.csv")
@@ -338,17 +337,16 @@ def load_original(args, sampling_rate, tokenizer):
         return None, None, []
     # Reuse train_vits.py's preload cache when it holds exactly these clips (read only: a cache that
     # does not match is never replaced there); otherwise decode into this run's own cache.
-    entries = tv.read_metadata(metadata)[:args.max_samples] if args.max_samples else tv.read_metadata(metadata)
-    key = tv.cache_key(os.path.join(args.data_dir, "wavs"), entries, sampling_rate)
+    entries = speech.read_metadata(metadata)[:args.max_samples] if args.max_samples else speech.read_metadata(metadata)
     cache_dir = os.path.join(args.output_dir, "cache", "original")
     for candidate in (os.path.join(args.data_dir, "cache"), os.path.join(os.path.dirname(args.model), "cache")):
-        if os.path.isfile(os.path.join(candidate, f"preload_{key}.npz")):
+        if os.path.isfile(clip_data.cache_path(candidate, os.path.join(args.data_dir, "wavs"), entries, sampling_rate)):
             cache_dir = candidate
             break
-    clips, errors = tv.load_clips(args.data_dir, sampling_rate, cache_dir, args.num_workers, args.max_samples)
-    clipset = tv.ClipSet(clips, tokenizer)
+    clips, errors = clip_data.load_clips(args.data_dir, sampling_rate, cache_dir, args.num_workers, args.max_samples)
+    clipset = clip_data.ClipSet(clips, tokenizer)
     # The same split as train_vits.py with the same --val_size: these clips were never trained on.
-    train, val = tv.split_validation(clipset, args.val_size)
+    train, val = clip_data.split_validation(clipset, args.val_size)
     return train, val, errors
 
 
@@ -425,11 +423,11 @@ def epoch_views(make_batches):
 def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir):
     """feedback/<clip>.wav for each feedback sentence, eval/NN.wav for the fixed ones; the same names
     before and after, so the folders compare side by side."""
-    paths = tv.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
+    paths = voice_quality.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
                           os.path.join(out_dir, "feedback"))
     for path, (name, _) in zip(paths, feedback_sentences):
         os.replace(path, os.path.join(out_dir, "feedback", sample_name(name)))
-    tv.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"))
+    voice_quality.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"))
 
 
 def sample_name(clip_name):
@@ -440,20 +438,17 @@ def write_recordings(clipset, sampling_rate, out_dir):
     """The recordings themselves at the model's rate, under the same names as the samples."""
     os.makedirs(out_dir, exist_ok=True)
     for name, pcm in zip(clipset.names, clipset.audio):
-        tv.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
+        speech.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
 
 
 def evaluate_all(trainer, val_sets, args):
     """Validation loss terms and, with --eval_clips, the voice-quality metrics of every set."""
-    return {name: dict(trainer.evaluate(cs, args.batch_size), **tv.evaluate_quality(trainer.model, cs, args.eval_clips))
+    return {name: dict(trainer.evaluate(cs, args.batch_size), **voice_quality.evaluate_quality(trainer.model, cs, args.eval_clips))
             if cs is not None and len(cs) else None for name, cs in val_sets.items()}
 
 
 def write_json(path, data):
-    tmp = tv.temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    run_folder.write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False), durable=False)
 
 
 def compare(before, after, key="mel"):
@@ -483,12 +478,12 @@ def make_session(args):
     recordings saved as sNNN.wav beside them make the folder a feedback folder as it is."""
     with open(args.make_session, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
-    model, tokenizer = tv.load_voice(args.model)
-    _, vocab = load_vocab(args.model)
-    model.to(tv.resolve_device(args.device))
+    model, tokenizer = models.load_voice(args.model)
+    _, vocab = speech.load_vocab(args.model)
+    model.to(distributed.resolve_device(args.device))
     rows, spoken, unspeakable = [], [], []
     for line in lines:
-        text, reason = clean_text(line, vocab)
+        text, reason = speech.clean_text(line, vocab)
         if reason:
             unspeakable.append((line, reason))
             continue
@@ -496,11 +491,11 @@ def make_session(args):
         rows.append((f"{name}.wav", line))
         spoken.append(text)
     if not rows:
-        raise tv.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
+        raise run_errors.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
     out = args.output_dir
     model_dir = os.path.join(out, "model")
     os.makedirs(model_dir, exist_ok=True)
-    for path, (wav, _) in zip(tv.synthesise(model, tokenizer, spoken, model_dir), rows):
+    for path, (wav, _) in zip(voice_quality.synthesise(model, tokenizer, spoken, model_dir), rows):
         os.replace(path, os.path.join(model_dir, wav))
     for wav, text in rows:
         with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
@@ -532,37 +527,32 @@ def listen(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    budget = tv.Budget(args.target_hours * 3600)
+    budget = planning.Budget(args.target_hours * 3600)
     lock = None
     try:
         if args.listen is not None:
             listen(args)
             return 0
-        lock = tv.claim_output_dir(args, "train_feedback")
+        lock = run_folder.claim_output_dir(args, "train_feedback")
         if args.make_session:
             make_session(args)
             return 0
-        # 1. Machine and precision.
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        device = tv.resolve_device(args.device)
-        precision = tv.resolve_precision(args.precision, device)
-        tv.init_distributed(device)
-        args.output_dir = tv.broadcast_object(args.output_dir)  # under torchrun: the new folder rank 0 named
+        # 1. Machine and precision; under torchrun every rank takes the new folder rank 0 named.
+        device, precision = vits_trainer.set_up_machine(args)
+        args = argparse.Namespace(**dict(vars(args), output_dir=distributed.broadcast_object(args.output_dir)))
         os.makedirs(args.output_dir, exist_ok=True)
 
         # 2. The trained voice and its critic (read only: the tuned copy goes to output_dir).
-        model, tokenizer = tv.load_voice(args.model)
-        _, vocab = load_vocab(args.model)
-        tv.prepare_for_training(model)
+        model, tokenizer = models.load_voice(args.model)
+        _, vocab = speech.load_vocab(args.model)
+        models.prepare_for_training(model)
         disc_path = args.discriminator or os.path.join(args.model, "discriminator.pt")
         if os.path.isfile(disc_path):
-            disc = tv.load_discriminator(disc_path)
+            disc = models.load_discriminator(disc_path)
             print(f"discriminator: {disc_path}")
         else:
             disc_path = None
-            disc = tv.VitsDiscriminator(max_channels=args.disc_channels)
+            disc = models.VitsDiscriminator(max_channels=args.disc_channels)
             print(f"warning: no discriminator.pt beside {args.model} and no --discriminator: starting a fresh "
                   "one, trained alone for the first steps (--d_warmup_steps); the voice may lose some crispness")
         sr = model.config.sampling_rate
@@ -574,9 +564,9 @@ def main(argv=None):
         for s in skipped:
             print(f"skipped feedback clip {s['file']}: {s['reason']} ({s['detail']})")
         if len(fb_all) == 0:
-            raise tv.TrainingError(f"--feedback_dir {args.feedback_dir}: no usable feedback clip "
+            raise run_errors.TrainingError(f"--feedback_dir {args.feedback_dir}: no usable feedback clip "
                                    f"(skipped: {count_reasons(skipped)})")
-        fb_train, fb_val = hold_out(fb_all, args.val_size)
+        fb_train, fb_val = clip_data.split_validation(fb_all, args.val_size, at_least_one=True)
         orig_train, orig_val, orig_errors = load_original(args, sr, tokenizer)
         if orig_train is None or len(orig_train) == 0:
             print(f"no original training data in {args.data_dir} (no metadata.csv or no usable clip): training "
@@ -588,15 +578,16 @@ def main(argv=None):
               f"{len(orig_val or [])} held out")
 
         # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
-        trainer = tv.VitsTrainer(model, disc, args, device, precision)
+        trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision)
+        resume = checkpoints.resume_state(args)
         if args.batch_size == "auto":
             # Tried on the longest clips the batches can hold: replayed originals may be longer than feedback.
             longest = max([fb_train] + ([orig_train] if orig_train and args.replay_ratio else []),
                           key=lambda cs: max(map(cs.frames, range(len(cs)))))
-            args.batch_size, args.grad_accum = tv.choose_batch_size(trainer, longest, args)
+            args = planning.with_batch(args, *planning.choose_batch_size(trainer, longest, args, resume[1]))
         make_batches = mixed_batches(fb_train, orig_train, args.batch_size, args.replay_ratio,
                                      args.feedback_weight, args.seed)
-        rank_batches = tv.shard_batches(make_batches)  # this process's share under torchrun
+        rank_batches = distributed.shard_batches(make_batches)  # this process's share under torchrun
         train_sets = epoch_views(make_batches)
         first_epoch = [cs for batch in make_batches(1) for cs, _ in batch]
         items_per_epoch = dict(feedback=sum(cs is fb_train for cs in first_epoch),
@@ -604,13 +595,13 @@ def main(argv=None):
         val_sets = {"feedback": fb_val, "original": orig_val}
         fit_val_sets = {k: v for k, v in val_sets.items() if v is not None and len(v)}
         report_sets = dict(val_sets, feedback_trained=fb_train)
-        eval_sentences = tv.read_sentences(args.sample_sentences)
+        eval_sentences = voice_quality.read_sentences(args.sample_sentences)
         save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped)
 
         # 5. Before: listening samples and validation of the input voice (kept when resuming).
         report_path = os.path.join(args.output_dir, REPORT_NAME)
         report = read_report(report_path) if args.resume else None
-        if report is None and tv.is_main_process():
+        if report is None and distributed.is_main_process():
             start = time.time()
             before = evaluate_all(trainer, report_sets, args)
             speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
@@ -619,17 +610,19 @@ def main(argv=None):
             report = dict(status="training", model=args.model, discriminator=disc_path, before=before,
                           before_seconds=time.time() - start)
             write_json(report_path, report)
-        report = tv.broadcast_object(report)  # the other ranks wait for it
+        report = distributed.broadcast_object(report)  # the other ranks wait for it
         # The same work is done again after training: keep time for it.
-        budget.seconds -= 1.5 * report["before_seconds"] + 5
+        budget.keep_back(1.5 * report["before_seconds"] + 5)
 
         # 6. Plan (or resume), then train with train_vits.py's loop.
-        run, data_key = tv.start_run(trainer, train_sets, rank_batches, fit_val_sets, args, budget,
-                                     default_d_warmup=0 if disc_path else 50)
-        reason = tv.fit(trainer, tokenizer, train_sets, rank_batches, fit_val_sets, args, budget, run, data_key)
+        run, data_key = loop.start_run(trainer, train_sets, rank_batches, fit_val_sets, args, budget,
+                                       default_d_warmup=0 if disc_path else 50, resume=resume,
+                                       fixed_flags=RESUME_FIXED)
+        del resume  # its tensors are the trainer's now
+        reason = loop.fit(trainer, tokenizer, train_sets, rank_batches, fit_val_sets, args, budget, run, data_key)
         if reason == "interrupted":
             return 130
-        if not tv.is_main_process():
+        if not distributed.is_main_process():
             return 0
 
         # 7. After: the same samples and validation with the tuned voice, and the report.
@@ -659,12 +652,12 @@ def main(argv=None):
                 print_comparison(quality[key], title)
         print(f"tuned voice: {report['final_model']} ({reason}, {trainer.step} steps, {report['minutes']:.1f} min); "
               f"listen to {report['samples']['before']} vs {report['samples']['after']}; report: {report_path}")
-    except (tv.TrainingError, OSError, KeyboardInterrupt) as err:
-        return tv.report_fatal(err, args.output_dir)
+    except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
+        return run_errors.report_fatal(err, args.output_dir)
     finally:
         if lock:
             lock.release()
-        tv.leave_distributed()
+        distributed.leave_distributed()
     return 0
 
 
@@ -678,7 +671,7 @@ def read_report(path):
 
 
 def save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped):
-    tv.save_run_info(args, dict(script="train_feedback", precision=precision, device=str(device), discriminator=disc_path,
+    loop.save_run_info(args, dict(script="train_feedback", precision=precision, device=str(device), discriminator=disc_path,
                                 feedback_train_clips=len(fb_train), feedback_val_clips=len(fb_val),
                                 original_train_clips=len(orig_train or []), original_val_clips=len(orig_val or []),
                                 skipped_feedback=count_reasons(skipped)))

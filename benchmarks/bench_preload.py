@@ -47,12 +47,12 @@ def build_parser():
 def measure_one(data_dir, cache_dir, n, workers):
     """In a fresh process: one load_clips call; returns its time, held bytes and RSS figures."""
     import numpy as np  # noqa: F401  (imports before the baseline)
-    import train_vits as tv
+    import clip_data
 
     base = common.rss_bytes()
     common.reset_peak_rss()
     start = time.perf_counter()
-    clips, errors = tv.load_clips(data_dir, 16000, cache_dir, workers, max_samples=n)
+    clips, errors = clip_data.load_clips(data_dir, 16000, cache_dir, workers, max_samples=n)
     seconds = time.perf_counter() - start
     held = sum(a.nbytes + m.nbytes for _, _, a, m in clips)
     samples = sum(len(a) for _, _, a, m in clips)

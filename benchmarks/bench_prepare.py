@@ -14,6 +14,7 @@ turns so a busy machine slows both alike. Reported per run: clips/s of the decod
 """
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -22,14 +23,15 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
 from examples.make_release import CLIP_COLUMNS, client_id, tsv_row, write_mp3, write_tsv  # noqa: E402
-from prepare_data import read_tsv  # noqa: E402
 
 CLIP_RATE = 32000  # most Common Voice MP3s
 
@@ -42,7 +44,6 @@ def build_parser():
     p.add_argument("--rounds", type=int, default=3, help="Runs of each input, taking turns. (default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="prepare_data.py --workers. (default: all cores, %(default)s)")
-    p.add_argument("--_one", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     return p
 
 
@@ -69,7 +70,8 @@ def parquet_dataset(release):
     out = release + "_parquet"
     if os.path.isdir(out):
         return out
-    _, rows, _ = read_tsv(os.path.join(release, "validated.tsv"))
+    with open(os.path.join(release, "validated.tsv"), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     tmp = out + f".tmp{os.getpid()}"
     os.makedirs(os.path.join(tmp, "data"))
     shards = range(0, len(rows), SHARD_ROWS)
@@ -94,30 +96,31 @@ def parquet_dataset(release):
 
 
 def run_one(input_path, output_dir, workers):
-    """One prepare_data.py run in a fresh process; returns its report figures, wall time and peak RSS."""
+    """One prepare_data.py run, as a user runs it; returns its report figures, wall time and the peak RSS of
+    its main process (sampled every 50 ms: the workers hold one clip each)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--_one", input_path, output_dir,
-                    "--workers", str(workers)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--input", input_path,
+                                "--output_dir", output_dir, "--model", common.model_dir("tiny"),
+                                "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    watched = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    if process.wait() != 0:
+        sys.exit(f"prepare_data.py failed on {input_path} (exit {process.returncode})")
     wall = time.perf_counter() - start
     with open(os.path.join(output_dir, "prepare_report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    with open(os.path.join(output_dir, "peak_rss.json"), encoding="utf-8") as f:
-        peak = json.load(f)
     return dict(kept=report["kept_clips"], decoded=report["decoded_clips"], decode_cps=report["clips_per_second"],
                 wall=wall, wall_cps=report["decoded_clips"] / wall, peak=peak)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args._one:
-        import prepare_data
-
-        input_path, output_dir = args._one
-        prepare_data.main(["--input", input_path, "--output_dir", output_dir, "--model", common.model_dir("tiny"),
-                           "--workers", str(args.workers)])
-        with open(os.path.join(output_dir, "peak_rss.json"), "w", encoding="utf-8") as f:
-            json.dump(common.peak_rss_bytes(), f)  # the main process only; workers hold one clip each
-        return
     release = release_dir(args.clips)
     inputs = {"folder": release, "parquet": parquet_dataset(release)}
     common.model_dir("tiny")  # built once, outside the timed runs

@@ -20,22 +20,29 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from transformers import VitsModel  # noqa: E402
 
-import train_vits as tv  # noqa: E402
+import checkpoints  # noqa: E402
+import clip_data  # noqa: E402
+import models  # noqa: E402
+import training_flags  # noqa: E402
+import vits_trainer  # noqa: E402
+import voice_quality  # noqa: E402
 from benchmarks.common import DATA_DIR, SAMPLING_RATE  # noqa: E402
 from examples.make_release import SENTENCES, espeak_clip  # noqa: E402
 from examples.tiny_model import KURMANJI_VOCAB, make_tokenizer, tiny_config  # noqa: E402
-from prepare_data import clean_text, trim_silence  # noqa: E402
+from speech import clean_text, trim_silence  # noqa: E402
 
 # (espeak-ng voice, words per minute, pitch 0-99) of the base voice and of the voice it is tuned to.
 OLD_VOICE = ("ku", 165, 45)
@@ -70,7 +77,7 @@ def init_model(out_dir, size):
 # Data: one espeak-ng voice per folder, held-out sentences never inside a training clip.
 
 class Names:
-    """Just enough of a ClipSet for train_vits.split_validation: which names will it hold out?"""
+    """Just enough of a ClipSet for clip_data.split_validation: which names will it hold out?"""
 
     def __init__(self, names):
         self.names = names
@@ -101,7 +108,7 @@ def make_voice_data(out_dir, voice, n_clips, held_out, seed=0):
                 return out_dir
     evaluation, training = sentence_split(held_out)
     names = [f"clip_{i:04d}.wav" for i in range(n_clips)]
-    _, val = tv.split_validation(Names(names), held_out)
+    _, val = clip_data.split_validation(Names(names), held_out)
     rng = random.Random(seed)
     texts = {name: evaluation[k] for k, name in enumerate(val.names)}
     for name in names:
@@ -123,9 +130,9 @@ def make_voice_data(out_dir, voice, n_clips, held_out, seed=0):
 
 def held_out_clips(data_dir, model_dir, held_out):
     """The clips train_vits.py holds out of data_dir, as a ClipSet."""
-    _, tokenizer = tv.load_voice(model_dir)
-    clips, _ = tv.load_clips(data_dir, SAMPLING_RATE, os.path.join(data_dir, "cache"), 1)
-    return tv.split_validation(tv.ClipSet(clips, tokenizer), held_out)[1]
+    _, tokenizer = models.load_voice(model_dir)
+    clips, _ = clip_data.load_clips(data_dir, SAMPLING_RATE, os.path.join(data_dir, "cache"), 1)
+    return clip_data.split_validation(clip_data.ClipSet(clips, tokenizer), held_out)[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,67 +150,64 @@ def train_base(args, size, init_dir, old_dir):
         return os.path.join(out, "final_model")
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
-    code = tv.main(["--model", init_dir, "--data_dir", old_dir, "--output_dir", out, "--lr", "1e-3",
-                    "--max_steps", str(args.base_steps), "--epochs", "1000", "--warmup_steps", "20",
-                    "--d_warmup_steps", "20", "--val_size", str(args.held_out), "--eval_clips", "0"]
-                   + common_flags(args))
-    if code != 0:
-        sys.exit(f"base voice training failed (exit {code})")
+    train(["--model", init_dir, "--data_dir", old_dir, "--output_dir", out, "--lr", "1e-3",
+           "--max_steps", str(args.base_steps), "--epochs", "1000", "--warmup_steps", "20",
+           "--d_warmup_steps", "20", "--val_size", str(args.held_out), "--eval_clips", "0"] + common_flags(args),
+          "base voice training")
     print(f"base voice: {args.base_steps} steps in {(time.time() - start) / 60:.1f} min")
     return os.path.join(out, "final_model")
 
 
 def quality(trainer, clipset, n_clips):
-    return dict(val_mel=trainer.evaluate(clipset, 8)["mel"], **tv.evaluate_quality(trainer.model, clipset, n_clips))
+    return dict(val_mel=trainer.evaluate(clipset, 8)["mel"], **voice_quality.evaluate_quality(trainer.model, clipset, n_clips))
 
 
-def measuring_old_voice(old_val, n_clips, rows):
-    """train_vits.end_of_epoch that also measures the old voice's held-out clips (forgetting)."""
-    end_of_epoch = tv.end_of_epoch
+def train(flags, what):
+    """train_vits.py as a user runs it."""
+    code = subprocess.run([sys.executable, os.path.join(ROOT, "train_vits.py")] + flags).returncode
+    if code != 0:
+        sys.exit(f"{what} failed (exit {code})")
 
-    def measured(trainer, *rest, **kwargs):
-        end_of_epoch(trainer, *rest, **kwargs)
-        rows[trainer.step] = quality(trainer, old_val, n_clips)
-    return measured
+
+def checkpoint_quality(trainer, path, clipset, n_clips):
+    """quality() of the voice an epoch checkpoint holds."""
+    trainer.model.load_state_dict(checkpoints.read_checkpoint(path)["trainer"]["model"])
+    return quality(trainer, clipset, n_clips)
 
 
 def fine_tune(args, base_dir, new_dir, old_val):
     """train_vits.py on the new voice from the base; returns {epoch: row} with epoch 0 the base itself."""
-    model, tokenizer = tv.load_voice(base_dir)
-    tv.prepare_for_training(model)
-    flags = tv.parse_args(["--device", "cpu"])
-    trainer = tv.VitsTrainer(model, tv.load_discriminator(os.path.join(base_dir, "discriminator.pt")), flags,
-                             torch.device("cpu"), "fp32")
+    model, tokenizer = models.load_voice(base_dir)
+    models.prepare_for_training(model)
+    flags = training_flags.parse(["--device", "cpu"])
+    trainer = vits_trainer.VitsTrainer(model, models.load_discriminator(os.path.join(base_dir, "discriminator.pt")),
+                                       flags, torch.device("cpu"), "fp32")
     new_val = held_out_clips(new_dir, base_dir, args.held_out)
     rows = {0: dict(step=0, minutes=0.0, new=quality(trainer, new_val, args.eval_clips),
                     old=quality(trainer, old_val, args.eval_clips))}
     out = os.path.join(args.data_dir, "fine_tune")
     shutil.rmtree(out, ignore_errors=True)
-    old_rows = {}
-    tv.end_of_epoch, original = measuring_old_voice(old_val, args.eval_clips, old_rows), tv.end_of_epoch
     start = time.time()
-    try:
-        code = tv.main(["--model", base_dir, "--discriminator", os.path.join(base_dir, "discriminator.pt"),
-                        "--data_dir", new_dir, "--output_dir", out, "--lr", "5e-4",
-                        "--epochs", str(args.epochs), "--warmup_steps", "10", "--val_size", str(args.held_out),
-                        "--eval_clips", str(args.eval_clips), "--keep_checkpoints", "1"] + common_flags(args))
-    finally:
-        tv.end_of_epoch = original
-    if code != 0:
-        sys.exit(f"fine-tune failed (exit {code})")
+    train(["--model", base_dir, "--discriminator", os.path.join(base_dir, "discriminator.pt"),
+           "--data_dir", new_dir, "--output_dir", out, "--lr", "5e-4",
+           "--epochs", str(args.epochs), "--warmup_steps", "10", "--val_size", str(args.held_out),
+           "--eval_clips", str(args.eval_clips), "--keep_checkpoints", str(args.epochs)] + common_flags(args),
+          "fine-tune")
     minutes = (time.time() - start) / 60
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         for record in map(json.loads, f):
             if "eval_mcd" in record:
                 new = {k[len("eval_"):]: v for k, v in record.items() if k.startswith("eval_")}
-                rows[record["epoch"]] = dict(step=record["step"], new=dict(val_mel=record["val_mel"], **new),
-                                             old=old_rows[record["step"]])
+                # The old voice's held-out clips, as the voice of that epoch's checkpoint speaks them (forgetting).
+                checkpoint = os.path.join(out, "checkpoints", f"checkpoint_epoch_{record['epoch']}.pt")
+                old = checkpoint_quality(trainer, checkpoint, old_val, args.eval_clips)
+                rows[record["epoch"]] = dict(step=record["step"], new=dict(val_mel=record["val_mel"], **new), old=old)
     return rows, minutes
 
 
 def voices_apart(new_val, old_val):
     """MCD-DTW and duration ratio of the new voice's recordings against the old voice's, same sentences."""
-    pairs = [tv.compare_to_recording(n.astype(np.float32) / 32768.0, o.astype(np.float32) / 32768.0, SAMPLING_RATE)
+    pairs = [voice_quality.compare_to_recording(n.astype(np.float32) / 32768.0, o.astype(np.float32) / 32768.0, SAMPLING_RATE)
              for n, o in zip(new_val.audio, old_val.audio)]
     return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
 

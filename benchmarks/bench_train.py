@@ -35,23 +35,33 @@ Data and models are generated under benchmarks/data/ (git-ignored) and reused by
 
 import argparse
 import copy
-import importlib.util
+import importlib
+import io
 import os
 import random
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from unittest import mock
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-import train_vits as tv  # noqa: E402
+import clip_data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
+import run_errors  # noqa: E402
+import spectrogram  # noqa: E402
+import speech  # noqa: E402
+import training_flags  # noqa: E402
+import vits_trainer  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
@@ -82,8 +92,8 @@ def build_parser():
                    help="With --levers: also ours with train_vits.py --compile (its first step waits minutes for "
                         "the compiler; not timed).")
     p.add_argument("--against", metavar="COMMIT", default=None,
-                   help="With --levers: also the step of train_vits.py at this git commit (e.g. 288519f, before "
-                        "issue 13), loaded with `git show`, on the same weights and batches.")
+                   help="With --levers: also the training step of the project at this git commit (e.g. 288519f), "
+                        "its whole tree exported with `git archive`, on the same weights and batches.")
     return p
 
 
@@ -128,16 +138,16 @@ class NaiveBatches:
                 audio = librosa.resample(audio, orig_sr=sr, target_sr=self.sr)
             audio = torch.from_numpy(audio)
             audios.append(audio)
-            mels.append(tv.mel_spectrogram(audio[None], self.sr)[0])
-            ids.append(torch.tensor(tv.token_ids(self.tokenizer, self.texts[i])))
+            mels.append(spectrogram.mel_spectrogram(audio[None], self.sr)[0])
+            ids.append(torch.tensor(speech.token_ids(self.tokenizer, self.texts[i])))
         frames = [m.shape[1] for m in mels]
         max_frames = max(max(frames), segment_frames)
         batch = len(picked)
-        out = dict(audio=torch.zeros(batch, max_frames * tv.HOP), mel=torch.zeros(batch, tv.N_MELS, max_frames),
+        out = dict(audio=torch.zeros(batch, max_frames * spectrogram.HOP), mel=torch.zeros(batch, spectrogram.N_MELS, max_frames),
                    frames=torch.tensor(frames), input_ids=torch.zeros(batch, max(len(x) for x in ids), dtype=torch.long))
         out["attention_mask"] = torch.zeros_like(out["input_ids"])
         for b in range(batch):
-            n = frames[b] * tv.HOP
+            n = frames[b] * spectrogram.HOP
             out["audio"][b, :n] = audios[b][:n]
             out["mel"][b, :, :frames[b]] = mels[b]
             out["input_ids"][b, :len(ids[b])] = ids[b]
@@ -182,7 +192,7 @@ def timed_step(meter, trainer, fetch, device, sr, count):
         torch.cuda.reset_peak_memory_stats(device)
     else:
         common.reset_peak_rss()
-    with mock.patch.object(tv, "to_device", timed_copy):
+    with mock.patch.object(clip_data, "to_device", timed_copy):
         terms = trainer.train_window([batch])
     sync(device)
     elapsed = time.perf_counter() - start
@@ -194,14 +204,14 @@ def timed_step(meter, trainer, fetch, device, sr, count):
     meter.data_s += data_s + copy_s[0]
     frames = batch["frames"]
     meter.samples += len(frames)
-    meter.audio_s += float(frames.sum()) * tv.HOP / sr
+    meter.audio_s += float(frames.sum()) * spectrogram.HOP / sr
     meter.frames += len(frames) * int(batch["mel"].shape[2])
     meter.padded += len(frames) * int(batch["mel"].shape[2]) - int(frames.sum())
     if terms is None:
         meter.skipped += 1  # non-finite loss: train_window skipped the update (timed all the same)
 
 
-trainer_copy = {"naive": plain_to_device, "ours": tv.to_device}
+trainer_copy = {"naive": plain_to_device, "ours": clip_data.to_device}
 
 
 def sync(device):
@@ -234,12 +244,12 @@ def report(meters, device, header):
 # ----------------------------------------------------------------------------------------------------
 # --levers: train_vits.py's step with one speed-up switched off
 
-class CriticOnRealRowsWithAGraph(tv.VitsTrainer):
+class CriticOnRealRowsWithAGraph(vits_trainer.VitsTrainer):
     """The generator's pass as VITS writes it: the critic on real + generated slices together, so the
     backward also runs through the real rows, whose input gradient nobody uses."""
 
     def generator_critic(self, out):
-        with tv.frozen(self.disc), self.autocast():
+        with vits_trainer.frozen(self.disc), self.autocast():
             logits, features = self.disc(torch.cat([out["audio"], out["audio_hat"].to(out["audio"].dtype)]))
         half = out["audio"].size(0)
         return ([l[half:] for l in logits], [[f[:half] for f in fs] for fs in features],
@@ -253,24 +263,33 @@ def without_fused_adamw(trainer):
     return trainer
 
 
-def train_vits_at(commit):
-    """train_vits.py as it was at a git commit, imported under another name (it imports today's siblings)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "-C", root, "show", f"{commit}:train_vits.py"], capture_output=True, text=True)
-    if source.returncode:
-        raise SystemExit(f"error: --against {commit}: {source.stderr.strip()}")
-    path = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), f"train_vits_{commit}.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(source.stdout)
-    spec = importlib.util.spec_from_file_location(f"train_vits_{commit}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def trainer_at(commit):
+    """(VitsTrainer class, flag parser) of the project as it was at a git commit: its whole tree exported to
+    a temporary folder and imported there, apart from today's modules of the same names."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"error: --against {commit}: {archive.stderr.decode().strip()}")
+    tree = tempfile.mkdtemp(prefix=f"bench_train_{commit}_")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(tree, filter="data")
+    names = [name[:-3] for name in os.listdir(tree) if name.endswith(".py")]
+    today = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, tree)
+    try:
+        # Older trees kept the step and the flags in train_vits.py itself.
+        flags = importlib.import_module("training_flags" if "training_flags" in names else "train_vits")
+        step = importlib.import_module("vits_trainer" if "vits_trainer" in names else "train_vits")
+        return step.VitsTrainer, getattr(flags, "parse", None) or flags.parse_args
+    finally:
+        sys.path.remove(tree)
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(today)
 
 
 def lever_variants(model, disc, args, targs, device, precision):
     """name -> trainer, every one from the same weights; 'ours' is train_vits.py as it is."""
-    def fresh(cls=tv.VitsTrainer, module_args=targs):
+    def fresh(cls=vits_trainer.VitsTrainer, module_args=targs):
         return cls(copy.deepcopy(model), copy.deepcopy(disc), module_args, device, precision)
     variants = {"ours": fresh(),
                 "fused AdamW off": without_fused_adamw(fresh()),
@@ -280,10 +299,10 @@ def lever_variants(model, disc, args, targs, device, precision):
         compiled.compile = True
         variants["ours with --compile"] = fresh(module_args=compiled)
     if args.against:
-        old = train_vits_at(args.against)
-        old_args = old.parse_args(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
+        old_trainer, old_parse = trainer_at(args.against)
+        old_args = old_parse(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
                                    "--disc_channels", str(args.disc_channels), "--seed", str(args.seed)])
-        variants[f"train_vits.py at {args.against}"] = fresh(old.VitsTrainer, old_args)
+        variants[f"the step at {args.against}"] = fresh(old_trainer, old_args)
     for trainer in variants.values():
         trainer.schedule(args.warmup + args.steps + 1)
     return variants
@@ -338,9 +357,9 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     try:
-        device = tv.resolve_device(args.device)
-        precision = tv.resolve_precision(args.precision, device)
-    except tv.TrainingError as err:
+        device = distributed.resolve_device(args.device)
+        precision = vits_trainer.resolve_precision(args.precision, device)
+    except run_errors.TrainingError as err:
         raise SystemExit(f"error: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -348,34 +367,34 @@ def main(argv=None):
     # 1. Data and model, generated once under benchmarks/data/.
     data_dir = args.data_dir or common.dataset_dir(args.clips, args.seed)
     common.make_dataset(data_dir, args.clips, args.seed)
-    model, tokenizer = tv.load_voice(common.model_dir(args.model_size))
-    tv.prepare_for_training(model)
-    disc = tv.VitsDiscriminator(max_channels=args.disc_channels)
+    model, tokenizer = models.load_voice(common.model_dir(args.model_size))
+    models.prepare_for_training(model)
+    disc = models.VitsDiscriminator(max_channels=args.disc_channels)
     sr = model.config.sampling_rate
-    targs = tv.parse_args(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
+    targs = training_flags.parse(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
                            "--disc_channels", str(args.disc_channels), "--seed", str(args.seed)])
 
     # 2. Ours: the preload, timed apart (bench_preload.py measures it at scale, first and cached).
     cache_dir = os.path.join(data_dir, "cache_bench")
-    entries = tv.read_metadata(os.path.join(data_dir, "metadata.csv"))
-    cached = os.path.isfile(os.path.join(cache_dir, f"preload_{tv.cache_key(os.path.join(data_dir, 'wavs'), entries, sr)}.npz"))
+    entries = speech.read_metadata(os.path.join(data_dir, "metadata.csv"))
+    cached = os.path.isfile(os.path.join(cache_dir, f"preload_{clip_data.cache_key(os.path.join(data_dir, 'wavs'), entries, sr)}.npz"))
     rss_before = common.rss_bytes()
     start = time.perf_counter()
-    clips, _ = tv.load_clips(data_dir, sr, cache_dir, args.num_workers)
+    clips, _ = clip_data.load_clips(data_dir, sr, cache_dir, args.num_workers)
     preload_s = time.perf_counter() - start
     preload_rss = max(0, common.rss_bytes() - rss_before)
     held = sum(a.nbytes + m.nbytes for _, _, a, m in clips)
-    clipset = tv.ClipSet(clips, tokenizer)
+    clipset = clip_data.ClipSet(clips, tokenizer)
     lengths = [clipset.frames(i) for i in range(len(clipset))]
-    hours = sum(lengths) * tv.HOP / sr / 3600
+    hours = sum(lengths) * spectrogram.HOP / sr / 3600
 
     buckets, epoch = [], [0]
 
     def ours_fetch():
         if not buckets:
             epoch[0] += 1
-            buckets.extend(tv.bucket_batches(lengths, args.batch_size, args.seed * 1000 + epoch[0]))
-        return tv.collate([(clipset, i) for i in buckets.pop()], targs.segment_frames)
+            buckets.extend(clip_data.bucket_batches(lengths, args.batch_size, args.seed * 1000 + epoch[0]))
+        return clip_data.collate([(clipset, i) for i in buckets.pop()], targs.segment_frames)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     dparams = sum(p.numel() for p in disc.parameters()) / 1e6
@@ -397,7 +416,7 @@ def main(argv=None):
     # 3. Two trainers from the same weights; naive reads the same clips (ClipSet's filter) from disk.
     trainers = {}
     for name, prec in (("naive", "fp32"), ("ours", precision)):
-        trainers[name] = tv.VitsTrainer(copy.deepcopy(model), copy.deepcopy(disc), targs, device, prec)
+        trainers[name] = vits_trainer.VitsTrainer(copy.deepcopy(model), copy.deepcopy(disc), targs, device, prec)
         trainers[name].schedule(args.warmup + args.steps + 1)
     naive_data = NaiveBatches(data_dir, clipset.names, clipset.texts, tokenizer, args.batch_size, sr, args.seed)
     fetch = {"naive": lambda: naive_data.next(targs.segment_frames), "ours": ours_fetch}

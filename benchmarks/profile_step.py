@@ -26,7 +26,13 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from monotonic_alignment_search import maximum_path_cython, maximum_path_numpy  # noqa: E402
 
-import train_vits as tv  # noqa: E402
+import clip_data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
+import objective  # noqa: E402
+import spectrogram  # noqa: E402
+import training_flags  # noqa: E402
+import vits_trainer  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
@@ -66,7 +72,7 @@ def profile_mas(device):
         logs_p = 0.1 * torch.randn(8, 192, tokens, generator=g)
         z_p, m_p, logs_p = z_p.to(device), m_p.to(device), logs_p.to(device)
         x_mask, y_mask = torch.ones(8, 1, tokens, device=device), torch.ones(8, 1, frames, device=device)
-        total = timeit(lambda: tv.monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask), 5, sync)
+        total = timeit(lambda: objective.monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask), 5, sync)
         value = torch.randn(8, tokens, frames, generator=g)
         mask = torch.ones(8, tokens, frames)
         cy = timeit(lambda: maximum_path_cython(value, mask), 10)
@@ -88,17 +94,17 @@ def profile_data(clipset, data_dir, device, batch_size):
     def naive():
         for cs, i in items:
             audio, _ = sf.read(os.path.join(wavs, cs.names[i]), dtype="float32")
-            tv.mel_spectrogram(torch.from_numpy(audio)[None], 16000)
+            spectrogram.mel_spectrogram(torch.from_numpy(audio)[None], 16000)
 
-    batch = tv.collate(items, 32)
+    batch = clip_data.collate(items, 32)
     audio_dev = batch["audio"].to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    rows = [("collate (preloaded int16 + fp16 -> padded fp32 tensors)", timeit(lambda: tv.collate(items, 32), 20)),
+    rows = [("collate (preloaded int16 + fp16 -> padded fp32 tensors)", timeit(lambda: clip_data.collate(items, 32), 20)),
             ("naive: soundfile read + CPU log-mel of the same clips", timeit(naive, 5)),
             (f"linear spectrogram of the batch on {device.type} (every step, both loops)",
-             timeit(lambda: tv.linear_spectrogram(audio_dev), 10, sync))]
+             timeit(lambda: spectrogram.linear_spectrogram(audio_dev), 10, sync))]
     if device.type == "cuda":
-        rows.append(("to_device (pin + non_blocking copy)", timeit(lambda: tv.to_device(batch, device), 20, sync)))
+        rows.append(("to_device (pin + non_blocking copy)", timeit(lambda: clip_data.to_device(batch, device), 20, sync)))
         rows.append(("plain .to(device) copy", timeit(lambda: {k: v.to(device) for k, v in batch.items()}, 20, sync)))
     size = sum(v.numel() * v.element_size() for v in batch.values())
     print(f"batch tensors: {size / 2**20:.1f} MiB, {tuple(batch['audio'].shape)} audio, {tuple(batch['mel'].shape)} mel\n")
@@ -129,12 +135,12 @@ def profile_step(trainer, batches, device):
     undo = [wrap(model.text_encoder, "forward", "text encoder"),
             wrap(model.posterior_encoder, "forward", "posterior encoder"),
             wrap(model.flow, "forward", "flow"),
-            wrap(tv, "maximum_path", "MAS: Cython maximum_path (incl. copies)"),
-            wrap(tv, "monotonic_alignment", "MAS: log-likelihood matrix"),
+            wrap(objective, "maximum_path", "MAS: Cython maximum_path (incl. copies)"),
+            wrap(objective, "monotonic_alignment", "MAS: log-likelihood matrix"),
             wrap(model.duration_predictor, "forward", "stochastic duration predictor"),
             wrap(model.decoder, "forward", "HiFi-GAN decoder (32-frame slices)"),
             wrap(trainer.disc, "forward", "discriminator (3 calls)"),
-            wrap(tv, "linear_spectrogram", "spectrograms (linear; mel of the slices)"),
+            wrap(spectrogram, "linear_spectrogram", "spectrograms (linear; mel of the slices)"),
             wrap(trainer, "update", "gradient clipping + optimizer steps")]
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:  # warm-up, counting operators (not timed)
@@ -163,8 +169,8 @@ def profile_step(trainer, batches, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = tv.resolve_device(args.device)
-    precision = tv.resolve_precision(args.precision, device)
+    device = distributed.resolve_device(args.device)
+    precision = vits_trainer.resolve_precision(args.precision, device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     disc_channels = args.disc_channels or (64 if args.model_size == "tiny" else 1024)
@@ -176,17 +182,17 @@ def main(argv=None):
     if args.only == "mas":
         return
     data_dir = common.make_dataset(common.dataset_dir(args.clips), args.clips)
-    model, tokenizer = tv.load_voice(common.model_dir(args.model_size))
-    tv.prepare_for_training(model)
-    clips, _ = tv.load_clips(data_dir, 16000, os.path.join(data_dir, "cache_bench"), os.cpu_count() or 1)
-    clipset = tv.ClipSet(clips, tokenizer)
+    model, tokenizer = models.load_voice(common.model_dir(args.model_size))
+    models.prepare_for_training(model)
+    clips, _ = clip_data.load_clips(data_dir, 16000, os.path.join(data_dir, "cache_bench"), os.cpu_count() or 1)
+    clipset = clip_data.ClipSet(clips, tokenizer)
     if args.only in (None, "data"):
         profile_data(clipset, data_dir, device, args.batch_size)
     if args.only in (None, "step"):
-        targs = tv.parse_args(["--grad_accum", "1", "--warmup_steps", "0", "--disc_channels", str(disc_channels)])
-        trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=disc_channels), targs, device, precision)
+        targs = training_flags.parse(["--grad_accum", "1", "--warmup_steps", "0", "--disc_channels", str(disc_channels)])
+        trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=disc_channels), targs, device, precision)
         trainer.schedule(100)
-        batches = [tv.collate(items, 32) for items in make_batches(clipset, args.batch_size, args.steps + 1, 32)[::-1]]
+        batches = [clip_data.collate(items, 32) for items in make_batches(clipset, args.batch_size, args.steps + 1, 32)[::-1]]
         print(f"\n## One training step, model {args.model_size}, discriminator {disc_channels}, batch {args.batch_size} "
               f"of the longest clips ({batches[1]['mel'].shape[2]} frames, {batches[1]['input_ids'].shape[1]} "
               f"token ids), {precision}, mean of {args.steps}\n")

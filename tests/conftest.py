@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import prepare_data
-import train_vits as tv
+import clip_data
+import models
 from examples.make_release import BAD_KINDS, make_release, make_tarball
 from examples.tiny_model import make_tiny_model
 
@@ -58,10 +59,10 @@ def prepared_dataset(kmr_release, tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
     """`prepared_dataset` preloaded as the trainer holds it (int16 audio, fp16 mels, 2n+1 token ids)."""
-    _, tokenizer = tv.load_voice(tiny_model_dir)
-    clips, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
+    _, tokenizer = models.load_voice(tiny_model_dir)
+    clips, errors = clip_data.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
     assert not errors
-    return tv.ClipSet(clips, tokenizer)
+    return clip_data.ClipSet(clips, tokenizer)
 
 
 @pytest.fixture

@@ -17,9 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_feedback  # noqa: E402
-import train_vits as tv  # noqa: E402
+import train_vits  # noqa: E402
+import distributed  # noqa: E402
+import loop  # noqa: E402
+import models  # noqa: E402
+import vits_trainer  # noqa: E402
 
-run_fit, run_window = tv.fit, tv.VitsTrainer.train_window
+run_fit, run_window = loop.fit, vits_trainer.VitsTrainer.train_window
 in_fit = False
 
 
@@ -29,20 +33,20 @@ def fit(trainer, *args, **kwargs):
     reason = run_fit(trainer, *args, **kwargs)
     dump_dir = os.environ.get("TEST_DUMP_DIR")
     if dump_dir:
-        state = dict(model=tv.inference_copy(trainer.model).state_dict(), disc=trainer.disc.state_dict(),
+        state = dict(model=models.inference_copy(trainer.model).state_dict(), disc=trainer.disc.state_dict(),
                      reason=reason, step=trainer.step)
-        torch.save(state, os.path.join(dump_dir, f"rank{tv.rank()}.pt"))
+        torch.save(state, os.path.join(dump_dir, f"rank{distributed.rank()}.pt"))
     return reason
 
 
 def train_window(trainer, *args, **kwargs):
     result = run_window(trainer, *args, **kwargs)
     after = os.environ.get("TEST_SIGNAL_AFTER_STEP")
-    if in_fit and after and tv.rank() == int(os.environ.get("TEST_SIGNAL_RANK", "0")) and trainer.step == int(after):
+    if in_fit and after and distributed.rank() == int(os.environ.get("TEST_SIGNAL_RANK", "0")) and trainer.step == int(after):
         signal.raise_signal(getattr(signal, os.environ.get("TEST_SIGNAL", "SIGTERM")))
     return result
 
 
-tv.fit, tv.VitsTrainer.train_window = fit, train_window
-script = {"train_vits": tv, "train_feedback": train_feedback}[sys.argv[1]]
+loop.fit, vits_trainer.VitsTrainer.train_window = fit, train_window
+script = {"train_vits": train_vits, "train_feedback": train_feedback}[sys.argv[1]]
 sys.exit(script.main(sys.argv[2:]))

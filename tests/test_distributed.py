@@ -10,7 +10,8 @@ import sys
 import torch
 from transformers import VitsModel
 
-import train_vits as tv
+import checkpoints
+import train_vits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "hooked_run.py")
@@ -50,7 +51,7 @@ def metric_steps(out):
 
 
 def checkpoint_step(out, name):
-    return tv.read_checkpoint(os.path.join(out, "checkpoints", name))["trainer"]["step"]
+    return checkpoints.read_checkpoint(os.path.join(out, "checkpoints", name))["trainer"]["step"]
 
 
 def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepared_dataset, tiny_model_dir,
@@ -95,6 +96,6 @@ def test_two_processes_stop_together_resume_and_end_with_rank_1s_weights(prepare
 
     # 3. One process cannot continue it: each rank's place in the epoch depends on the count.
     capsys.readouterr()
-    assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 2
+    assert train_vits.main(args + ["--resume", "auto", "--epochs", "3"]) == 2
     assert "trained by 2 process(es), this one has 1; resume it with torchrun --nproc_per_node 2" in \
         capsys.readouterr().err

@@ -14,15 +14,23 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, VitsTokenizer, pipeline
 
-import train_vits as tv
+import clip_data
+import models
+import objective
+import planning
+import run_errors
+import spectrogram
+import train_vits
+import vits_trainer
+import voice_quality
 from examples.tiny_model import KURMANJI_VOCAB
-from prepare_data import load_vocab, token_ids
+from speech import load_vocab, token_ids
 
 
 @pytest.fixture(scope="module")
 def duration_predictor(tiny_model_dir):
     """The tiny voice's stochastic duration predictor, every weight random (the affine flows start at 0)."""
-    model, _ = tv.load_voice(tiny_model_dir)
+    model, _ = models.load_voice(tiny_model_dir)
     dp = model.duration_predictor.eval()  # no dropout: both sides see the same network
     torch.manual_seed(3)
     with torch.no_grad():
@@ -34,7 +42,7 @@ def duration_predictor(tiny_model_dir):
 
 def duration_inputs(lengths=(7, 4), channels=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x_mask = tv.sequence_mask(torch.tensor(lengths), max(lengths)).unsqueeze(1).float()
+    x_mask = objective.sequence_mask(torch.tensor(lengths), max(lengths)).unsqueeze(1).float()
     hidden = torch.randn(len(lengths), channels, max(lengths), generator=g)
     durations = torch.randint(0, 9, (len(lengths), 1, max(lengths)), generator=g).float() * x_mask
     return hidden, x_mask, durations
@@ -83,7 +91,7 @@ def test_duration_loss_is_the_original_vits_formula(duration_predictor):
     hidden, x_mask, durations = duration_inputs()
     with torch.no_grad():
         torch.manual_seed(7)
-        ours = tv.duration_nll(duration_predictor, hidden, x_mask, durations)
+        ours = objective.duration_nll(duration_predictor, hidden, x_mask, durations)
         torch.manual_seed(7)
         expected = original_vits_nll(duration_predictor, hidden, x_mask, durations)
         torch.manual_seed(7)
@@ -100,7 +108,7 @@ def test_inference_path_inverts_the_training_flows(duration_predictor, monkeypat
     log_durations = torch.randn(2, 1, 6) * x_mask
     with torch.no_grad():
         x = dp.conv_proj(dp.conv_dds(dp.conv_pre(hidden), x_mask)) * x_mask
-        latents, _ = tv.flows_forward(dp.flows, torch.cat([log_durations, torch.randn(2, 1, 6)], 1), x_mask, x)
+        latents, _ = objective.flows_forward(dp.flows, torch.cat([log_durations, torch.randn(2, 1, 6)], 1), x_mask, x)
         monkeypatch.setattr(torch, "randn", lambda *shape, **kw: latents.clone())
         recovered = dp(hidden, x_mask, reverse=True, noise_scale=1.0)
     torch.testing.assert_close(recovered, log_durations, rtol=1e-4, atol=1e-4)
@@ -138,7 +146,7 @@ def blank_interleaved(vocab, text):
 
 
 def test_pad_letter_sentences_get_every_blank_in_training_and_when_exported(n_pad_voice, tmp_path):
-    model, tokenizer = tv.load_voice(n_pad_voice)
+    model, tokenizer = models.load_voice(n_pad_voice)
     vocab = tokenizer.get_vocab()
     assert tokenizer.pad_token == "n" and vocab["n"] == 0
     expected = [blank_interleaved(vocab, text) for text in PAD_LETTER_SENTENCES]
@@ -146,7 +154,7 @@ def test_pad_letter_sentences_get_every_blank_in_training_and_when_exported(n_pa
     assert plain("nan").input_ids != expected[0], "VitsTokenizer no longer splits on its pad letter: the check is void"
 
     pcm, mel = np.zeros(16000, np.int16), np.zeros((80, 62), np.float16)
-    clips = tv.ClipSet([(f"{i}.wav", text, pcm, mel) for i, text in enumerate(PAD_LETTER_SENTENCES)], tokenizer)
+    clips = clip_data.ClipSet([(f"{i}.wav", text, pcm, mel) for i, text in enumerate(PAD_LETTER_SENTENCES)], tokenizer)
     assert [list(ids) for ids in clips.tokens] == expected
     prepare_tokenizer, _ = load_vocab(n_pad_voice)
     assert [token_ids(prepare_tokenizer, text) for text in PAD_LETTER_SENTENCES] == expected
@@ -155,12 +163,12 @@ def test_pad_letter_sentences_get_every_blank_in_training_and_when_exported(n_pa
     spoken = []
     model.text_encoder.register_forward_pre_hook(
         lambda module, args, kwargs: spoken.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
-    tv.synthesise(model, tokenizer, PAD_LETTER_SENTENCES, str(tmp_path / "samples"))
+    voice_quality.synthesise(model, tokenizer, PAD_LETTER_SENTENCES, str(tmp_path / "samples"))
     assert spoken == expected
 
     # An exported voice gives the same ids to whoever reloads it.
     out = str(tmp_path / "voice")
-    tv.export_voice(model, tokenizer, tv.VitsDiscriminator(max_channels=64), out)
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
     reloaded = AutoTokenizer.from_pretrained(out)
     assert [reloaded(text).input_ids for text in PAD_LETTER_SENTENCES] == expected
     tts = pipeline("text-to-speech", model=out, device="cpu")
@@ -179,7 +187,7 @@ def test_16_bit_wav_survives_preload_and_cache_bit_exactly(tmp_path, capsys):
     sf.write(str(tmp_path / "data" / "wavs" / "a.wav"), pcm, 16000, subtype="PCM_16")
     (tmp_path / "data" / "metadata.csv").write_text("a.wav|roj baş\n", encoding="utf-8")
     for source in ("decoded", "from cache"):
-        clips, errors = tv.load_clips(str(tmp_path / "data"), 16000, str(tmp_path / "cache"), 1)
+        clips, errors = clip_data.load_clips(str(tmp_path / "data"), 16000, str(tmp_path / "cache"), 1)
         assert (source == "from cache") == ("from cache" in capsys.readouterr().out)
         assert not errors and clips[0][2].dtype == np.int16
         np.testing.assert_array_equal(clips[0][2], pcm)
@@ -206,7 +214,7 @@ def critic_files(disc, folder):
 
 def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
     torch.manual_seed(0)
-    disc = tv.VitsDiscriminator(max_channels=64)
+    disc = models.VitsDiscriminator(max_channels=64)
     with torch.no_grad():
         for name, p in disc.named_parameters():
             if name.endswith("original0"):
@@ -215,7 +223,7 @@ def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         expected, _ = disc(audio)
     for kind, path in critic_files(disc, str(tmp_path)).items():
-        loaded = tv.load_discriminator(path)
+        loaded = models.load_discriminator(path)
         with torch.no_grad():
             logits, _ = loaded(audio)
         for a, b in zip(logits, expected):
@@ -224,19 +232,19 @@ def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
     broken = torch.load(str(tmp_path / "mms.pt"), weights_only=True)
     del broken["model"]["module.discriminators.0.conv_post.bias"]
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(tv.TrainingError, match="missing.*discriminators.0.conv_post.bias"):
-        tv.load_discriminator(str(tmp_path / "broken.pth"))
+    with pytest.raises(run_errors.TrainingError, match="missing.*discriminators.0.conv_post.bias"):
+        models.load_discriminator(str(tmp_path / "broken.pth"))
 
 
 # ----------------------------------------------------------------------------------------------------
 # The training step and the loop.
 
 def make_trainer(model_dir, *flags):
-    model, _ = tv.load_voice(model_dir)
-    tv.prepare_for_training(model)
-    args = tv.parse_args(["--lr", "2e-3", "--warmup_steps", "0", "--grad_accum", "1"] + list(flags))
+    model, _ = models.load_voice(model_dir)
+    models.prepare_for_training(model)
+    args = train_vits.parse_args(["--lr", "2e-3", "--warmup_steps", "0", "--grad_accum", "1"] + list(flags))
     torch.manual_seed(0)
-    trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
+    trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
     trainer.schedule(1000)
     return trainer
 
@@ -244,7 +252,7 @@ def make_trainer(model_dir, *flags):
 def short_batch(clips, n=4, segment_frames=32):
     """The n shortest clips: every step below runs the whole generator on them."""
     shortest = sorted(range(len(clips)), key=clips.frames)[:n]
-    return tv.collate([(clips, i) for i in shortest], segment_frames)
+    return clip_data.collate([(clips, i) for i in shortest], segment_frames)
 
 
 def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir, tiny_clips):
@@ -254,7 +262,7 @@ def test_critic_learns_to_score_real_slices_above_generated_ones(tiny_model_dir,
         assert trainer.train_window([batch], d_only=True) is not None
     torch.manual_seed(1)
     with torch.no_grad():
-        out = tv.generator_forward(trainer.model.eval(), batch, 16)
+        out = objective.generator_forward(trainer.model.eval(), batch, 16)
         real, _ = trainer.disc(out["audio"])
         fake, _ = trainer.disc(out["audio_hat"])
     # Least squares: real towards 1, generated towards 0, in every sub-discriminator.
@@ -269,7 +277,7 @@ def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, tiny_
     trainer.model.posterior_encoder.register_forward_hook(lambda m, args, out: seen.update(z=out[0]))
     trainer.model.decoder.register_forward_pre_hook(lambda m, args: seen.update(decoded=args[0]))
     torch.manual_seed(5)
-    out = tv.generator_forward(trainer.model, batch, 32)
+    out = objective.generator_forward(trainer.model, batch, 32)
     for b in range(len(batch["frames"])):
         # Where the target mel slice sits in the clip ...
         mel = batch["mel"][b]
@@ -280,7 +288,7 @@ def test_decoded_audio_and_mel_slices_are_the_same_stretch(tiny_model_dir, tiny_
         torch.testing.assert_close(out["audio"][b, 0], batch["audio"][b, start * 256:(start + 32) * 256])
         torch.testing.assert_close(seen["decoded"][b], seen["z"][b, :, start:start + 32])
         # and the audio slice's own mel is the target (edges aside: the slice has no context there)
-        own = tv.mel_spectrogram(out["audio"][b], 16000)[0]
+        own = spectrogram.mel_spectrogram(out["audio"][b], 16000)[0]
         torch.testing.assert_close(own[:, 2:-2], out["mel"][b][:, 2:-2].float(), atol=2e-2, rtol=0)
 
 
@@ -289,10 +297,10 @@ def test_generator_loss_terms_are_the_vits_formulas_and_leave_the_critic_alone(t
     batch = short_batch(tiny_clips, 2)
     torch.manual_seed(2)
     with torch.no_grad():
-        out = tv.generator_forward(trainer.model, batch, 32)
+        out = objective.generator_forward(trainer.model, batch, 32)
         real_logits, real_features = trainer.disc(out["audio"])
         fake_logits, fake_features = trainer.disc(out["audio_hat"])
-        mel_hat = tv.mel_spectrogram(out["audio_hat"][:, 0], 16000)
+        mel_hat = spectrogram.mel_spectrogram(out["audio_hat"][:, 0], 16000)
     expected = dict(
         d=sum(torch.mean((1 - r) ** 2) + torch.mean(f ** 2) for r, f in zip(real_logits, fake_logits)),
         adv=sum(torch.mean((1 - f) ** 2) for f in fake_logits),
@@ -333,9 +341,9 @@ def test_alignment_is_the_most_likely_path_and_its_durations_fill_each_clip():
     tokens, frames = torch.tensor([t for t, _ in lengths]), torch.tensor([f for _, f in lengths])
     z_p, m_p = torch.randn(4, 2, 9, generator=g), torch.randn(4, 2, 5, generator=g)
     logs_p = 0.5 * torch.randn(4, 2, 5, generator=g)
-    x_mask = tv.sequence_mask(tokens, 5).unsqueeze(1).float()
-    y_mask = tv.sequence_mask(frames, 9).unsqueeze(1).float()
-    path = tv.monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)
+    x_mask = objective.sequence_mask(tokens, 5).unsqueeze(1).float()
+    y_mask = objective.sequence_mask(frames, 9).unsqueeze(1).float()
+    path = objective.monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)
 
     # log N(z_p[:, t] | m_p[:, l], exp(logs_p[:, l])) summed over channels, for every (token l, frame t)
     log_likelihood = torch.distributions.Normal(m_p.unsqueeze(3), logs_p.exp().unsqueeze(3)).log_prob(
@@ -356,14 +364,14 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, t
         trainer.disc.state_dict().items())}
     # Only the generator's loss is NaN: the critic has already stepped (VITS's order) and keeps its update;
     # the generator's update is dropped.
-    monkeypatch.setattr(tv, "mel_slice_loss", lambda out, sr: torch.tensor(float("nan")))
+    monkeypatch.setattr(objective, "mel_slice_loss", lambda out, sr: torch.tensor(float("nan")))
     assert trainer.train_window([batch]) is None
     assert (trainer.step, trainer.skipped_steps) == (0, 1)
     after = dict(list(trainer.model.state_dict().items()) + list(trainer.disc.state_dict().items()))
     assert all(torch.equal(before[k], after[k]) for k in trainer.model.state_dict())
     assert not all(torch.equal(before[k], after[k]) for k in trainer.disc.state_dict())
     assert all(p.grad is None for p in itertools.chain(trainer.model.parameters(), trainer.disc.parameters()))
-    with pytest.raises(tv.TrainingError, match="2 non-finite training steps in a row"):
+    with pytest.raises(run_errors.TrainingError, match="2 non-finite training steps in a row"):
         trainer.train_window([batch])
     assert trainer.skipped_steps == 2
 
@@ -394,7 +402,7 @@ def test_learning_rate_warms_up_then_decays_and_critic_warm_up_spares_the_genera
 def test_a_run_stopped_mid_epoch_resumes_with_exactly_the_batches_it_had_left(stop, prepared_dataset, tiny_model_dir,
                                                                               tmp_path, monkeypatch):
     trained, expired = [], [False]
-    real_collate, real_left = tv.collate, tv.Budget.left
+    real_collate, real_left = clip_data.collate, planning.Budget.left
 
     def named_collate(items, segment_frames):
         batch = real_collate(items, segment_frames)
@@ -410,22 +418,22 @@ def test_a_run_stopped_mid_epoch_resumes_with_exactly_the_batches_it_had_left(st
         expired[0] = self.step == 3 and stop == "deadline"
         return dict(d=0.0)
 
-    monkeypatch.setattr(tv, "collate", named_collate)
-    monkeypatch.setattr(tv.VitsTrainer, "train_window", recorded_step)
-    monkeypatch.setattr(tv.Budget, "left", lambda self: 0.0 if expired[0] else real_left(self))
+    monkeypatch.setattr(clip_data, "collate", named_collate)
+    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", recorded_step)
+    monkeypatch.setattr(planning.Budget, "left", lambda self: 0.0 if expired[0] else real_left(self))
     (tmp_path / "sentences.txt").write_text("roj\n", encoding="utf-8")
     out = str(tmp_path / "run")
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "1",
             "--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
             "--benchmark_samples", "0", "--val_size", "0", "--sample_sentences", str(tmp_path / "sentences.txt")]
-    code = tv.main(args + (["--max_steps", "3"] if stop == "max_steps" else []))
+    code = train_vits.main(args + (["--max_steps", "3"] if stop == "max_steps" else []))
     assert code == (130 if stop == "ctrl_c" else 0)
     first = list(trained)
     assert len(first) == 3
 
     trained.clear()
     expired[0] = False
-    assert tv.main(args + ["--resume", "auto"]) == 0
+    assert train_vits.main(args + ["--resume", "auto"]) == 0
     with open(os.path.join(out, "run_config.json"), encoding="utf-8") as f:
         n_train = json.load(f)["train_clips"]
     names = [name for step in first + trained for name in step]

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 
 import prepare_data
+import speech
 from examples.make_release import BAD_KINDS, espeak_clip, write_tsv
 from tests.conftest import GOOD_CLIPS
 
@@ -45,7 +46,7 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
     assert report["kept_clips"] == GOOD_CLIPS
 
     good = release_rows(kmr_release)[:GOOD_CLIPS]
-    rows = prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))
+    rows = speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))
     assert [name for name, _ in rows] == [row["path"].replace(".mp3", ".wav") for row in good]
     assert sorted(os.listdir(os.path.join(prepared_dataset, "wavs"))) == sorted(name for name, _ in rows)
 
@@ -54,7 +55,7 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
                 sf.info(os.path.join(kmr_release, "clips", row["path"])).channels) for row in good}
     assert {(32000, 1), (48000, 1), (44100, 2)} <= formats
 
-    tokenizer, vocab = prepare_data.load_vocab(tiny_model_dir)
+    tokenizer, vocab = speech.load_vocab(tiny_model_dir)
     for (name, text), row in zip(rows, good):
         info = sf.info(os.path.join(prepared_dataset, "wavs", name))
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
@@ -63,7 +64,7 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
         # The tokenizer keeps every character: nothing is silently dropped at training time.
         assert tokenizer.prepare_for_tokenization(text)[0] == text
         assert set(text) <= vocab and "|" not in text and text == text.strip() and "  " not in text
-        assert len(prepare_data.token_ids(tokenizer, text)) == 2 * len(text) + 1 <= info.frames // 256
+        assert len(speech.token_ids(tokenizer, text)) == 2 * len(text) + 1 <= info.frames // 256
 
 
 def test_tarball_is_streamed_and_matches_folder_output(kmr_tarball, prepared_dataset, tiny_model_dir, tmp_path,
@@ -90,7 +91,7 @@ def test_rerun_decodes_nothing_and_gives_identical_output(prepared_dataset, kmr_
     def no_decoding(*args, **kwargs):
         raise AssertionError("a re-run must not decode audio")
 
-    monkeypatch.setattr(prepare_data, "load_audio", no_decoding)
+    monkeypatch.setattr(speech, "load_audio", no_decoding)
     report = run(kmr_release, tiny_model_dir, out, "--workers", "1")
 
     assert report["decoded_clips"] == 0
@@ -115,7 +116,7 @@ def test_rerun_repairs_folder_and_metadata_always_matches_wavs(prepared_dataset,
 
     # Stricter limits from the cache alone: fewer clips, and the folder shrinks with metadata.csv.
     report = run(kmr_release, tiny_model_dir, out, "--workers", "1", "--max_duration", "2.5")
-    names = [name for name, _ in prepare_data.read_metadata(out / "metadata.csv")]
+    names = [name for name, _ in speech.read_metadata(out / "metadata.csv")]
     assert report["decoded_clips"] == 0
     assert 0 < len(names) == report["kept_clips"] < GOOD_CLIPS
     assert sorted(os.listdir(wavs)) == sorted(names)
@@ -136,20 +137,20 @@ def test_changed_audio_settings_decode_again(prepared_dataset, kmr_release, tiny
 def test_ljspeech_folder_input(prepared_dataset, tiny_model_dir, tmp_path):
     report = run(prepared_dataset, tiny_model_dir, tmp_path / "again", "--workers", "1")
     assert report["input_kind"] == "ljspeech" and report["kept_clips"] == GOOD_CLIPS and report["dropped"] == {}
-    assert (prepare_data.read_metadata(tmp_path / "again" / "metadata.csv")
-            == prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv")))
+    assert (speech.read_metadata(tmp_path / "again" / "metadata.csv")
+            == speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv")))
 
     # LJSpeech's own layout: names without .wav and a raw | normalised text pair; the normalised one is used.
     lj = tmp_path / "lj"
     os.makedirs(lj / "wavs")
-    first = prepare_data.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))[:2]
+    first = speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))[:2]
     lines = []
     for i, (name, text) in enumerate(first):
         shutil.copy(os.path.join(prepared_dataset, "wavs", name), lj / "wavs" / f"LJ001-000{i}.wav")
         lines.append(f"LJ001-000{i}|RAW TEXT NOT TO USE {i}|{text}")
     (lj / "metadata.csv").write_text("\n".join(lines + ["a line without a separator"]) + "\n", encoding="utf-8")
     report = run(lj, tiny_model_dir, tmp_path / "lj_out", "--workers", "1")
-    assert prepare_data.read_metadata(tmp_path / "lj_out" / "metadata.csv") == [
+    assert speech.read_metadata(tmp_path / "lj_out" / "metadata.csv") == [
         (f"LJ001-000{i}.wav", text) for i, (_, text) in enumerate(first)]
     assert report["dropped"] == {"malformed_row": 1}
 
@@ -164,7 +165,7 @@ def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
 
     report = run(kmr_release, tiny_model_dir, tmp_path / "top", "--workers", "1", "--top_speakers", "1")
     assert list(report["hours_per_speaker"]) == [top] and report["kept_clips"] == counts[top]
-    kept = {name for name, _ in prepare_data.read_metadata(tmp_path / "top" / "metadata.csv")}
+    kept = {name for name, _ in speech.read_metadata(tmp_path / "top" / "metadata.csv")}
     assert kept == {row["path"].replace(".mp3", ".wav") for row in good if row["client_id"] == top}
 
     report = run(kmr_release, tiny_model_dir, tmp_path / "one", "--workers", "1", "--speaker", other)
@@ -218,7 +219,7 @@ def test_vote_filters_select_exactly_the_rows_with_enough_votes(prepared_dataset
 
     report = run(release, tiny_model_dir, out, "--workers", "1", "--min_upvotes", "2", "--max_downvotes", "0")
     kept_rows = [row for i, row in enumerate(rows[:GOOD_CLIPS]) if i % 4 in (0, 2)]
-    assert [name for name, _ in prepare_data.read_metadata(out / "metadata.csv")] == [
+    assert [name for name, _ in speech.read_metadata(out / "metadata.csv")] == [
         row["path"].replace(".mp3", ".wav") for row in kept_rows]
     assert report["not_selected"] == {"too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows))),
                                       "too_many_downvotes": sum(i % 4 == 3 for i in range(len(rows)))}
@@ -278,11 +279,11 @@ def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared
     assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, digits, other_script
 
     # Re-run with the user's vote filters: nothing decoded (known by dataset file + row), the right rows kept.
-    monkeypatch.setattr(prepare_data, "load_audio", lambda *a, **k: pytest.fail("a re-run must not decode"))
+    monkeypatch.setattr(speech, "load_audio", lambda *a, **k: pytest.fail("a re-run must not decode"))
     report = run(dataset, tiny_model_dir, tmp_path / "out", "--workers", "1", "--min_upvotes", "2",
                  "--max_downvotes", "0")
     rows = release_rows(kmr_release)
-    assert [name for name, _ in prepare_data.read_metadata(tmp_path / "out" / "metadata.csv")] == [
+    assert [name for name, _ in speech.read_metadata(tmp_path / "out" / "metadata.csv")] == [
         row["path"].replace(".mp3", ".wav") for i, row in enumerate(rows[:GOOD_CLIPS]) if VOTES[i % 4] in VOTES[::2]]
     assert report["decoded_clips"] == 0 and report["not_selected"] == {
         "too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows))),
@@ -335,7 +336,7 @@ def test_save_to_disk_folder_with_its_own_column_names(prepared_dataset, kmr_rel
     names = [row["path"].replace(".mp3", ".wav") for row in rows]
     assert report["kept_clips"] == 3 and folder_bytes(tmp_path / "out") == {
         name: data for name, data in folder_bytes(prepared_dataset).items() if name in names or name == "metadata.csv"
-    } | {"metadata.csv": "".join(f"{n}|{t}\n" for n, t in prepare_data.read_metadata(
+    } | {"metadata.csv": "".join(f"{n}|{t}\n" for n, t in speech.read_metadata(
         os.path.join(prepared_dataset, "metadata.csv"))[:3]).encode()}
 
 
@@ -380,8 +381,8 @@ def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     ("Qur’an û Qur'an", "qur'an û qur'an"),
 ])
 def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_model_dir):
-    tokenizer, vocab = prepare_data.load_vocab(tiny_model_dir)
-    text, reason = prepare_data.clean_text(raw, vocab)
+    tokenizer, vocab = speech.load_vocab(tiny_model_dir)
+    text, reason = speech.clean_text(raw, vocab)
     assert (text, reason) == (expected, None)
     assert tokenizer.prepare_for_tokenization(text)[0] == text
 
@@ -397,20 +398,20 @@ def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_mod
     ("“…” - !", "empty_text"),
 ])
 def test_clean_text_drops_what_the_voice_cannot_say(raw, reason, tiny_model_dir):
-    _, vocab = prepare_data.load_vocab(tiny_model_dir)
-    assert prepare_data.clean_text(raw, vocab) == (None, reason)
+    _, vocab = speech.load_vocab(tiny_model_dir)
+    assert speech.clean_text(raw, vocab) == (None, reason)
 
 
 def test_clean_text_counts_every_repair_of_a_kept_text(tiny_model_dir):
-    _, vocab = prepare_data.load_vocab(tiny_model_dir)
+    _, vocab = speech.load_vocab(tiny_model_dir)
     repairs = Counter()
-    prepare_data.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
-    prepare_data.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
+    speech.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
+    speech.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
     assert repairs == {"ī→î": 2, "а→a (Cyrillic)": 1, "apostrophe used as a quote": 2, "quote before a suffix": 1}
 
 
 def test_load_vocab_is_the_speakable_alphabet(tiny_model_dir):
-    _, vocab = prepare_data.load_vocab(tiny_model_dir)
+    _, vocab = speech.load_vocab(tiny_model_dir)
     assert set("abcdefghijklmnopqrstuvwxyzçêîşû '-") == vocab
 
 
@@ -418,41 +419,41 @@ def test_load_vocab_is_the_speakable_alphabet(tiny_model_dir):
 
 
 def test_load_audio_mixes_resamples_and_trims(tmp_path):
-    speech = espeak_clip("Roj li pişt çiyayan ava dibe.", 44100, stereo=True)
+    clip = espeak_clip("Roj li pişt çiyayan ava dibe.", 44100, stereo=True)
     silence = np.zeros((44100, 2), dtype=np.float32)
-    sf.write(tmp_path / "a.mp3", np.concatenate([silence, speech, silence]), 44100)
-    full = prepare_data.load_audio(str(tmp_path / "a.mp3"), 16000)
-    trimmed = prepare_data.load_audio(open(tmp_path / "a.mp3", "rb"), 16000, trim=True)
+    sf.write(tmp_path / "a.mp3", np.concatenate([silence, clip, silence]), 44100)
+    full = speech.load_audio(str(tmp_path / "a.mp3"), 16000)
+    trimmed = speech.load_audio(open(tmp_path / "a.mp3", "rb"), 16000, trim=True)
     assert full.dtype == np.float32 and full.ndim == 1 and np.abs(full).max() <= 1.0
-    speech_samples = len(speech) * 16000 // 44100
+    speech_samples = len(clip) * 16000 // 44100
     assert abs(len(full) - (speech_samples + 2 * 16000)) < 2000
-    # The added second of silence at each end goes; the speech, quiet edges included, stays.
+    # The added second of silence at each end goes; the clip, quiet edges included, stays.
     assert len(trimmed) <= speech_samples + 2 * 1024
     assert np.sum(trimmed.astype(np.float64) ** 2) > 0.999 * np.sum(full.astype(np.float64) ** 2)
 
 
 def test_load_audio_mixes_stereo_down_to_the_mean_of_its_channels(tmp_path):
-    speech = espeak_clip("Dara sêvê li ber malê ye.", 44100)
-    sf.write(tmp_path / "mono.wav", speech, 44100, subtype="FLOAT")
-    sf.write(tmp_path / "stereo.wav", np.stack([speech, 0.5 * speech], axis=1), 44100, subtype="FLOAT")
-    mono = prepare_data.load_audio(str(tmp_path / "mono.wav"), 16000)
-    stereo = prepare_data.load_audio(str(tmp_path / "stereo.wav"), 16000)
+    clip = espeak_clip("Dara sêvê li ber malê ye.", 44100)
+    sf.write(tmp_path / "mono.wav", clip, 44100, subtype="FLOAT")
+    sf.write(tmp_path / "stereo.wav", np.stack([clip, 0.5 * clip], axis=1), 44100, subtype="FLOAT")
+    mono = speech.load_audio(str(tmp_path / "mono.wav"), 16000)
+    stereo = speech.load_audio(str(tmp_path / "stereo.wav"), 16000)
     assert stereo.shape == mono.shape and np.allclose(stereo, 0.75 * mono, atol=1e-5)
 
 
 def test_trim_keeps_speech_that_runs_to_the_edges():
     # A recording cut mid-word, at a length that is no multiple of the trim hop.
     tone = (0.5 * np.sin(np.arange(16000 + 100) * 0.1)).astype(np.float32)
-    assert len(prepare_data.trim_silence(tone)) == len(tone)
+    assert len(speech.trim_silence(tone)) == len(tone)
     padded = np.concatenate([np.zeros(5000, np.float32), tone])
-    assert len(tone) <= len(prepare_data.trim_silence(padded)) < len(tone) + 1024
-    assert len(prepare_data.trim_silence(np.zeros(8000, np.float32))) == 0
+    assert len(tone) <= len(speech.trim_silence(padded)) < len(tone) + 1024
+    assert len(speech.trim_silence(np.zeros(8000, np.float32))) == 0
 
 
 @pytest.mark.parametrize("data, reason", [(b"", "empty_file"), (b"not audio at all\n" * 50, "corrupt_audio")])
 def test_load_audio_rejects_unreadable_input(data, reason, tmp_path):
     (tmp_path / "x.mp3").write_bytes(data)
     for source in (str(tmp_path / "x.mp3"), io.BytesIO(data)):
-        with pytest.raises(prepare_data.AudioError) as err:
-            prepare_data.load_audio(source, 16000)
+        with pytest.raises(speech.AudioError) as err:
+            speech.load_audio(source, 16000)
         assert err.value.reason == reason

@@ -13,7 +13,11 @@ from speechmos import dnsmos
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, \
     Wav2Vec2Processor
 
-import train_vits as tv
+import models
+import spectrogram
+import speech
+import train_vits
+import voice_quality
 from examples.make_release import espeak_clip
 from examples.tiny_model import KURMANJI_VOCAB
 
@@ -23,7 +27,7 @@ QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_ch
 
 
 @pytest.fixture(scope="module")
-def speech():
+def spoken():
     return espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR)
 
 
@@ -31,7 +35,7 @@ def reference_mcd_dtw(synth, real):
     """The documented MCD-DTW written out plainly: cosine-sum mel-cepstra c1..c24, 10/ln10*sqrt(2*sum),
     a dynamic-programming DTW over steps (1,1), (1,0), (0,1), mean cost along the cheapest path."""
     def cepstra(audio):
-        log_mel = tv.mel_spectrogram(torch.from_numpy(tv.trim_edges(audio))[None], SR)[0].numpy().astype(np.float64)
+        log_mel = spectrogram.mel_spectrogram(torch.from_numpy(voice_quality.trim_edges(audio))[None], SR)[0].numpy().astype(np.float64)
         k = np.arange(80)
         basis = np.array([2 / 80 * np.cos(np.pi * m * (k + 0.5) / 80) for m in range(1, 25)])
         return (basis @ log_mel).T
@@ -51,37 +55,37 @@ def reference_mcd_dtw(synth, real):
     return float(np.mean(path))
 
 
-def test_mcd_dtw_matches_its_documented_definition(speech):
+def test_mcd_dtw_matches_its_documented_definition(spoken):
     other = espeak_clip("roj baş, tu çawa yî", SR, "ku+f2", 140, 70)
     # Short excerpts keep the plain-Python DTW quick.
-    synth, real = other[4000:12000], speech[6000:11000]
-    mcd, _ = tv.compare_to_recording(synth, real, SR)
+    synth, real = other[4000:12000], spoken[6000:11000]
+    mcd, _ = voice_quality.compare_to_recording(synth, real, SR)
     assert mcd == pytest.approx(reference_mcd_dtw(synth, real), rel=1e-6)
 
 
-def test_mcd_is_zero_on_itself_small_on_a_stretched_copy_large_on_noise(speech):
-    assert tv.compare_to_recording(speech, speech, SR) == (0.0, 1.0)
+def test_mcd_is_zero_on_itself_small_on_a_stretched_copy_large_on_noise(spoken):
+    assert voice_quality.compare_to_recording(spoken, spoken, SR) == (0.0, 1.0)
     # Loudness is c0, which MCD leaves out: a quieter copy is the same voice.
-    assert tv.compare_to_recording(0.5 * speech, speech, SR)[0] < 0.5
-    stretched, _ = tv.compare_to_recording(librosa.effects.time_stretch(speech, rate=0.5), speech, SR)
-    noise = np.random.default_rng(0).standard_normal(len(speech)).astype(np.float32) * 0.1
-    noisy, _ = tv.compare_to_recording(noise, speech, SR)
-    other_voice, _ = tv.compare_to_recording(espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR, "ku+f2",
-                                                         140, 70), speech, SR)
+    assert voice_quality.compare_to_recording(0.5 * spoken, spoken, SR)[0] < 0.5
+    stretched, _ = voice_quality.compare_to_recording(librosa.effects.time_stretch(spoken, rate=0.5), spoken, SR)
+    noise = np.random.default_rng(0).standard_normal(len(spoken)).astype(np.float32) * 0.1
+    noisy, _ = voice_quality.compare_to_recording(noise, spoken, SR)
+    other_voice, _ = voice_quality.compare_to_recording(espeak_clip("ez bi kurdî diaxivim û zimanê me xweş e", SR, "ku+f2",
+                                                         140, 70), spoken, SR)
     assert 0 < stretched < 6 < other_voice < noisy, (stretched, other_voice, noisy)
 
 
-def test_duration_ratio_of_a_twice_as_long_clip_is_two_whatever_its_silences(speech):
-    padded = np.concatenate([np.zeros(SR // 2, np.float32), speech, np.zeros(SR // 4, np.float32)])
-    _, ratio = tv.compare_to_recording(librosa.effects.time_stretch(speech, rate=0.5), padded, SR)
+def test_duration_ratio_of_a_twice_as_long_clip_is_two_whatever_its_silences(spoken):
+    padded = np.concatenate([np.zeros(SR // 2, np.float32), spoken, np.zeros(SR // 4, np.float32)])
+    _, ratio = voice_quality.compare_to_recording(librosa.effects.time_stretch(spoken, rate=0.5), padded, SR)
     assert ratio == pytest.approx(2.0, abs=0.05)
 
 
-def test_dnsmos_rates_clean_speech_above_white_noise(speech):
+def test_dnsmos_rates_clean_speech_above_white_noise(spoken):
     # 4.6 s: speechmos doubles it to 9.2 s and scores a single 9.01 s window, as we do.
-    clean = np.resize(speech, int(4.6 * SR))
+    clean = np.resize(spoken, int(4.6 * SR))
     noise = np.random.default_rng(0).standard_normal(len(clean)).astype(np.float32) * 0.1
-    good, bad = tv.dnsmos_scores(clean, SR), tv.dnsmos_scores(noise, SR)
+    good, bad = voice_quality.dnsmos_scores(clean, SR), voice_quality.dnsmos_scores(noise, SR)
     reference = dnsmos.run(clean, SR)
     assert [good[f"dnsmos_{k}"] for k in ("sig", "bak", "ovrl")] == pytest.approx(
         [reference[f"{k}_mos"] for k in ("sig", "bak", "ovrl")], abs=1e-4)
@@ -91,31 +95,31 @@ def test_dnsmos_rates_clean_speech_above_white_noise(speech):
 
 def test_character_error_rate_counts_edits_over_reference_characters():
     # Case and punctuation are not errors; "ş" -> "s" is one substitution, a missing word 4 deletions.
-    assert tv.character_error_rate(["Roj baş, tu çawa yî?"], ["roj bas tu çawa yî"]) == pytest.approx(1 / 18)
-    assert tv.character_error_rate(["ez bi kurdî", "roj baş"], ["ez bi", "roj baş"]) == pytest.approx(6 / 18)
+    assert voice_quality.character_error_rate(["Roj baş, tu çawa yî?"], ["roj bas tu çawa yî"]) == pytest.approx(1 / 18)
+    assert voice_quality.character_error_rate(["ez bi kurdî", "roj baş"], ["ez bi", "roj baş"]) == pytest.approx(6 / 18)
 
 
 def test_best_metric_dnsmos_prefers_the_higher_score():
     record = dict(val_mel=1.0, eval_mcd=5.0, eval_dnsmos_ovrl=3.0)
     better = dict(val_mel=2.0, eval_mcd=6.0, eval_dnsmos_ovrl=3.5)
     for metric, best in (("val_mel", record), ("mcd", record), ("dnsmos", better)):
-        scores = [tv.selection_score(r, "val", metric) for r in (record, better)]
-        assert min(scores) == tv.selection_score(best, "val", metric), metric
+        scores = [voice_quality.selection_score(r, "val", metric) for r in (record, better)]
+        assert min(scores) == voice_quality.selection_score(best, "val", metric), metric
 
 
 def test_speaking_from_text_is_repeatable_and_capped(tiny_model_dir):
-    model, tokenizer = tv.load_voice(tiny_model_dir)
-    ids = tv.token_ids(tokenizer, "ez bi kurdî diaxivim")
-    free = tv.speak_ids(model, ids, max_frames=1e9, seed=3)
-    np.testing.assert_array_equal(free, tv.speak_ids(model, ids, max_frames=1e9, seed=3))
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    ids = speech.token_ids(tokenizer, "ez bi kurdî diaxivim")
+    free = voice_quality.speak_ids(model, ids, max_frames=1e9, seed=3)
+    np.testing.assert_array_equal(free, voice_quality.speak_ids(model, ids, max_frames=1e9, seed=3))
     # Durations are scaled down together; each token's ceil() may add one frame.
-    capped = tv.speak_ids(model, ids, max_frames=len(free) // 256 // 4, seed=3)
+    capped = voice_quality.speak_ids(model, ids, max_frames=len(free) // 256 // 4, seed=3)
     assert len(capped) <= (len(free) // 256 // 4 + len(ids)) * 256 < len(free)
 
 
 def test_best_metric_other_than_val_mel_needs_eval_clips(capsys):
     with pytest.raises(SystemExit):
-        tv.parse_args(["--best_metric", "mcd", "--eval_clips", "0"])
+        train_vits.parse_args(["--best_metric", "mcd", "--eval_clips", "0"])
     assert "--best_metric mcd needs --eval_clips above 0" in capsys.readouterr().err
 
 
@@ -141,16 +145,16 @@ def test_epoch_metrics_are_logged_and_best_metric_mcd_keeps_the_lowest(prepared_
                                                                        tiny_asr_dir, tmp_path, monkeypatch, capsys):
     # The real metrics, except MCD: 5, 3, 4 over the three epochs, so epoch 2 is the best model whatever
     # the validation mel says.
-    real = tv.evaluate_quality
+    real = voice_quality.evaluate_quality
     mcds, weights = iter([5.0, 3.0, 4.0]), []
 
     def patched(model, clipset, n_clips):
         weights.append(model.text_encoder.embed_tokens.weight.detach().clone())
         return dict(real(model, clipset, n_clips), mcd=next(mcds))
 
-    monkeypatch.setattr(tv, "evaluate_quality", patched)
+    monkeypatch.setattr(voice_quality, "evaluate_quality", patched)
     out = str(tmp_path / "run")
-    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "3",
+    assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "3",
                     "--eval_clips", "1", "--best_metric", "mcd", "--asr_model", tiny_asr_dir] + QUICK) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         epochs = [r for r in map(json.loads, f) if "eval_mcd" in r]
@@ -160,7 +164,7 @@ def test_epoch_metrics_are_logged_and_best_metric_mcd_keeps_the_lowest(prepared_
         for key in ("val_mel", "eval_dur_ratio", "eval_dur_ratio_std", "eval_dnsmos_sig", "eval_dnsmos_bak",
                     "eval_dnsmos_ovrl", "asr_cer"):
             assert math.isfinite(record[key]), key
-        assert 0 < record["eval_dur_ratio"] <= tv.MAX_DURATION_RATIO + 0.1
+        assert 0 < record["eval_dur_ratio"] <= voice_quality.MAX_DURATION_RATIO + 0.1
         assert record["eval_dur_ratio_std"] == 0.0  # one clip
         assert 1 <= record["eval_dnsmos_ovrl"] <= 5
         assert record["asr_cer"] >= 0

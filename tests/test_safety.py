@@ -21,7 +21,16 @@ import torch
 import prepare_data
 import run_folder
 import train_feedback as tf
-import train_vits as tv
+import checkpoints
+import objective
+import clip_data
+import models
+import run_errors
+import spectrogram
+import speech
+import train_vits
+import vits_trainer
+import voice_quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py).
@@ -42,10 +51,10 @@ class Payload:
 @pytest.fixture(scope="module")
 def trained_voice_dir(tiny_model_dir, tmp_path_factory):
     """A voice folder as train_vits.py leaves it (final_model/ with discriminator.pt)."""
-    model, tokenizer = tv.load_voice(tiny_model_dir)
-    tv.prepare_for_training(model)
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
     out = str(tmp_path_factory.mktemp("voice") / "final_model")
-    tv.export_voice(model, tokenizer, tv.VitsDiscriminator(max_channels=64), out)
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
     return out
 
 
@@ -72,7 +81,7 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(prepared_dataset, ti
     planted = os.path.join(out, "checkpoints", "checkpoint_epoch_9.pt")
     os.makedirs(os.path.dirname(planted))
     torch.save(dict(trainer=dict(step=1), epoch=9, batches_done=0, payload=Payload(marker)), planted)
-    code = tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "1",
+    code = train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "1",
                     "--resume", "auto" if how == "auto" else planted] + QUICK)
     assert code == 2
     error = one_error_line(capsys.readouterr().err)
@@ -89,8 +98,8 @@ def test_checkpoints_are_ordered_by_the_progress_they_record(tmp_path):
                                              ("checkpoint_epoch_3.pt", 30, 3)]):
         fake_checkpoint(os.path.join(ckpt, name), step, epoch)
         os.utime(os.path.join(ckpt, name), (1e9 + i, 1e9 + i))
-    assert tv.newest_checkpoint(out) == os.path.join(ckpt, "checkpoint_epoch_6_partial.pt")
-    tv.prune_checkpoints(out, 2)
+    assert checkpoints.newest_checkpoint(out) == os.path.join(ckpt, "checkpoint_epoch_6_partial.pt")
+    checkpoints.prune_checkpoints(out, 2)
     assert sorted(os.listdir(ckpt)) == ["checkpoint_epoch_5.pt", "checkpoint_epoch_6_partial.pt"]
 
 
@@ -117,7 +126,7 @@ def test_a_live_run_holds_its_folder_against_every_script(prepared_dataset, tiny
                                                           capsys):
     out = str(tmp_path / "run")
     with run_folder.OutputLock(out):  # this test process is the live run
-        assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
+        assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
                         "--resume", "auto"] + QUICK) == 2
         assert "in use by another run" in one_error_line(capsys.readouterr().err)
         assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
@@ -155,7 +164,7 @@ def test_temp_files_of_live_processes_are_left_alone(prepared_dataset, tmp_path)
     dead = os.path.join(cache, f".preload_4567.npz.{dead_pid}.tmp")
     for path in (live, dead):
         open(path, "w").close()
-    tv.load_clips(prepared_dataset, 16000, cache, 1)
+    clip_data.load_clips(prepared_dataset, 16000, cache, 1)
     assert os.path.exists(live) and not os.path.exists(dead)
     assert len(glob.glob(os.path.join(cache, "preload_*.npz"))) == 1
 
@@ -179,16 +188,16 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_unless_told(tmp_path, capsys
     before = a_finished_run(out, "train_vits")
     with open(os.path.join(out, "metadata.csv"), "w") as f:  # the data may share the folder (README)
         f.write("a.wav|roj baş\n")
-    assert tv.main(["--output_dir", out] + QUICK) == 2
+    assert train_vits.main(["--output_dir", out] + QUICK) == 2
     error = one_error_line(capsys.readouterr().err)
     assert "already holds a run" in error and "--resume auto" in error and "--overwrite" in error
     assert tree(out) == sorted(before + ["metadata.csv"])
 
-    args = tv.parse_args(["--output_dir", out, "--overwrite"] + QUICK)
-    with tv.claim_output_dir(args, "train_vits"):
+    args = train_vits.parse_args(["--output_dir", out, "--overwrite"] + QUICK)
+    with run_folder.claim_output_dir(args, "train_vits"):
         assert sorted(os.listdir(out)) == [run_folder.LOCK_NAME, "metadata.csv"]
     with pytest.raises(SystemExit):
-        tv.parse_args(["--output_dir", out, "--overwrite", "--resume", "auto"])
+        train_vits.parse_args(["--output_dir", out, "--overwrite", "--resume", "auto"])
 
 
 def test_train_feedback_never_writes_into_a_train_vits_run(trained_voice_dir, tmp_path, capsys):
@@ -279,7 +288,7 @@ def test_rows_are_read_alike_by_every_script(prepared_dataset, tiny_model_dir, t
     with open(os.path.join(data, "metadata.csv"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     left_out = collections.Counter()
-    assert tv.read_metadata(os.path.join(data, "metadata.csv"), left_out) == [(a, text_a), (b, text_b)]
+    assert speech.read_metadata(os.path.join(data, "metadata.csv"), left_out) == [(a, text_a), (b, text_b)]
     assert left_out == {"duplicate": 1, "malformed_row": 1, "bad_path": 2}
 
     out = str(tmp_path / "out")
@@ -296,7 +305,7 @@ def test_metadata_that_is_not_utf8_is_one_line(prepared_dataset, tiny_model_dir,
     os.makedirs(os.path.join(data, "wavs"))
     with open(os.path.join(data, "metadata.csv"), "wb") as f:
         f.write("a.wav|Ez bi kurdî diaxivim.\n".encode("cp1254"))
-    assert tv.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", str(tmp_path / "run")]
+    assert train_vits.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", str(tmp_path / "run")]
                    + QUICK) == 2
     assert "not UTF-8" in one_error_line(capsys.readouterr().err)
     assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--feedback_dir", data,
@@ -306,16 +315,16 @@ def test_metadata_that_is_not_utf8_is_one_line(prepared_dataset, tiny_model_dir,
 
 def test_a_damaged_preload_cache_is_rebuilt(prepared_dataset, tmp_path, capsys):
     cache = str(tmp_path / "cache")
-    first, _ = tv.load_clips(prepared_dataset, 16000, cache, 1)
+    first, _ = clip_data.load_clips(prepared_dataset, 16000, cache, 1)
     [path] = glob.glob(os.path.join(cache, "preload_*.npz"))
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     capsys.readouterr()
-    again, _ = tv.load_clips(prepared_dataset, 16000, cache, 1)
+    again, _ = clip_data.load_clips(prepared_dataset, 16000, cache, 1)
     assert "rebuilding" in capsys.readouterr().out
     assert [c[0] for c in again] == [c[0] for c in first]
     assert all(np.array_equal(x[2], y[2]) for x, y in zip(first, again))
-    tv.load_clips(prepared_dataset, 16000, cache, 1)
+    clip_data.load_clips(prepared_dataset, 16000, cache, 1)
     assert "from cache" in capsys.readouterr().out
 
 
@@ -362,8 +371,8 @@ def test_ctrl_c_before_training_is_one_line(prepared_dataset, tiny_model_dir, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tv, "decode_all", interrupted)
-    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir",
+    monkeypatch.setattr(clip_data, "decode_all", interrupted)
+    assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir",
                     str(tmp_path / "run")] + QUICK) == 130
     assert "interrupted" in one_error_line(capsys.readouterr().err)
 
@@ -374,8 +383,8 @@ def test_a_damaged_model_file_is_one_line(tiny_model_dir, tmp_path):
     [weights] = [n for n in os.listdir(model) if n.endswith((".safetensors", ".bin"))]
     with open(os.path.join(model, weights), "wb") as f:
         f.write(b"\x80\x04not a model")
-    with pytest.raises(tv.TrainingError, match=f"--model {re.escape(model)}: cannot load"):
-        tv.load_voice(model)
+    with pytest.raises(run_errors.TrainingError, match=f"--model {re.escape(model)}: cannot load"):
+        models.load_voice(model)
 
 
 def test_exported_models_have_ordinary_permissions(trained_voice_dir):
@@ -387,20 +396,20 @@ def test_exported_models_have_ordinary_permissions(trained_voice_dir):
 # ---------------------------------------------------------------------------------------------------- 10, 11, 14
 
 def quick_trainer(model_dir, **flags):
-    model, tokenizer = tv.load_voice(model_dir)
-    tv.prepare_for_training(model)
-    args = tv.parse_args([f"--{k}={v}" for k, v in flags.items()])
-    return tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32"), tokenizer
+    model, tokenizer = models.load_voice(model_dir)
+    models.prepare_for_training(model)
+    args = train_vits.parse_args([f"--{k}={v}" for k, v in flags.items()])
+    return vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32"), tokenizer
 
 
 def test_listening_samples_of_a_diverged_model_are_capped(tiny_model_dir, tmp_path):
     trainer, tokenizer = quick_trainer(tiny_model_dir)
     # Durations e^6 = 400 frames a token: a 13 s sentence, as a diverging model predicts far longer ones.
     trainer.model.duration_predictor.register_forward_hook(lambda module, inputs, out: out + 6.0)
-    [path] = tv.synthesise(trainer.model, tokenizer, ["Roj baş."], str(tmp_path), max_seconds=1.0)
+    [path] = voice_quality.synthesise(trainer.model, tokenizer, ["Roj baş."], str(tmp_path), max_seconds=1.0)
     audio, sr = sf.read(path)
     tokens = len(tokenizer("Roj baş.").input_ids)
-    assert 0 < len(audio) <= sr + tokens * tv.HOP  # ceil() adds at most a frame per token
+    assert 0 < len(audio) <= sr + tokens * spectrogram.HOP  # ceil() adds at most a frame per token
 
 
 def test_a_step_that_raises_a_numeric_error_is_a_skipped_step(tiny_model_dir, monkeypatch, capsys):
@@ -409,37 +418,37 @@ def test_a_step_that_raises_a_numeric_error_is_a_skipped_step(tiny_model_dir, mo
     def spline_fails(*args, **kwargs):
         raise RuntimeError("Input to the spline is outside its domain")
 
-    monkeypatch.setattr(tv, "generator_forward", spline_fails)
+    monkeypatch.setattr(objective, "generator_forward", spline_fails)
     batch = dict(audio=torch.zeros(1, 8192))
     assert trainer.train_window([batch]) is None
     assert trainer.skipped_steps == 1 and trainer.step == 0
     assert all(p.requires_grad for p in trainer.disc.parameters())
-    with pytest.raises(tv.TrainingError, match="2 non-finite training steps in a row"):
+    with pytest.raises(run_errors.TrainingError, match="2 non-finite training steps in a row"):
         trainer.train_window([batch])
     assert "RuntimeError: Input to the spline" in capsys.readouterr().out
 
 
 def test_resume_refuses_flags_that_change_the_run():
-    saved = vars(tv.parse_args(["--lr", "2e-5", "--batch_size", "8"]))
-    tv.check_resumed_flags(saved, tv.parse_args(["--lr", "2e-5", "--batch_size", "8", "--epochs", "9"]),
+    saved = vars(train_vits.parse_args(["--lr", "2e-5", "--batch_size", "8"]))
+    checkpoints.check_resumed_flags(saved, train_vits.parse_args(["--lr", "2e-5", "--batch_size", "8", "--epochs", "9"]),
                            "c.pt")  # free to change
     for flags, named in ((["--lr", "1e-4"], "--lr 0.0001 (the run has 2e-05)"),
                          (["--batch_size", "4"], "--batch_size 4 (the run has 8)"),
                          (["--grad_accum", "2"], "--grad_accum 2 (the run has 4)")):
-        with pytest.raises(tv.TrainingError, match=re.escape(named)):
-            tv.check_resumed_flags(saved, tv.parse_args(flags), "c.pt")
+        with pytest.raises(run_errors.TrainingError, match=re.escape(named)):
+            checkpoints.check_resumed_flags(saved, train_vits.parse_args(flags), "c.pt")
 
 
 def test_the_data_check_sees_a_wav_replaced_under_its_name(tiny_model_dir):
-    _, tokenizer = tv.load_voice(tiny_model_dir)
+    _, tokenizer = models.load_voice(tiny_model_dir)
     pcm = np.arange(16000, dtype=np.int16)
     mel = np.zeros((80, 62), np.float16)
-    before = tv.ClipSet([("a.wav", "roj baş", pcm, mel)], tokenizer)
-    replaced = tv.ClipSet([("a.wav", "roj baş", pcm[::-1].copy(), mel)], tokenizer)
-    retexted = tv.ClipSet([("a.wav", "roj xweş", pcm, mel)], tokenizer)
-    keys = {tv.data_fingerprint([cs], {}) for cs in (before, replaced, retexted)}
+    before = clip_data.ClipSet([("a.wav", "roj baş", pcm, mel)], tokenizer)
+    replaced = clip_data.ClipSet([("a.wav", "roj baş", pcm[::-1].copy(), mel)], tokenizer)
+    retexted = clip_data.ClipSet([("a.wav", "roj xweş", pcm, mel)], tokenizer)
+    keys = {checkpoints.data_fingerprint([cs], {}) for cs in (before, replaced, retexted)}
     assert len(keys) == 3
-    assert tv.data_fingerprint([before], {}) == tv.data_fingerprint([before.subset([0])], {})
+    assert checkpoints.data_fingerprint([before], {}) == checkpoints.data_fingerprint([before.subset([0])], {})
 
 
 @pytest.mark.parametrize("flags", [["--lr", "0"], ["--lr", "nan"], ["--seed", "-1"], ["--device", "foo"],
@@ -448,7 +457,7 @@ def test_the_data_check_sees_a_wav_replaced_under_its_name(tiny_model_dir):
                                    ["--sample_sentences", "no_such_file.txt"]])
 def test_bad_flags_are_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tv.parse_args(flags)
+        train_vits.parse_args(flags)
     assert exit_info.value.code == 2
     assert flags[0] in one_error_line(capsys.readouterr().err)
 
@@ -463,6 +472,6 @@ def test_bad_feedback_flags_are_one_line(flags, capsys):
 
 
 def test_segment_frames_longer_than_every_clip_is_refused(prepared_dataset, tiny_model_dir, tmp_path, capsys):
-    assert tv.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", str(tmp_path / "run"),
+    assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", str(tmp_path / "run"),
                     "--epochs", "1"] + QUICK + ["--segment_frames", "100000"]) == 2
     assert "--segment_frames 100000 is longer than the longest" in one_error_line(capsys.readouterr().err)

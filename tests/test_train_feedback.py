@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import train_feedback as tf
-import train_vits as tv
+import clip_data
+import models
+import speech
+import voice_quality
 from examples.make_release import SENTENCES, espeak_clip, pad_silence
 
 # Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py); the rest keep their defaults.
@@ -36,11 +39,11 @@ GOOD = [
 @pytest.fixture(scope="module")
 def trained_voice(tiny_model_dir, tmp_path_factory):
     """A voice folder as train_vits.py leaves it: save_pretrained files plus discriminator.pt."""
-    model, tokenizer = tv.load_voice(tiny_model_dir)
-    tv.prepare_for_training(model)
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
     torch.manual_seed(0)
     out = str(tmp_path_factory.mktemp("voice") / "final_model")
-    tv.export_voice(model, tokenizer, tv.VitsDiscriminator(max_channels=64), out)
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
     return out
 
 
@@ -92,9 +95,9 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     assert tuned.keys() == original.keys()
     # One AdamW step at lr 1e-5 moves weights by about 1e-5; an export round trip alone moves them ~6e-8.
     assert max(float((tuned[k].float() - original[k].float()).abs().max()) for k in tuned) > 5e-6
-    assert tv.load_discriminator(os.path.join(out, "final_model", "discriminator.pt")).max_channels == 64
-    speech = pipeline("text-to-speech", model=os.path.join(out, "final_model"), device="cpu")("Roj baş.")
-    assert speech["sampling_rate"] == 16000 and speech["audio"].size > 0
+    assert models.load_discriminator(os.path.join(out, "final_model", "discriminator.pt")).max_channels == 64
+    spoken = pipeline("text-to-speech", model=os.path.join(out, "final_model"), device="cpu")("Roj baş.")
+    assert spoken["sampling_rate"] == 16000 and spoken["audio"].size > 0
     assert f"discriminator: {os.path.join(trained_voice, 'discriminator.pt')}" in printed
 
     # Before and after samples of every feedback sentence the voice can say (also the one whose
@@ -104,7 +107,7 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     expected = sorted([os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD] + ["corrupt.wav"])
     for when in ("before", "after"):
         assert sorted(os.listdir(os.path.join(out, "samples", when, "feedback"))) == expected
-        assert len(os.listdir(os.path.join(out, "samples", when, "eval"))) == len(tv.DEFAULT_SENTENCES)
+        assert len(os.listdir(os.path.join(out, "samples", when, "eval"))) == len(voice_quality.DEFAULT_SENTENCES)
     audio, sr = sf.read(os.path.join(out, "samples", "after", "feedback", "flac_stereo.wav"))
     assert sr == 16000 and audio.ndim == 1 and len(audio) > 0
     assert len(os.listdir(os.path.join(out, "samples", "recorded"))) == len(GOOD)
@@ -138,11 +141,11 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
 def make_clipset(tokenizer, prefix, frames):
     clips = [(f"{prefix}{i}", "roj baş", np.zeros(f * 256, np.int16), np.zeros((80, f), np.float16))
              for i, f in enumerate(frames)]
-    return tv.ClipSet(clips, tokenizer)
+    return clip_data.ClipSet(clips, tokenizer)
 
 
 def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
-    _, tokenizer = tv.load_voice(tiny_model_dir)
+    _, tokenizer = models.load_voice(tiny_model_dir)
     feedback = make_clipset(tokenizer, "fb", [40 + 7 * i for i in range(10)])
     original = make_clipset(tokenizer, "orig", [30 + 3 * i for i in range(100)])
     make = tf.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.5, feedback_weight=3, seed=1)
@@ -216,8 +219,8 @@ def test_make_session_writes_samples_and_a_template(trained_voice, tmp_path, cap
     # The kit is a feedback folder once a recording is saved into it; unrecorded sentences are no clips.
     sf.write(os.path.join(out, "s002.flac"), espeak_clip(SENTENCES[11], 22050), 22050)
     assert tf.read_pairs(out) == ([("s002.flac", SENTENCES[11])], [])
-    _, vocab = tf.load_vocab(trained_voice)
-    assert tf.clean_text(SENTENCES[11], vocab)[1] is None
+    _, vocab = speech.load_vocab(trained_voice)
+    assert speech.clean_text(SENTENCES[11], vocab)[1] is None
     shutil.rmtree(out)
 
 
@@ -254,8 +257,8 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
 
     # A metadata.csv beside the pairs wins: only the clip it lists is used.
     (folder / "metadata.csv").write_text(f"{GOOD[1][0]}|{GOOD[1][1]}\n", encoding="utf-8")
-    tokenizer = tv.load_voice(trained_voice)[1]
-    _, vocab = tf.load_vocab(trained_voice)
+    tokenizer = models.load_voice(trained_voice)[1]
+    _, vocab = speech.load_vocab(trained_voice)
     clipset, sentences, skipped, listed = tf.load_feedback(str(folder), tokenizer, vocab, 16000,
                                                            str(tmp_path / "cache"), 1)
     assert clipset.names == [GOOD[1][0]] and (skipped, listed) == ([], 1)

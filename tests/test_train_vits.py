@@ -18,7 +18,19 @@ import soundfile as sf
 import torch
 from transformers import VitsModel, pipeline
 
-import train_vits as tv
+import checkpoints
+import distributed
+import clip_data
+import loop
+import models
+import objective
+import planning
+import run_errors
+import spectrogram
+import speech
+import train_vits
+import vits_trainer
+import voice_quality
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags that keep a CPU run of the tiny model quick; every other flag keeps its real default.
@@ -27,16 +39,16 @@ QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_ch
 
 
 def tiny_trainer(model_dir, lr=2e-4):
-    model, tokenizer = tv.load_voice(model_dir)
-    tv.prepare_for_training(model)
-    args = tv.parse_args(["--lr", str(lr), "--warmup_steps", "0", "--grad_accum", "1"])
-    trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
+    model, tokenizer = models.load_voice(model_dir)
+    models.prepare_for_training(model)
+    args = train_vits.parse_args(["--lr", str(lr), "--warmup_steps", "0", "--grad_accum", "1"])
+    trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), "fp32")
     trainer.schedule(1000)
     return trainer, tokenizer
 
 
 def batch_of(clipset, n):
-    return tv.collate([(clipset, i) for i in range(n)], 32)
+    return clip_data.collate([(clipset, i) for i in range(n)], 32)
 
 
 def test_one_step_gives_every_trainable_parameter_a_gradient(tiny_model_dir, tiny_clips):
@@ -57,7 +69,7 @@ def original_vits_step(model, disc, batches, lr, clip=100.0):
     real and generated slices) and its step. Several batches: gradients averaged, graphs all kept."""
     opt_d = torch.optim.AdamW(disc.parameters(), lr, betas=(0.8, 0.99), eps=1e-9)
     opt_g = torch.optim.AdamW(model.parameters(), lr, betas=(0.8, 0.99), eps=1e-9)
-    outs = [tv.generator_forward(model, batch, 32) for batch in batches]
+    outs = [objective.generator_forward(model, batch, 32) for batch in batches]
     for out in outs:
         real, _ = disc(out["audio"])
         fake, _ = disc(out["audio_hat"].detach())
@@ -71,7 +83,7 @@ def original_vits_step(model, disc, batches, lr, clip=100.0):
         fake, fake_features = disc(out["audio_hat"])
         adv = sum(torch.mean((1 - f) ** 2) for f in fake)
         fm = 2 * sum(torch.mean(torch.abs(r - f)) for rs, fs in zip(real_features, fake_features) for r, f in zip(rs, fs))
-        mel = torch.mean(torch.abs(tv.mel_spectrogram(out["audio_hat"][:, 0], 16000) - out["mel"]))
+        mel = torch.mean(torch.abs(spectrogram.mel_spectrogram(out["audio_hat"][:, 0], 16000) - out["mel"]))
         loss_g = adv + fm + 45 * mel + out["loss_kl"] + out["loss_dur"]
         (loss_g / len(batches)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -84,7 +96,7 @@ def test_a_step_is_the_original_vits_order_critic_first(tiny_model_dir, tiny_cli
     # A high LR, so that the critic's update visibly changes the generator's adversarial gradients.
     trainer, _ = tiny_trainer(tiny_model_dir, lr=5e-2)
     plain_model, plain_disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.disc)
-    batches = [tv.collate([(tiny_clips, 2 * k), (tiny_clips, 2 * k + 1)], 32) for k in range(micro_batches)]
+    batches = [clip_data.collate([(tiny_clips, 2 * k), (tiny_clips, 2 * k + 1)], 32) for k in range(micro_batches)]
     torch.manual_seed(0)
     assert trainer.train_window(batches) is not None
     torch.manual_seed(0)
@@ -122,11 +134,11 @@ def test_critic_is_unfrozen_when_the_generator_pass_fails(tiny_model_dir, tiny_c
 def test_compile_flag_compiles_the_critic_and_decoder_in_place(tiny_model_dir, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
-    model, _ = tv.load_voice(tiny_model_dir)
-    tv.prepare_for_training(model)
+    model, _ = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
     for flags, expected in (([], []), (["--compile"], ["disc", "decoder"])):
         compiled.clear()
-        trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), tv.parse_args(flags),
+        trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), train_vits.parse_args(flags),
                                  torch.device("cpu"), "fp32")
         parts = dict(disc=trainer.disc, decoder=trainer.model.decoder)
         assert [next(k for k, v in parts.items() if v is m) for m in compiled] == expected
@@ -134,7 +146,7 @@ def test_compile_flag_compiles_the_critic_and_decoder_in_place(tiny_model_dir, m
 
 def test_adamw_is_fused_where_supported_and_falls_back(monkeypatch):
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert tv.make_adamw(params, 1e-3).defaults["fused"] is True  # torch's CPU kernel
+    assert vits_trainer.make_adamw(params, 1e-3).defaults["fused"] is True  # torch's CPU kernel
     adamw = torch.optim.AdamW
 
     def no_fused(*args, fused=None, **kwargs):
@@ -142,16 +154,16 @@ def test_adamw_is_fused_where_supported_and_falls_back(monkeypatch):
             raise RuntimeError("fused=True requires all the params to be floating point Tensors of supported devices")
         return adamw(*args, **kwargs)
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
-    opt = tv.make_adamw(params, 1e-3)
+    opt = vits_trainer.make_adamw(params, 1e-3)
     assert not opt.defaults["fused"] and opt.defaults["betas"] == (0.8, 0.99) and opt.defaults["eps"] == 1e-9
 
 
 def test_fp16_runs_on_cpu_and_an_overflow_is_skipped_counted_and_leaves_the_weights(tiny_model_dir, tiny_clips):
-    model, _ = tv.load_voice(tiny_model_dir)
-    tv.prepare_for_training(model)
-    args = tv.parse_args(["--warmup_steps", "0", "--grad_accum", "1", "--precision", "fp16", "--device", "cpu"])
-    precision = tv.resolve_precision(args.precision, torch.device("cpu"))
-    trainer = tv.VitsTrainer(model, tv.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), precision)
+    model, _ = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
+    args = train_vits.parse_args(["--warmup_steps", "0", "--grad_accum", "1", "--precision", "fp16", "--device", "cpu"])
+    precision = vits_trainer.resolve_precision(args.precision, torch.device("cpu"))
+    trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), precision)
     trainer.schedule(100)
     assert trainer.scaler.is_enabled()
     # The random tiny model's text-encoder gradients overflow fp16 at scales of 8 and more, at 1 on some
@@ -200,7 +212,7 @@ def test_benchmark_times_the_samples_asked_cycling_batches_and_restores_the_weig
         trainer.step += 1
     monkeypatch.setattr(trainer, "train_window", fake_window)
     batches = [dict(frames=torch.ones(n)) for n in (2, 3, 1)]
-    tv.benchmark_throughput(trainer, batches, 20, d_only=True)
+    planning.benchmark_throughput(trainer, batches, 1, 20, d_only=True)
     # one warm-up window, then windows 1, 2, 0, 1, ... (3 + 1 + 2 samples a cycle) until 20 samples: ten
     assert [w for w, _ in seen] == [(id(batches[0]),)] + [(id(batches[i % 3]),) for i in range(1, 11)]
     assert all(d_only for _, d_only in seen)
@@ -217,19 +229,19 @@ def test_plan_counts_the_faster_discriminator_only_warmup(tiny_model_dir, tiny_c
     trainer, _ = tiny_trainer(tiny_model_dir)
     calls = []
 
-    def fake_benchmark(trainer, batches, samples, d_only=False):
+    def fake_benchmark(trainer, batches, grad_accum, samples, d_only=False):
         calls.append((samples, d_only))
         return 4.0 if d_only else 1.0
-    monkeypatch.setattr(tv, "benchmark_throughput", fake_benchmark)
-    args = tv.parse_args(["--batch_size", "2", "--grad_accum", "2", "--benchmark_samples", "40"])
-    make_batches = tv.epoch_batches(tiny_clips, 2, 0)
+    monkeypatch.setattr(planning, "benchmark_throughput", fake_benchmark)
+    args = train_vits.parse_args(["--batch_size", "2", "--grad_accum", "2", "--benchmark_samples", "40"])
+    make_batches = clip_data.epoch_batches(tiny_clips, 2, 0)
     n = len(tiny_clips)
-    plan = tv.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget(), d_warmup=200)
+    plan = planning.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget(), d_warmup=200)
     assert calls == [(40, False), (10, True)]
     # 200 warm-up steps of 4 samples at 4/s instead of 1/s leave 600 s more for whole epochs.
     assert plan["epochs"] == int((3600 + 200 * 4 * (1 - 1 / 4)) // (n / 1.0 + 3 / 3.0 + 10.0))
     calls.clear()
-    assert tv.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget())["epochs"] == int(3600 // (n + 11))
+    assert planning.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget())["epochs"] == int(3600 // (n + 11))
     assert calls == [(40, False)]
 
 
@@ -260,7 +272,7 @@ def test_resume_with_more_epochs_decays_the_lr_from_where_it_is_never_up(tiny_mo
     trainer.schedule(12, 2)
     trainer.load_state_dict(state)
     plan = dict(epochs=2, total_steps=12, steps_per_epoch=6)
-    tv.resize_plan(trainer, plan, 6, None, 2)
+    planning.resize_plan(trainer, plan, 6, None, 2)
     assert plan["total_steps"] == 36
     assert plan["decay_from"] == [[6, pytest.approx(lr_g / 1e-3)], [8, pytest.approx(lr_d / 1e-3)]]
     lrs_g, lrs_d = [], []
@@ -287,48 +299,49 @@ def test_batch_size_auto_takes_the_largest_batch_that_fits_and_keeps_the_effecti
                 raise torch.OutOfMemoryError("CUDA out of memory")
             return 100 * b, capacity
         return step
-    assert tv.largest_batch(32, step_of(1000, 1000)) == 8  # 16 runs out of memory
-    assert tv.largest_batch(32, step_of(850, 1000)) == 4  # 8 fits, but with less than 10% to spare
-    assert tv.largest_batch(12, step_of(1000, 1000)) == 6  # divisors only: 6 x 2 keeps 12 a step
-    assert tv.largest_batch(32, step_of(1000, 50)) is None
+    assert planning.largest_batch(32, step_of(1000, 1000)) == 8  # 16 runs out of memory
+    assert planning.largest_batch(32, step_of(850, 1000)) == 4  # 8 fits, but with less than 10% to spare
+    assert planning.largest_batch(12, step_of(1000, 1000)) == 6  # divisors only: 6 x 2 keeps 12 a step
+    assert planning.largest_batch(32, step_of(1000, 50)) is None
     # On a CPU a fixed micro-batch, and 8 x --grad_accum clips a step as with the default --batch_size.
     cpu = type("CpuTrainer", (), dict(device=torch.device("cpu")))()
-    args = tv.parse_args(["--batch_size", "auto", "--grad_accum", "4"])
-    assert tv.choose_batch_size(cpu, tiny_clips, args) == (8, 4)
+    args = train_vits.parse_args(["--batch_size", "auto", "--grad_accum", "4"])
+    assert planning.choose_batch_size(cpu, tiny_clips, args) == (8, 4)
     assert "batch size auto: 8 clips x 4 accumulated = 32 per optimizer step" in capsys.readouterr().out
     for bad in ("0", "big"):
         with pytest.raises(SystemExit):
-            tv.parse_args(["--batch_size", bad])
+            train_vits.parse_args(["--batch_size", bad])
 
 
 def test_batch_size_auto_is_the_default_and_leaves_other_programs_their_gpu_memory(tiny_clips, monkeypatch, capsys):
-    assert tv.parse_args([]).batch_size == "auto"
+    assert train_vits.parse_args([]).batch_size == "auto"
     gib = 2 ** 30
     # A card of 8 GiB: 3 GiB free, 1 GiB held by this process's allocator, the rest a desktop's.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (3 * gib, 8 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 1 * gib)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)
-    assert tv.gpu_memory_bytes(torch.device("cuda")) == 4 * gib
+    assert planning.gpu_memory_bytes(torch.device("cuda")) == 4 * gib
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.25)  # with_gpu_memory.py 2
-    assert tv.gpu_memory_bytes(torch.device("cuda:0")) == 2 * gib
+    assert planning.gpu_memory_bytes(torch.device("cuda:0")) == 2 * gib
     # Under torchrun no process searches alone (a trial running out of memory would strand the others).
-    monkeypatch.setattr(tv, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
     gpu = type("GpuTrainer", (), dict(device=torch.device("cuda:0")))()
-    assert tv.choose_batch_size(gpu, tiny_clips, tv.parse_args(["--grad_accum", "4"])) == (8, 4)
+    assert planning.choose_batch_size(gpu, tiny_clips, train_vits.parse_args(["--grad_accum", "4"])) == (8, 4)
     assert "under torchrun auto does not search" in capsys.readouterr().out
 
 
 def test_batch_size_auto_on_resume_keeps_the_batch_the_run_chose(tmp_path, tiny_clips, capsys):
     checkpoint = str(tmp_path / "checkpoint_epoch_1.pt")
-    saved = vars(tv.parse_args(["--batch_size", "16", "--grad_accum", "2"]))
+    saved = vars(train_vits.parse_args(["--batch_size", "16", "--grad_accum", "2"]))
     torch.save(dict(args=saved), checkpoint)
     cpu = type("CpuTrainer", (), dict(device=torch.device("cpu")))()
-    args = tv.parse_args(["--batch_size", "auto", "--grad_accum", "4", "--resume", checkpoint])
-    args.batch_size, args.grad_accum = tv.choose_batch_size(cpu, tiny_clips, args)
+    args = train_vits.parse_args(["--batch_size", "auto", "--grad_accum", "4", "--resume", checkpoint])
+    args = planning.with_batch(args, *planning.choose_batch_size(cpu, tiny_clips, args,
+                                                                 checkpoints.resume_state(args)[1]))
     assert (args.batch_size, args.grad_accum) == (16, 2)  # not a new choice (8 x 4 on a CPU)
     assert "16 clips x 2 accumulated, as the resumed run had" in capsys.readouterr().out
-    tv.check_resumed_flags(saved, args, checkpoint)  # the resume is not refused
+    checkpoints.check_resumed_flags(saved, args, checkpoint)  # the resume is not refused
 
 
 def test_spectrograms_match_numpy_librosa_vits_formula():
@@ -343,18 +356,18 @@ def test_spectrograms_match_numpy_librosa_vits_formula():
     basis = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=80, fmin=0, fmax=8000, htk=False, norm="slaney")
     expected_mel = np.log(np.clip(basis @ magnitude, 1e-5, None))
 
-    spec = tv.linear_spectrogram(torch.from_numpy(audio)[None])[0].numpy()
-    mel = tv.mel_spectrogram(torch.from_numpy(audio)[None], 16000)[0].numpy()
+    spec = spectrogram.linear_spectrogram(torch.from_numpy(audio)[None])[0].numpy()
+    mel = spectrogram.mel_spectrogram(torch.from_numpy(audio)[None], 16000)[0].numpy()
     assert spec.shape == (513, len(audio) // 256) == magnitude.shape
     np.testing.assert_allclose(spec, magnitude, atol=1e-4)
     np.testing.assert_allclose(mel, expected_mel, atol=1e-4)
 
 
 def test_clips_with_more_tokens_than_frames_are_dropped_and_counted(tiny_model_dir):
-    _, tokenizer = tv.load_voice(tiny_model_dir)
+    _, tokenizer = models.load_voice(tiny_model_dir)
     pcm = np.zeros(16000, dtype=np.int16)
     mel = np.zeros((80, 62), dtype=np.float16)
-    clips = tv.ClipSet([("ok", "roj baş", pcm, mel), ("long", "ez bi kurdî diaxivim " * 4, pcm, mel)], tokenizer)
+    clips = clip_data.ClipSet([("ok", "roj baş", pcm, mel), ("long", "ez bi kurdî diaxivim " * 4, pcm, mel)], tokenizer)
     assert clips.names == ["ok"]
     assert clips.dropped == {"more tokens than frames": 1}
 
@@ -374,21 +387,21 @@ def test_overfitting_four_clips_halves_the_mel_loss(tiny_model_dir, tiny_clips):
 def test_saved_model_loads_and_synthesises_with_pipeline(tiny_model_dir, tmp_path):
     trainer, tokenizer = tiny_trainer(tiny_model_dir)
     out = str(tmp_path / "voice")
-    tv.export_voice(trainer.model, tokenizer, trainer.disc, out)
+    models.export_voice(trainer.model, tokenizer, trainer.disc, out)
     # The exported voice is the trained one: same speech for the same noise (decoder weight norm folded).
-    ids = torch.tensor([tv.token_ids(tokenizer, "Roj baş, tu çawa yî?")])
-    speech = []
+    ids = torch.tensor([speech.token_ids(tokenizer, "Roj baş, tu çawa yî?")])
+    waveforms = []
     for model in (trainer.model, VitsModel.from_pretrained(out)):
         torch.manual_seed(0)
         with torch.no_grad():
-            speech.append(model.eval()(input_ids=ids).waveform)
-    torch.testing.assert_close(speech[1], speech[0], rtol=0, atol=1e-5)
+            waveforms.append(model.eval()(input_ids=ids).waveform)
+    torch.testing.assert_close(waveforms[1], waveforms[0], rtol=0, atol=1e-5)
     spoken = pipeline("text-to-speech", model=out, device="cpu")("Roj baş, tu çawa yî?")
     assert spoken["sampling_rate"] == 16000
     assert spoken["audio"].size > 0 and np.all(np.isfinite(spoken["audio"]))
     # The trainer keeps its decoder weight norm after saving, and the critic reloads.
     assert torch.nn.utils.parametrize.is_parametrized(trainer.model.decoder.upsampler[0])
-    assert tv.load_discriminator(os.path.join(out, "discriminator.pt")).max_channels == 64
+    assert models.load_discriminator(os.path.join(out, "discriminator.pt")).max_channels == 64
 
 
 def read_metrics(output_dir):
@@ -400,7 +413,7 @@ def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset
     first = str(tmp_path / "first")
     common = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--epochs", "2", "--logging_steps", "1",
               "--val_size", "2"] + QUICK
-    assert tv.main(common + ["--output_dir", first]) == 0
+    assert train_vits.main(common + ["--output_dir", first]) == 0
     for path in ("checkpoints/checkpoint_epoch_1.pt", "checkpoints/checkpoint_epoch_2.pt",
                  "checkpoints/best_model/model.safetensors", "final_model/model.safetensors",
                  "final_model/discriminator.pt", "samples/epoch_1/00.wav", "samples/epoch_2/00.wav",
@@ -409,8 +422,8 @@ def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset
     metrics = read_metrics(first)
     assert {"step", "epoch", "mel", "kl", "dur", "adv", "fm", "d", "lr", "samples_per_s"} <= set(metrics[-2])
     # The final voice is the last trained one: the last listening sample is its speech (same noise).
-    model, tokenizer = tv.load_voice(os.path.join(first, "final_model"))
-    tv.synthesise(model, tokenizer, [tv.DEFAULT_SENTENCES[0]], str(tmp_path / "final_samples"))
+    model, tokenizer = models.load_voice(os.path.join(first, "final_model"))
+    voice_quality.synthesise(model, tokenizer, [voice_quality.DEFAULT_SENTENCES[0]], str(tmp_path / "final_samples"))
     sample, sr = sf.read(os.path.join(first, "samples/epoch_2/00.wav"), dtype="int16")
     final, _ = sf.read(str(tmp_path / "final_samples" / "00.wav"), dtype="int16")
     assert sr == 16000 and len(sample) == len(final) > 0
@@ -422,7 +435,7 @@ def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset
     epoch1 = os.path.join(second, "checkpoints", "checkpoint_epoch_1.pt")
     shutil.copy(os.path.join(first, "checkpoints/checkpoint_epoch_1.pt"), epoch1)
     saved = torch.load(epoch1, weights_only=True)
-    assert tv.main(common + ["--output_dir", second, "--resume", epoch1]) == 0
+    assert train_vits.main(common + ["--output_dir", second, "--resume", epoch1]) == 0
     resumed = read_metrics(second)
     original = [m for m in metrics if m["step"] > saved["trainer"]["step"]]
     assert resumed[0]["step"] == saved["trainer"]["step"] + 1
@@ -436,8 +449,8 @@ def test_main_writes_models_samples_metrics_and_resumes_exactly(prepared_dataset
 def test_resume_refuses_a_checkpoint_of_other_data(prepared_dataset, tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     args = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--epochs", "1", "--output_dir", out] + QUICK
-    assert tv.main(args) == 0
-    assert tv.main(args + ["--resume", "auto", "--max_samples", "8"]) == 2
+    assert train_vits.main(args) == 0
+    assert train_vits.main(args + ["--resume", "auto", "--max_samples", "8"]) == 2
 
 
 def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_model_dir, tmp_path, capsys,
@@ -450,17 +463,17 @@ def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_
         f.write("corrupt.wav|ez bi kurdî diaxivim\n")
     # The budget's clock counts 2 s a training step, so the deadline falls at a known step on any machine;
     # the time kept back for saving (at least 2 s) covers the step that was already running.
-    clock, real_window = [0.0], tv.VitsTrainer.train_window
+    clock, real_window = [0.0], vits_trainer.VitsTrainer.train_window
 
     def two_second_window(trainer, *args, **kwargs):
         clock[0] += 2.0
         return real_window(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(tv.VitsTrainer, "train_window", two_second_window)
-    monkeypatch.setattr(tv.Budget, "used", lambda budget: budget.used_before + clock[0])
+    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", two_second_window)
+    monkeypatch.setattr(planning.Budget, "used", lambda budget: budget.used_before + clock[0])
     out = str(tmp_path / "run")
     # 100 epochs cannot fit: the deadline, not the plan, must end this run, and before the budget is spent.
-    code = tv.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", out, "--epochs", "100",
+    code = train_vits.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", out, "--epochs", "100",
                     "--target_hours", str(40 / 3600)] + QUICK)
     assert code == 0
     assert clock[0] <= 40, clock[0]
@@ -489,7 +502,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(prepared_dataset, tiny_m
     steps = [torch.load(path, weights_only=True)["trainer"]["step"] for path in checkpoints]  # none truncated
     assert steps == [3]
     capsys.readouterr()
-    assert tv.main(args + ["--resume", "auto", "--epochs", "3"]) == 0
+    assert train_vits.main(args + ["--resume", "auto", "--epochs", "3"]) == 0
     assert "step 3," in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
     assert not glob.glob(os.path.join(out, "checkpoints", "*.tmp*"))
@@ -508,7 +521,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits(prepared_dataset, tiny_m
 
 def test_preload_decodes_in_spawned_workers_as_on_windows(tiny_clips, prepared_dataset, tmp_path,
                                                           spawn_start_method):
-    clips, errors = tv.load_clips(prepared_dataset, 16000, str(tmp_path / "cache"), 1)  # one worker process
+    clips, errors = clip_data.load_clips(prepared_dataset, 16000, str(tmp_path / "cache"), 1)  # one worker process
     assert errors == [] and [c[0] for c in clips] == tiny_clips.names
     assert all(np.array_equal(c[2], a) and np.array_equal(c[3], m) for c, a, m in
                zip(clips, tiny_clips.audio, tiny_clips.mels))
@@ -517,7 +530,7 @@ def test_preload_decodes_in_spawned_workers_as_on_windows(tiny_clips, prepared_d
 def test_ctrl_c_asks_to_stop_where_there_is_no_sigterm(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     monkeypatch.delattr(signal, "SIGTERM")
-    with tv.StopRequest() as stop:
+    with loop.StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
     assert signal.getsignal(signal.SIGINT) == before
@@ -527,22 +540,22 @@ def test_preload_cache_is_reused_and_rebuilt_when_a_clip_changes(prepared_datase
     data = str(tmp_path / "data")
     shutil.copytree(prepared_dataset, data)
     cache = str(tmp_path / "cache")
-    first, _ = tv.load_clips(data, 16000, cache, 1)
+    first, _ = clip_data.load_clips(data, 16000, cache, 1)
     capsys.readouterr()
-    cached, _ = tv.load_clips(data, 16000, cache, 1)
+    cached, _ = clip_data.load_clips(data, 16000, cache, 1)
     assert "from cache" in capsys.readouterr().out
     for a, b in zip(first, cached):
         assert a[0] == b[0] and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
 
     name = first[0][0]
     sf.write(os.path.join(data, "wavs", name), np.zeros(16000, np.float32), 16000, subtype="PCM_16")
-    rebuilt, _ = tv.load_clips(data, 16000, cache, 1)
+    rebuilt, _ = clip_data.load_clips(data, 16000, cache, 1)
     assert "from cache" not in capsys.readouterr().out
     assert not np.any(dict((c[0], c[2]) for c in rebuilt)[name])
     assert len(glob.glob(os.path.join(cache, "preload_*.npz"))) == 1
 
     # What psutil reports on every system (the check must not need Linux's /proc/meminfo).
-    monkeypatch.setattr(tv.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000, total=2000))
+    monkeypatch.setattr(clip_data.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000, total=2000))
     shutil.rmtree(cache)
-    with pytest.raises(tv.TrainingError, match="GiB"):
-        tv.load_clips(data, 16000, cache, 1)
+    with pytest.raises(run_errors.TrainingError, match="GiB"):
+        clip_data.load_clips(data, 16000, cache, 1)

@@ -1,0 +1,250 @@
+"""The training loop both trainers share: a fresh or resumed run, epochs inside the budget, Ctrl-C and
+deadlines, checkpoints, validation, listening samples, the best and final models, metrics.jsonl."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import soundfile as sf
+import torch
+from tqdm.auto import tqdm
+
+import checkpoints
+import clip_data
+import distributed
+import models
+import planning
+import run_errors
+import run_folder
+import voice_quality
+
+
+class MetricsLog:
+    """metrics.jsonl lines, plus TensorBoard scalars and audio when tensorboard is installed."""
+
+    def __init__(self, output_dir):
+        self.path, self.tb = os.path.join(output_dir, "metrics.jsonl"), None
+        if not distributed.is_main_process():
+            self.path = None  # under torchrun only rank 0 logs
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record):
+        if self.path is None:
+            return
+        # One write call per line, so a killed run never leaves half a record.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def audio(self, tag, paths, step):
+        if self.tb:
+            for path in paths:
+                audio, sr = sf.read(path, dtype="float32")
+                self.tb.add_audio(f"{tag}/{os.path.basename(path)}", audio, step, sample_rate=sr)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def format_terms(terms):
+    return " | ".join(f"{k} {v:.3g}" for k, v in terms.items())
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to save a resumable checkpoint and exit; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        # Windows has no SIGTERM from other processes; Ctrl-C is SIGINT everywhere, Ctrl-Break SIGBREAK.
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint, then exiting", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def vram_text(device):
+    if device.type != "cuda":
+        return ""
+    return f"{torch.cuda.memory_allocated(device) / 2**30:.1f}/{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+
+
+def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup, resume,
+              fixed_flags=checkpoints.RESUME_FIXED):
+    """A fresh run (benchmark + plan) or the run of the checkpoint `resume` = (path, state) continues.
+
+    fixed_flags: the flags a resumed run must keep (the caller's own, besides checkpoints.RESUME_FIXED).
+    """
+    data_key = checkpoints.data_fingerprint(train_sets, val_sets)
+    longest = max(cs.frames(i) for cs in train_sets for i in range(len(cs)))
+    if args.segment_frames > longest:
+        raise run_errors.TrainingError(f"--segment_frames {args.segment_frames} is longer than the longest training "
+                                       f"clip ({longest} frames): every slice would be padding; use at most {longest}")
+    path, state = resume
+    if path:
+        checkpoints.load_checkpoint(path, state, trainer, args, data_key, fixed_flags)
+        budget.used_before = state["budget_used"]
+        print(f"resumed {path}: epoch {state['epoch']}, step {trainer.step}, "
+              f"{budget.left() / 3600:.2f} h of budget left")
+        plan = dict(state["plan"])
+        if args.epochs and args.epochs != plan["epochs"]:
+            planning.resize_plan(trainer, plan, args.epochs, args.max_steps, state["d_warmup_steps"])
+        run = dict(plan=plan, epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
+                   d_warmup_steps=state["d_warmup_steps"])
+        if state["batches_done"] >= len(make_batches(state["epoch"])):
+            run.update(epoch=state["epoch"] + 1, batches_done=0)
+        return run, data_key
+    n_val = sum(len(cs) for cs in val_sets.values())
+    d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+    plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
+    trainer.schedule(plan["total_steps"], d_warmup)
+    return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
+
+
+def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key):
+    """Train epoch by epoch inside the budget; checkpoint every epoch; keep best and final models.
+
+    make_batches(epoch) -> list of micro-batches, each a list of (clipset, index) items; it must be
+    deterministic for a given epoch so a resumed run continues with the same order.
+    run: dict(plan=..., epoch=..., batches_done=..., best=...) from plan_run or a checkpoint.
+    Returns "done", "deadline", "max_steps" or "interrupted".
+    """
+    output_dir = args.output_dir
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for folder in (output_dir, ckpt_dir):
+        run_folder.remove_stale_temps(folder)  # left by a run killed while saving
+    log = MetricsLog(output_dir)
+    sentences = voice_quality.read_sentences(args.sample_sentences)
+    if args.asr_model and distributed.is_main_process():  # only rank 0 runs the end-of-epoch work
+        voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
+    plan = run["plan"]
+    reason = "done"
+
+    def checkpoint(epoch, batches_done, tag=""):
+        start = time.time()
+        checkpoints.save_checkpoint(output_dir, tag, trainer, run, epoch, batches_done, budget.used(), args, data_key)
+        budget.saved(time.time() - start)
+
+    with StopRequest() as stop:
+        for epoch in range(run["epoch"], plan["epochs"] + 1):
+            batches = make_batches(epoch)
+            skip = run["batches_done"] if epoch == run["epoch"] else 0
+            windows = [batches[i:i + args.grad_accum] for i in range(skip, len(batches), args.grad_accum)]
+            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan['epochs']}", unit="batch",
+                       disable=not distributed.is_main_process())
+            done, samples, start, terms, interrupted = skip, 0, time.time(), {}, False
+            for window in windows:
+                # Agreed by all ranks, so they stop at the same step (a signal may reach only one).
+                interrupted = distributed.any_rank(stop.requested)
+                out_of_time = distributed.any_rank(budget.out_of_time())
+                if interrupted or out_of_time or (args.max_steps and trainer.step >= args.max_steps):
+                    break
+                tensors = [clip_data.collate(items, args.segment_frames) for items in window]
+                result = trainer.train_window(tensors, d_only=trainer.step < run["d_warmup_steps"])
+                terms = result or terms  # a skipped (non-finite) step keeps showing the last good terms
+                done += len(window)
+                samples += sum(len(items) for items in window) * distributed.world_size()  # every rank trains as many
+                rate = samples / (time.time() - start)
+                epoch_eta = (len(batches) - done) * (time.time() - start) / max(1, done - skip)
+                bar.set_postfix_str(f"{format_terms(terms)} | {rate:.1f} samples/s {vram_text(trainer.device)} "
+                                    f"| eta {epoch_eta / 60:.0f}m, total {budget.left() / 60:.0f}m left")
+                bar.update(len(window))
+                if result and trainer.step % args.logging_steps == 0:
+                    log.write(dict(step=trainer.step, epoch=epoch, **terms, lr=trainer.lr(), samples_per_s=rate,
+                                   skipped_steps=trainer.skipped_steps))
+            bar.close()
+            if done < len(batches):
+                if interrupted:
+                    checkpoint(epoch, done, "_interrupted")
+                    reason = "interrupted"
+                    break
+                reason = "max_steps" if args.max_steps and trainer.step >= args.max_steps else "deadline"
+                checkpoint(epoch, done, "_partial")
+                break
+            run.update(epoch=epoch + 1, batches_done=0)
+            train_seconds = time.time() - start
+            if distributed.is_main_process() and budget.end_of_epoch_fits():
+                end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
+                budget.end_of_epoch_seconds = time.time() - start - train_seconds
+            distributed.barrier()  # the other ranks wait for rank 0's validation and samples
+            print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
+                  f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
+            checkpoint(epoch, len(batches))
+            if args.max_steps and trainer.step >= args.max_steps:
+                reason = "max_steps"
+                break
+    if reason != "interrupted" and distributed.is_main_process():
+        models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
+        print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
+              f"{budget.used() / 3600:.2f} h used)")
+    log.close()
+    # torchrun stops every process once one exits with an error code (130 after Ctrl-C): none leaves
+    # before rank 0 has saved.
+    distributed.barrier()
+    return reason
+
+
+def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log):
+    """Validation, voice quality, listening samples (transcribed with --asr_model), best model."""
+    scores = {name: trainer.evaluate(cs, args.batch_size) for name, cs in val_sets.items() if len(cs)}
+    record = dict(step=trainer.step, epoch=epoch)
+    for name, terms in scores.items():
+        record.update({f"{name}_{k}": v for k, v in terms.items()})
+        if args.eval_clips:
+            quality = voice_quality.evaluate_quality(trainer.model, val_sets[name], args.eval_clips)
+            record.update({f"{voice_quality.quality_prefix(name)}_{k}": v for k, v in quality.items()})
+    paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
+    log.audio(f"epoch_{epoch}", paths, trainer.step)
+    if args.asr_model:
+        record["asr_cer"] = voice_quality.character_error_rate(sentences, voice_quality.transcribe(paths, args.asr_model))
+    if len(record) > 2:
+        log.write(record)
+        print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
+    if scores:
+        main_score = voice_quality.selection_score(record, next(iter(scores)), args.best_metric)
+        if run["best"] is None or main_score < run["best"]:
+            run["best"] = main_score
+            models.export_voice(trainer.model, tokenizer, trainer.disc,
+                         os.path.join(args.output_dir, "checkpoints", "best_model"))
+
+
+def save_run_info(args, extra):
+    """run_config.json: the flags, command line, versions and `extra` facts of the run (rank 0 writes it)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not distributed.is_main_process():
+        return
+    info = dict(args=vars(args), argv=sys.argv, torch=torch.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                processes=distributed.world_size(), **extra)
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        pass
+    run_folder.write_atomically(os.path.join(args.output_dir, "run_config.json"),
+                                json.dumps(info, indent=2, default=str), durable=False)

@@ -1,0 +1,215 @@
+"""The night's plan: the wall-clock budget and what must be kept back of it, the throughput benchmark,
+--batch_size auto, how many epochs fit, and re-planning a resumed run."""
+
+import argparse
+import contextlib
+import copy
+import math
+import time
+
+import torch
+
+import clip_data
+import distributed
+import run_errors
+
+AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
+
+
+class Budget:
+    """Wall-clock budget of a run, counting what earlier (resumed) parts of the run already used, and what
+    must be kept back of it: the last checkpoint and the final model at the deadline, the end-of-epoch
+    work (validation, samples) only where it fits, and whatever the caller does after training."""
+
+    def __init__(self, seconds, used_before=0.0):
+        self.seconds, self.used_before, self.start = seconds, used_before, time.time()
+        self.save_seconds = [5.0]  # every checkpoint's time so far, a guess before the first
+        self.end_of_epoch_seconds = 0.0  # validation + listening samples, as last measured
+
+    def used(self):
+        return self.used_before + time.time() - self.start
+
+    def left(self):
+        return self.seconds - self.used()
+
+    def keep_back(self, seconds):
+        """Leave `seconds` of the budget for work after training (train_feedback.py's after samples)."""
+        self.seconds -= seconds
+
+    def saved(self, seconds):
+        self.save_seconds.append(seconds)
+
+    def reserve(self):
+        """Time kept back at the deadline for the last checkpoint and the final model."""
+        return 2.5 * max(self.save_seconds) + 2.0
+
+    def out_of_time(self):
+        return self.left() < self.reserve()
+
+    def end_of_epoch_fits(self):
+        return self.left() > self.reserve() + self.end_of_epoch_seconds
+
+
+@contextlib.contextmanager
+def trial_steps(trainer):
+    """Training steps that leave no trace: weights, optimizer and scaler states and counters restored."""
+    parts = dict(model=trainer.model, disc=trainer.disc, opt_g=trainer.opt_g, opt_d=trainer.opt_d,
+                 sched_g=trainer.sched_g, sched_d=trainer.sched_d, scaler=trainer.scaler)
+    snapshot = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    try:
+        yield trainer
+    finally:
+        trainer.opt_g.zero_grad(set_to_none=True)
+        trainer.opt_d.zero_grad(set_to_none=True)
+        for name, part in parts.items():
+            part.load_state_dict(snapshot[name])
+        trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
+
+
+def largest_batch(effective, try_batch, headroom=0.1):
+    """Largest divisor of `effective` whose trial step fits with `headroom` of the memory to spare.
+
+    try_batch(b) -> (peak bytes, capacity bytes) of a real step at micro-batch b; it raises
+    torch.OutOfMemoryError when the step does not fit at all. Returns None if not even 1 fits.
+    """
+    best = None
+    for b in [d for d in range(1, effective + 1) if effective % d == 0]:
+        try:
+            peak, capacity = try_batch(b)
+        except torch.OutOfMemoryError:
+            break
+        if peak > (1 - headroom) * capacity:
+            break
+        best = b
+    return best
+
+
+def gpu_memory_bytes(device):
+    """The GPU memory this process may use: what is free plus what its allocator already holds (the CUDA
+    context, a desktop or other programs keep the rest), within set_per_process_memory_fraction's share."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
+    return int(min(free + torch.cuda.memory_reserved(index), total * fraction))
+
+
+def choose_batch_size(trainer, clipset, args, resumed=None):
+    """--batch_size auto -> (micro-batch, grad_accum) with AUTO_CPU_BATCH x --grad_accum clips a step; a
+    resumed run (`resumed`: its checkpoint) keeps the batch it chose when it started."""
+    if resumed is not None:
+        saved = resumed["args"]
+        print(f"batch size auto: {saved['batch_size']} clips x {saved['grad_accum']} accumulated, as the resumed "
+              "run had")
+        return saved["batch_size"], saved["grad_accum"]
+    effective = AUTO_CPU_BATCH * args.grad_accum
+    device = trainer.device
+    # Under torchrun a trial that runs out of memory on one process would leave the others waiting in its
+    # all-reduce: there auto does not search.
+    if device.type != "cuda" or distributed.world_size() > 1:
+        batch = AUTO_CPU_BATCH
+    else:
+        longest = sorted(range(len(clipset)), key=clipset.frames, reverse=True)
+
+        def try_batch(b):
+            items = [(clipset, longest[i % len(longest)]) for i in range(b)]
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            with trial_steps(trainer):
+                trainer.train_window([clip_data.collate(items, args.segment_frames)])
+            # Reserved, not allocated: what the allocator had to hold, fragmentation included.
+            return torch.cuda.max_memory_reserved(device), gpu_memory_bytes(device)
+        batch = largest_batch(effective, try_batch)
+        torch.cuda.empty_cache()
+        if batch is None:
+            raise run_errors.TrainingError("--batch_size auto: not even one clip of the longest fits in GPU memory "
+                                "(use a shorter --max_samples selection or --precision bf16/fp16)")
+    searched = device.type == "cuda" and distributed.world_size() == 1
+    print(f"batch size auto: {batch} clips x {effective // batch} accumulated = {effective} per optimizer step"
+          + (" (the longest clips fit with 10% of the GPU memory to spare)" if searched else "")
+          + (" (under torchrun auto does not search: give --batch_size to choose)" if distributed.world_size() > 1 else ""))
+    return batch, effective // batch
+
+
+def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False):
+    """Samples/s of real training steps of one kind over `samples` samples, cycling through `batches` in
+    windows of `grad_accum` after one warm-up step; the weights are restored afterwards."""
+    windows = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+    with trial_steps(trainer):
+        trainer.train_window(windows[0], d_only=d_only)
+        sync(trainer.device)
+        done, start, count = 0, time.time(), 0
+        while not distributed.any_rank(done >= samples):  # ranks' batches differ in size; all must take the same steps
+            count += 1
+            window = windows[count % len(windows)]
+            trainer.train_window(window, d_only=d_only)
+            done += sum(len(b["frames"]) for b in window)
+        sync(trainer.device)
+        elapsed = time.time() - start
+    return done / max(elapsed, 1e-9)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_epochs(samples_per_s, n_train, n_val, seconds_left, overhead_s=10.0):
+    """Whole epochs that fit the budget, counting validation (forward only, ~3x faster) and saving."""
+    epoch_s = n_train / samples_per_s
+    per_epoch = epoch_s + n_val / (3 * samples_per_s) + overhead_s
+    return max(1, int(seconds_left // per_epoch)), epoch_s, per_epoch
+
+
+def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0):
+    """Benchmark both kinds of step the run will do, then size epochs and the LR schedule; print the plan."""
+    n_train = sum(len(cs) for cs in train_sets)
+    batches_per_epoch = len(make_batches(1))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    samples_per_s = d_only_per_s = None
+    if args.benchmark_samples > 0:
+        first = make_batches(0)
+        bench = [clip_data.collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
+        # Ranks step together, at the pace of the slowest one.
+        samples_per_s = distributed.world_size() * distributed.all_reduce(benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples), "min")
+        if d_warmup:
+            # The discriminator-only warm-up steps are faster; a quarter of the samples tells by how much.
+            d_only_per_s = distributed.world_size() * distributed.all_reduce(
+                benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
+                                 d_only=True), "min")
+    if args.epochs:
+        epochs = args.epochs
+    elif samples_per_s:
+        saved_s = 0.0
+        if d_only_per_s:
+            saved_s = d_warmup * args.batch_size * args.grad_accum * (1 / samples_per_s - 1 / d_only_per_s)
+        epochs, epoch_s, per_epoch = plan_epochs(samples_per_s, n_train, n_val, budget.left() + saved_s)
+        finish = time.strftime("%H:%M", time.localtime(time.time() + epochs * per_epoch - saved_s))
+        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s else ""
+        print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch ({per_epoch / 60:.1f} with "
+              f"validation and saving), {epochs} epochs, finishing about {finish}")
+    else:
+        epochs = math.ceil(args.max_steps / steps_per_epoch)
+    if distributed.world_size() > 1:
+        print(f"torchrun: {distributed.world_size()} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
+              f"= global batch of {distributed.world_size() * args.batch_size * args.grad_accum} clips, "
+              f"{steps_per_epoch} optimizer steps per epoch")
+    total_steps = epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
+
+
+def with_batch(args, batch_size, grad_accum):
+    """The run's flags with --batch_size auto's choice in place (a copy: the parsed flags stay as given)."""
+    return argparse.Namespace(**dict(vars(args), batch_size=batch_size, grad_accum=grad_accum))
+
+
+def resize_plan(trainer, plan, epochs, max_steps, d_warmup_steps=0):
+    """--epochs changed on resume: the schedule ends at the new last step, from the LR it has now."""
+    total_steps = epochs * plan["steps_per_epoch"]
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    plan.update(epochs=epochs, total_steps=total_steps, decay_from=trainer.replan(total_steps, d_warmup_steps))
+    print(f"plan: {epochs} epochs, {total_steps} steps; the learning rate decays from {trainer.lr():.2e} "
+          f"at step {trainer.step}")

@@ -1,0 +1,19 @@
+"""How a run ends early: TrainingError carries the one line that says why and what to do."""
+
+import sys
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on safely; the message says why and what to do."""
+
+
+def report_fatal(err, output_dir):
+    """One line on stderr for what ended a run early, and the exit code: 130 for Ctrl-C, else 2."""
+    if isinstance(err, KeyboardInterrupt):  # before training (preload, benchmark) or a second one during it
+        print("error: interrupted; checkpoints already saved are kept (--resume auto continues)", file=sys.stderr)
+        return 130
+    if isinstance(err, OSError):  # e.g. a full disk while saving: one line, not a chain of tracebacks
+        print(f"error: {err.filename or output_dir}: {err.strerror or err}", file=sys.stderr)
+    else:
+        print(f"error: {err}", file=sys.stderr)
+    return 2

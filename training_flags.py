@@ -1,0 +1,138 @@
+"""The flags both trainers share: train_vits.py's parser, which train_feedback.py builds on, so a flag
+means the same in both; and their checks."""
+
+import argparse
+import math
+import os
+import re
+
+import planning
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's example layout and shows each flag's default, unless its help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def batch_size_arg(text):
+    return text if text == "auto" else int(text)
+
+
+def build_parser(description):
+    """All training flags; train_feedback.py builds on the same parser so its flags mean the same."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
+    g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
+                   help="VitsModel to fine-tune: a Hugging Face name or a local folder.")
+    g.add_argument("--discriminator", default=None,
+                   help="Pretrained discriminator: an original MMS/VITS D_*.pth, a finetune-hf-vits checkpoint "
+                        "(with or without weight norm) or a discriminator.pt saved by this script.")
+    g.add_argument("--disc_channels", type=int, default=1024, choices=[64, 128, 256, 512, 1024],
+                   help="Widest discriminator layer for a fresh discriminator: 1024 as VITS/MMS; smaller only "
+                        "for quick trials with tiny models.")
+    g.add_argument("--output_dir", default="training",
+                   help="Where checkpoints/, final_model/, samples/, metrics.jsonl and the cache go.")
+    g.add_argument("--max_samples", type=int, default=None, help="Use only the first N clips (quick trials).")
+    g.add_argument("--val_size", type=int, default=100,
+                   help="Held-out clips for validation (at most a tenth of the data).")
+    g.add_argument("--sample_sentences", default=None,
+                   help="Text file, one sentence a line, synthesised after every epoch (default: built in).")
+    g = p.add_argument_group("budget")
+    g.add_argument("--target_hours", type=float, default=9.5,
+                   help="Wall-clock budget of the whole run, preload and saving included.")
+    g.add_argument("--epochs", type=int, default=None, help="Train this many epochs instead of the planned number.")
+    g.add_argument("--max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
+    g.add_argument("--benchmark_samples", type=int, default=200,
+                   help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first epoch).")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=batch_size_arg, default="auto",
+                   help="Clips per micro-batch, or 'auto': on one GPU the largest that fits with 10%% of its free "
+                        f"memory to spare (tried with real steps on the longest clips), on a CPU or under torchrun "
+                        f"{planning.AUTO_CPU_BATCH}; auto keeps {planning.AUTO_CPU_BATCH} x --grad_accum clips per optimizer step by "
+                        "lowering --grad_accum. A resumed run keeps the batch it had.")
+    g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
+    g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
+    g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")
+    g.add_argument("--d_warmup_steps", type=int, default=None,
+                   help="Steps that train only a fresh discriminator before it may push the generator "
+                        "(default 200 without --discriminator, 0 with one).")
+    g.add_argument("--c_mel", type=float, default=45.0, help="Weight of the mel L1 loss.")
+    g.add_argument("--c_kl", type=float, default=1.0, help="Weight of the KL loss.")
+    g.add_argument("--grad_clip", type=float, default=100.0, help="Gradient-norm clip for both networks.")
+    g.add_argument("--segment_frames", type=int, default=32,
+                   help="Spectrogram frames of each decoded slice (32 x 256 = 8,192 samples in VITS).")
+    g.add_argument("--max_bad_steps", type=int, default=20,
+                   help="Stop the run after this many non-finite steps in a row.")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (cuda when available).")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU (fp16 runs "
+                        "there too, slowly: a check of the fp16 path).")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the critic and the HiFi-GAN decoder (the convolutions, most of a step). "
+                        "Off: it measured slower on a CPU and no faster on an H100 (README, Performance); the first "
+                        "steps wait minutes for the compiler; on Windows it needs a C++ compiler, on a GPU Triton.")
+    g.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                   help="Processes that decode clips during the preload.")
+    g.add_argument("--seed", type=int, default=1234, help="Seed for shuffling, slicing and initialisation.")
+    g = p.add_argument_group("saving and logging")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="'auto' (newest checkpoint in output_dir) or a checkpoint path.")
+    g.add_argument("--overwrite", action="store_true",
+                   help="Start a fresh run in an output_dir that holds an earlier one, deleting its checkpoints, "
+                        "final_model/, samples/ and metrics (default: refuse, and say so).")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="Epoch checkpoints kept on disk.")
+    g.add_argument("--logging_steps", type=int, default=20, help="Optimizer steps between metrics.jsonl lines.")
+    g = p.add_argument_group("voice quality (every epoch, after validation)")
+    g.add_argument("--eval_clips", type=int, default=16,
+                   help="Held-out clips spoken from their text alone and compared with the recording (MCD-DTW, "
+                        "duration ratio, DNSMOS); 0 turns this off.")
+    g.add_argument("--best_metric", default="val_mel", choices=["val_mel", "mcd", "dnsmos"],
+                   help="What checkpoints/best_model/ is best at: validation mel loss, MCD-DTW (both lowest) "
+                        "or DNSMOS OVRL (highest).")
+    g.add_argument("--asr_model", default=None,
+                   help="CTC speech recogniser (Hugging Face name or local folder) that transcribes the listening "
+                        "samples every epoch; their character error rate is logged as asr_cer. Off by default.")
+    return p
+
+
+def check_args(parser, args):
+    for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps", "epochs",
+                 "max_steps", "max_samples"):
+        if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("target_hours", "lr", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    for name in ("seed", "val_size"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        parser.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device}")
+    if args.sample_sentences and not os.path.isfile(args.sample_sentences):
+        parser.error(f"--sample_sentences: no file at {args.sample_sentences}")
+    if args.resume and args.overwrite:
+        parser.error("give --resume (continue the run in --output_dir) or --overwrite (start it over), not both")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume: no checkpoint file at {args.resume}")
+    if args.discriminator and not os.path.isfile(args.discriminator):
+        parser.error(f"--discriminator: no file at {args.discriminator}")
+    if args.benchmark_samples <= 0 and not (args.epochs or args.max_steps):
+        parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
+    if args.eval_clips < 0:
+        parser.error(f"--eval_clips must be 0 or more, got {args.eval_clips}")
+    if args.best_metric != "val_mel" and args.eval_clips == 0:
+        parser.error(f"--best_metric {args.best_metric} needs --eval_clips above 0")
+
+
+def parse(argv=None):
+    """train_vits.py's flags from `argv`, checked (what a library caller such as a benchmark gets)."""
+    parser = build_parser(__doc__)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args

@@ -1,0 +1,331 @@
+"""VitsTrainer: the generator and the critic with their optimizers, LR schedules and GradScaler, and the
+training step in the original VITS order (the critic steps first, then the generator's pass runs
+through the updated critic), under autocast with fp32 losses; plus the machine set-up both trainers
+share."""
+
+import contextlib
+import functools
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import checkpoints
+import clip_data
+import distributed
+import objective
+import run_errors
+
+
+def resolve_precision(precision, device):
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def set_up_machine(args):
+    """Seeds, device, precision and (under torchrun) the process group, as both trainers start.
+    Returns (device, precision)."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = distributed.resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    distributed.init_distributed(device)
+    return device, precision
+
+
+def make_adamw(params, lr):
+    """AdamW as VITS (betas 0.8/0.99, eps 1e-9), fused where the device has the kernel.
+
+    The fused kernel updates every parameter in one pass (benchmarks/bench_train.py measures the gain);
+    without it (an older torch, an unsupported device) the default loop.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr, betas=(0.8, 0.99), eps=1e-9, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr, betas=(0.8, 0.99), eps=1e-9)
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """No parameter gradients for `module` inside the block, restored even if the block raises."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
+
+
+def lr_factor(step, warmup, total_steps, decay_from=None):
+    """LR multiplier at `step`: linear warm-up, then cosine decay to 0 at total_steps (and 0 after it).
+
+    decay_from=(step0, factor0): a re-planned run, whose cosine decays from factor0 at step0 instead.
+    """
+    if decay_from is not None and step >= decay_from[0]:
+        start, peak = decay_from
+    elif step < warmup:
+        return step / max(1, warmup)
+    else:
+        start, peak = warmup, 1.0
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def add_mean(totals, terms, n):
+    for key, value in terms.items():
+        totals[key] = totals.get(key, 0.0) + value / n
+
+
+class VitsTrainer:
+    """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
+
+    def __init__(self, model, discriminator, args, device, precision):
+        self.model, self.disc = model.to(device), discriminator.to(device)
+        self.args, self.device, self.precision = args, device, precision
+        self.sampling_rate = model.config.sampling_rate
+        self.opt_g = make_adamw(self.model.parameters(), args.lr)
+        self.opt_d = make_adamw(self.disc.parameters(), args.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if args.compile:
+            # In place: the parameter names, checkpoints and exported voices stay those of eager modules.
+            self.disc.compile()
+            self.model.decoder.compile()
+        # The passes whose gradients are averaged across torchrun's ranks; the frozen critic of the
+        # generator pass leaves no gradient in itself and runs unwrapped.
+        self.generator_pass = distributed.data_parallel(objective.GeneratorPass(self.model, args.segment_frames), device)
+        self.critic_pass = distributed.data_parallel(self.disc, device)
+        self.schedule(1)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+
+    def schedule(self, total_steps, d_warmup_steps=0, decay_from=(None, None)):
+        """Linear warm-up then cosine decay over the planned optimizer steps (see lr_factor).
+
+        The generator's schedule starts after the discriminator-only steps, which leave it untouched: they
+        must not use up its warm-up. decay_from: the generator's and the critic's (see replan).
+        """
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = self.args.lr
+                group.pop("initial_lr", None)
+        g_steps = max(1, total_steps - d_warmup_steps)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self.lr_factor(g_steps, decay_from[0]))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self.lr_factor(total_steps, decay_from[1]))
+
+    def lr_factor(self, total_steps, decay_from=None):
+        warmup = min(self.args.warmup_steps, max(0, total_steps - 1))
+        return functools.partial(lr_factor, warmup=warmup, total_steps=total_steps, decay_from=decay_from)
+
+    def replan(self, total_steps, d_warmup_steps=0):
+        """A new end for a resumed run: from here the LR decays to 0 at `total_steps` and never goes up.
+
+        Stretching the old cosine would raise the LR; keeping it would climb back up after its end.
+        During a warm-up the warm-up goes on as planned. Each scheduler counts its own steps (the
+        generator's only those after the discriminator-only ones). Returns decay_from for the plan.
+        """
+        decay_from = []
+        for sched, steps in ((self.sched_g, max(1, total_steps - d_warmup_steps)), (self.sched_d, total_steps)):
+            warmup = min(self.args.warmup_steps, max(0, steps - 1))
+            start = None
+            if sched.last_epoch >= warmup:
+                start = [sched.last_epoch, sched.get_last_lr()[0] / sched.base_lrs[0]]
+            sched.lr_lambdas = [self.lr_factor(steps, start)] * len(sched.lr_lambdas)
+            decay_from.append(start)
+        return decay_from
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def lr(self):
+        return self.sched_g.get_last_lr()[0]
+
+    def train_window(self, batches, d_only=False):
+        """One optimizer step over `batches` (gradient accumulation), in the original VITS order: the critic
+        steps first, then the generator's pass runs through the updated critic. Returns the mean loss terms,
+        or None for a skipped step (the critic's update, once made, stands, as in VITS).
+
+        With one micro-batch the generator's forward serves both passes. With several, keeping every
+        micro-batch's generator graph until the critic has stepped would cost the memory accumulation
+        saves, so the critic's pass runs the generator without gradients and the generator's pass runs it
+        again from the same RNG state: the same slices and noise, the same numbers.
+        """
+        self.model.train()
+        self.disc.train()
+        batches = [clip_data.to_device(batch, self.device) for batch in batches]
+        keep_graph = len(batches) == 1 and not d_only
+        self.opt_d.zero_grad(set_to_none=True)
+        totals, outputs, rng = {}, [], []
+        for k, batch in enumerate(batches):
+            rng.append(None if keep_graph else checkpoints.rng_state())
+            with self.no_sync(self.critic_pass, k < len(batches) - 1):
+                out, terms = self.critic_backward(batch, len(batches), keep_graph)
+            if terms is None:
+                return self.skipped()
+            outputs.append(out if keep_graph else None)
+            add_mean(totals, terms, len(batches))
+        critic_stepped = self.update(self.opt_d, self.disc)
+        if critic_stepped:
+            self.sched_d.step()
+        if d_only:
+            return self.finish(critic_stepped, totals)
+
+        self.opt_g.zero_grad(set_to_none=True)
+        for k, batch in enumerate(batches):
+            if not keep_graph:
+                checkpoints.set_rng_state(rng[k])
+                outputs[k] = self.generator_outputs(batch)
+            with self.no_sync(self.generator_pass, k < len(batches) - 1):
+                terms = self.generator_backward(outputs[k], len(batches))
+            outputs[k] = None
+            if terms is None:
+                self.scaler.update()
+                return self.skipped()
+            add_mean(totals, terms, len(batches))
+        generator_stepped = self.update(self.opt_g, self.model)
+        if generator_stepped:
+            self.sched_g.step()
+        return self.finish(critic_stepped and generator_stepped, totals)
+
+    def finish(self, stepped, totals):
+        # fp16: finite losses with overflowing gradients are how the GradScaler finds its scale; they only
+        # count towards --max_bad_steps once the scale is below 1, where overflow is no longer its search.
+        searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1
+        self.scaler.update()
+        if not stepped:
+            return self.skipped(bad=not searching)
+        self.bad_steps = 0
+        self.step += 1
+        return totals
+
+    def skipped(self, bad=True):
+        """A step with a non-finite loss or gradient: its pending gradients dropped and counted; too many bad
+        ones in a row stop the run."""
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_steps += bad
+        if self.bad_steps >= self.args.max_bad_steps:
+            raise run_errors.TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
+                                "stopping before the model is ruined (try --precision bf16/fp32 or a lower --lr)")
+        return None
+
+    def no_sync(self, net, accumulating):
+        """Under DDP, gradients are averaged once per optimizer step: not after the window's earlier micro-batches."""
+        if accumulating and isinstance(net, DistributedDataParallel):
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def generator_outputs(self, batch, grad=True):
+        with self.autocast(), torch.set_grad_enabled(grad):
+            return self.generator_pass(batch)
+
+    def critic_backward(self, batch, accum, keep_graph):
+        """The generator's forward and the critic's loss on real and (detached) generated slices, backward.
+
+        Returns (generator outputs, terms); terms is None when the loss is not finite on some process.
+        """
+        try:
+            out = self.generator_outputs(batch, grad=keep_graph)
+            with self.autocast():
+                real_fake = torch.cat([out["audio"], out["audio_hat"].detach().to(out["audio"].dtype)])
+                logits, _ = self.critic_pass(real_fake)
+            half = out["audio"].size(0)
+            loss_d = objective.discriminator_loss([l[:half] for l in logits], [l[half:] for l in logits])
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            # A diverging model feeds inf/NaN to the duration spline or MAS, which raise: a bad step too,
+            # agreed below like a non-finite loss (under DDP the other ranks wait in that agreement).
+            message = str(err).splitlines()[0] if str(err) else ""
+            tqdm.write(f"step {self.step + 1} skipped: {type(err).__name__}: {message}")
+            out, loss_d = None, torch.tensor(float("nan"))
+        # Under DDP every rank must run the same backward passes: a step is skipped on all or none.
+        if not distributed.all_ranks(torch.isfinite(loss_d)):
+            return out, None
+        self.scaler.scale(loss_d / accum).backward()
+        return out, dict(d=loss_d.item())
+
+    def generator_backward(self, out, accum):
+        """The generator's losses through the (updated, frozen) critic, backward. Returns the terms or None."""
+        fake_logits, real_features, fake_features = self.generator_critic(out)
+        loss_adv = objective.generator_adversarial_loss(fake_logits)
+        loss_fm = objective.feature_matching_loss(real_features, fake_features)
+        loss_mel = objective.mel_slice_loss(out, self.sampling_rate)
+        loss_g = (loss_adv + loss_fm + self.args.c_mel * loss_mel + self.args.c_kl * out["loss_kl"]
+                  + out["loss_dur"])
+        if not distributed.all_ranks(torch.isfinite(loss_g)):
+            return None
+        self.scaler.scale(loss_g / accum).backward()
+        return dict(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
+                    kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
+
+    def generator_critic(self, out):
+        """The updated critic, frozen, on the real and the generated slices: (fake logits, real features, fake
+        features). The real slices need no gradient, so they run without a graph; weight norm is computed
+        once for both calls."""
+        with frozen(self.disc), nn.utils.parametrize.cached(), self.autocast():
+            with torch.no_grad():
+                _, real_features = self.disc(out["audio"])
+            fake_logits, fake_features = self.disc(out["audio_hat"].to(out["audio"].dtype))
+        return fake_logits, real_features, fake_features
+
+    def update(self, opt, net):
+        """Clip and step one network. False, and no update, when its gradients are not finite (with fp16
+        the GradScaler skips that step itself and lowers its scale at the window's end)."""
+        self.scaler.unscale_(opt)
+        norm = nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_clip)
+        if not torch.isfinite(norm):
+            opt.zero_grad(set_to_none=True)
+            return False
+        self.scaler.step(opt)
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, clipset, batch_size):
+        """Validation loss terms on fixed slices (seeded), so epochs compare like with like."""
+        if len(clipset) == 0:
+            return {}
+        self.model.eval()
+        totals, count = {}, 0
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for items in clip_data.bucket_batches([clipset.frames(i) for i in range(len(clipset))], batch_size, 0):
+                batch = clip_data.to_device(clip_data.collate([(clipset, i) for i in items], self.args.segment_frames),
+                                  self.device)
+                with self.autocast():
+                    out = objective.generator_forward(self.model, batch, self.args.segment_frames)
+                terms = dict(mel=objective.mel_slice_loss(out, self.sampling_rate).item(), kl=out["loss_kl"].item(),
+                             dur=out["loss_dur"].item())
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(items)
+                count += len(items)
+        self.model.train()
+        return {k: v / count for k, v in totals.items()}
+
+    def state_dict(self):
+        return dict(model=self.model.state_dict(), disc=self.disc.state_dict(), opt_g=self.opt_g.state_dict(),
+                    opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
+                    sched_d=self.sched_d.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
+                    skipped_steps=self.skipped_steps)
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["disc"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]

@@ -1,0 +1,225 @@
+"""Hearing and measuring the voice: listening samples with one duration cap, and held-out clips spoken
+from their text alone compared with their recordings (MCD-DTW, duration ratio, DNSMOS, CER)."""
+
+import contextlib
+import functools
+import math
+import os
+import unicodedata
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.fft import dct
+from scipy.spatial.distance import cdist
+from speechmos import dnsmos
+from transformers import AutoModelForCTC, AutoProcessor
+
+import run_errors
+import spectrogram
+import speech
+
+SAMPLE_MAX_SECONDS = 30.0  # longest listening sample: a longer one means the durations diverged
+DEFAULT_SENTENCES = [
+    "Ez bi kurdî diaxivim.",
+    "Roj baş, tu çawa yî?",
+    "Zimanê me dewlemend û xweş e.",
+    "Pirtûka min li ser maseyê ye.",
+]
+
+
+@torch.no_grad()
+def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_MAX_SECONDS):
+    """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear."""
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    paths = []
+    max_frames = int(max_seconds * model.config.sampling_rate / spectrogram.HOP)
+    with capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i, sentence in enumerate(sentences):
+            ids = torch.tensor([speech.token_ids(tokenizer, sentence)], device=device)
+            audio = model(input_ids=ids).waveform[0].float().cpu().numpy()
+            paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
+            speech.write_wav(paths[-1], audio, model.config.sampling_rate)
+    model.train(was_training)
+    return paths
+
+
+@contextlib.contextmanager
+def capped_durations(model, max_frames):
+    """Inside the block the voice speaks each sentence in at most `max_frames` frames: durations that ask
+    for more are scaled down together (NaN ones count as one frame), by a hook on the duration predictor.
+
+    A diverging model can predict hours of audio for one sentence (or NaN durations), and decoding them
+    takes gigabytes and minutes; the listening sample of such a model is worthless anyway.
+    """
+    def hook(module, inputs, log_duration):
+        log_duration = torch.nan_to_num(log_duration, nan=0.0, posinf=math.log(max_frames), neginf=0.0)
+        # frames = sum(exp(log_duration)) / speaking_rate, as VitsModel turns log-durations into frames
+        excess = torch.logsumexp(log_duration.flatten(1), dim=1) - math.log(max_frames * model.speaking_rate)
+        return log_duration - excess.clamp(min=0)[:, None, None]
+
+    handle = model.duration_predictor.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def read_sentences(path):
+    if path is None:
+        return DEFAULT_SENTENCES
+    with open(path, encoding="utf-8") as f:
+        sentences = [line.strip() for line in f if line.strip()]
+    if not sentences:
+        raise run_errors.TrainingError(f"--sample_sentences {path}: no sentences in the file")
+    return sentences
+MCD_ORDER = 24
+MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
+
+
+# An untrained duration predictor can ask for minutes of audio: a spoken clip is cut at this many times
+# its recording's length, which also caps the duration ratio.
+MAX_DURATION_RATIO = 4.0
+
+
+def trim_edges(audio):
+    """Silent edges cut as prepare_data.py cuts them; never shorter than one STFT window."""
+    trimmed = speech.trim_silence(audio)
+    audio = trimmed if len(trimmed) >= spectrogram.N_FFT else audio
+    return np.pad(audio, (0, max(0, spectrogram.N_FFT - len(audio))))
+
+
+def mel_cepstrum(audio, sampling_rate):
+    """[frames, 24]: c1..c24 of the mel-cepstrum of each frame of the training log-mel."""
+    log_mel = spectrogram.mel_spectrogram(torch.from_numpy(np.asarray(audio, dtype=np.float32))[None], sampling_rate)[0]
+    cepstrum = dct(log_mel.numpy().astype(np.float64), type=2, norm="ortho", axis=0) * math.sqrt(2.0 / spectrogram.N_MELS)
+    return cepstrum[1:MCD_ORDER + 1].T
+
+
+def compare_to_recording(synth, real, sampling_rate):
+    """(MCD-DTW in dB, duration ratio synth / real) of a spoken clip against its recording."""
+    synth, real = trim_edges(synth), trim_edges(real)
+    cost = MCD_SCALE * cdist(mel_cepstrum(synth, sampling_rate), mel_cepstrum(real, sampling_rate))
+    _, path = librosa.sequence.dtw(C=cost, backtrack=True)
+    return float(cost[path[:, 0], path[:, 1]].mean()), len(synth) / len(real)
+
+
+@functools.lru_cache(maxsize=1)
+def dnsmos_model():
+    """speechmos's DNSMOS with the ONNX models shipped inside the package: nothing is downloaded."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(dnsmos.__file__)), "dnsmos_models")
+    return dnsmos.DNSMOS(os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx"))
+
+
+def dnsmos_scores(audio, sampling_rate):
+    """DNSMOS P.835 SIG, BAK, OVRL (1-5), as Microsoft's dnsmos_local.py and speechmos compute them: the
+    mean over 9.01 s windows 1 s apart of the polynomial-mapped network outputs. A shorter clip is tiled
+    to one window (they tile it by doubling and average every window of the copies: shifts of the same
+    repeated audio, several times the work)."""
+    if sampling_rate != dnsmos.SR:
+        audio = librosa.resample(audio, orig_sr=sampling_rate, target_sr=dnsmos.SR)
+    window = int(dnsmos.INPUT_LENGTH * dnsmos.SR)
+    audio = np.resize(np.clip(audio, -1.0, 1.0).astype(np.float32), max(len(audio), window))
+    hops = int(np.floor(len(audio) / dnsmos.SR) - dnsmos.INPUT_LENGTH) + 1
+    segments = np.stack([audio[i * dnsmos.SR:i * dnsmos.SR + window] for i in range(hops)])
+    model = dnsmos_model()
+    raw = model.onnx_sess.run(None, {"input_1": segments})[0]
+    sig, bak, ovrl = model.get_polyfit_val(raw[:, 0], raw[:, 1], raw[:, 2], False)
+    return dict(dnsmos_sig=float(np.mean(sig)), dnsmos_bak=float(np.mean(bak)), dnsmos_ovrl=float(np.mean(ovrl)))
+
+
+@torch.no_grad()
+def speak_ids(model, ids, max_frames, seed):
+    """Waveform of token ids by the inference path (duration predictor, flow reversed, decoder), fixed
+    noise; at most max_frames frames (capped_durations)."""
+    device = next(model.parameters()).device
+    with capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        waveform = model(input_ids=torch.as_tensor(ids, device=device)[None]).waveform[0]
+    return waveform.float().cpu().numpy()
+
+
+def evaluate_quality(model, clipset, n_clips):
+    """Mean MCD-DTW, duration ratio (mean and spread) and DNSMOS of the first n_clips held-out clips,
+    each spoken from its token ids alone with the same noise every epoch."""
+    was_training = model.training
+    model.eval()
+    sampling_rate = model.config.sampling_rate
+    mcds, ratios, scores = [], [], []
+    for i in range(min(n_clips, len(clipset))):
+        real = clipset.audio[i].astype(np.float32) / 32768.0
+        synth = speak_ids(model, clipset.tokens[i], MAX_DURATION_RATIO * len(real) / spectrogram.HOP, seed=i)
+        mcd, ratio = compare_to_recording(synth, real, sampling_rate)
+        mcds.append(mcd)
+        ratios.append(ratio)
+        scores.append(dnsmos_scores(synth, sampling_rate))
+    model.train(was_training)
+    if not mcds:
+        return {}
+    return dict(mcd=float(np.mean(mcds)), dur_ratio=float(np.mean(ratios)), dur_ratio_std=float(np.std(ratios)),
+                **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]})
+
+
+def quality_prefix(set_name):
+    """eval_mcd, ... for train_vits.py's validation set; feedback_eval_mcd, ... for train_feedback.py's."""
+    return "eval" if set_name == "val" else f"{set_name}_eval"
+
+
+def selection_score(record, set_name, metric):
+    """What checkpoints/best_model/ minimises (--best_metric): validation mel, MCD, or minus DNSMOS OVRL."""
+    if metric == "val_mel":
+        return record[f"{set_name}_mel"]
+    if metric == "mcd":
+        return record[f"{quality_prefix(set_name)}_mcd"]
+    return -record[f"{quality_prefix(set_name)}_dnsmos_ovrl"]
+
+
+@functools.lru_cache(maxsize=1)
+def load_asr(name_or_dir):
+    """A CTC recogniser and its processor (e.g. MMS ASR saved with its Kurmanji adapter), on the CPU."""
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_dir)
+        model = AutoModelForCTC.from_pretrained(name_or_dir).eval()
+    except OSError as err:
+        raise run_errors.TrainingError(f"--asr_model {name_or_dir}: cannot load a CTC model and processor ({err})") from err
+    return processor, model
+
+
+@torch.no_grad()
+def transcribe(paths, asr_model):
+    processor, model = load_asr(asr_model)
+    sampling_rate = processor.feature_extractor.sampling_rate
+    texts = []
+    for path in paths:
+        audio, rate = sf.read(path, dtype="float32")
+        if rate != sampling_rate:
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=sampling_rate)
+        logits = model(**processor(audio, sampling_rate=sampling_rate, return_tensors="pt")).logits
+        texts.append(processor.batch_decode(logits.argmax(-1))[0])
+    return texts
+
+
+def cer_text(text):
+    """Lowercase letters and apostrophes, one space between words: what a CTC recogniser writes."""
+    kept = "".join(ch if ch.isalpha() or ch == "'" else " " for ch in unicodedata.normalize("NFC", text.lower()))
+    return " ".join(kept.split())
+
+
+def edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ca != cb))
+    return row[-1]
+
+
+def character_error_rate(references, hypotheses):
+    """Character edits (insertions, deletions, substitutions) over reference characters, all sentences."""
+    refs, hyps = [cer_text(t) for t in references], [cer_text(t) for t in hypotheses]
+    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
