@@ -70,8 +70,8 @@ def read_checkpoint(path, mmap=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise run_errors.TrainingError(f"{path}: refused, it holds pickled Python objects, not only tensors and plain values "
-                            "(a checkpoint of an older version, or one that could run code)") from err
+        raise run_errors.TrainingError(f"{path}: refused, it holds pickled Python objects, not only tensors and plain "
+                                       "values (a checkpoint of an older version, or one that could run code)") from err
     except Exception as err:
         raise run_errors.TrainingError(f"{path}: cannot read the checkpoint ({str(err).splitlines()[0]})") from err
 

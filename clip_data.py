@@ -107,7 +107,8 @@ def save_cache(path, names, audio, mels, errors):
     big = dict(audio=(np.int16, (int(small["audio_len"].sum()),), lambda i: audio[i]),
                mel=(np.float16, (int(small["mel_len"].sum()), spectrogram.N_MELS), lambda i: mels[i].T))
     # The zip directory is written as the ZipFile closes, before the file reaches the disk and is renamed.
-    with run_folder.written_atomically(path) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with run_folder.written_atomically(path) as raw, \
+            zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, value in small.items():
             with zf.open(key + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, value)
@@ -174,8 +175,9 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
             print(f"preload: {len(entries)} clips, about {need / 2**30:.2f} GiB of RAM"
                   + (f" for {local} processes" if local > 1 else "") + f" ({free / 2**30:.1f} GiB available)")
             if need > 0.8 * free:
-                raise run_errors.TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
-                                    "is available: use --max_samples or a machine with more RAM")
+                raise run_errors.TrainingError(f"preload needs about {need / 2**30:.1f} GiB but only "
+                                               f"{free / 2**30:.1f} GiB is available: use --max_samples or a machine "
+                                               "with more RAM")
             names = [name for name, _ in entries]
             audio, mels, errors = decode_all(audio_dir, entries, sampling_rate, num_workers)
             save_cache(cache, names, audio, mels, errors)

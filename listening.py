@@ -111,8 +111,8 @@ class Session:
 
     def write(self):
         data = dict(voice=self.voice, feedback_dir=self.feedback_dir, sentences=self.rows)
-        run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE), json.dumps(data, indent=2, ensure_ascii=False),
-                                    durable=False)
+        run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE),
+                                    json.dumps(data, indent=2, ensure_ascii=False), durable=False)
 
 
 def decode_upload(data, sampling_rate):
@@ -149,8 +149,8 @@ def kit_sentences(folder):
     ids = sorted(os.path.splitext(f)[0] for f in os.listdir(folder)
                  if f.endswith(".txt") and os.path.isfile(os.path.join(folder, "model", f[:-4] + ".wav")))
     if not ids:
-        raise run_errors.TrainingError(f"--listen {folder}: no {SESSION_FILE} and no sNNN.txt + model/sNNN.wav sentences "
-                               "(give a sentence file or a --make_session kit)")
+        raise run_errors.TrainingError(f"--listen {folder}: no {SESSION_FILE} and no sNNN.txt + model/sNNN.wav "
+                                       "sentences (give a sentence file or a --make_session kit)")
     sentences = []
     for i in ids:
         with open(os.path.join(folder, i + ".txt"), encoding="utf-8-sig") as f:
@@ -168,7 +168,8 @@ def open_session(folder, args):
                 saved = json.load(f)
             rows, voice = saved["sentences"], saved["voice"]
         except (ValueError, KeyError, TypeError) as err:
-            raise run_errors.TrainingError(f"{path}: not a listening session ({err}); move it away to start afresh") from None
+            raise run_errors.TrainingError(f"{path}: not a listening session ({err}); move it away to start "
+                                           "afresh") from None
     else:
         rows = [dict(id=i, text=t, mark=None, saved=None) for i, t in kit_sentences(folder)]
         voice = args.model  # --make_session spoke the kit with the voice given now

@@ -219,10 +219,12 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
         if args.eval_clips:
             quality = voice_quality.evaluate_quality(trainer.model, val_sets[name], args.eval_clips)
             record.update({f"{voice_quality.quality_prefix(name)}_{k}": v for k, v in quality.items()})
-    paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
+    paths = voice_quality.synthesise(trainer.model, tokenizer, sentences,
+                                     os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
     log.audio(f"epoch_{epoch}", paths, trainer.step)
     if args.asr_model:
-        record["asr_cer"] = voice_quality.character_error_rate(sentences, voice_quality.transcribe(paths, args.asr_model))
+        record["asr_cer"] = voice_quality.character_error_rate(sentences,
+                                                               voice_quality.transcribe(paths, args.asr_model))
     if len(record) > 2:
         log.write(record)
         print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
@@ -231,7 +233,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
         if run["best"] is None or main_score < run["best"]:
             run["best"] = main_score
             models.export_voice(trainer.model, tokenizer, trainer.disc,
-                         os.path.join(args.output_dir, "checkpoints", "best_model"))
+                                os.path.join(args.output_dir, "checkpoints", "best_model"))
 
 
 def save_run_info(args, extra):

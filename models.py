@@ -24,8 +24,9 @@ def load_voice(name_or_dir):
         model = VitsModel.from_pretrained(name_or_dir)
         tokenizer = speech.load_tokenizer(name_or_dir)
     except Exception as err:  # a damaged file raises whatever its reader raises (UnpicklingError, SafetensorError)
+        first_line = str(err).splitlines()[0] if str(err) else ""
         raise run_errors.TrainingError(f"--model {name_or_dir}: cannot load a VITS model and tokenizer "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+                                       f"({type(err).__name__}: {first_line})") from err
     return model, tokenizer
 
 
@@ -185,7 +186,8 @@ def load_discriminator(path):
     shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or extra or shapes:
         raise run_errors.TrainingError(f"--discriminator {path}: does not fit the VITS discriminator; "
-                            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                            f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}, wrong shape {shapes[:8]}")
+                                       f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                       f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}, "
+                                       f"wrong shape {shapes[:8]}")
     disc.load_state_dict(state)
     return disc

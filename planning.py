@@ -122,11 +122,12 @@ def choose_batch_size(trainer, clipset, args, resumed=None):
         torch.cuda.empty_cache()
         if batch is None:
             raise run_errors.TrainingError("--batch_size auto: not even one clip of the longest fits in GPU memory "
-                                "(use a shorter --max_samples selection or --precision bf16/fp16)")
+                                           "(use a shorter --max_samples selection or --precision bf16/fp16)")
     searched = device.type == "cuda" and distributed.world_size() == 1
     print(f"batch size auto: {batch} clips x {effective // batch} accumulated = {effective} per optimizer step"
           + (" (the longest clips fit with 10% of the GPU memory to spare)" if searched else "")
-          + (" (under torchrun auto does not search: give --batch_size to choose)" if distributed.world_size() > 1 else ""))
+          + (" (under torchrun auto does not search: give --batch_size to choose)"
+             if distributed.world_size() > 1 else ""))
     return batch, effective // batch
 
 
@@ -170,12 +171,13 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
         first = make_batches(0)
         bench = [clip_data.collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
         # Ranks step together, at the pace of the slowest one.
-        samples_per_s = distributed.world_size() * distributed.all_reduce(benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples), "min")
+        samples_per_s = distributed.world_size() * distributed.all_reduce(
+            benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples), "min")
         if d_warmup:
             # The discriminator-only warm-up steps are faster; a quarter of the samples tells by how much.
             d_only_per_s = distributed.world_size() * distributed.all_reduce(
                 benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
-                                 d_only=True), "min")
+                                     d_only=True), "min")
     if args.epochs:
         epochs = args.epochs
     elif samples_per_s:
@@ -190,8 +192,9 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
     else:
         epochs = math.ceil(args.max_steps / steps_per_epoch)
     if distributed.world_size() > 1:
-        print(f"torchrun: {distributed.world_size()} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
-              f"= global batch of {distributed.world_size() * args.batch_size * args.grad_accum} clips, "
+        processes = distributed.world_size()
+        print(f"torchrun: {processes} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
+              f"= global batch of {processes * args.batch_size * args.grad_accum} clips, "
               f"{steps_per_epoch} optimizer steps per epoch")
     total_steps = epochs * steps_per_epoch
     if args.max_steps:

@@ -635,7 +635,8 @@ def decode_all(args, source, clips, tokens, limits, wavs_dir, outcomes, cache, s
 
 
 def audio_settings(args):
-    return {"version": AUDIO_VERSION, "sample_rate": speech.SAMPLE_RATE, "trim": not args.no_trim, "trim_db": args.trim_db}
+    return {"version": AUDIO_VERSION, "sample_rate": speech.SAMPLE_RATE, "trim": not args.no_trim,
+            "trim_db": args.trim_db}
 
 
 def load_cache(output_dir, settings):

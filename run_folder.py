@@ -215,13 +215,14 @@ def claim_output_dir(args, script):
     owner = run_script(args.output_dir)
     if owner not in (None, script):
         lock.release()
-        raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never writes into "
-                            "it: choose another folder")
+        raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never "
+                                       "writes into it: choose another folder")
     if found and not args.resume:
         if not args.overwrite:
             lock.release()
-            raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): continue "
-                                "it with --resume auto, start it over with --overwrite, or choose another folder")
+            raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): "
+                                           "continue it with --resume auto, start it over with --overwrite, or "
+                                           "choose another folder")
         for name in RUN_OUTPUTS:
             path = os.path.join(args.output_dir, name)
             if os.path.isdir(path):

@@ -7,8 +7,8 @@ everything else it learned. The input model is never written to: the tuned voice
 with its discriminator, report.json (validation mel loss on held-out original and feedback clips,
 before and after) and listening samples of every feedback sentence, before and after, side by side.
 
-It imports the training step, preload, AMP, progress bar, checkpoints, resume and time budget of
-train_vits.py; every training flag of train_vits.py means the same here.
+It trains with the same modules as train_vits.py (the training step, preload, AMP, progress bar,
+checkpoints, resume and time budget); every training flag of train_vits.py means the same here.
 
 Examples:
 
@@ -226,8 +226,8 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
         rows, skipped = read_pairs(feedback_dir)
     listed = len(rows) + len(skipped)
     if not rows:
-        raise run_errors.TrainingError(f"--feedback_dir {feedback_dir}: no recordings listed (NAME.wav + NAME.txt pairs, "
-                               "or a metadata.csv of filename|text rows; --make_session writes a kit)")
+        raise run_errors.TrainingError(f"--feedback_dir {feedback_dir}: no recordings listed (NAME.wav + NAME.txt "
+                                       "pairs, or a metadata.csv of filename|text rows; --make_session writes a kit)")
     texts, sentences = {}, []
     for name, raw in rows:
         if name in texts or any(s["file"] == name for s in skipped):
@@ -245,7 +245,7 @@ def load_feedback(feedback_dir, tokenizer, vocab, sampling_rate, cache_dir, num_
 
     # Only clips with speakable text are decoded.
     clips, errors = (clip_data.load_clips(feedback_dir, sampling_rate, cache_dir, num_workers, audio_subdir="",
-                                   entries=sentences) if sentences else ([], []))
+                                          entries=sentences) if sentences else ([], []))
     for err in errors:
         name = err.split(": ", 1)[0]
         if name in texts:
@@ -424,7 +424,7 @@ def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir):
     """feedback/<clip>.wav for each feedback sentence, eval/NN.wav for the fixed ones; the same names
     before and after, so the folders compare side by side."""
     paths = voice_quality.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
-                          os.path.join(out_dir, "feedback"))
+                                     os.path.join(out_dir, "feedback"))
     for path, (name, _) in zip(paths, feedback_sentences):
         os.replace(path, os.path.join(out_dir, "feedback", sample_name(name)))
     voice_quality.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"))
@@ -443,7 +443,8 @@ def write_recordings(clipset, sampling_rate, out_dir):
 
 def evaluate_all(trainer, val_sets, args):
     """Validation loss terms and, with --eval_clips, the voice-quality metrics of every set."""
-    return {name: dict(trainer.evaluate(cs, args.batch_size), **voice_quality.evaluate_quality(trainer.model, cs, args.eval_clips))
+    return {name: dict(trainer.evaluate(cs, args.batch_size),
+                       **voice_quality.evaluate_quality(trainer.model, cs, args.eval_clips))
             if cs is not None and len(cs) else None for name, cs in val_sets.items()}
 
 
@@ -559,13 +560,13 @@ def main(argv=None):
 
         # 3. Feedback clips, and the original training set to replay.
         fb_all, fb_sentences, skipped, listed = load_feedback(args.feedback_dir, tokenizer, vocab, sr,
-                                                      os.path.join(args.output_dir, "cache", "feedback"),
-                                                      args.num_workers)
+                                                              os.path.join(args.output_dir, "cache", "feedback"),
+                                                              args.num_workers)
         for s in skipped:
             print(f"skipped feedback clip {s['file']}: {s['reason']} ({s['detail']})")
         if len(fb_all) == 0:
             raise run_errors.TrainingError(f"--feedback_dir {args.feedback_dir}: no usable feedback clip "
-                                   f"(skipped: {count_reasons(skipped)})")
+                                           f"(skipped: {count_reasons(skipped)})")
         fb_train, fb_val = clip_data.split_validation(fb_all, args.val_size, at_least_one=True)
         orig_train, orig_val, orig_errors = load_original(args, sr, tokenizer)
         if orig_train is None or len(orig_train) == 0:
@@ -614,7 +615,7 @@ def main(argv=None):
         # The same work is done again after training: keep time for it.
         budget.keep_back(1.5 * report["before_seconds"] + 5)
 
-        # 6. Plan (or resume), then train with train_vits.py's loop.
+        # 6. Plan (or resume), then train with the loop train_vits.py trains with.
         run, data_key = loop.start_run(trainer, train_sets, rank_batches, fit_val_sets, args, budget,
                                        default_d_warmup=0 if disc_path else 50, resume=resume,
                                        fixed_flags=RESUME_FIXED)
@@ -671,10 +672,11 @@ def read_report(path):
 
 
 def save_run_info(args, disc_path, precision, device, fb_train, fb_val, orig_train, orig_val, skipped):
-    loop.save_run_info(args, dict(script="train_feedback", precision=precision, device=str(device), discriminator=disc_path,
-                                feedback_train_clips=len(fb_train), feedback_val_clips=len(fb_val),
-                                original_train_clips=len(orig_train or []), original_val_clips=len(orig_val or []),
-                                skipped_feedback=count_reasons(skipped)))
+    loop.save_run_info(args, dict(script="train_feedback", precision=precision, device=str(device),
+                                  discriminator=disc_path,
+                                  feedback_train_clips=len(fb_train), feedback_val_clips=len(fb_val),
+                                  original_train_clips=len(orig_train or []), original_val_clips=len(orig_val or []),
+                                  skipped_feedback=count_reasons(skipped)))
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def build_parser(description):
     g.add_argument("--epochs", type=int, default=None, help="Train this many epochs instead of the planned number.")
     g.add_argument("--max_steps", type=int, default=None, help="Stop after this many optimizer steps.")
     g.add_argument("--benchmark_samples", type=int, default=200,
-                   help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first epoch).")
+                   help="Samples of real training steps timed to plan the epochs (0: skip, guess from the first "
+                        "epoch).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=batch_size_arg, default="auto",
                    help="Clips per micro-batch, or 'auto': on one GPU the largest that fits with 10%% of its free "
                         f"memory to spare (tried with real steps on the longest clips), on a CPU or under torchrun "
-                        f"{planning.AUTO_CPU_BATCH}; auto keeps {planning.AUTO_CPU_BATCH} x --grad_accum clips per optimizer step by "
-                        "lowering --grad_accum. A resumed run keeps the batch it had.")
+                        f"{planning.AUTO_CPU_BATCH}; auto keeps {planning.AUTO_CPU_BATCH} x --grad_accum clips per "
+                        "optimizer step by lowering --grad_accum. A resumed run keeps the batch it had.")
     g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
     g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
     g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")

@@ -100,7 +100,8 @@ class VitsTrainer:
             self.model.decoder.compile()
         # The passes whose gradients are averaged across torchrun's ranks; the frozen critic of the
         # generator pass leaves no gradient in itself and runs unwrapped.
-        self.generator_pass = distributed.data_parallel(objective.GeneratorPass(self.model, args.segment_frames), device)
+        self.generator_pass = distributed.data_parallel(objective.GeneratorPass(self.model, args.segment_frames),
+                                                        device)
         self.critic_pass = distributed.data_parallel(self.disc, device)
         self.schedule(1)
         self.step = 0
@@ -218,7 +219,8 @@ class VitsTrainer:
         self.bad_steps += bad
         if self.bad_steps >= self.args.max_bad_steps:
             raise run_errors.TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
-                                "stopping before the model is ruined (try --precision bf16/fp32 or a lower --lr)")
+                                           "stopping before the model is ruined (try --precision bf16/fp32 or a "
+                                           "lower --lr)")
         return None
 
     def no_sync(self, net, accumulating):
@@ -303,7 +305,7 @@ class VitsTrainer:
             torch.manual_seed(0)
             for items in clip_data.bucket_batches([clipset.frames(i) for i in range(len(clipset))], batch_size, 0):
                 batch = clip_data.to_device(clip_data.collate([(clipset, i) for i in items], self.args.segment_frames),
-                                  self.device)
+                                            self.device)
                 with self.autocast():
                     out = objective.generator_forward(self.model, batch, self.args.segment_frames)
                 terms = dict(mel=objective.mel_slice_loss(out, self.sampling_rate).item(), kl=out["loss_kl"].item(),

@@ -97,7 +97,8 @@ def trim_edges(audio):
 def mel_cepstrum(audio, sampling_rate):
     """[frames, 24]: c1..c24 of the mel-cepstrum of each frame of the training log-mel."""
     log_mel = spectrogram.mel_spectrogram(torch.from_numpy(np.asarray(audio, dtype=np.float32))[None], sampling_rate)[0]
-    cepstrum = dct(log_mel.numpy().astype(np.float64), type=2, norm="ortho", axis=0) * math.sqrt(2.0 / spectrogram.N_MELS)
+    cepstrum = dct(log_mel.numpy().astype(np.float64), type=2, norm="ortho", axis=0)
+    cepstrum *= math.sqrt(2.0 / spectrogram.N_MELS)
     return cepstrum[1:MCD_ORDER + 1].T
 
 
@@ -186,7 +187,8 @@ def load_asr(name_or_dir):
         processor = AutoProcessor.from_pretrained(name_or_dir)
         model = AutoModelForCTC.from_pretrained(name_or_dir).eval()
     except OSError as err:
-        raise run_errors.TrainingError(f"--asr_model {name_or_dir}: cannot load a CTC model and processor ({err})") from err
+        raise run_errors.TrainingError(f"--asr_model {name_or_dir}: cannot load a CTC model and processor "
+                                       f"({err})") from err
     return processor, model
 
 

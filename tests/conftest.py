@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-import prepare_data
 import clip_data
 import models
+import prepare_data
 from examples.make_release import BAD_KINDS, make_release, make_tarball
 from examples.tiny_model import make_tiny_model
 

@@ -16,11 +16,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import train_feedback  # noqa: E402
-import train_vits  # noqa: E402
 import distributed  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
+import train_feedback  # noqa: E402
+import train_vits  # noqa: E402
 import vits_trainer  # noqa: E402
 
 run_fit, run_window = loop.fit, vits_trainer.VitsTrainer.train_window

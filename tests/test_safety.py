@@ -18,16 +18,16 @@ import pytest
 import soundfile as sf
 import torch
 
-import prepare_data
-import run_folder
-import train_feedback as tf
 import checkpoints
-import objective
 import clip_data
 import models
+import objective
+import prepare_data
 import run_errors
+import run_folder
 import spectrogram
 import speech
+import train_feedback as tf
 import train_vits
 import vits_trainer
 import voice_quality

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import train_feedback as tf
 import clip_data
 import models
 import speech
+import train_feedback as tf
 import voice_quality
 from examples.make_release import SENTENCES, espeak_clip, pad_silence
 

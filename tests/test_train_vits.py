@@ -19,8 +19,8 @@ import torch
 from transformers import VitsModel, pipeline
 
 import checkpoints
-import distributed
 import clip_data
+import distributed
 import loop
 import models
 import objective
