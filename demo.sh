@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The README's first set-up command: install, then run the whole job on the built-in example on the CPU.
 # A tiny random-initialised voice stands in for MMS so nothing is downloaded. It trains a fixed number of
-# steps (not a time budget, so it learns even on a slow or busy machine: measured 10 min of CPU time, 14.5 min
-# wall on a shared 2-core CPU; validation and voice-quality measures run after each of its 25 epochs)
-# and ends with example_run/final_model, listening samples in example_run/samples/ and the voice-quality
-# measures of its first and last epoch.
+# steps (not a time budget, so it learns even on a slow or busy machine; validation and voice-quality
+# measures run after each of its 25 epochs) and ends with example_run/final_model, listening samples in
+# example_run/samples/ and the voice-quality measures of its first and last epoch.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +17,10 @@ fi
 .venv/bin/python examples/tiny_model.py --output_dir example_run/tiny_model
 .venv/bin/python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \
     --output_dir example_run/data
-.venv/bin/python train_vits.py --model example_run/tiny_model --data_dir example_run/data \
+# One thread: a 0.2M-parameter voice gains nothing from a second one, and on a machine that is busy with
+# anything else two threads wait on each other in every op (150 steps: 4.5 min with two, 1.8 min with one,
+# measured while another process kept one core busy).
+OMP_NUM_THREADS=1 .venv/bin/python train_vits.py --model example_run/tiny_model --data_dir example_run/data \
     --output_dir example_run --overwrite --max_steps 150 --benchmark_samples 0 --device cpu --batch_size 4 --grad_accum 1 \
     --disc_channels 64 --lr 1e-3 --warmup_steps 20 --d_warmup_steps 20 --eval_clips 2 "$@"
 

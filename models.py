@@ -3,13 +3,18 @@ in the transformers format, and the HiFi-GAN multi-period + scale discriminator 
 is read from (original MMS/VITS D_*.pth, finetune-hf-vits, our discriminator.pt)."""
 
 import os
+import re
 import shutil
 
+import huggingface_hub
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import errors as hub_errors
 from torch import nn
 from transformers import VitsModel
 
+import distributed
 import run_errors
 import run_folder
 import speech
@@ -172,11 +177,20 @@ def mms_discriminator_state(raw):
 
 
 def load_discriminator(path):
+    """A critic file of any of the layouts mms_discriminator_state reads, read without running code:
+    `.safetensors` with safetensors, everything else with torch.load(weights_only=True)."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            raw = safetensors.torch.load_file(path)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise run_errors.TrainingError(f"--discriminator {path}: not a readable checkpoint ({err})") from err
-    state = mms_discriminator_state(raw)
+    return discriminator_from_state(mms_discriminator_state(raw), path)
+
+
+def discriminator_from_state(state, path):
+    """The VitsDiscriminator that `state` (our parameter names) fits, with those weights."""
     # The widest layer of the first period discriminator tells the size it was built with.
     width = state.get("discriminators.1.convs.4.parametrizations.weight.original1")
     disc = VitsDiscriminator(max_channels=width.shape[0] if width is not None else 1024)
@@ -191,3 +205,60 @@ def load_discriminator(path):
                                        f"wrong shape {shapes[:8]}")
     disc.load_state_dict(state)
     return disc
+
+
+# Every MMS language's full VITS checkpoint, critic included, lies in one Hub repo (finetune-hf-vits
+# fetches the critic from there too).
+MMS_CHECKPOINTS = "facebook/mms-tts"
+MMS_VOICE = re.compile(r"facebook/mms-tts-([\w.-]+)")
+
+
+def find_discriminator(choice, model):
+    """(critic file or None for a fresh critic, the line that says which and why) for --discriminator.
+
+    choice: a path, "none" (a fresh critic) or "auto": the discriminator.pt beside a local --model folder;
+    for a Hub voice facebook/mms-tts-<lang>, MMS's own critic full_models/<lang>/D_100000.pth of
+    facebook/mms-tts through the Hugging Face cache (offline once cached, HF_HUB_OFFLINE=1); else fresh.
+    Under torchrun rank 0 downloads first and the other processes read its cached copy.
+    """
+    if choice not in ("auto", "none"):
+        return choice, f"critic: {choice}"
+    if choice == "none":
+        return None, "critic: a fresh one (--discriminator none), trained alone first"
+    beside = os.path.join(model, "discriminator.pt")
+    match = MMS_VOICE.fullmatch(model)
+    if os.path.isfile(beside):
+        return beside, f"critic: {beside}, saved beside --model"
+    if os.path.isdir(model):
+        why = f"no discriminator.pt beside --model {model}"
+    elif not match:
+        why = f"--model {model} is not an MMS voice (facebook/mms-tts-<lang>) and has no discriminator.pt"
+    else:
+        filename = f"full_models/{match.group(1)}/D_100000.pth"
+        with distributed.main_process_first():
+            try:
+                path = huggingface_hub.hf_hub_download(MMS_CHECKPOINTS, filename)
+                return path, f"critic: MMS's own, {MMS_CHECKPOINTS}/{filename} ({path})"
+            except hub_errors.LocalEntryNotFoundError:
+                why = f"{MMS_CHECKPOINTS}/{filename} is not in the Hugging Face cache and the Hub is offline"
+            except (hub_errors.EntryNotFoundError, hub_errors.RepositoryNotFoundError):
+                why = f"MMS publishes no critic for this voice ({MMS_CHECKPOINTS}/{filename} is not on the Hub)"
+            except OSError as err:  # the Hub unreachable, a full disk
+                why = f"{MMS_CHECKPOINTS}/{filename} could not be fetched ({type(err).__name__})"
+    return None, f"critic: a fresh one, trained alone first ({why})"
+
+
+def critic_for_run(args, resume):
+    """(critic, the file it was read from or None for a fresh one), printing which and why. A resumed run's
+    critic is the checkpoint's, with its learning rate and schedule (loaded with the rest of the run);
+    nothing is fetched."""
+    path, state = resume
+    if path:
+        disc = discriminator_from_state(state["trainer"]["disc"], path)
+        print(f"critic: the checkpoint's, {path}")
+        return disc, path
+    disc_path, line = find_discriminator(args.discriminator, args.model)
+    print(line)
+    if disc_path is None:
+        return VitsDiscriminator(max_channels=args.disc_channels), None
+    return load_discriminator(disc_path), disc_path

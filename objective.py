@@ -18,8 +18,12 @@ def sequence_mask(lengths, max_length):
 
 
 def monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask):
-    """Most likely monotonic path of frames onto tokens: [B, tokens, frames] of 0/1, no gradient."""
-    with torch.no_grad():
+    """Most likely monotonic path of frames onto tokens: [B, tokens, frames] of 0/1, no gradient.
+
+    Always fp32, autocast off: under autocast torch.matmul of fp32 tensors returns fp16, and with a sharp
+    prior the log-likelihood products pass fp16's 65504, so the path would go silently wrong.
+    """
+    with torch.no_grad(), torch.autocast(z_p.device.type, enabled=False):
         z_p, m_p, logs_p = z_p.float(), m_p.float(), logs_p.float()
         s_p_sq_r = torch.exp(-2 * logs_p)  # [B, C, L]
         # log N(z_p | m_p, s_p) for every (token, frame), expanded as in VITS to four matmuls
@@ -30,6 +34,13 @@ def monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask):
         neg_cent = neg_cent1 + neg_cent2 + neg_cent3 + neg_cent4
         mask = x_mask.transpose(1, 2) * y_mask  # [B, L, T]
         return maximum_path(neg_cent, mask.float()).to(z_p.dtype)
+
+
+def expand_prior(m_p, logs_p, path):
+    """The prior's mean and log-std per frame, [B, C, T], through the path; fp32 with autocast off (the
+    matmul would return fp16 under autocast)."""
+    with torch.autocast(m_p.device.type, enabled=False):
+        return torch.matmul(m_p.float(), path), torch.matmul(logs_p.float(), path)
 
 
 def random_slices(lengths, segment_frames):
@@ -62,14 +73,23 @@ def generator_forward(model, batch, segment_frames):
     dur_nll = duration_nll(model.duration_predictor, hidden, x_mask, durations.to(hidden.dtype))
     loss_dur = torch.sum(dur_nll.float() / torch.sum(x_mask))
 
-    m_p = torch.matmul(m_p.float(), path)  # prior expanded to frames: [B, C, T]
-    logs_p = torch.matmul(logs_p.float(), path)
+    m_p, logs_p = expand_prior(m_p, logs_p, path)
 
     starts = random_slices(frames, segment_frames)
     audio_hat = model.decoder(slice_frames(z, starts, segment_frames))
     audio = slice_frames(batch["audio"].unsqueeze(1), starts * spectrogram.HOP, segment_frames * spectrogram.HOP)
-    return dict(audio=audio, audio_hat=audio_hat, mel=slice_frames(batch["mel"], starts, segment_frames),
+    return dict(audio=audio, audio_hat=audio_hat, mel=mel_target(batch, starts, segment_frames, model.config),
                 loss_dur=loss_dur, loss_kl=kl_loss(z_p.float(), logs_q.float(), m_p, logs_p, y_mask))
+
+
+def mel_target(batch, starts, segment_frames, config):
+    """The recorded log-mel of each slice. Where a clip shorter than the slice ends, the target is the mel
+    of silence, as the zeros its audio is padded with sound, not the 0 its mel is padded with."""
+    mel = slice_frames(batch["mel"], starts, segment_frames)
+    frame = starts[:, None] + torch.arange(segment_frames, device=mel.device)[None, :]
+    heard = (frame < batch["frames"][:, None])[:, None, :]  # [B, 1, segment]
+    silence = spectrogram.silence_mel(config.sampling_rate, mel.device).to(mel.dtype)[None, :, None]
+    return torch.where(heard, mel, silence)
 
 
 def flows_forward(flows, z, mask, cond):

@@ -34,9 +34,16 @@ def spec_to_mel(spec, sampling_rate):
     if key not in _MEL_BASIS:
         basis = librosa.filters.mel(sr=sampling_rate, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
         _MEL_BASIS[key] = torch.from_numpy(basis).float().to(spec.device)
-    return torch.log(torch.clamp(torch.matmul(_MEL_BASIS[key], spec), min=1e-5))
+    with torch.autocast(spec.device.type, enabled=False):  # an autocast matmul would return fp16
+        return torch.log(torch.clamp(torch.matmul(_MEL_BASIS[key], spec.float()), min=1e-5))
 
 
 def mel_spectrogram(audio, sampling_rate):
     """Log-mel of a [B, T] waveform -> [B, 80, T // 256]."""
     return spec_to_mel(linear_spectrogram(audio), sampling_rate)
+
+
+def silence_mel(sampling_rate, device):
+    """[80]: the log-mel of digital silence (about -9.66 in every band at 16 kHz), what the mel of a clip
+    padded with zeros would be."""
+    return mel_spectrogram(torch.zeros(1, N_FFT, device=device), sampling_rate)[0, :, 0]

@@ -111,8 +111,15 @@ def build_parser():
                    help="Address the page is served on; another than this machine's needs --allow_remote.")
     g.add_argument("--port", type=int, default=8000, help="Port of the page (0: any free port).")
     g.add_argument("--allow_remote", action="store_true",
-                   help="Allow a --host other machines can reach: anyone on the network could then write into "
-                        "--feedback_dir.")
+                   help="Allow a --host other machines can reach. There is no password and the page is plain "
+                        "http: anyone on the network who can reach the port can hear the voice, mark the "
+                        "sentences and save recordings into --feedback_dir. Requests are still answered only "
+                        "when they name this machine (an IP address, localhost, this machine's host names, or "
+                        "an --allowed_host), so a web site cannot reach the page by pointing its own domain "
+                        "name at this machine (DNS rebinding), and other sites' pages cannot post to it.")
+    g.add_argument("--allowed_host", action="append", default=None, metavar="NAME",
+                   help="With --allow_remote: one more name the page may be opened under, such as a DNS name "
+                        "or alias of this machine (repeatable). Requests naming any other host are refused.")
     # The new run folder is only decided after parsing (a timestamp, or the run --resume names).
     for action in p._actions:
         if action.dest == "output_dir":
@@ -139,6 +146,14 @@ def check_listen_args(parser, args):
     if args.host not in listening.LOCAL_HOSTS and not args.allow_remote:
         parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
                      "to mean it")
+    if args.allowed_host and not args.allow_remote:
+        parser.error("--allowed_host names the page may be opened under from other machines: it needs "
+                     "--allow_remote (a local page answers only localhost)")
+    for name in args.allowed_host or []:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
+            parser.error(f"--allowed_host {name!r}: give a host name (letters, digits, dots and hyphens; no "
+                         "scheme, port or path)")
+    args.allowed_host = [name.rstrip(".").lower() for name in args.allowed_host or []]
 
 
 def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
@@ -544,18 +559,11 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
 
         # 2. The trained voice and its critic (read only: the tuned copy goes to output_dir).
+        resume = checkpoints.resume_state(args)
         model, tokenizer = models.load_voice(args.model)
         _, vocab = speech.load_vocab(args.model)
         models.prepare_for_training(model)
-        disc_path = args.discriminator or os.path.join(args.model, "discriminator.pt")
-        if os.path.isfile(disc_path):
-            disc = models.load_discriminator(disc_path)
-            print(f"discriminator: {disc_path}")
-        else:
-            disc_path = None
-            disc = models.VitsDiscriminator(max_channels=args.disc_channels)
-            print(f"warning: no discriminator.pt beside {args.model} and no --discriminator: starting a fresh "
-                  "one, trained alone for the first steps (--d_warmup_steps); the voice may lose some crispness")
+        disc, disc_path = models.critic_for_run(args, resume)
         sr = model.config.sampling_rate
 
         # 3. Feedback clips, and the original training set to replay.
@@ -579,8 +587,8 @@ def main(argv=None):
               f"{len(orig_val or [])} held out")
 
         # 4. Trainer and batches; the feedback set first, so fit() keeps the best model by it.
-        trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision)
-        resume = checkpoints.resume_state(args)
+        trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision,
+                                           vits_trainer.critic_learning_rate(args, fresh=disc_path is None))
         if args.batch_size == "auto":
             # Tried on the longest clips the batches can hold: replayed originals may be longer than feedback.
             longest = max([fb_train] + ([orig_train] if orig_train and args.replay_ratio else []),

@@ -48,13 +48,13 @@ def main(argv=None):
     lock = None
     try:
         lock = run_folder.claim_output_dir(args, "train_vits")
-        # 1. Machine and precision.
+        # 1. Machine and precision; the run to continue, if --resume names one.
         device, precision = vits_trainer.set_up_machine(args)
+        resume = checkpoints.resume_state(args)
         # 2. The pretrained voice and its critic.
         model, tokenizer = models.load_voice(args.model)
         models.prepare_for_training(model)
-        disc = (models.load_discriminator(args.discriminator) if args.discriminator
-                else models.VitsDiscriminator(max_channels=args.disc_channels))
+        disc, disc_path = models.critic_for_run(args, resume)
         sr = model.config.sampling_rate
         print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {sr} Hz; "
               f"device {device}, precision {precision}")
@@ -70,17 +70,17 @@ def main(argv=None):
         print(f"data: {len(train_set)} training clips, {len(val_set)} validation clips, "
               f"{len(errors)} skipped as unreadable")
         loop.save_run_info(args, dict(script="train_vits", precision=precision, device=str(device),
-                                      train_clips=len(train_set), val_clips=len(val_set), skipped_clips=errors,
-                                      dropped_clips=clipset.dropped))
+                                      discriminator=disc_path, train_clips=len(train_set), val_clips=len(val_set),
+                                      skipped_clips=errors, dropped_clips=clipset.dropped))
         # 4. The batch, and the run to continue (--resume) or to plan.
-        trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision)
-        resume = checkpoints.resume_state(args)
+        trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision,
+                                           vits_trainer.critic_learning_rate(args, fresh=disc_path is None))
         if args.batch_size == "auto":
             args = planning.with_batch(args, *planning.choose_batch_size(trainer, train_set, args, resume[1]))
         make_batches = distributed.shard_batches(clip_data.epoch_batches(train_set, args.batch_size, args.seed))
         val_sets = {"val": val_set}
         run, data_key = loop.start_run(trainer, [train_set], make_batches, val_sets, args, budget,
-                                       default_d_warmup=0 if args.discriminator else 200, resume=resume)
+                                       default_d_warmup=0 if disc_path else 200, resume=resume)
         del resume  # its tensors are the trainer's now
         # 5. Train.
         reason = loop.fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key)

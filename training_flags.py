@@ -29,9 +29,13 @@ def build_parser(description):
     g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
     g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
                    help="VitsModel to fine-tune: a Hugging Face name or a local folder.")
-    g.add_argument("--discriminator", default=None,
-                   help="Pretrained discriminator: an original MMS/VITS D_*.pth, a finetune-hf-vits checkpoint "
-                        "(with or without weight norm) or a discriminator.pt saved by this script.")
+    g.add_argument("--discriminator", default="auto",
+                   help="The critic to start from: a file (an original MMS/VITS D_*.pth, a finetune-hf-vits "
+                        "checkpoint, .pth or .safetensors, with or without weight norm, or a discriminator.pt saved "
+                        "by this script); 'none' for a fresh one; 'auto' (default): the discriminator.pt beside a "
+                        "local --model folder, else for a Hub voice facebook/mms-tts-<lang> MMS's own critic "
+                        "(facebook/mms-tts, full_models/<lang>/D_100000.pth, through the Hugging Face cache: "
+                        "offline once cached), else a fresh one. A resumed run takes its critic from the checkpoint.")
     g.add_argument("--disc_channels", type=int, default=1024, choices=[64, 128, 256, 512, 1024],
                    help="Widest discriminator layer for a fresh discriminator: 1024 as VITS/MMS; smaller only "
                         "for quick trials with tiny models.")
@@ -57,11 +61,16 @@ def build_parser(description):
                         f"{planning.AUTO_CPU_BATCH}; auto keeps {planning.AUTO_CPU_BATCH} x --grad_accum clips per "
                         "optimizer step by lowering --grad_accum. A resumed run keeps the batch it had.")
     g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
-    g.add_argument("--lr", type=float, default=2e-5, help="Peak learning rate of both generator and discriminator.")
+    g.add_argument("--lr", type=float, default=2e-5,
+                   help="Peak learning rate of the generator, and of a pretrained discriminator.")
+    g.add_argument("--d_lr", type=float, default=None,
+                   help="Peak learning rate of the discriminator (default: for a fresh one 2e-4, VITS's rate "
+                        "from scratch, or --lr if higher, at which it trains its --d_warmup_steps with no warm-up; "
+                        "--lr for a pretrained one).")
     g.add_argument("--warmup_steps", type=int, default=500, help="Linear LR warm-up steps before the cosine decay.")
     g.add_argument("--d_warmup_steps", type=int, default=None,
-                   help="Steps that train only a fresh discriminator before it may push the generator "
-                        "(default 200 without --discriminator, 0 with one).")
+                   help="Steps that train only the discriminator before it may push the generator "
+                        "(default 200 for a fresh one, 0 for a pretrained one).")
     g.add_argument("--c_mel", type=float, default=45.0, help="Weight of the mel L1 loss.")
     g.add_argument("--c_kl", type=float, default=1.0, help="Weight of the KL loss.")
     g.add_argument("--grad_clip", type=float, default=100.0, help="Gradient-norm clip for both networks.")
@@ -72,7 +81,8 @@ def build_parser(description):
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (cuda when available).")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU (fp16 runs "
+                   help="auto: bf16 on GPUs that compute it natively (compute capability 8.0 and up), else fp16 "
+                        "with a GradScaler (an RTX 20xx: Turing has no bf16 tensor cores); fp32 on CPU (fp16 runs "
                         "there too, slowly: a check of the fp16 path).")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the critic and the HiFi-GAN decoder (the convolutions, most of a step). "
@@ -107,6 +117,8 @@ def check_args(parser, args):
                  "max_steps", "max_samples"):
         if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.d_lr is not None and not (math.isfinite(args.d_lr) and args.d_lr > 0):
+        parser.error(f"--d_lr must be a positive number, got {args.d_lr}")
     for name in ("target_hours", "lr", "grad_clip"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
@@ -121,8 +133,8 @@ def check_args(parser, args):
         parser.error("give --resume (continue the run in --output_dir) or --overwrite (start it over), not both")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume: no checkpoint file at {args.resume}")
-    if args.discriminator and not os.path.isfile(args.discriminator):
-        parser.error(f"--discriminator: no file at {args.discriminator}")
+    if args.discriminator not in ("auto", "none") and not os.path.isfile(args.discriminator):
+        parser.error(f"--discriminator: no file at {args.discriminator} (or give auto or none)")
     if args.benchmark_samples <= 0 and not (args.epochs or args.max_steps):
         parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
     if args.eval_clips < 0:

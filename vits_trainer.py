@@ -21,23 +21,44 @@ import objective
 import run_errors
 
 
+def native_bf16(device):
+    """True where the GPU computes bf16 natively: compute capability 8.0 and up (Ampere, Ada, Hopper, ...).
+
+    torch.cuda.is_bf16_supported() alone also says yes where bf16 is only emulated: a Turing card (7.5,
+    such as an RTX 2070) can hold bf16 tensors but has no bf16 tensor cores.
+    """
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument never counted emulation
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(precision, device):
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
+    """(precision, why): --precision auto is bf16 where the GPU computes it natively, else fp16 with the
+    GradScaler, and fp32 on a CPU."""
+    if precision != "auto":
+        return precision, "as --precision asked"
+    if device.type != "cuda":
+        return "fp32", "auto: on a CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if native_bf16(device):
+        return "bf16", f"auto: this GPU (compute capability {major}.{minor}) computes bf16 natively"
+    return "fp16", (f"auto: this GPU (compute capability {major}.{minor}) has no native bf16, so fp16 with a "
+                    "GradScaler")
 
 
 def set_up_machine(args):
-    """Seeds, device, precision and (under torchrun) the process group, as both trainers start.
-    Returns (device, precision)."""
+    """Seeds, device, precision and (under torchrun) the process group, as both trainers start; says which
+    precision and why. Returns (device, precision)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = distributed.resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision, why = resolve_precision(args.precision, device)
     distributed.init_distributed(device)
+    print(f"precision {precision} ({why})")
     return device, precision
 
 
@@ -64,19 +85,33 @@ def frozen(module):
         module.requires_grad_(True)
 
 
-def lr_factor(step, warmup, total_steps, decay_from=None):
-    """LR multiplier at `step`: linear warm-up, then cosine decay to 0 at total_steps (and 0 after it).
+def lr_factor(step, warmup, total_steps, decay_from=None, hold=0):
+    """LR multiplier at `step`: linear warm-up over `warmup` steps, or the full rate for the first `hold`
+    steps; then cosine decay to 0 at total_steps (and 0 after it).
 
     decay_from=(step0, factor0): a re-planned run, whose cosine decays from factor0 at step0 instead.
     """
     if decay_from is not None and step >= decay_from[0]:
         start, peak = decay_from
+    elif step < hold:
+        return 1.0
     elif step < warmup:
         return step / max(1, warmup)
     else:
-        start, peak = warmup, 1.0
+        start, peak = max(warmup, hold), 1.0
     progress = min(1.0, (step - start) / max(1, total_steps - start))
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# A critic trained from scratch in VITS runs at 2e-4: the least a fresh critic gets (--d_lr's default).
+FRESH_CRITIC_LR = 2e-4
+
+
+def critic_learning_rate(args, fresh):
+    """The critic's peak learning rate: --d_lr; else for a fresh critic VITS's rate from scratch (or --lr,
+    if higher: never slower than the generator it must judge), for a pretrained one --lr
+    (finetune-hf-vits tunes generator and pretrained critic at one rate)."""
+    return args.d_lr or (max(FRESH_CRITIC_LR, args.lr) if fresh else args.lr)
 
 
 def add_mean(totals, terms, n):
@@ -87,12 +122,14 @@ def add_mean(totals, terms, n):
 class VitsTrainer:
     """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
 
-    def __init__(self, model, discriminator, args, device, precision):
+    def __init__(self, model, discriminator, args, device, precision, critic_lr=None):
+        """critic_lr: the critic's peak learning rate (default --lr; see critic_learning_rate)."""
         self.model, self.disc = model.to(device), discriminator.to(device)
         self.args, self.device, self.precision = args, device, precision
+        self.critic_lr = critic_lr or args.lr
         self.sampling_rate = model.config.sampling_rate
         self.opt_g = make_adamw(self.model.parameters(), args.lr)
-        self.opt_d = make_adamw(self.disc.parameters(), args.lr)
+        self.opt_d = make_adamw(self.disc.parameters(), self.critic_lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         if args.compile:
             # In place: the parameter names, checkpoints and exported voices stay those of eager modules.
@@ -112,19 +149,23 @@ class VitsTrainer:
         """Linear warm-up then cosine decay over the planned optimizer steps (see lr_factor).
 
         The generator's schedule starts after the discriminator-only steps, which leave it untouched: they
-        must not use up its warm-up. decay_from: the generator's and the critic's (see replan).
+        must not use up its warm-up. A critic with discriminator-only steps (a fresh one) trains them at
+        its full rate, with no warm-up, and decays from there; as VITS trains a critic from scratch.
+        decay_from: the generator's and the critic's (see replan).
         """
-        for opt in (self.opt_g, self.opt_d):
+        for opt, lr in ((self.opt_g, self.args.lr), (self.opt_d, self.critic_lr)):
             for group in opt.param_groups:
-                group["lr"] = self.args.lr
+                group["lr"] = lr
                 group.pop("initial_lr", None)
         g_steps = max(1, total_steps - d_warmup_steps)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self.lr_factor(g_steps, decay_from[0]))
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self.lr_factor(total_steps, decay_from[1]))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_d, self.lr_factor(total_steps, decay_from[1], hold=d_warmup_steps))
 
-    def lr_factor(self, total_steps, decay_from=None):
-        warmup = min(self.args.warmup_steps, max(0, total_steps - 1))
-        return functools.partial(lr_factor, warmup=warmup, total_steps=total_steps, decay_from=decay_from)
+    def lr_factor(self, total_steps, decay_from=None, hold=0):
+        warmup = 0 if hold else min(self.args.warmup_steps, max(0, total_steps - 1))
+        return functools.partial(lr_factor, warmup=warmup, total_steps=total_steps, decay_from=decay_from,
+                                 hold=hold)
 
     def replan(self, total_steps, d_warmup_steps=0):
         """A new end for a resumed run: from here the LR decays to 0 at `total_steps` and never goes up.
@@ -134,12 +175,13 @@ class VitsTrainer:
         generator's only those after the discriminator-only ones). Returns decay_from for the plan.
         """
         decay_from = []
-        for sched, steps in ((self.sched_g, max(1, total_steps - d_warmup_steps)), (self.sched_d, total_steps)):
-            warmup = min(self.args.warmup_steps, max(0, steps - 1))
+        for sched, steps, hold in ((self.sched_g, max(1, total_steps - d_warmup_steps), 0),
+                                   (self.sched_d, total_steps, d_warmup_steps)):
+            warmup = 0 if hold else min(self.args.warmup_steps, max(0, steps - 1))
             start = None
-            if sched.last_epoch >= warmup:
+            if sched.last_epoch >= max(warmup, hold):
                 start = [sched.last_epoch, sched.get_last_lr()[0] / sched.base_lrs[0]]
-            sched.lr_lambdas = [self.lr_factor(steps, start)] * len(sched.lr_lambdas)
+            sched.lr_lambdas = [self.lr_factor(steps, start, hold)] * len(sched.lr_lambdas)
             decay_from.append(start)
         return decay_from
 
@@ -176,7 +218,7 @@ class VitsTrainer:
                 return self.skipped()
             outputs.append(out if keep_graph else None)
             add_mean(totals, terms, len(batches))
-        critic_stepped = self.update(self.opt_d, self.disc)
+        critic_stepped = self.update(self.opt_d, self.disc, totals, "grad_norm_d")
         if critic_stepped:
             self.sched_d.step()
         if d_only:
@@ -194,7 +236,7 @@ class VitsTrainer:
                 self.scaler.update()
                 return self.skipped()
             add_mean(totals, terms, len(batches))
-        generator_stepped = self.update(self.opt_g, self.model)
+        generator_stepped = self.update(self.opt_g, self.model, totals, "grad_norm_g")
         if generator_stepped:
             self.sched_g.step()
         return self.finish(critic_stepped and generator_stepped, totals)
@@ -283,14 +325,16 @@ class VitsTrainer:
             fake_logits, fake_features = self.disc(out["audio_hat"].to(out["audio"].dtype))
         return fake_logits, real_features, fake_features
 
-    def update(self, opt, net):
-        """Clip and step one network. False, and no update, when its gradients are not finite (with fp16
-        the GradScaler skips that step itself and lowers its scale at the window's end)."""
+    def update(self, opt, net, totals, norm_key):
+        """Clip and step one network; its gradient norm before clipping goes to totals[norm_key] (as VITS
+        logs it: whether --grad_clip ever binds). False, and no update, when its gradients are not finite
+        (with fp16 the GradScaler skips that step itself and lowers its scale at the window's end)."""
         self.scaler.unscale_(opt)
         norm = nn.utils.clip_grad_norm_(net.parameters(), self.args.grad_clip)
         if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
             return False
+        totals[norm_key] = norm.item()
         self.scaler.step(opt)
         return True
 

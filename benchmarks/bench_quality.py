@@ -16,12 +16,15 @@ clips train_vits.py's own hash split holds out.
 """
 
 import argparse
+import io
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,7 +156,7 @@ def train_base(args, size, init_dir, old_dir):
     train(["--model", init_dir, "--data_dir", old_dir, "--output_dir", out, "--lr", "1e-3",
            "--max_steps", str(args.base_steps), "--epochs", "1000", "--warmup_steps", "20",
            "--d_warmup_steps", "20", "--val_size", str(args.held_out), "--eval_clips", "0"] + common_flags(args),
-          "base voice training")
+          "base voice training", args.threads)
     print(f"base voice: {args.base_steps} steps in {(time.time() - start) / 60:.1f} min")
     return os.path.join(out, "final_model")
 
@@ -162,11 +165,33 @@ def quality(trainer, clipset, n_clips):
     return dict(val_mel=trainer.evaluate(clipset, 8)["mel"], **voice_quality.evaluate_quality(trainer.model, clipset, n_clips))
 
 
-def train(flags, what):
-    """train_vits.py as a user runs it."""
-    code = subprocess.run([sys.executable, os.path.join(ROOT, "train_vits.py")] + flags).returncode
+def train(flags, what, threads, tree=ROOT):
+    """train_vits.py of `tree` (this one, or a commit's exported by tree_at) as a user runs it, on `threads`
+    torch threads."""
+    code = subprocess.run([sys.executable, os.path.join(tree, "train_vits.py")] + flags, cwd=tree,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads))).returncode
     if code != 0:
         sys.exit(f"{what} failed (exit {code})")
+
+
+def tree_at(commit):
+    """The project's whole tree at a git commit, exported to a temporary folder."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit], capture_output=True)
+    if archive.returncode:
+        sys.exit(f"error: --against {commit}: {archive.stderr.decode().strip()}")
+    tree = tempfile.mkdtemp(prefix=f"bench_quality_{commit}_")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def critic_flags(args, base_dir):
+    """The fine-tune's critic: the base voice's own (pretrained) or a fresh one trained alone first."""
+    if args.critic == "pretrained":
+        return ["--discriminator", os.path.join(base_dir, "discriminator.pt")]
+    # A tree from before --discriminator auto trains a fresh critic when the flag is not given.
+    fresh = [] if args.against else ["--discriminator", "none"]
+    return fresh + ["--d_warmup_steps", str(args.d_warmup_steps)]
 
 
 def checkpoint_quality(trainer, path, clipset, n_clips):
@@ -185,14 +210,14 @@ def fine_tune(args, base_dir, new_dir, old_val):
     new_val = held_out_clips(new_dir, base_dir, args.held_out)
     rows = {0: dict(step=0, minutes=0.0, new=quality(trainer, new_val, args.eval_clips),
                     old=quality(trainer, old_val, args.eval_clips))}
-    out = os.path.join(args.data_dir, "fine_tune")
+    out = os.path.join(args.data_dir, "fine_tune_" + args.critic + (f"_at_{args.against}" if args.against else ""))
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
-    train(["--model", base_dir, "--discriminator", os.path.join(base_dir, "discriminator.pt"),
-           "--data_dir", new_dir, "--output_dir", out, "--lr", "5e-4",
+    train(["--model", base_dir, "--data_dir", new_dir, "--output_dir", out, "--lr", "5e-4",
            "--epochs", str(args.epochs), "--warmup_steps", "10", "--val_size", str(args.held_out),
-           "--eval_clips", str(args.eval_clips), "--keep_checkpoints", str(args.epochs)] + common_flags(args),
-          "fine-tune")
+           "--eval_clips", str(args.eval_clips), "--keep_checkpoints", str(args.epochs)]
+          + critic_flags(args, base_dir) + common_flags(args) + args.train_flags.split(),
+          "fine-tune", args.threads, tree_at(args.against) if args.against else ROOT)
     minutes = (time.time() - start) / 60
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         for record in map(json.loads, f):
@@ -267,6 +292,14 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="Fine-tune epochs (default by size).")
     p.add_argument("--eval_clips", type=int, default=None, help="Held-out clips measured per voice (default by size).")
     p.add_argument("--plot", default=None, help="PNG path (default DATA_DIR/quality_<size>.png).")
+    p.add_argument("--critic", choices=["pretrained", "fresh"], default="pretrained",
+                   help="The fine-tune's critic: the base voice's own, or a fresh one trained alone for "
+                        "--d_warmup_steps first.")
+    p.add_argument("--d_warmup_steps", type=int, default=50, help="Solo steps of a fresh critic.")
+    p.add_argument("--against", metavar="COMMIT", default=None,
+                   help="Fine-tune with train_vits.py as it was at this git commit (its whole tree exported): "
+                        "the same base voice, data, steps and seed, another recipe.")
+    p.add_argument("--train_flags", default="", help="More train_vits.py flags for the fine-tune, e.g. '--d_lr 1e-4'.")
     p.add_argument("--threads", type=int, default=1,
                    help="Torch threads: 1 is fastest on a busy 2-core machine (README, Performance).")
     args = p.parse_args(argv)

@@ -358,7 +358,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     try:
         device = distributed.resolve_device(args.device)
-        precision = vits_trainer.resolve_precision(args.precision, device)
+        precision, _ = vits_trainer.resolve_precision(args.precision, device)
     except run_errors.TrainingError as err:
         raise SystemExit(f"error: {err}")
     if args.threads:

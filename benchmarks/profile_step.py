@@ -170,7 +170,7 @@ def profile_step(trainer, batches, device):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = distributed.resolve_device(args.device)
-    precision = vits_trainer.resolve_precision(args.precision, device)
+    precision, _ = vits_trainer.resolve_precision(args.precision, device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     disc_channels = args.disc_channels or (64 if args.model_size == "tiny" else 1024)

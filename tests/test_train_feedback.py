@@ -98,7 +98,7 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     assert models.load_discriminator(os.path.join(out, "final_model", "discriminator.pt")).max_channels == 64
     spoken = pipeline("text-to-speech", model=os.path.join(out, "final_model"), device="cpu")("Roj baş.")
     assert spoken["sampling_rate"] == 16000 and spoken["audio"].size > 0
-    assert f"discriminator: {os.path.join(trained_voice, 'discriminator.pt')}" in printed
+    assert f"critic: {os.path.join(trained_voice, 'discriminator.pt')}, saved beside --model" in printed
 
     # Before and after samples of every feedback sentence the voice can say (also the one whose
     # recording is corrupt) and of the fixed sentences, under the same names.

@@ -162,7 +162,7 @@ def test_fp16_runs_on_cpu_and_an_overflow_is_skipped_counted_and_leaves_the_weig
     model, _ = models.load_voice(tiny_model_dir)
     models.prepare_for_training(model)
     args = train_vits.parse_args(["--warmup_steps", "0", "--grad_accum", "1", "--precision", "fp16", "--device", "cpu"])
-    precision = vits_trainer.resolve_precision(args.precision, torch.device("cpu"))
+    precision, _ = vits_trainer.resolve_precision(args.precision, torch.device("cpu"))
     trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"), precision)
     trainer.schedule(100)
     assert trainer.scaler.is_enabled()
