@@ -9,15 +9,18 @@ cannot decode; the server still takes anything soundfile reads (WAV, FLAC, Ogg V
 """
 
 import io
+import ipaddress
 import json
 import os
 import re
 import socket
 import threading
+import unicodedata
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import soundfile as sf
 from transformers import VitsConfig
 
 import distributed
@@ -30,8 +33,19 @@ import voice_quality
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = "session.json"
 MAX_UPLOAD_BYTES = 20 * 2**20  # ~3.5 minutes of 48 kHz 16-bit mono: far longer than any sentence
+# The decoded take, whatever its upload size: a compressed file (FLAC of silence, an 8-bit 100 Hz WAV) can
+# hold hours. Checked from the file's header before decoding, and again block by block while decoding.
+MAX_TAKE_SECONDS = 60
+MAX_TAKE_SAMPLES = MAX_TAKE_SECONDS * 96000 * 2  # a minute of 96 kHz stereo: ~46 MB as float32
+MIN_TAKE_SECONDS = 0.3  # of sound, after trimming silence as train_feedback.py trims its clips
+DECODE_BLOCK_FRAMES = 65536
 MAX_TEXT_CHARS = 1000
+MAX_JSON_BYTES = 1024  # a mark is {"mark": "needs_work"}
+MAX_JSON_DEPTH = 4
+MAX_INDEX_DIGITS = 9  # row numbers in paths, and the digits of a Content-Length
+READ_TIMEOUT_S = 20  # a client that announces a body and sends none is dropped after this long
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+AUDIO_NAME = re.compile(r"audio_([0-9]{1,%d})\.\w+" % MAX_INDEX_DIGITS)  # the recording app's audio_NNN pairs
 MARKS = ("good", "needs_work")
 WEBM_MAGIC = b"\x1a\x45\xdf\xa3"  # EBML header: Chromium's MediaRecorder output
 
@@ -51,11 +65,14 @@ class Session:
     """Rows of {id, text, mark, saved} kept in FOLDER/session.json; the voice's audio in FOLDER/model/<id>.wav.
 
     Every change is written to session.json at once, so closing the page (or the server) loses nothing.
+    `last_number` is the highest audio_NNN this session ever saved: a pair moved out of the feedback folder
+    never gives its number to another take.
     """
 
-    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab):
+    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0):
         self.folder, self.feedback_dir, self.voice = folder, feedback_dir, voice
         self.rows, self.sampling_rate, self.vocab = rows, sampling_rate, vocab
+        self.last_number = max([last_number] + [saved_number(r["saved"]) for r in rows])
         self.lock = threading.Lock()
 
     def voice_audio(self, index):
@@ -90,7 +107,7 @@ class Session:
     def save_correction(self, index, data, text):
         """Decode the upload, write NAME.wav (16-bit PCM at the voice's rate) + NAME.txt; return NAME.wav's path."""
         row = self.row(index)
-        text = " ".join(text.split())
+        text = plain_text(text)
         if len(text) > MAX_TEXT_CHARS:
             raise UploadError(HTTPStatus.BAD_REQUEST, f"text longer than {MAX_TEXT_CHARS} characters")
         _, reason = speech.clean_text(text, self.vocab)
@@ -100,7 +117,10 @@ class Session:
         audio = decode_upload(data, self.sampling_rate)
         with self.lock:
             # A redo replaces this sentence's earlier correction instead of adding a second one.
-            wav = self.recording(index) or next_free_name(self.feedback_dir)
+            wav = self.recording(index)
+            if wav is None:
+                self.last_number = next_number(self.feedback_dir, self.last_number)
+                wav = os.path.join(self.feedback_dir, f"audio_{self.last_number:03d}.wav")
             os.makedirs(self.feedback_dir, exist_ok=True)
             speech.write_wav(wav, audio, self.sampling_rate)
             run_folder.write_atomically(os.path.splitext(wav)[0] + ".txt", text + "\n", durable=False)
@@ -110,7 +130,8 @@ class Session:
         return wav
 
     def write(self):
-        data = dict(voice=self.voice, feedback_dir=self.feedback_dir, sentences=self.rows)
+        data = dict(voice=self.voice, feedback_dir=self.feedback_dir, last_number=self.last_number,
+                    sentences=self.rows)
         run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE),
                                     json.dumps(data, indent=2, ensure_ascii=False), durable=False)
 
@@ -120,20 +141,64 @@ def decode_upload(data, sampling_rate):
     if data.startswith(WEBM_MAGIC):
         raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                           "WebM audio cannot be decoded without ffmpeg: send WAV, FLAC, Ogg or MP3")
+    check_take_length(data)
     try:
         audio = speech.load_audio(io.BytesIO(data), sampling_rate)
     except speech.AudioError as err:
         raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not audio soundfile can read ({err})") from None
     if speech.is_silent(audio):
         raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, "the recording is silent: check the microphone")
+    sound = len(speech.trim_silence(audio)) / sampling_rate
+    if sound < MIN_TAKE_SECONDS:
+        raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the take holds only {sound:.2f} s of sound (at least "
+                                                           f"{MIN_TAKE_SECONDS} s): record the whole sentence")
     return audio
 
 
-def next_free_name(feedback_dir):
-    """feedback_dir/audio_NNN.wav, one past the highest number already there (as the recording app counts)."""
+def check_take_length(data):
+    """UploadError 413 for a take longer than MAX_TAKE_SECONDS or MAX_TAKE_SAMPLES once decoded: refused from
+    its header before anything is decoded, else while decoding it block by block (keeping no block), so a
+    small file that decodes to hours is never decoded whole. speech.load_audio then decodes a take known to fit."""
+    try:
+        info = sf.info(io.BytesIO(data))
+        refuse_long_take(info.frames, info.samplerate, info.channels)  # frames is SF_COUNT_MAX when unknown
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            decoded, block_frames = 0, max(1, DECODE_BLOCK_FRAMES // f.channels)
+            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
+                decoded += len(block)
+                refuse_long_take(decoded, f.samplerate, f.channels)
+    except UploadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - libsndfile reports corrupt input with several exception types
+        raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                          f"not audio soundfile can read ({str(err).split(': ')[-1].strip()})") from None
+
+
+def refuse_long_take(frames, samplerate, channels):
+    if frames > MAX_TAKE_SECONDS * samplerate or frames * channels > MAX_TAKE_SAMPLES:
+        raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          f"the take is longer than {MAX_TAKE_SECONDS} s once decoded (or holds more than "
+                          f"{MAX_TAKE_SAMPLES} samples): record one sentence at a time")
+
+
+def next_number(feedback_dir, after=0):
+    """One past the highest audio_NNN already in feedback_dir (as the recording app counts) and past `after`."""
     numbers = [int(m.group(1)) for f in (os.listdir(feedback_dir) if os.path.isdir(feedback_dir) else [])
-               if (m := re.fullmatch(r"audio_(\d+)\.\w+", f))]
-    return os.path.join(feedback_dir, f"audio_{max(numbers, default=0) + 1:03d}.wav")
+               if (m := AUDIO_NAME.fullmatch(f))]
+    return max(numbers + [after]) + 1
+
+
+def saved_number(path):
+    """The NNN of a saved audio_NNN.wav path; 0 for none."""
+    m = AUDIO_NAME.fullmatch(os.path.basename(path)) if isinstance(path, str) else None
+    return int(m.group(1)) if m else 0
+
+
+def plain_text(text):
+    """`text` with every whitespace run as one space and control and format characters (Unicode Cc and Cf:
+    ESC, NUL, bidi overrides, zero-width marks) removed: safe to print to a terminal and to write to a .txt."""
+    kept = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf"))
+    return " ".join(kept.split())
 
 
 def train_command(voice, feedback_dir):
@@ -166,13 +231,15 @@ def open_session(folder, args):
         try:
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            rows, voice = saved["sentences"], saved["voice"]
+            rows, voice, last_number = saved["sentences"], saved["voice"], saved.get("last_number", 0)
+            if not isinstance(last_number, int) or last_number < 0:
+                raise ValueError(f"last_number {last_number!r}")
         except (ValueError, KeyError, TypeError) as err:
             raise run_errors.TrainingError(f"{path}: not a listening session ({err}); move it away to start "
                                            "afresh") from None
     else:
         rows = [dict(id=i, text=t, mark=None, saved=None) for i, t in kit_sentences(folder)]
-        voice = args.model  # --make_session spoke the kit with the voice given now
+        voice, last_number = args.model, 0  # --make_session spoke the kit with the voice given now
     # Ids name files in model/: never a path.
     bad = [r["id"] for r in rows if not re.fullmatch(r"[\w.-]+", r["id"]) or r["id"].strip(".") == ""]
     if bad:
@@ -181,7 +248,7 @@ def open_session(folder, args):
     for r in rows:
         text, reason = speech.clean_text(r["text"], vocab)
         if reason:
-            print(f"left out ({reason}): {r['text']}")
+            print(f"left out ({reason}): {plain_text(r['text'])}")
         else:
             speakable.append((r, text))
     if not speakable:
@@ -192,7 +259,7 @@ def open_session(folder, args):
     if stale:
         speak(stale, folder, args)
     session = Session(folder, args.feedback_dir, args.model, rows,
-                      VitsConfig.from_pretrained(args.model).sampling_rate, vocab)
+                      VitsConfig.from_pretrained(args.model).sampling_rate, vocab, last_number)
     with session.lock:
         session.write()
     return session
@@ -213,10 +280,24 @@ def speak(rows_and_texts, folder, args):
 # ----------------------------------------------------------------------------------------------------
 # HTTP: the page, the session as JSON, audio by row number, marks and uploads. No path from a request
 # is ever joined to a folder: rows are addressed by number and every file name is the session's own.
+# Whatever a request holds, the answer is JSON (4xx for a bad request), never a traceback.
+
+ROW = r"([0-9]{1,%d})" % MAX_INDEX_DIGITS  # longer numbers name no row (and int() of 5000 digits raises)
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",  # no other site may show the page in a frame and click it for the listener
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
 
 class Handler(BaseHTTPRequestHandler):
     session = None  # set by make_server
     local = True  # bound to this machine only: then only a local Host header is answered
+    allowed_hosts = frozenset()  # with --allow_remote: the names a request may give in its Host header
+
+    def setup(self):
+        self.timeout = READ_TIMEOUT_S  # on every read of the socket: a client that stops sending is dropped
+        super().setup()  # (StreamRequestHandler.setup applies it)
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         self.answer(self.route_get)
@@ -237,48 +318,86 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_bytes(f.read(), "text/html; charset=utf-8")
         elif url.path == "/api/session":
             self.send_json(self.session.state())
-        elif m := re.fullmatch(r"/audio/(\d+)\.wav", url.path):
+        elif m := re.fullmatch(rf"/audio/{ROW}\.wav", url.path):
             self.send_file(self.session.voice_audio(int(m.group(1))))
-        elif m := re.fullmatch(r"/recorded/(\d+)\.wav", url.path):
+        elif m := re.fullmatch(rf"/recorded/{ROW}\.wav", url.path):
             self.send_file(self.session.recording(int(m.group(1))))
+        elif re.fullmatch(r"/api/(mark|save)/[0-9]+", url.path):
+            raise UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"GET {url.path}: only POST")
         else:
             raise UploadError(HTTPStatus.NOT_FOUND, "not found")
 
     def check_origin(self):
         """Refuse what another web site's page makes the browser send here: cross-origin posts, and requests
-        through a domain name that was re-pointed at 127.0.0.1 (DNS rebinding)."""
+        through a domain name that was re-pointed at this machine (DNS rebinding).
+
+        A rebinding page controls both its Host and Origin headers (they name its own domain), so the Host
+        itself must be one this server knows: a local name when bound to this machine, else an IP address,
+        this machine's names or an --allowed_host. An IP address is safe to answer: a page loaded from a
+        domain name never sends an IP address as its Host, and an address cannot be re-pointed."""
         host = self.headers.get("Host", "")
-        if self.local and host.rsplit(":", 1)[0].strip("[]") not in LOCAL_HOSTS:
-            raise UploadError(HTTPStatus.FORBIDDEN, "requests must name this machine (localhost)")
+        if not self.host_allowed(host_name(host)):
+            raise UploadError(HTTPStatus.FORBIDDEN, "requests must name this machine (localhost)" if self.local else
+                              "requests must name this machine: its address, its name or an --allowed_host")
         if self.headers.get("Origin") not in (None, f"http://{host}"):
             raise UploadError(HTTPStatus.FORBIDDEN, "cross-origin request refused")
 
+    def host_allowed(self, name):
+        if self.local:
+            return name in LOCAL_HOSTS
+        if name in self.allowed_hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
     def route_post(self, url):
-        if m := re.fullmatch(r"/api/mark/(\d+)", url.path):
-            self.session.row(int(m.group(1)))
-            try:
-                mark = json.loads(self.read_body() or b"{}").get("mark")
-            except (ValueError, AttributeError):
-                raise UploadError(HTTPStatus.BAD_REQUEST, 'body must be JSON {"mark": ...}') from None
-            self.session.mark(int(m.group(1)), mark)
+        if m := re.fullmatch(rf"/api/mark/{ROW}", url.path):
+            index = int(m.group(1))
+            self.session.row(index)
+            mark = parse_json_object(self.read_body(MAX_JSON_BYTES) or b"{}").get("mark")
+            self.session.mark(index, mark)
             self.send_json(self.session.state())
-        elif m := re.fullmatch(r"/api/save/(\d+)", url.path):
+        elif m := re.fullmatch(rf"/api/save/{ROW}", url.path):
             index = int(m.group(1))
             self.session.row(index)
             text = parse_qs(url.query).get("text", [""])[0]
-            wav = self.session.save_correction(index, self.read_body(), text)
+            wav = self.session.save_correction(index, self.read_body(MAX_UPLOAD_BYTES), text)
             self.send_json(dict(self.session.state(), saved=wav))
+        elif url.path in ("/", "/api/session") or re.fullmatch(r"/(audio|recorded)/[0-9]+\.wav", url.path):
+            raise UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"POST {url.path}: only GET")
         else:
             raise UploadError(HTTPStatus.NOT_FOUND, "not found")
 
-    def read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+    def read_body(self, limit):
+        """The request's body: a Content-Length of ASCII digits, at most `limit` bytes, all of it sent."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             raise UploadError(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
-        if int(length) > MAX_UPLOAD_BYTES:
-            raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-        return self.rfile.read(int(length))
+        length = lengths[0].strip(" \t")
+        if len(set(lengths)) > 1 or not re.fullmatch(r"[0-9]+", length):
+            raise UploadError(HTTPStatus.BAD_REQUEST, "Content-Length must be one number of bytes (ASCII digits)")
+        if len(length) > MAX_INDEX_DIGITS or int(length) > limit:
+            raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload larger than {limit // 2**20} MiB"
+                              if limit >= 2**20 else f"body larger than {limit} bytes")
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise UploadError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") from None
+        if len(body) < int(length):
+            raise UploadError(HTTPStatus.BAD_REQUEST, f"body of {len(body)} bytes, shorter than its Content-Length")
+        return body
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line or header, a method without a do_*) as JSON,
+        with the headers of every answer; an unknown method is a 405, not http.server's 501."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed: GET or POST"
+        self.close_connection = True
+        self.send_json(dict(error=message or HTTPStatus(code).phrase), code)
 
     def send_file(self, path):
         if path is None or not os.path.isfile(path):
@@ -294,16 +413,70 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")  # a redo must never play the old take
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, POST")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, format, *args):  # noqa: A002 - http.server's signature
         pass  # saves are printed by the session; one line per request would bury them
 
 
-def make_server(session, host, port):
-    """A ThreadingHTTPServer serving `session` (port 0: any free port); the caller runs serve_forever."""
-    handler = type("SessionHandler", (Handler,), dict(session=session, local=host in LOCAL_HOSTS))
+def host_name(header):
+    """The host of a Host header: lowercased, without its port, IPv6 brackets or a trailing dot; '' if malformed."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*)(:[0-9]{0,5})?", header.strip())
+    return m.group(1).strip("[]").rstrip(".").lower() if m else ""
+
+
+def parse_json_object(body):
+    """A small JSON object from a request body: UploadError 400 for anything else, deep nesting included."""
+    try:
+        text = body.decode("utf-8")
+        if json_depth(text) > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
+        data = json.loads(text)
+    except ValueError as err:
+        raise UploadError(HTTPStatus.BAD_REQUEST, f'body must be JSON {{"mark": ...}} ({err})') from None
+    if not isinstance(data, dict):
+        raise UploadError(HTTPStatus.BAD_REQUEST, 'body must be JSON {"mark": ...}')
+    return data
+
+
+def json_depth(text):
+    """How deeply `text` nests JSON arrays and objects (brackets inside strings not counted), without parsing
+    it: the json module recurses once per level and raises RecursionError past about a thousand."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def machine_hosts(host, allowed=()):
+    """The names a request to a server bound to `host` may give in its Host header when --allow_remote is on:
+    localhost, the bound address, this machine's names and each --allowed_host (any IP address also goes)."""
+    names = {*LOCAL_HOSTS, host, socket.gethostname(), socket.getfqdn(), *allowed}
+    return frozenset(n.strip("[]").rstrip(".").lower() for n in names if n)
+
+
+def make_server(session, host, port, allowed_hosts=()):
+    """A ThreadingHTTPServer serving `session` (port 0: any free port); the caller runs serve_forever.
+
+    Bound to a local address, only local Host names are answered; else `allowed_hosts` and machine_hosts."""
+    local = host in LOCAL_HOSTS
+    handler = type("SessionHandler", (Handler,), dict(
+        session=session, local=local, allowed_hosts=frozenset() if local else machine_hosts(host, allowed_hosts)))
     server_class = type("Server", (ThreadingHTTPServer,), dict(address_family=socket.AF_INET6)) if ":" in host \
         else ThreadingHTTPServer
     server = server_class((host, port), handler)
@@ -314,10 +487,13 @@ def make_server(session, host, port):
 def serve(folder, args):
     """Open the session in `folder` and serve its page until Ctrl-C; then print what to run next."""
     session = open_session(folder, args)
-    server = make_server(session, args.host, args.port)
+    server = make_server(session, args.host, args.port, args.allowed_host or ())
     if args.host not in LOCAL_HOSTS:
         print(f"warning: --host {args.host} lets other machines on the network open this page and write into "
               f"{session.feedback_dir}; browsers only allow the microphone on localhost or over https")
+        names = ", ".join(sorted(server.RequestHandlerClass.allowed_hosts))
+        print(f"answering only requests that name this machine by an IP address or as one of: {names} "
+              "(add names with --allowed_host)")
     print(f"listening session: {len(session.rows)} sentences in {folder} ({session.state()['progress']} so far); "
           f"corrections go to {session.feedback_dir}")
     if os.path.isfile(os.path.join(session.feedback_dir, "metadata.csv")):

@@ -2,6 +2,7 @@
 deadlines, checkpoints, validation, listening samples, the best and final models, metrics.jsonl."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -145,6 +146,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
     plan = run["plan"]
     reason = "done"
+    pace = StepPace(trainer, plan, args, budget, run["d_warmup_steps"])
 
     def checkpoint(epoch, batches_done, tag=""):
         start = time.time()
@@ -163,11 +165,13 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 # Agreed by all ranks, so they stop at the same step (a signal may reach only one).
                 interrupted = distributed.any_rank(stop.requested)
                 out_of_time = distributed.any_rank(budget.out_of_time())
-                if interrupted or out_of_time or (args.max_steps and trainer.step >= args.max_steps):
+                if interrupted or out_of_time or trainer.step >= plan["total_steps"]:
                     break
+                began = time.time()
                 tensors = [clip_data.collate(items, args.segment_frames) for items in window]
                 result = trainer.train_window(tensors, d_only=trainer.step < run["d_warmup_steps"])
                 terms = result or terms  # a skipped (non-finite) step keeps showing the last good terms
+                pace.stepped(time.time() - began)
                 done += len(window)
                 samples += sum(len(items) for items in window) * distributed.world_size()  # every rank trains as many
                 rate = samples / (time.time() - start)
@@ -177,30 +181,42 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 bar.update(len(window))
                 if result and trainer.step % args.logging_steps == 0:
                     log.write(dict(step=trainer.step, epoch=epoch, **terms, lr=trainer.lr(), samples_per_s=rate,
-                                   skipped_steps=trainer.skipped_steps))
+                                   skipped_steps=trainer.skipped_steps, precision=trainer.precision,
+                                   oom_splits=trainer.oom_splits))
             bar.close()
             if done < len(batches):
                 if interrupted:
                     checkpoint(epoch, done, "_interrupted")
                     reason = "interrupted"
                     break
-                reason = "max_steps" if args.max_steps and trainer.step >= args.max_steps else "deadline"
+                reason = stop_reason(trainer, plan, args)
                 checkpoint(epoch, done, "_partial")
                 break
             run.update(epoch=epoch + 1, batches_done=0)
             train_seconds = time.time() - start
             if distributed.is_main_process() and budget.end_of_epoch_fits():
-                end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
+                try:
+                    end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
+                except torch.OutOfMemoryError:
+                    free_gpu_memory(trainer)
+                    tqdm.write(f"epoch {epoch}: out of GPU memory in validation or the listening samples: skipped "
+                               "this time, the training goes on")
                 budget.end_of_epoch_seconds = time.time() - start - train_seconds
             distributed.barrier()  # the other ranks wait for rank 0's validation and samples
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
             checkpoint(epoch, len(batches))
-            if args.max_steps and trainer.step >= args.max_steps:
-                reason = "max_steps"
+            if trainer.step >= plan["total_steps"]:
+                reason = stop_reason(trainer, plan, args)
                 break
     if reason != "interrupted" and distributed.is_main_process():
-        models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
+        try:
+            models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
+        except torch.OutOfMemoryError:
+            # Never lose the final model to the GPU: write it from the CPU.
+            free_gpu_memory(trainer)
+            models.export_voice(trainer.model.cpu(), tokenizer, trainer.disc.cpu(),
+                                os.path.join(output_dir, "final_model"))
         print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
               f"{budget.used() / 3600:.2f} h used)")
     log.close()
@@ -208,6 +224,54 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     # before rank 0 has saved.
     distributed.barrier()
     return reason
+
+
+def free_gpu_memory(trainer):
+    trainer.opt_d.zero_grad(set_to_none=True)
+    trainer.opt_g.zero_grad(set_to_none=True)
+    if trainer.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def stop_reason(trainer, plan, args):
+    """Why a run stops before the end of its epochs: --max_steps, its planned steps done, or the deadline."""
+    if args.max_steps and trainer.step >= args.max_steps:
+        return "max_steps"
+    return "done" if trainer.step >= plan["total_steps"] else "deadline"
+
+
+class StepPace:
+    """A --max_steps run has no benchmark: its first real steps tell the pace. Where the budget would end
+    before the last step, the plan ends where the budget does (the learning rate decays to 0 there, from
+    where it is, never up), instead of the deadline cutting the schedule short."""
+
+    MEASURED_STEPS = 4  # after the first, whose start-up costs are no pace
+
+    def __init__(self, trainer, plan, args, budget, d_warmup_steps):
+        self.trainer, self.plan, self.budget, self.d_warmup_steps = trainer, plan, budget, d_warmup_steps
+        self.watching = bool(args.max_steps) and not args.epochs and plan.get("samples_per_s") is None
+        self.seconds = []
+
+    def stepped(self, seconds):
+        """One step took `seconds` (collating its batches included)."""
+        if not self.watching:
+            return
+        self.seconds.append(seconds)
+        if len(self.seconds) < 1 + self.MEASURED_STEPS:
+            return
+        self.watching = False
+        step_s = distributed.all_reduce(sum(self.seconds[1:]) / self.MEASURED_STEPS, "max")
+        trainer, plan = self.trainer, self.plan
+        seconds = self.budget.left() - self.budget.reserve()
+        finish = time.strftime("%H:%M", time.localtime(time.time() + (plan["total_steps"] - trainer.step) * step_s))
+        if (plan["total_steps"] - trainer.step) * step_s <= seconds:
+            tqdm.write(f"plan: {step_s:.2f} s a step, {plan['total_steps']} steps, finishing about {finish}")
+            return
+        total, asked = trainer.step + max(0, int(seconds / step_s)), plan["total_steps"]
+        plan.update(total_steps=total, epochs=max(1, math.ceil(total / plan["steps_per_epoch"])),
+                    decay_from=trainer.replan(total, self.d_warmup_steps))
+        tqdm.write(f"plan: {step_s:.2f} s a step: the budget holds {total} of the {asked} steps asked for; the "
+                   f"learning rate now decays to 0 at step {total}")
 
 
 def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log):
@@ -231,9 +295,9 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
     if scores:
         main_score = voice_quality.selection_score(record, next(iter(scores)), args.best_metric)
         if run["best"] is None or main_score < run["best"]:
-            run["best"] = main_score
             models.export_voice(trainer.model, tokenizer, trainer.disc,
                                 os.path.join(args.output_dir, "checkpoints", "best_model"))
+            run["best"] = main_score  # only once it is saved
 
 
 def save_run_info(args, extra):

@@ -62,29 +62,102 @@ def inference_copy(model):
 
 
 def replace_dir(tmp_dir, final_dir):
-    """Swap a fully written folder into place, so a reader never sees a half-written model."""
+    """Swap a fully written folder into place, so a reader never sees a half-written model; tmp_dir None:
+    only mend a swap that was interrupted.
+
+    Windows cannot os.replace onto an existing folder, so the old one is first moved aside to
+    final_dir + ".old", the new one renamed into place, and only then the old one deleted. A crash (or a
+    killed process) between the two renames leaves final_dir missing and its one complete copy in .old; so
+    before anything else a .old without final_dir is put back, and a .old beside final_dir (a swap that ended
+    before deleting it: final_dir is the new, complete one) is deleted. A rename that fails (a full disk can
+    refuse the new directory entry) puts the old folder back before raising.
+    """
     old = final_dir + ".old"
-    if os.path.isdir(final_dir):
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(old):
+        if os.path.isdir(final_dir):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final_dir)
+    if tmp_dir is None:
+        return
+    moved_aside = os.path.isdir(final_dir)
+    if moved_aside:
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if moved_aside:
+            os.replace(old, final_dir)
+        raise
+    if os.name != "nt":  # the renames on disk before the old copy goes (Windows cannot open a folder)
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(final_dir)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # a file system that cannot fsync a folder: the swap itself is done
     shutil.rmtree(old, ignore_errors=True)
 
 
 def export_voice(model, tokenizer, discriminator, out_dir):
-    """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt, atomically."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = run_folder.temp_name(os.path.abspath(out_dir))
-    os.mkdir(tmp)
+    """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt, atomically.
+
+    Written into a hidden temp folder beside out_dir, checked, flushed to disk, then swapped in by
+    replace_dir. Whatever fails (a full disk while writing any of the files, or in the renames), the model
+    saved in out_dir before stays there complete, no temp folder is left, and the caller gets an OSError
+    naming out_dir and the cause, which the commands print as one line. The writers each report a full disk
+    their own way: open()/write() (configs, tokenizer) an OSError without the file's name, safetensors (the
+    weights) a SafetensorError "... (os error 28)", torch.save a RuntimeError "unexpected pos" (hence
+    checkpoints.atomic_torch_save, which keeps the OSError).
+    """
+    import errno
+
+    import checkpoints  # atomic_torch_save
+
+    out_dir = os.path.abspath(out_dir)
+    tmp = run_folder.temp_name(out_dir)
+    doing = "while making the folder"
     try:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        replace_dir(None, out_dir)  # an interrupted swap's model back in place first: kept if this save fails
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, left by a failed clean-up
+        os.mkdir(tmp)
+        doing = "while writing config.json and model.safetensors"
         inference_copy(model).save_pretrained(tmp)
+        doing = "while writing the tokenizer"
         tokenizer.save_pretrained(tmp)
-        torch.save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+        doing = "while writing discriminator.pt"
+        checkpoints.atomic_torch_save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+        doing = "after writing the new model"  # a writer that swallowed its error must not replace a good model
+        for name in ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "discriminator.pt"):
+            if not os.path.isfile(os.path.join(tmp, name)) or not os.path.getsize(os.path.join(tmp, name)):
+                raise OSError(errno.EIO, f"{name} was not written")
+        try:
+            with safetensors.safe_open(os.path.join(tmp, "model.safetensors"), "pt") as weights:
+                weights.keys()
+        except Exception as err:  # SafetensorError: the file was cut short
+            raise OSError(errno.EIO, f"model.safetensors came out incomplete ({err})") from None
+        doing = "while flushing the new model to disk"
+        for name in os.listdir(tmp):
+            fd = os.open(os.path.join(tmp, name), os.O_RDWR)  # Windows: fsync needs a handle open for writing
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        doing = "while putting the new model in place"
         replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep a hidden half-written copy
-        raise
+        code = err.errno if isinstance(err, OSError) else None
+        found = re.search(r"os error (\d+)", str(err)) if code is None and isinstance(err, Exception) else None
+        code = code or (int(found.group(1)) if found else None)
+        if not code:
+            raise
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else os.strerror(code)
+        kept = "the model saved there before is kept" if os.path.isdir(out_dir) else "no model is saved there"
+        raise OSError(code, f"{cause} {doing}; {kept}", out_dir) from err
 
 
 def conv_stack(convs, conv_post, x):

@@ -14,6 +14,7 @@ import distributed
 import run_errors
 
 AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
+EPOCH_OVERHEAD_S = 10.0  # saving a checkpoint and the listening samples after each epoch, a guess
 
 
 class Budget:
@@ -131,15 +132,22 @@ def choose_batch_size(trainer, clipset, args, resumed=None):
     return batch, effective // batch
 
 
-def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False):
-    """Samples/s of real training steps of one kind over `samples` samples, cycling through `batches` in
-    windows of `grad_accum` after one warm-up step; the weights are restored afterwards."""
+# The benchmark's share of the budget: it stops early, with what it measured, once it has used this much.
+BENCHMARK_SHARE = 0.02
+
+
+def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False, max_seconds=math.inf):
+    """Samples/s of real training steps of one kind over `samples` samples (or as many as `max_seconds`
+    allows, warm-up included, at least one), cycling through `batches` in windows of `grad_accum` after one
+    warm-up step; the weights are restored afterwards."""
     windows = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
     with trial_steps(trainer):
+        began = time.time()
         trainer.train_window(windows[0], d_only=d_only)
         sync(trainer.device)
         done, start, count = 0, time.time(), 0
-        while not distributed.any_rank(done >= samples):  # ranks' batches differ in size; all must take the same steps
+        # Ranks' batches differ in size, and their clocks: all take the same steps, stopping together.
+        while not distributed.any_rank(done >= samples or (count and time.time() - began >= max_seconds)):
             count += 1
             window = windows[count % len(windows)]
             trainer.train_window(window, d_only=d_only)
@@ -154,51 +162,66 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def plan_epochs(samples_per_s, n_train, n_val, seconds_left, overhead_s=10.0):
-    """Whole epochs that fit the budget, counting validation (forward only, ~3x faster) and saving."""
-    epoch_s = n_train / samples_per_s
-    per_epoch = epoch_s + n_val / (3 * samples_per_s) + overhead_s
-    return max(1, int(seconds_left // per_epoch)), epoch_s, per_epoch
+def steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s, d_warmup, end_of_epoch_s):
+    """Optimizer steps that fit `seconds`: whole epochs (`step_samples`: the clips of each step of one, as
+    every rank together trains them), each followed by validation and saving (`end_of_epoch_s`), then what
+    fits of one more, without its validation. The first `d_warmup` steps, critic-only, run at d_only_per_s."""
+    steps, left = 0, seconds
+    while True:
+        costs = [n / (d_only_per_s if steps + k < d_warmup else samples_per_s) for k, n in enumerate(step_samples)]
+        if sum(costs) + end_of_epoch_s > left:
+            break
+        steps, left = steps + len(costs), left - sum(costs) - end_of_epoch_s
+    for cost in costs:
+        if cost > left:
+            break
+        steps, left = steps + 1, left - cost
+    return steps
 
 
 def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0):
-    """Benchmark both kinds of step the run will do, then size epochs and the LR schedule; print the plan."""
-    n_train = sum(len(cs) for cs in train_sets)
-    batches_per_epoch = len(make_batches(1))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    """Size the run and its LR schedule: --epochs or --max_steps as given (the deadline still holds, and
+    fit re-plans a --max_steps run the budget cannot hold); otherwise benchmark both kinds of step the run
+    will do, within a small share of the budget, and plan the steps that fit it. Prints the plan."""
+    windows = make_batches(1)
+    world = distributed.world_size()
+    step_samples = [world * sum(len(b) for b in windows[i:i + args.grad_accum])
+                    for i in range(0, len(windows), args.grad_accum)]
+    steps_per_epoch = len(step_samples)
     samples_per_s = d_only_per_s = None
-    if args.benchmark_samples > 0:
+    if args.epochs or args.max_steps:
+        epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
+        total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+    else:
+        share = BENCHMARK_SHARE * budget.left() / (2 if d_warmup else 1)
         first = make_batches(0)
         bench = [clip_data.collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
         # Ranks step together, at the pace of the slowest one.
-        samples_per_s = distributed.world_size() * distributed.all_reduce(
-            benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples), "min")
+        samples_per_s = world * distributed.all_reduce(
+            benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples, max_seconds=share), "min")
         if d_warmup:
             # The discriminator-only warm-up steps are faster; a quarter of the samples tells by how much.
-            d_only_per_s = distributed.world_size() * distributed.all_reduce(
+            d_only_per_s = world * distributed.all_reduce(
                 benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
-                                     d_only=True), "min")
-    if args.epochs:
-        epochs = args.epochs
-    elif samples_per_s:
-        saved_s = 0.0
-        if d_only_per_s:
-            saved_s = d_warmup * args.batch_size * args.grad_accum * (1 / samples_per_s - 1 / d_only_per_s)
-        epochs, epoch_s, per_epoch = plan_epochs(samples_per_s, n_train, n_val, budget.left() + saved_s)
-        finish = time.strftime("%H:%M", time.localtime(time.time() + epochs * per_epoch - saved_s))
+                                     d_only=True, max_seconds=share), "min")
+        end_of_epoch_s = n_val / (3 * samples_per_s) + EPOCH_OVERHEAD_S
+        total_steps = steps_that_fit(budget.left(), step_samples, samples_per_s, d_only_per_s or samples_per_s,
+                                     d_warmup, end_of_epoch_s)
+        if total_steps == 0:
+            raise run_errors.TrainingError(
+                f"--target_hours {args.target_hours:g}: the {budget.left():.0f} s of budget left hold no training "
+                f"step ({step_samples[0] / samples_per_s:.1f} s each, measured): give a longer budget")
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        epoch_s = sum(step_samples) / samples_per_s
         warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s else ""
-        print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch ({per_epoch / 60:.1f} with "
-              f"validation and saving), {epochs} epochs, finishing about {finish}")
-    else:
-        epochs = math.ceil(args.max_steps / steps_per_epoch)
-    if distributed.world_size() > 1:
-        processes = distributed.world_size()
-        print(f"torchrun: {processes} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
-              f"= global batch of {processes * args.batch_size * args.grad_accum} clips, "
+        print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch "
+              f"({(epoch_s + end_of_epoch_s) / 60:.1f} with validation and saving), {total_steps} steps = "
+              f"{total_steps / steps_per_epoch:.2f} epochs, finishing about "
+              f"{time.strftime('%H:%M', time.localtime(time.time() + budget.left()))}")
+    if world > 1:
+        print(f"torchrun: {world} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
+              f"= global batch of {world * args.batch_size * args.grad_accum} clips, "
               f"{steps_per_epoch} optimizer steps per epoch")
-    total_steps = epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
     return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
 

@@ -102,30 +102,54 @@ class OutputLock:
             return self
 
     def take_over_if_stale(self):
-        """Remove a lock whose owner has ended; raise FolderInUse for a live (or unknowable) one."""
-        holder = read_lock(self.path)
+        """Remove the lock if its owner has ended; raise FolderInUse for a live (or unknowable) one."""
+        self.remove_if_stale(self.path)
+
+    def remove_if_stale(self, path):
+        """Remove the lock file `path` (the folder's lock, or a claim on a lock) if the process that wrote it
+        has ended; raise FolderInUse while it lives (or cannot be known); return once the file is gone.
+
+        Reading a lock and then removing it are two steps: a process that found the lock stale and then
+        removed whatever lies at `path` could remove the fresh lock of another process that took the same
+        stale lock over first, and both would believe they hold the folder. So a stale lock is removed only
+        under a claim: a file created exclusively (os.O_EXCL) whose name is derived from that very lock (its
+        owner's PID and start time), which exactly one process can create. The claimant reads `path` again
+        and removes it only if it is still that lock; nobody else removes a claimed lock, so it cannot change
+        between that read and the removal. Plain files only, alike on Windows and Linux (no fcntl, msvcrt or
+        /proc). A claim lives for microseconds; one left by a process killed while holding it is stale and
+        is removed the same way, under a claim on the claim.
+        """
+        holder, identity, mtime = lock_identity(path)
+        if identity is None:
+            return  # gone: the next try creates the lock (or finds the lock of whoever was first)
         if holder is None:
-            try:
-                if time.time() - os.path.getmtime(self.path) < UNREADABLE_LOCK_GRACE_S:
-                    raise FolderInUse(f"{self.folder} is being claimed by another run right now "
-                                      f"(lock file {self.path}); try again in a minute")
-            except FileNotFoundError:
-                return
+            if time.time() - mtime < UNREADABLE_LOCK_GRACE_S:
+                raise FolderInUse(f"{self.folder} is being claimed by another run right now "
+                                  f"(lock file {path}); try again in a minute")
         elif holder.get("host") != self.owner["host"]:
             raise FolderInUse(f"{self.folder} is in use by a run on another machine ({holder.get('host')}, "
-                              f"PID {holder.get('pid')}); if that run has ended, delete {self.path}")
+                              f"PID {holder.get('pid')}); if that run has ended, delete {path}")
         elif process_running(holder["pid"], holder.get("started")):
             since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("started", 0)))
             raise FolderInUse(f"{self.folder} is in use by another run (PID {holder['pid']}, started {since}): "
                               "wait for it to end, or choose another folder")
+        claim = f"{path}.{identity}.claim"
         try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass  # another process took it over first; the next try finds its lock
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            self.remove_if_stale(claim)  # FolderInUse while its claimant is at work; removed if it has died
+            return
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.owner, f)
+            if lock_identity(path)[1] == identity:  # not yet removed (and replaced) by an earlier claimant
+                remove_lock_file(path)
+        finally:
+            remove_lock_file(claim)
 
     def release(self):
         if self.held and read_lock(self.path) == self.owner:
-            os.remove(self.path)
+            remove_lock_file(self.path)
         self.held = False
 
 
@@ -136,6 +160,36 @@ def read_lock(path):
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def lock_identity(path):
+    """(owner or None when unreadable, a name for this very lock file, its mtime); identity None: no file.
+
+    A readable lock is named by its owner's PID and start time, which no later lock repeats; an unreadable
+    one (its writer killed before it wrote) by its modification time and size."""
+    holder = read_lock(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None, None, None
+    if holder is None:
+        return None, f"x{stat.st_mtime_ns}-{stat.st_size}", stat.st_mtime
+    return holder, f"{holder['pid']}-{holder.get('started')}", stat.st_mtime
+
+
+def remove_lock_file(path):
+    """Remove `path` if it is there. Windows refuses to delete a file another process has open, as one
+    reading this lock right now does for a moment: retry then, briefly."""
+    for attempt in range(100):
+        try:
+            os.remove(path)
+            return
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 99:
+                raise
+            time.sleep(0.01)
 
 
 def within(path, folder):

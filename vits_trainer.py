@@ -144,6 +144,9 @@ class VitsTrainer:
         self.step = 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.fp32_from_step = None  # the step fp16 gave way to fp32 at (fall_back_to_fp32)
+        self.splits = {}  # micro-batch size -> pieces it trains in since it ran out of GPU memory
+        self.oom_splits = 0
 
     def schedule(self, total_steps, d_warmup_steps=0, decay_from=(None, None)):
         """Linear warm-up then cosine decay over the planned optimizer steps (see lr_factor).
@@ -203,43 +206,114 @@ class VitsTrainer:
         micro-batch's generator graph until the critic has stepped would cost the memory accumulation
         saves, so the critic's pass runs the generator without gradients and the generator's pass runs it
         again from the same RNG state: the same slices and noise, the same numbers.
+
+        Out of GPU memory, the micro-batches are split into pieces (accumulated) and trained again from the
+        window's RNG state: the update a run with that split would make. A critic that has already stepped
+        keeps its one step; only the generator's part runs again. Later micro-batches of that size are split
+        alike (self.splits, kept in checkpoints), and the epoch's clips are never regrouped.
         """
         self.model.train()
         self.disc.train()
         batches = [clip_data.to_device(batch, self.device) for batch in batches]
-        keep_graph = len(batches) == 1 and not d_only
-        self.opt_d.zero_grad(set_to_none=True)
-        totals, outputs, rng = {}, [], []
-        for k, batch in enumerate(batches):
-            rng.append(None if keep_graph else checkpoints.rng_state())
-            with self.no_sync(self.critic_pass, k < len(batches) - 1):
-                out, terms = self.critic_backward(batch, len(batches), keep_graph)
-            if terms is None:
-                return self.skipped()
-            outputs.append(out if keep_graph else None)
-            add_mean(totals, terms, len(batches))
-        critic_stepped = self.update(self.opt_d, self.disc, totals, "grad_norm_d")
-        if critic_stepped:
-            self.sched_d.step()
+        start = checkpoints.rng_state()
+        while True:
+            pieces, totals = self.pieces(batches), {}
+            try:
+                critic = self.critic_phase(pieces, d_only, totals)
+                break
+            except torch.OutOfMemoryError:
+                self.out_of_memory(batches, "the critic's pass")
+                checkpoints.set_rng_state(start)
+        if critic is None:
+            return self.skipped()
+        critic_stepped, outputs, rng = critic
         if d_only:
             return self.finish(critic_stepped, totals)
+        while True:
+            generator_totals = {}
+            try:
+                generator_stepped = self.generator_phase(pieces, outputs, rng, generator_totals)
+                break
+            except torch.OutOfMemoryError:
+                self.out_of_memory(batches, "the generator's pass")
+                # Every piece's forward again, in order from the window's RNG state, as a split run draws them.
+                checkpoints.set_rng_state(start)
+                pieces = self.pieces(batches)
+                outputs, rng = [None] * len(pieces), [None] * len(pieces)
+        if generator_stepped is None:
+            self.scaler.update()
+            return self.skipped()
+        totals.update(generator_totals)
+        return self.finish(critic_stepped and generator_stepped, totals)
 
+    def critic_phase(self, pieces, d_only, totals):
+        """The critic's loss and backward on every piece, then its step. Returns (stepped, the generator's
+        outputs kept for its pass, the RNG state before each piece), or None for a non-finite loss."""
+        keep_graph = len(pieces) == 1 and not d_only
+        self.opt_d.zero_grad(set_to_none=True)
+        outputs, rng = [], []
+        for k, batch in enumerate(pieces):
+            rng.append(None if keep_graph else checkpoints.rng_state())
+            with self.no_sync(self.critic_pass, k < len(pieces) - 1):
+                out, terms = self.critic_backward(batch, len(pieces), keep_graph)
+            if terms is None:
+                return None
+            outputs.append(out if keep_graph else None)
+            add_mean(totals, terms, len(pieces))
+        stepped = self.update(self.opt_d, self.disc, totals, "grad_norm_d")
+        if stepped:
+            self.sched_d.step()
+        return stepped, outputs, rng
+
+    def generator_phase(self, pieces, outputs, rng, totals):
+        """The generator's losses and backward on every piece (its forward again where none was kept), then
+        its step. Returns whether it stepped, or None for a non-finite loss."""
         self.opt_g.zero_grad(set_to_none=True)
-        for k, batch in enumerate(batches):
-            if not keep_graph:
-                checkpoints.set_rng_state(rng[k])
+        for k, batch in enumerate(pieces):
+            if outputs[k] is None:
+                if rng[k] is not None:
+                    checkpoints.set_rng_state(rng[k])
                 outputs[k] = self.generator_outputs(batch)
-            with self.no_sync(self.generator_pass, k < len(batches) - 1):
-                terms = self.generator_backward(outputs[k], len(batches))
+            with self.no_sync(self.generator_pass, k < len(pieces) - 1):
+                terms = self.generator_backward(outputs[k], len(pieces))
             outputs[k] = None
             if terms is None:
-                self.scaler.update()
-                return self.skipped()
-            add_mean(totals, terms, len(batches))
-        generator_stepped = self.update(self.opt_g, self.model, totals, "grad_norm_g")
-        if generator_stepped:
+                return None
+            add_mean(totals, terms, len(pieces))
+        stepped = self.update(self.opt_g, self.model, totals, "grad_norm_g")
+        if stepped:
             self.sched_g.step()
-        return self.finish(critic_stepped and generator_stepped, totals)
+        return stepped
+
+    def pieces(self, batches):
+        """The window's micro-batches, each split into the pieces an earlier out-of-memory step set for its size."""
+        out = []
+        for batch in batches:
+            n = self.splits.get(len(batch["frames"]), 1)
+            chunks = {key: value.tensor_split(n) for key, value in batch.items()}
+            out.extend({key: chunks[key][i] for key in batch} for i in range(n))
+        return out
+
+    def out_of_memory(self, batches, part):
+        """Free what the failed attempt held and split micro-batches of this size into twice as many pieces;
+        a run that cannot split further stops with one line, as does one under torchrun (the other
+        processes would wait for this one in DDP's all-reduce)."""
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = max(len(batch["frames"]) for batch in batches)
+        pieces = 2 * self.splits.get(size, 1)
+        where = f"out of GPU memory at step {self.step + 1} in {part}"
+        if distributed.world_size() > 1:
+            raise run_errors.TrainingError(f"{where} under torchrun: give a smaller --batch_size (and a larger "
+                                           "--grad_accum) to --resume auto")
+        if pieces > size:
+            raise run_errors.TrainingError(f"{where}: not even one clip fits (give a smaller --max_samples "
+                                           "selection of shorter clips, or --precision fp16)")
+        self.splits[size] = pieces
+        self.oom_splits += 1
+        tqdm.write(f"{where}: micro-batches of {size} clips now train in {pieces} pieces")
 
     def finish(self, stepped, totals):
         # fp16: finite losses with overflowing gradients are how the GradScaler finds its scale; they only
@@ -260,10 +334,23 @@ class VitsTrainer:
         self.skipped_steps += 1
         self.bad_steps += bad
         if self.bad_steps >= self.args.max_bad_steps:
+            if self.precision == "fp16":
+                self.fall_back_to_fp32(f"{self.bad_steps} non-finite fp16 steps in a row at step {self.step}")
+                return None
             raise run_errors.TrainingError(f"{self.bad_steps} non-finite training steps in a row at step {self.step}: "
                                            "stopping before the model is ruined (try --precision bf16/fp32 or a "
                                            "lower --lr)")
         return None
+
+    def fall_back_to_fp32(self, why):
+        """Go on in fp32 from here: fp16 that keeps overflowing would stop the night. The skipped steps left
+        the weights, optimizers and schedules as they were, so the night continues from that state; the
+        checkpoints record it, and a resumed run stays in fp32 unless --precision fp16 is given again."""
+        tqdm.write(f"{why}: going on in fp32 (the skipped steps changed nothing; slower, but the night goes on)")
+        self.precision = "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.bad_steps = 0
+        self.fp32_from_step = self.step
 
     def no_sync(self, net, accumulating):
         """Under DDP, gradients are averaged once per optimizer step: not after the window's earlier micro-batches."""
@@ -364,7 +451,8 @@ class VitsTrainer:
         return dict(model=self.model.state_dict(), disc=self.disc.state_dict(), opt_g=self.opt_g.state_dict(),
                     opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
                     sched_d=self.sched_d.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
-                    skipped_steps=self.skipped_steps)
+                    skipped_steps=self.skipped_steps, fp32_from_step=self.fp32_from_step, splits=dict(self.splits),
+                    oom_splits=self.oom_splits)
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -373,5 +461,11 @@ class VitsTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
-        self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        left_fp16 = state.get("fp32_from_step")
+        if left_fp16 is not None and self.precision == "fp16" and self.args.precision != "fp16":
+            self.fall_back_to_fp32(f"the run left fp16 at step {left_fp16}")
+        self.fp32_from_step = left_fp16
+        self.splits, self.oom_splits = dict(state.get("splits", {})), state.get("oom_splits", 0)
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])

@@ -7,7 +7,10 @@ import json
 import os
 import queue
 import shutil
+import socket
 import threading
+import time
+import unicodedata
 
 import librosa
 import numpy as np
@@ -242,6 +245,292 @@ def test_listening_beyond_this_machine_needs_a_flag(tiny_model_dir, tmp_path, ca
     assert "--allow_remote" in capsys.readouterr().err
     args = tf.parse_args(["--listen", str(tmp_path), "--model", tiny_model_dir, "--host", "0.0.0.0", "--allow_remote"])
     assert args.host == "0.0.0.0" and args.output_dir == str(tmp_path)
+
+
+def raw_request(port, method, path, headers=(), body=b"", address="127.0.0.1"):
+    """One request with exactly `headers` (http.client adds no Host, Content-Length or Accept-Encoding):
+    (status, headers, JSON answer or raw body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.getheader("Content-Type") == "application/json":
+        data = json.loads(data) if data else {}  # (no body to a HEAD)
+    return response.status, response, data
+
+
+def raw_bytes(port, data, half_close=False, wait_s=30):
+    """Send `data` as it is on a socket; return all the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def json_answer(answer):
+    """(status, headers, JSON body) of a raw HTTP answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert headers["Content-Type"] == "application/json", answer[:300]
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def tone(seconds, sr, start=0.0, total=None):
+    """A 440 Hz tone of `seconds` at `start` in `total` seconds of digital silence (default: just the tone)."""
+    audio = np.zeros(round((total or seconds) * sr), dtype=np.float32)
+    n = round(seconds * sr)
+    audio[round(start * sr):round(start * sr) + n] = 0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / sr)
+    return audio
+
+
+def test_a_take_that_decodes_past_a_minute_is_refused_before_it_is_decoded(session, monkeypatch):
+    served, folder, feedback, _ = session
+    before = sorted(os.listdir(feedback))
+    decoded = []  # frames soundfile handed out, for whoever asked (the checks or speech.load_audio)
+    read = sf.SoundFile.read
+
+    def counting_read(self, *args, **kwargs):
+        out = read(self, *args, **kwargs)
+        decoded.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting_read)
+    # Small uploads that decode to far more than a minute: 90 s of FLAC, 30 minutes of 8-bit 100 Hz WAV.
+    flac = wav_bytes(tone(1.0, 8000, total=90), 8000, "FLAC", "PCM_16")
+    u8 = wav_bytes(np.zeros(100 * 1800), 100, "WAV", "PCM_U8")
+    assert len(flac) < 100_000 and len(u8) < 200_000
+    for bomb in (flac, u8):
+        status, answer = served.save(0, bomb, SENTENCES[0])
+        assert status == 413 and "longer than 60 s" in answer["error"], answer
+        assert sum(decoded) == 0  # refused from the header, before a single block was decoded
+    # A header that understates the length (as an estimated one can): decoding stops one block past the minute.
+    info = sf.info
+
+    def understated(file):
+        real = info(file)
+        real.frames = real.samplerate
+        return real
+
+    monkeypatch.setattr(sf, "info", understated)
+    status, answer = served.save(0, flac, SENTENCES[0])
+    assert status == 413 and "longer than 60 s" in answer["error"], answer
+    assert 60 * 8000 < sum(decoded) <= 60 * 8000 + listening.DECODE_BLOCK_FRAMES
+    assert sorted(os.listdir(feedback)) == before
+    monkeypatch.setattr(sf, "info", info)
+    # A 59 s take is still a take.
+    status, answer = served.save(0, wav_bytes(tone(1.0, 8000, total=59), 8000, "FLAC", "PCM_16"), SENTENCES[0])
+    assert status == 200 and sf.info(answer["saved"]).duration == pytest.approx(59)
+
+
+def test_remote_mode_answers_only_names_of_this_machine(session, monkeypatch, tiny_model_dir, capsys):
+    served, folder, feedback, _ = session
+    try:
+        socket.create_server(("127.0.0.2", 0)).close()
+    except OSError as err:
+        pytest.skip(f"127.0.0.2 is not on this machine's loopback ({err})")
+    served.stop()
+    # 127.0.0.2 is on loopback but not a local name: the server runs as with --host 0.0.0.0.
+    remote = Served(["--listen", folder, "--model", tiny_model_dir, "--feedback_dir", feedback, "--port", "0",
+                     "--host", "127.0.0.2", "--allow_remote", "--allowed_host", "Voice.LAN", "--device", "cpu"],
+                    monkeypatch)
+    try:
+        port = remote.port
+        assert "answering only requests that name this machine" in capsys.readouterr().out
+
+        def ask(method, path, host, origin=None, body=b""):
+            headers = [("Host", host)] + ([("Origin", origin)] if origin else [])
+            if method == "POST":
+                headers.append(("Content-Length", str(len(body))))
+            return raw_request(port, method, path, headers, body, address="127.0.0.2")[::2]
+
+        # A DNS-rebinding page sends its own domain as Host and as Origin: both agree, and it is refused.
+        for host in [f"evil.example:{port}", "evil.example", f"voice.lan.evil.example:{port}", f"{port}", ""]:
+            status, answer = ask("POST", "/api/mark/0", host, f"http://{host}", b'{"mark": "good"}')
+            assert status == 403 and "must name this machine" in answer["error"], host
+            assert ask("GET", "/api/session", host)[0] == 403
+        with open(os.path.join(folder, listening.SESSION_FILE), encoding="utf-8") as f:
+            assert [r["mark"] for r in json.load(f)["sentences"]] == [None, None]
+        # The names of this machine are answered: the bound address, any address, localhost, the machine's
+        # names and --allowed_host (case and a trailing dot do not matter).
+        for host in [f"127.0.0.2:{port}", f"192.168.1.5:{port}", f"[::1]:{port}", "localhost",
+                     f"{socket.gethostname()}:{port}", f"{socket.getfqdn()}:{port}", f"voice.lan:{port}",
+                     f"VOICE.lan.:{port}"]:
+            assert ask("GET", "/api/session", host)[0] == 200, host
+        status, state = ask("POST", "/api/mark/1", f"voice.lan:{port}", f"http://voice.lan:{port}", b'{"mark": "good"}')
+        assert status == 200 and state["rows"][1]["mark"] == "good"
+        # Another site's page posting to an allowed name is still cross-origin.
+        status, _ = ask("POST", "/api/mark/0", f"voice.lan:{port}", "http://evil.example", b'{"mark": "good"}')
+        assert status == 403
+    finally:
+        remote.stop()
+    # --allowed_host is a host name, and only means something with --allow_remote.
+    for extra, error in [(["--allowed_host", "voice.lan"], "it needs --allow_remote"),
+                         (["--host", "0.0.0.0", "--allow_remote", "--allowed_host", "http://voice.lan"], "host name"),
+                         (["--host", "0.0.0.0", "--allow_remote", "--allowed_host", "voice.lan:80"], "host name")]:
+        with pytest.raises(SystemExit):
+            tf.parse_args(["--listen", folder, "--model", tiny_model_dir] + extra)
+        assert error in capsys.readouterr().err
+    helps = {a.dest: a.help for a in tf.build_parser()._actions}
+    assert "DNS rebinding" in helps["allow_remote"] and "no password" in helps["allow_remote"]
+
+
+def test_a_number_is_never_given_twice(session, monkeypatch, tiny_model_dir, tmp_path):
+    served, folder, feedback, _ = session
+    speech = wav_bytes(espeak_clip(SENTENCES[0], 16000), 16000)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    status, answer = served.save(0, speech, SENTENCES[0])
+    assert status == 200 and answer["saved"] == os.path.join(feedback, "audio_008.wav")
+    # The speaker moves the new pair away (to check it, or to another folder): 008 stays used.
+    for ext in ("wav", "txt"):
+        shutil.move(os.path.join(feedback, f"audio_008.{ext}"), moved)
+    status, answer = served.save(1, speech, SENTENCES[1])
+    assert status == 200 and answer["saved"] == os.path.join(feedback, "audio_009.wav")
+    for ext in ("wav", "txt"):
+        shutil.move(os.path.join(feedback, f"audio_009.{ext}"), moved)
+    served.stop()
+    with open(os.path.join(folder, listening.SESSION_FILE), encoding="utf-8") as f:
+        assert json.load(f)["last_number"] == 9
+    # After a restart too: a redo of a sentence whose pair is gone is a new pair, numbered after 009.
+    resumed = Served(["--listen", folder, "--model", tiny_model_dir, "--feedback_dir", feedback, "--port", "0",
+                      "--device", "cpu"], monkeypatch)
+    status, answer = resumed.save(0, speech, SENTENCES[0])
+    assert status == 200 and answer["saved"] == os.path.join(feedback, "audio_010.wav")
+    resumed.stop()
+    assert sorted(os.listdir(feedback)) == ["audio_007.txt", "audio_007.wav", "audio_010.txt", "audio_010.wav"]
+
+
+def test_every_malformed_request_gets_a_json_4xx(session, capsys):
+    served, folder, feedback, _ = session
+    port = served.port
+    host = ("Host", f"127.0.0.1:{port}")
+    before = sorted(os.listdir(feedback)), sorted(os.listdir(folder))
+    digits = "7" * 5000
+    mark = b'{"mark": "good"}'
+    cases = [
+        ("GET", f"/audio/{digits}.wav", [], b"", 404),
+        ("GET", f"/recorded/{digits}.wav", [], b"", 404),
+        ("POST", f"/api/mark/{digits}", [("Content-Length", "16")], mark, 404),
+        ("POST", f"/api/save/{digits}?text=roj", [("Content-Length", "16")], mark, 404),
+        ("POST", "/api/mark/0", [("Content-Length", "1024")], b"[" * 1024, 400),  # deeper than json can recurse
+        ("POST", "/api/mark/0", [("Content-Length", "20")], b'{"mark": [[[["x"]]]]}'[:20], 400),
+        ("POST", "/api/mark/0", [("Content-Length", "100000")], b"", 413),  # refused before its body is sent
+        ("POST", "/api/mark/0", [("Content-Length", "6")], b'"good"', 400),
+        ("POST", "/api/mark/0", [("Content-Length", "4")], b"\xff\xfe{}", 400),
+        ("POST", "/api/mark/0", [("Content-Length", "\u00b2")], b"", 400),  # ² is a digit to str.isdigit
+        ("POST", "/api/mark/0", [("Content-Length", "1\u00b3")], b"", 400),
+        ("POST", "/api/mark/0", [("Content-Length", digits)], b"", 413),
+        ("POST", "/api/save/0?text=roj", [("Content-Length", digits)], b"", 413),
+        ("POST", "/api/mark/0", [("Content-Length", "-16")], b"", 400),
+        ("POST", "/api/mark/0", [("Content-Length", "0x10")], b"", 400),
+        ("POST", "/api/mark/0", [("Content-Length", "16"), ("Content-Length", "17")], mark, 400),
+        ("POST", "/api/mark/0", [], b"", 411),
+        ("POST", "/api/save/0?text=roj", [], b"", 411),
+        ("GET", "/nowhere", [], b"", 404),
+        ("POST", "/nowhere", [("Content-Length", "0")], b"", 404),
+        ("GET", "/api/mark/0", [], b"", 405),
+        ("POST", "/api/session", [("Content-Length", "0")], b"", 405),
+        ("PUT", "/api/mark/0", [("Content-Length", "16")], mark, 405),
+        ("DELETE", "/api/session", [], b"", 405),
+        ("OPTIONS", "/api/save/0", [], b"", 405),
+        ("PATCH", "/", [], b"", 405),
+        ("BREW", "/", [], b"", 405),
+    ]
+    for method, path, headers, body, expected in cases:
+        status, response, answer = raw_request(port, method, path, [host] + headers, body)
+        assert status == expected and isinstance(answer, dict) and answer["error"], (method, path[:40], headers[:1],
+                                                                                    status, answer)
+    status, response, answer = raw_request(port, "HEAD", "/", [host])
+    assert status == 405 and answer == {} and response.getheader("Allow") == "GET, POST"
+    # What http.client will not send: a space in the path, a header line past http.server's limit, a body
+    # shorter than its Content-Length.
+    for data, half_close, expected in [
+            (b"GET /a b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", False, 400),
+            (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (65537 - 8), False, 431),  # (all of it read: no reset)
+            (b"POST /api/mark/0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n" + mark, True, 400)]:
+        status, _, answer = json_answer(raw_bytes(port, data, half_close))
+        assert status == expected and answer["error"], (data[:40], status, answer)
+    # Nothing was written, nothing was raised, and the server still answers.
+    assert (sorted(os.listdir(feedback)), sorted(os.listdir(folder))) == before
+    with open(os.path.join(folder, listening.SESSION_FILE), encoding="utf-8") as f:
+        assert [r["mark"] for r in json.load(f)["sentences"]] == [None, None]
+    assert served.request("GET", "/api/session")[0] == 200
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_no_answer_can_be_framed_by_another_site(session):
+    served, _, _, _ = session
+    port = served.port
+    host = ("Host", f"127.0.0.1:{port}")
+    answers = [raw_request(port, method, path, headers, body)[1] for method, path, headers, body in [
+        ("GET", "/", [host], b""), ("GET", "/api/session", [host], b""), ("GET", "/audio/0.wav", [host], b""),
+        ("GET", "/nowhere", [host], b""),
+        ("POST", "/api/mark/0", [host, ("Content-Length", "16")], b'{"mark": "good"}'),
+        ("PUT", "/", [host], b""), ("GET", "/", [("Host", "evil.example")], b"")]]
+    assert [a.status for a in answers] == [200, 200, 200, 404, 200, 405, 403]
+    for response in answers:
+        assert response.getheader("X-Frame-Options") == "DENY"
+        assert response.getheader("Content-Security-Policy") == "frame-ancestors 'none'"
+    _, headers, _ = json_answer(raw_bytes(port, b"GET /a b HTTP/1.1\r\n\r\n"))
+    assert headers["X-Frame-Options"] == "DENY" and headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+
+
+def test_control_characters_never_reach_the_terminal_or_the_txt(session, capsys):
+    served, folder, feedback, _ = session
+    speech = wav_bytes(espeak_clip(SENTENCES[0], 16000), 16000)
+    capsys.readouterr()
+    typed = "\x1bc\u202eRoj\x1b baş,\x00 heval\u200bno!\x07\r\n\x7f\u2066"
+    status, answer = served.save(0, speech, typed)
+    assert status == 200, answer
+    with open(answer["saved"][:-4] + ".txt", encoding="utf-8") as f:
+        assert f.read() == "cRoj baş, hevalno!\n"
+    assert answer["rows"][0]["text"] == "cRoj baş, hevalno!"
+    printed = capsys.readouterr().out
+    assert "cRoj baş, hevalno!" in printed
+    assert not any(unicodedata.category(ch) in ("Cc", "Cf") for ch in printed.replace("\n", ""))
+    # A text that is nothing but control characters is no text.
+    status, answer = served.save(1, speech, "\x1b\x00\u200b")
+    assert status == 422 and "empty_text" in answer["error"]
+
+
+def test_a_client_that_sends_nothing_is_dropped(session, monkeypatch):
+    served, _, _, _ = session
+    assert 10 <= listening.READ_TIMEOUT_S <= 30
+    monkeypatch.setattr(listening, "READ_TIMEOUT_S", 1)
+    started = time.monotonic()
+    # A body announced and never sent: the read times out and the connection is answered and closed.
+    answer = raw_bytes(served.port, f"POST /api/mark/0 HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n"
+                                    "Content-Length: 100\r\n\r\n".encode(), wait_s=10)
+    status, _, error = json_answer(answer)
+    assert status == 408 and "did not arrive" in error["error"]
+    # Headers never finished, or nothing sent at all: the connection is closed.
+    assert raw_bytes(served.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n", wait_s=10) == b""
+    assert raw_bytes(served.port, b"", wait_s=10) == b""
+    assert time.monotonic() - started < 10
+    assert served.request("GET", "/api/session")[0] == 200
+
+
+def test_a_take_shorter_than_a_third_of_a_second_is_refused(session):
+    served, folder, feedback, _ = session
+    before = sorted(os.listdir(feedback))
+    # 0.05 s of sound, alone or between 1 s of silence on each side (trimmed as the trainer trims clips).
+    for take in (tone(0.05, 16000), tone(0.05, 48000, start=1.0, total=2.05)):
+        status, answer = served.save(0, wav_bytes(take, 16000 if len(take) < 16000 else 48000), SENTENCES[0])
+        assert status == 422 and "at least 0.3 s" in answer["error"], answer
+    assert sorted(os.listdir(feedback)) == before
+    status, answer = served.save(0, wav_bytes(tone(0.4, 48000, start=1.0, total=2.4), 48000), SENTENCES[0])
+    assert status == 200, answer
 
 
 def chromium(tmp_path, capture_wav):

@@ -4,6 +4,7 @@ import copy
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -229,20 +230,28 @@ def test_plan_counts_the_faster_discriminator_only_warmup(tiny_model_dir, tiny_c
     trainer, _ = tiny_trainer(tiny_model_dir)
     calls = []
 
-    def fake_benchmark(trainer, batches, grad_accum, samples, d_only=False):
-        calls.append((samples, d_only))
+    def fake_benchmark(trainer, batches, grad_accum, samples, d_only=False, max_seconds=math.inf):
+        calls.append((samples, d_only, max_seconds))
         return 4.0 if d_only else 1.0
     monkeypatch.setattr(planning, "benchmark_throughput", fake_benchmark)
     args = train_vits.parse_args(["--batch_size", "2", "--grad_accum", "2", "--benchmark_samples", "40"])
     make_batches = clip_data.epoch_batches(tiny_clips, 2, 0)
     n = len(tiny_clips)
+    assert n == 12  # 6 batches of 2: 3 steps of 4 clips an epoch
     plan = planning.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget(), d_warmup=200)
-    assert calls == [(40, False), (10, True)]
-    # 200 warm-up steps of 4 samples at 4/s instead of 1/s leave 600 s more for whole epochs.
-    assert plan["epochs"] == int((3600 + 200 * 4 * (1 - 1 / 4)) // (n / 1.0 + 3 / 3.0 + 10.0))
+    # Both kinds of step timed, each within half of 2% of the budget.
+    assert calls == [(40, False, 36.0), (10, True, 36.0)]
+    # Steps of 4 clips: 1 s while the critic trains alone (4/s), 4 s after (1/s); 11 s after each epoch
+    # for validation (3 clips at 3x the speed) and saving. 200 critic steps = 66 epochs of 14 s + 2 steps.
+    d_epochs = 66
+    left = 3600 - d_epochs * 14 - (1 + 1 + 4 + 11)  # epoch 67: two critic steps, one whole step
+    whole, left = divmod(left, 12 + 11)
+    assert plan["total_steps"] == (d_epochs + 1 + whole) * 3 + int(left // 4)
+    assert plan["epochs"] == math.ceil(plan["total_steps"] / 3) and plan["steps_per_epoch"] == 3
     calls.clear()
-    assert planning.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget())["epochs"] == int(3600 // (n + 11))
-    assert calls == [(40, False)]
+    plan = planning.plan_run(trainer, [tiny_clips], make_batches, 3, args, FixedBudget())
+    assert calls == [(40, False, 72.0)]
+    assert plan["total_steps"] == 3600 // 23 * 3 + int(3600 % 23 // 4)
 
 
 def advance(trainer, steps, d_only=False):
