@@ -113,6 +113,9 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
         print(f"resumed {path}: epoch {state['epoch']}, step {trainer.step}, "
               f"{budget.left() / 3600:.2f} h of budget left")
         plan = dict(state["plan"])
+        if args.max_steps != state["args"].get("max_steps"):
+            # Another --max_steps moves where the run stops, not its learning-rate schedule.
+            plan["total_steps"] = min(plan["epochs"] * plan["steps_per_epoch"], args.max_steps or math.inf)
         if args.epochs and args.epochs != plan["epochs"]:
             planning.resize_plan(trainer, plan, args.epochs, args.max_steps, state["d_warmup_steps"])
         run = dict(plan=plan, epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
