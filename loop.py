@@ -184,8 +184,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 bar.update(len(window))
                 if result and trainer.step % args.logging_steps == 0:
                     log.write(dict(step=trainer.step, epoch=epoch, **terms, lr=trainer.lr(), samples_per_s=rate,
-                                   skipped_steps=trainer.skipped_steps, precision=trainer.precision,
-                                   oom_splits=trainer.oom_splits))
+                                   skipped_steps=trainer.skipped_steps, oom_splits=trainer.oom_splits))
             bar.close()
             if done < len(batches):
                 if interrupted:

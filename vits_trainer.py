@@ -287,6 +287,8 @@ class VitsTrainer:
 
     def pieces(self, batches):
         """The window's micro-batches, each split into the pieces an earlier out-of-memory step set for its size."""
+        if not self.splits:
+            return batches
         out = []
         for batch in batches:
             n = self.splits.get(len(batch["frames"]), 1)
