@@ -128,7 +128,7 @@ def load_checkpoint(path, state, trainer, args, data_key, fixed_flags=None):
     check_resumed_flags(state.get("args", {}), args, path, fixed_flags or RESUME_FIXED)
     if state.get("data_key") != data_key:
         raise run_errors.TrainingError(f"--resume {path}: the checkpoint was trained on other data "
-                                       "(metadata.csv or the validation split changed); start a new --output_dir")
+                                       "(metadata.csv, speakers.csv or the validation split changed); start a new --output_dir")
     saved_world = state.get("world_size", 1)
     if saved_world != distributed.world_size():
         # Each rank's place in the epoch and its random state belong to the number of processes.
@@ -148,7 +148,7 @@ def load_checkpoint(path, state, trainer, args, data_key, fixed_flags=None):
 
 # Flags that shape the LR schedule or which clips make up each batch: a resumed run must keep them
 # (train_feedback.py adds its own).
-RESUME_FIXED = ("lr", "d_lr", "batch_size", "grad_accum", "seed")
+RESUME_FIXED = ("lr", "d_lr", "batch_size", "grad_accum", "seed", "speakers")
 
 
 def check_resumed_flags(saved, args, path, fixed=RESUME_FIXED):
@@ -161,11 +161,14 @@ def check_resumed_flags(saved, args, path, fixed=RESUME_FIXED):
 
 
 def data_fingerprint(train_sets, val_sets):
-    """What the run trains on: names, texts and audio (a WAV replaced under the same name changes it)."""
+    """What the run trains on: names, texts and audio (a WAV replaced under the same name changes it), and
+    each clip's speaker id in a multi-speaker voice."""
     h = hashlib.sha256()
     for cs in list(train_sets) + list(val_sets.values()):
         for name, text, pcm in zip(cs.names, cs.texts, cs.audio):
             h.update(f"{name}|{text}|{len(pcm)}|{zlib.crc32(np.ascontiguousarray(pcm))}\n".encode())
+        if cs.speaker_ids is not None:
+            h.update(f"speakers {cs.speaker_ids}".encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
 

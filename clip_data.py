@@ -189,10 +189,14 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
 
 
 class ClipSet:
-    """Preloaded clips with token ids; items whose tokens outnumber their frames are dropped (MAS needs it)."""
+    """Preloaded clips with token ids; items whose tokens outnumber their frames are dropped (MAS needs it).
+
+    speaker_ids: each clip's speaker in a multi-speaker voice (speakers.choose_speakers), else None.
+    """
 
     def __init__(self, clips, tokenizer):
         self.names, self.texts, self.audio, self.mels, self.tokens = [], [], [], [], []
+        self.speaker_ids = None
         self.dropped = {}
         for name, text, pcm, mel in clips:
             ids = speech.token_ids(tokenizer, text)
@@ -218,8 +222,14 @@ class ClipSet:
 
     def subset(self, indices):
         other = copy.copy(self)
-        for attr in ("names", "texts", "audio", "mels", "tokens"):
+        for attr in ("names", "texts", "audio", "mels", "tokens") + (("speaker_ids",) if self.speaker_ids else ()):
             setattr(other, attr, [getattr(self, attr)[i] for i in indices])
+        return other
+
+    def with_speaker(self, speaker_id):
+        """A copy whose every clip is speaker `speaker_id` (a feedback folder: one listener's voice)."""
+        other = copy.copy(self)
+        other.speaker_ids = None if speaker_id is None else [speaker_id] * len(self)
         return other
 
 
@@ -273,7 +283,10 @@ def collate(items, segment_frames):
         mel[b, :, :frames[b]] = torch.from_numpy(cs.mels[i].astype(np.float32))
         ids[b, :len(cs.tokens[i])] = torch.from_numpy(cs.tokens[i])
         id_mask[b, :len(cs.tokens[i])] = 1
-    return dict(audio=audio, mel=mel, frames=torch.tensor(frames), input_ids=ids, attention_mask=id_mask)
+    tensors = dict(audio=audio, mel=mel, frames=torch.tensor(frames), input_ids=ids, attention_mask=id_mask)
+    if items[0][0].speaker_ids is not None:
+        tensors["speaker_ids"] = torch.tensor([cs.speaker_ids[i] for cs, i in items])
+    return tensors
 
 
 def to_device(batch, device):

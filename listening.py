@@ -27,6 +27,7 @@ import distributed
 import models
 import run_errors
 import run_folder
+import speakers
 import speech
 import voice_quality
 
@@ -69,8 +70,8 @@ class Session:
     never gives its number to another take.
     """
 
-    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0):
-        self.folder, self.feedback_dir, self.voice = folder, feedback_dir, voice
+    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0, speaker_id=None):
+        self.folder, self.feedback_dir, self.voice, self.speaker_id = folder, feedback_dir, voice, speaker_id
         self.rows, self.sampling_rate, self.vocab = rows, sampling_rate, vocab
         self.last_number = max([last_number] + [saved_number(r["saved"]) for r in rows])
         self.lock = threading.Lock()
@@ -95,7 +96,8 @@ class Session:
         corrections = sum(r["saved"] is not None for r in self.rows)
         return dict(rows=self.rows, heard=heard, total=len(self.rows), corrections=corrections,
                     progress=f"{heard} of {len(self.rows)} heard, {corrections} correction{'s' * (corrections != 1)}",
-                    feedback_dir=self.feedback_dir, command=train_command(self.voice, self.feedback_dir))
+                    feedback_dir=self.feedback_dir,
+                    command=train_command(self.voice, self.feedback_dir, self.speaker_id))
 
     def mark(self, index, mark):
         if mark not in MARKS:
@@ -130,8 +132,8 @@ class Session:
         return wav
 
     def write(self):
-        data = dict(voice=self.voice, feedback_dir=self.feedback_dir, last_number=self.last_number,
-                    sentences=self.rows)
+        data = dict(voice=self.voice, speaker_id=self.speaker_id, feedback_dir=self.feedback_dir,
+                    last_number=self.last_number, sentences=self.rows)
         run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE),
                                     json.dumps(data, indent=2, ensure_ascii=False), durable=False)
 
@@ -201,9 +203,10 @@ def plain_text(text):
     return " ".join(kept.split())
 
 
-def train_command(voice, feedback_dir):
+def train_command(voice, feedback_dir, speaker_id=None):
     quoted = [f'"{a}"' if " " in a else a for a in (voice, feedback_dir)]
-    return f"python train_feedback.py --model {quoted[0]} --feedback_dir {quoted[1]}"
+    return (f"python train_feedback.py --model {quoted[0]} --feedback_dir {quoted[1]}"
+            + (f" --speaker_id {speaker_id}" if speaker_id is not None else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ def open_session(folder, args):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
             rows, voice, last_number = saved["sentences"], saved["voice"], saved.get("last_number", 0)
+            spoken_by = saved.get("speaker_id")
             if not isinstance(last_number, int) or last_number < 0:
                 raise ValueError(f"last_number {last_number!r}")
         except (ValueError, KeyError, TypeError) as err:
@@ -240,6 +244,7 @@ def open_session(folder, args):
     else:
         rows = [dict(id=i, text=t, mark=None, saved=None) for i, t in kit_sentences(folder)]
         voice, last_number = args.model, 0  # --make_session spoke the kit with the voice given now
+        spoken_by = "kit"
     # Ids name files in model/: never a path.
     bad = [r["id"] for r in rows if not re.fullmatch(r"[\w.-]+", r["id"]) or r["id"].strip(".") == ""]
     if bad:
@@ -254,24 +259,29 @@ def open_session(folder, args):
     if not speakable:
         raise run_errors.TrainingError(f"--listen {folder}: no sentence the voice can say")
     rows = [r for r, _ in speakable]
-    stale = [(r, t) for r, t in speakable
-             if voice != args.model or not os.path.isfile(os.path.join(folder, "model", f"{r['id']}.wav"))]
+    config = VitsConfig.from_pretrained(args.model)
+    speaker = speakers.feedback_speaker(config, speakers.read_table(args.model), args.speaker_id)
+    spoken_by = speaker if spoken_by == "kit" else spoken_by
+    # Another voice or another of its speakers: every sentence is spoken again.
+    stale = [(r, t) for r, t in speakable if voice != args.model or spoken_by != speaker
+             or not os.path.isfile(os.path.join(folder, "model", f"{r['id']}.wav"))]
     if stale:
-        speak(stale, folder, args)
-    session = Session(folder, args.feedback_dir, args.model, rows,
-                      VitsConfig.from_pretrained(args.model).sampling_rate, vocab, last_number)
+        speak(stale, folder, args, speaker)
+    session = Session(folder, args.feedback_dir, args.model, rows, config.sampling_rate, vocab, last_number, speaker)
     with session.lock:
         session.write()
     return session
 
 
-def speak(rows_and_texts, folder, args):
-    """The voice speaks each sentence once into FOLDER/model/<id>.wav (the page's cache)."""
-    print(f"speaking {len(rows_and_texts)} sentences with {args.model} ...")
+def speak(rows_and_texts, folder, args, speaker):
+    """The voice (its speaker `speaker`) speaks each sentence once into FOLDER/model/<id>.wav (the page's cache)."""
+    print(f"speaking {len(rows_and_texts)} sentences with {args.model}"
+          + (f", speaker {speaker}" if speaker is not None else "") + " ...")
     model, tokenizer = models.load_voice(args.model)
     model.to(distributed.resolve_device(args.device))
     model_dir = os.path.join(folder, "model")
-    paths = voice_quality.synthesise(model, tokenizer, [t for _, t in rows_and_texts], os.path.join(model_dir, ".new"))
+    paths = voice_quality.synthesise(model, tokenizer, [t for _, t in rows_and_texts], os.path.join(model_dir, ".new"),
+                                     speaker_id=speaker)
     for path, (row, _) in zip(paths, rows_and_texts):
         os.replace(path, os.path.join(model_dir, f"{row['id']}.wav"))
     os.rmdir(os.path.join(model_dir, ".new"))

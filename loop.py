@@ -130,12 +130,13 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
     return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
 
 
-def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key):
+def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key, speaker_table=None):
     """Train epoch by epoch inside the budget; checkpoint every epoch; keep best and final models.
 
     make_batches(epoch) -> list of micro-batches, each a list of (clipset, index) items; it must be
     deterministic for a given epoch so a resumed run continues with the same order.
     run: dict(plan=..., epoch=..., batches_done=..., best=...) from plan_run or a checkpoint.
+    speaker_table: the speakers of a multi-speaker voice (speakers.json beside every exported model).
     Returns "done", "deadline", "max_steps" or "interrupted".
     """
     output_dir = args.output_dir
@@ -198,7 +199,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             train_seconds = time.time() - start
             if distributed.is_main_process() and budget.end_of_epoch_fits():
                 try:
-                    end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
+                    end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log, speaker_table)
                 except torch.OutOfMemoryError:
                     free_gpu_memory(trainer)
                     tqdm.write(f"epoch {epoch}: out of GPU memory in validation or the listening samples: skipped "
@@ -213,12 +214,13 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 break
     if reason != "interrupted" and distributed.is_main_process():
         try:
-            models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"))
+            models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"),
+                                speaker_table)
         except torch.OutOfMemoryError:
             # Never lose the final model to the GPU: write it from the CPU.
             free_gpu_memory(trainer)
             models.export_voice(trainer.model.cpu(), tokenizer, trainer.disc.cpu(),
-                                os.path.join(output_dir, "final_model"))
+                                os.path.join(output_dir, "final_model"), speaker_table)
         print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
               f"{budget.used() / 3600:.2f} h used)")
     log.close()
@@ -276,7 +278,10 @@ class StepPace:
                    f"learning rate now decays to 0 at step {total}")
 
 
-def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log):
+SAMPLE_SPEAKERS = 3  # a multi-speaker voice's listening samples: its speakers with the most clips
+
+
+def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log, speaker_table=None):
     """Validation, voice quality, listening samples (transcribed with --asr_model), best model."""
     scores = {name: trainer.evaluate(cs, args.batch_size) for name, cs in val_sets.items() if len(cs)}
     record = dict(step=trainer.step, epoch=epoch)
@@ -285,12 +290,20 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
         if args.eval_clips:
             quality = voice_quality.evaluate_quality(trainer.model, val_sets[name], args.eval_clips)
             record.update({f"{voice_quality.quality_prefix(name)}_{k}": v for k, v in quality.items()})
-    paths = voice_quality.synthesise(trainer.model, tokenizer, sentences,
-                                     os.path.join(args.output_dir, "samples", f"epoch_{epoch}"))
-    log.audio(f"epoch_{epoch}", paths, trainer.step)
+    samples_dir = os.path.join(args.output_dir, "samples", f"epoch_{epoch}")
+    if speaker_table:
+        paths = []
+        for row in speaker_table[:SAMPLE_SPEAKERS]:
+            spoken = voice_quality.synthesise(trainer.model, tokenizer, sentences,
+                                              os.path.join(samples_dir, f"speaker_{row['id']}"), speaker_id=row["id"])
+            log.audio(f"epoch_{epoch}/speaker_{row['id']}", spoken, trainer.step)
+            paths += spoken
+    else:
+        paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, samples_dir)
+        log.audio(f"epoch_{epoch}", paths, trainer.step)
     if args.asr_model:
-        record["asr_cer"] = voice_quality.character_error_rate(sentences,
-                                                               voice_quality.transcribe(paths, args.asr_model))
+        heard = voice_quality.transcribe(paths, args.asr_model)  # every speaker says every sentence
+        record["asr_cer"] = voice_quality.character_error_rate(sentences * (len(paths) // len(sentences)), heard)
     if len(record) > 2:
         log.write(record)
         print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
@@ -298,7 +311,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log)
         main_score = voice_quality.selection_score(record, next(iter(scores)), args.best_metric)
         if run["best"] is None or main_score < run["best"]:
             models.export_voice(trainer.model, tokenizer, trainer.disc,
-                                os.path.join(args.output_dir, "checkpoints", "best_model"))
+                                os.path.join(args.output_dir, "checkpoints", "best_model"), speaker_table)
             run["best"] = main_score  # only once it is saved
 
 

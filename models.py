@@ -17,6 +17,7 @@ from transformers import VitsModel
 import distributed
 import run_errors
 import run_folder
+import speakers
 import speech
 
 
@@ -101,8 +102,9 @@ def replace_dir(tmp_dir, final_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_voice(model, tokenizer, discriminator, out_dir):
-    """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt, atomically.
+def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
+    """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt (+ speakers.json naming
+    the speaker ids of a multi-speaker voice, from speakers.choose_speakers's table), atomically.
 
     Written into a hidden temp folder beside out_dir, checked, flushed to disk, then swapped in by
     replace_dir. Whatever fails (a full disk while writing any of the files, or in the renames), the model
@@ -130,6 +132,9 @@ def export_voice(model, tokenizer, discriminator, out_dir):
         tokenizer.save_pretrained(tmp)
         doing = "while writing discriminator.pt"
         checkpoints.atomic_torch_save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+        if speaker_table:
+            doing = "while writing speakers.json"
+            speakers.write_table(tmp, speaker_table)
         doing = "after writing the new model"  # a writer that swallowed its error must not replace a good model
         for name in ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "discriminator.pt"):
             if not os.path.isfile(os.path.join(tmp, name)) or not os.path.getsize(os.path.join(tmp, name)):

@@ -64,22 +64,31 @@ def generator_forward(model, batch, segment_frames):
     text = model.text_encoder(input_ids=ids, padding_mask=x_mask.transpose(1, 2), attention_mask=id_mask)
     hidden = text.last_hidden_state.transpose(1, 2)
     m_p, logs_p = text.prior_means.transpose(1, 2), text.prior_log_variances.transpose(1, 2)
+    g = speaker_embedding(model, batch)
 
-    z, m_q, logs_q = model.posterior_encoder(spec, y_mask)
-    z_p = model.flow(z, y_mask)
+    z, m_q, logs_q = model.posterior_encoder(spec, y_mask, g)
+    z_p = model.flow(z, y_mask, g)
 
     path = monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask)  # [B, L, T]
     durations = path.sum(2).unsqueeze(1)  # [B, 1, L]
-    dur_nll = duration_nll(model.duration_predictor, hidden, x_mask, durations.to(hidden.dtype))
+    dur_nll = duration_nll(model.duration_predictor, hidden, x_mask, durations.to(hidden.dtype), g)
     loss_dur = torch.sum(dur_nll.float() / torch.sum(x_mask))
 
     m_p, logs_p = expand_prior(m_p, logs_p, path)
 
     starts = random_slices(frames, segment_frames)
-    audio_hat = model.decoder(slice_frames(z, starts, segment_frames))
+    audio_hat = model.decoder(slice_frames(z, starts, segment_frames), g)
     audio = slice_frames(batch["audio"].unsqueeze(1), starts * spectrogram.HOP, segment_frames * spectrogram.HOP)
     return dict(audio=audio, audio_hat=audio_hat, mel=mel_target(batch, starts, segment_frames, model.config),
                 loss_dur=loss_dur, loss_kl=kl_loss(z_p.float(), logs_q.float(), m_p, logs_p, y_mask))
+
+
+def speaker_embedding(model, batch):
+    """[B, 256, 1] embeddings of the batch's speakers, as VITS's train_ms.py conditions on them (emb_g(sid));
+    None for a single-speaker voice."""
+    if model.config.num_speakers < 2:
+        return None
+    return model.embed_speaker(batch["speaker_ids"]).unsqueeze(-1)
 
 
 def mel_target(batch, starts, segment_frames, config):
@@ -108,14 +117,17 @@ def flows_forward(flows, z, mask, cond):
     return z, logdet
 
 
-def duration_nll(dp, hidden, x_mask, durations):
+def duration_nll(dp, hidden, x_mask, durations, g=None):
     """Stochastic duration predictor NLL per item (original VITS), with the module's own submodules.
 
-    dp: transformers' VitsStochasticDurationPredictor; hidden [B, C, L] (detached here, as in VITS);
-    durations [B, 1, L] in frames. A variational bound: dequantise the durations with noise from the
-    posterior flows, then score log-duration under the main flows.
+    dp: transformers' VitsStochasticDurationPredictor; hidden [B, C, L] and the speaker embedding g
+    [B, 256, 1] (both detached here, as in VITS); durations [B, 1, L] in frames. A variational bound:
+    dequantise the durations with noise from the posterior flows, then score log-duration under the main flows.
     """
-    x = dp.conv_proj(dp.conv_dds(dp.conv_pre(hidden.detach()), x_mask)) * x_mask
+    x = dp.conv_pre(hidden.detach())
+    if g is not None:
+        x = x + dp.cond(g.detach())
+    x = dp.conv_proj(dp.conv_dds(x, x_mask)) * x_mask
     h_w = dp.post_conv_proj(dp.post_conv_dds(dp.post_conv_pre(durations), x_mask)) * x_mask
     e_q = torch.randn(durations.size(0), 2, durations.size(2), device=x.device, dtype=x.dtype) * x_mask
     z_q, logdet_q = flows_forward(dp.post_flows, e_q, x_mask, x + h_w)

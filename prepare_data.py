@@ -22,6 +22,7 @@ counted by reason. Re-running only decodes what is new.
         --output_dir example_run/data
 
 Output: DIR/wavs/<clip>.wav, DIR/metadata.csv (`<clip>.wav|text`, no header, no quoting),
+DIR/speakers.csv (`<clip>.wav|client_id`, for train_vits.py --speakers; none for an input without speakers),
 DIR/prepare_report.json (kept clips and hours, dropped clips by reason, hours per speaker) and
 DIR/prepare_cache.json (what each clip's audio measured, so a re-run decodes nothing it already knows).
 """
@@ -180,7 +181,9 @@ def open_input(path, tsv):
         return Source("folder", language_dir, os.path.join(language_dir, "clips"), []), header, rows, malformed
     if os.path.isfile(os.path.join(path, "metadata.csv")) and os.path.isdir(os.path.join(path, "wavs")):
         pairs, malformed = speech.parse_metadata(os.path.join(path, "metadata.csv"))
-        rows = [{"path": name, "sentence": text, "client_id": ""} for name, text in pairs]
+        # A folder this script wrote keeps its speakers in speakers.csv beside metadata.csv.
+        labels = speech.read_speaker_labels(os.path.join(path, speech.SPEAKERS_FILE)) or {}
+        rows = [{"path": name, "sentence": text, "client_id": labels.get(name, "")} for name, text in pairs]
         return Source("ljspeech", path, os.path.join(path, "wavs"), []), ["path", "sentence"], rows, malformed
     fail(f"--input {path} holds neither {tsv} (Common Voice) nor wavs/ + metadata.csv (LJSpeech)")
 
@@ -744,9 +747,12 @@ def parse_args(argv):
                         help="Prepare at most this many clips: the first ones, in list order, whose text "
                              "passes. (default: all)")
     parser.add_argument("--speaker", action="append", default=[], metavar="CLIENT_ID",
-                        help="Only this Common Voice client_id; repeat for several. (default: every speaker)")
+                        help="Only this Common Voice client_id; repeat for several. This chooses whose clips are "
+                             "prepared; every kept clip's speaker goes to speakers.csv, and train_vits.py --speakers "
+                             "then chooses between one pooled voice and one voice per speaker. (default: every speaker)")
     parser.add_argument("--top_speakers", type=int, default=None, metavar="N",
-                        help="Only the N speakers with the most clips in the list. (default: every speaker)")
+                        help="Only the N speakers with the most clips in the list (whose clips are prepared; see "
+                             "--speaker). (default: every speaker)")
     parser.add_argument("--min_upvotes", type=int, default=None, metavar="N",
                         help="Only clips with at least N up-votes (Common Voice up_votes). (default: no limit: "
                              "every clip of the list, e.g. all Common Voice validated)")
@@ -845,7 +851,7 @@ def prepare(args):
         save_cache()  # also when interrupted, so the clips decoded so far are not decoded again
     elapsed = time.time() - start
 
-    # 4. Write metadata.csv in input order, remove WAVs it does not list, report.
+    # 4. Write speakers.csv and metadata.csv in input order, remove WAVs they do not list, report.
     kept, dropped_list = [], []
     for clip in candidates:
         samples, reason, detail = outcomes[clip.name]
@@ -854,6 +860,11 @@ def prepare(args):
         else:
             dropped[reason] += 1
             dropped_list.append({"clip": clip.source, "reason": reason, "detail": detail})
+    speakers_csv = os.path.join(args.output_dir, speech.SPEAKERS_FILE)
+    if any(clip.speaker for clip, _ in kept):
+        speech.write_speaker_labels(speakers_csv, [(clip.name, clip.speaker) for clip, _ in kept])
+    elif os.path.isfile(speakers_csv):
+        os.remove(speakers_csv)  # another input's speakers must not label these clips
     speech.write_metadata(os.path.join(args.output_dir, "metadata.csv"), [(clip.name, clip.text) for clip, _ in kept])
     remove_stale_files(wavs_dir, {clip.name for clip, _ in kept})
     report = summarise(args, source, kept, dropped, not_selected, repairs, len(to_decode), reused, elapsed)

@@ -289,6 +289,24 @@ def write_metadata(path, rows):
     run_folder.write_atomically(path, "".join(f"{name}|{text}\n" for name, text in rows).encode("utf-8"))
 
 
+SPEAKERS_FILE = "speakers.csv"  # beside metadata.csv: `file|speaker` (Common Voice client_id), one line a clip
+
+
+def write_speaker_labels(path, rows):
+    """speakers.csv from [(file, speaker)]: metadata.csv keeps its two columns, so its readers never break."""
+    run_folder.write_atomically(path, "".join(f"{name}|{speaker}\n" for name, speaker in rows).encode("utf-8"))
+
+
+def read_speaker_labels(path):
+    """{file: speaker} of a speakers.csv, or None when there is none (an LJSpeech folder: one voice)."""
+    if not os.path.isfile(path):
+        return None
+    rows, malformed = parse_metadata(path)
+    if malformed:
+        raise MetadataError(f"{path}: {malformed} lines are not `file|speaker`")
+    return {name: speaker.strip() for name, speaker in rows}
+
+
 def write_wav(path, audio, sampling_rate, durable=False):
     """A 16-bit PCM WAV, replaced atomically. Encoded in memory first, so a full disk raises the OSError
     itself (libsndfile only says "System error")."""

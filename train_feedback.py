@@ -57,6 +57,7 @@ import models
 import planning
 import run_errors
 import run_folder
+import speakers
 import spectrogram
 import speech
 import training_flags
@@ -98,6 +99,12 @@ def build_parser():
     g.add_argument("--target_minutes", type=float, default=None,
                    help="Wall-clock budget of the whole run in minutes, samples and report included; "
                         "replaces --target_hours. (default: 30)")
+    g.add_argument("--speaker_id", type=int, default=None, metavar="ID",
+                   help="For a multi-speaker voice (train_vits.py --speakers): whose voice the feedback clips "
+                        "train and the samples, the session kit and the listening page speak with; replayed clips "
+                        "keep their own speakers, and the tuned voice keeps them all. Ids and their Common Voice "
+                        "client_ids are in speakers.json beside --model. (default: the speaker with the most "
+                        "clips)")
     g.add_argument("--make_session", default=None, metavar="SENTENCES.txt",
                    help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
                         "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
@@ -345,8 +352,9 @@ def count_reasons(skipped):
     return dict(sorted(counts.items()))
 
 
-def load_original(args, sampling_rate, tokenizer):
-    """(train, held-out) ClipSets of the original training set, or (None, None) when there is none."""
+def load_original(args, sampling_rate, tokenizer, model, speaker_table):
+    """(train, held-out) ClipSets of the original training set, or (None, None) when there is none; for a
+    multi-speaker voice each clip with its speaker's id, the clips of other speakers left out."""
     metadata = os.path.join(args.data_dir, "metadata.csv")
     if not os.path.isfile(metadata):
         return None, None, []
@@ -359,7 +367,7 @@ def load_original(args, sampling_rate, tokenizer):
             cache_dir = candidate
             break
     clips, errors = clip_data.load_clips(args.data_dir, sampling_rate, cache_dir, args.num_workers, args.max_samples)
-    clipset = clip_data.ClipSet(clips, tokenizer)
+    clipset = speakers.label_replay(clip_data.ClipSet(clips, tokenizer), args.data_dir, model, speaker_table)
     # The same split as train_vits.py with the same --val_size: these clips were never trained on.
     train, val = clip_data.split_validation(clipset, args.val_size)
     return train, val, errors
@@ -435,14 +443,14 @@ def epoch_views(make_batches):
 # ----------------------------------------------------------------------------------------------------
 # Listening samples and the report.
 
-def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir):
+def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir, speaker_id):
     """feedback/<clip>.wav for each feedback sentence, eval/NN.wav for the fixed ones; the same names
     before and after, so the folders compare side by side."""
     paths = voice_quality.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
-                                     os.path.join(out_dir, "feedback"))
+                                     os.path.join(out_dir, "feedback"), speaker_id=speaker_id)
     for path, (name, _) in zip(paths, feedback_sentences):
         os.replace(path, os.path.join(out_dir, "feedback", sample_name(name)))
-    voice_quality.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"))
+    voice_quality.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"), speaker_id=speaker_id)
 
 
 def sample_name(clip_name):
@@ -496,6 +504,7 @@ def make_session(args):
         lines = [line.strip() for line in f if line.strip()]
     model, tokenizer = models.load_voice(args.model)
     _, vocab = speech.load_vocab(args.model)
+    speaker = speakers.feedback_speaker(model.config, speakers.read_table(args.model), args.speaker_id)
     model.to(distributed.resolve_device(args.device))
     rows, spoken, unspeakable = [], [], []
     for line in lines:
@@ -511,19 +520,21 @@ def make_session(args):
     out = args.output_dir
     model_dir = os.path.join(out, "model")
     os.makedirs(model_dir, exist_ok=True)
-    for path, (wav, _) in zip(voice_quality.synthesise(model, tokenizer, spoken, model_dir), rows):
+    for path, (wav, _) in zip(voice_quality.synthesise(model, tokenizer, spoken, model_dir, speaker_id=speaker), rows):
         os.replace(path, os.path.join(model_dir, wav))
     for wav, text in rows:
         with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
     with open(os.path.join(out, "README.txt"), "w", encoding="utf-8") as f:
         f.write(
-            f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}.\n\n"
+            f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}"
+            + (f", speaker {speaker}" if speaker is not None else "") + ".\n\n"
             "1. Listen to model/sNNN.wav; sNNN.txt holds what each one should say.\n"
             "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
             "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
             "   fine). Sentences you do not record are left out.\n"
-            f"3. python train_feedback.py --model {args.model} --feedback_dir {out}\n")
+            f"3. python train_feedback.py --model {args.model} --feedback_dir {out}"
+            + (f" --speaker_id {speaker}" if speaker is not None else "") + "\n")
     for line, reason in unspeakable:
         print(f"left out ({reason}): {line}")
     print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "
@@ -565,6 +576,10 @@ def main(argv=None):
         models.prepare_for_training(model)
         disc, disc_path = models.critic_for_run(args, resume)
         sr = model.config.sampling_rate
+        speaker_table = speakers.read_table(args.model)
+        speaker = speakers.feedback_speaker(model.config, speaker_table, args.speaker_id)
+        if speaker is not None:
+            print(f"speaker: the feedback trains speaker {speaker} of {model.config.num_speakers}")
 
         # 3. Feedback clips, and the original training set to replay.
         fb_all, fb_sentences, skipped, listed = load_feedback(args.feedback_dir, tokenizer, vocab, sr,
@@ -575,8 +590,9 @@ def main(argv=None):
         if len(fb_all) == 0:
             raise run_errors.TrainingError(f"--feedback_dir {args.feedback_dir}: no usable feedback clip "
                                            f"(skipped: {count_reasons(skipped)})")
+        fb_all = fb_all.with_speaker(speaker)
         fb_train, fb_val = clip_data.split_validation(fb_all, args.val_size, at_least_one=True)
-        orig_train, orig_val, orig_errors = load_original(args, sr, tokenizer)
+        orig_train, orig_val, orig_errors = load_original(args, sr, tokenizer, model, speaker_table)
         if orig_train is None or len(orig_train) == 0:
             print(f"no original training data in {args.data_dir} (no metadata.csv or no usable clip): training "
                   "on feedback alone, nothing is replayed and the voice may drift on other sentences")
@@ -614,7 +630,7 @@ def main(argv=None):
             start = time.time()
             before = evaluate_all(trainer, report_sets, args)
             speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
-                      os.path.join(args.output_dir, "samples", "before"))
+                      os.path.join(args.output_dir, "samples", "before"), speaker)
             write_recordings(fb_all, sr, os.path.join(args.output_dir, "samples", "recorded"))
             report = dict(status="training", model=args.model, discriminator=disc_path, before=before,
                           before_seconds=time.time() - start)
@@ -628,7 +644,8 @@ def main(argv=None):
                                        default_d_warmup=0 if disc_path else 50, resume=resume,
                                        fixed_flags=RESUME_FIXED)
         del resume  # its tensors are the trainer's now
-        reason = loop.fit(trainer, tokenizer, train_sets, rank_batches, fit_val_sets, args, budget, run, data_key)
+        reason = loop.fit(trainer, tokenizer, train_sets, rank_batches, fit_val_sets, args, budget, run, data_key,
+                          speaker_table)
         if reason == "interrupted":
             return 130
         if not distributed.is_main_process():
@@ -637,11 +654,12 @@ def main(argv=None):
         # 7. After: the same samples and validation with the tuned voice, and the report.
         after = evaluate_all(trainer, report_sets, args)
         speak_all(trainer.model, tokenizer, fb_sentences, eval_sentences,
-                  os.path.join(args.output_dir, "samples", "after"))
+                  os.path.join(args.output_dir, "samples", "after"), speaker)
         table = compare(report["before"], after)
         quality = {key: compare(report["before"], after, key) for key in QUALITY_KEYS} if args.eval_clips else {}
         report.update(
             status="done", stop_reason=reason, final_model=os.path.join(args.output_dir, "final_model"),
+            speaker_id=speaker,
             validation_mel=table, quality=quality, after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps,
             minutes=round(budget.used() / 60, 2),
             feedback=dict(dir=args.feedback_dir, listed=listed, trained=len(fb_train), held_out=len(fb_val),

@@ -9,6 +9,9 @@ Examples:
     # the real job: MMS Kurmanji on the output of prepare_data.py, sized to 9.5 hours
     python train_vits.py --data_dir training --output_dir training
 
+    # a voice of the 3 Common Voice speakers with the most clips (speaker ids 0-2, named in speakers.json)
+    python train_vits.py --data_dir training --output_dir training --speakers 3
+
     # continue an interrupted run with the budget it had left
     python train_vits.py --resume auto
 
@@ -31,12 +34,14 @@ import models
 import planning
 import run_errors
 import run_folder
+import speakers
 import training_flags
 import vits_trainer
 
 
 def parse_args(argv=None):
     parser = training_flags.build_parser(__doc__)
+    training_flags.add_speaker_flags(parser)
     args = parser.parse_args(argv)
     training_flags.check_args(parser, args)
     return args
@@ -53,17 +58,19 @@ def main(argv=None):
         resume = checkpoints.resume_state(args)
         # 2. The pretrained voice and its critic.
         model, tokenizer = models.load_voice(args.model)
-        models.prepare_for_training(model)
         disc, disc_path = models.critic_for_run(args, resume)
         sr = model.config.sampling_rate
-        print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {sr} Hz; "
-              f"device {device}, precision {precision}")
-        # 3. Data, preloaded into RAM.
+        # 3. Data, preloaded into RAM; with --speakers, whose clips train which speaker.
         clips, errors = clip_data.load_clips(args.data_dir, sr, os.path.join(args.output_dir, "cache"),
                                              args.num_workers, args.max_samples)
         clipset = clip_data.ClipSet(clips, tokenizer)
         for reason, count in clipset.dropped.items():
             print(f"dropped {count} clips: {reason}")
+        clipset, speaker_table = speakers.choose_speakers(clipset, args.data_dir, args.speakers,
+                                                          args.min_speaker_clips, sr)
+        model = models.prepare_for_training(speakers.with_speakers(model, len(speaker_table or [])))
+        print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {sr} Hz, "
+              f"{model.config.num_speakers} speaker(s); device {device}, precision {precision}")
         train_set, val_set = clip_data.split_validation(clipset, args.val_size)
         if len(train_set) == 0:
             raise run_errors.TrainingError(f"{args.data_dir}: no usable clips ({len(errors)} failed to load)")
@@ -71,7 +78,7 @@ def main(argv=None):
               f"{len(errors)} skipped as unreadable")
         loop.save_run_info(args, dict(script="train_vits", precision=precision, device=str(device),
                                       discriminator=disc_path, train_clips=len(train_set), val_clips=len(val_set),
-                                      skipped_clips=errors, dropped_clips=clipset.dropped))
+                                      skipped_clips=errors, dropped_clips=clipset.dropped, speakers=speaker_table))
         # 4. The batch, and the run to continue (--resume) or to plan.
         trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision,
                                            vits_trainer.critic_learning_rate(args, fresh=disc_path is None))
@@ -83,7 +90,8 @@ def main(argv=None):
                                        default_d_warmup=0 if disc_path else 200, resume=resume)
         del resume  # its tensors are the trainer's now
         # 5. Train.
-        reason = loop.fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key)
+        reason = loop.fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key,
+                          speaker_table)
     except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
         return run_errors.report_fatal(err, args.output_dir)
     finally:

@@ -7,6 +7,7 @@ import os
 import re
 
 import planning
+import speakers
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -112,6 +113,23 @@ def build_parser(description):
     return p
 
 
+def add_speaker_flags(p):
+    """train_vits.py's choice of one pooled voice or one voice per speaker (train_feedback.py tunes the voice
+    it is given, with all its speakers)."""
+    g = p.add_argument_group("speakers")
+    g.add_argument("--speakers", type=speakers.speakers_arg, default="pooled", metavar="pooled|N|all",
+                   help="pooled (default): one voice learnt from every clip, as MMS's single voice is. N: a voice of "
+                        "the N speakers with the most usable clips, each with its own speaker id (0 has the most "
+                        "clips), every one starting as exactly the pretrained voice; all: every speaker with at "
+                        "least --min_speaker_clips clips. Other speakers' clips are left out and counted. Needs "
+                        "speakers.csv beside metadata.csv (prepare_data.py writes it from Common Voice's "
+                        "client_id). prepare_data.py --speaker/--top_speakers choose whose clips are prepared at "
+                        "all; this chooses whether they train one voice or several.")
+    g.add_argument("--min_speaker_clips", type=int, default=50,
+                   help="With --speakers all: the fewest usable clips a speaker needs to get an id (below about 50 "
+                        "clips, a few minutes, a speaker's id learns little more than the pooled voice).")
+
+
 def check_args(parser, args):
     for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps", "epochs",
                  "max_steps", "max_samples"):
@@ -139,6 +157,8 @@ def check_args(parser, args):
         parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
     if args.eval_clips < 0:
         parser.error(f"--eval_clips must be 0 or more, got {args.eval_clips}")
+    if getattr(args, "min_speaker_clips", 1) < 1:
+        parser.error(f"--min_speaker_clips must be at least 1, got {args.min_speaker_clips}")
     if args.best_metric != "val_mel" and args.eval_clips == 0:
         parser.error(f"--best_metric {args.best_metric} needs --eval_clips above 0")
 
@@ -146,6 +166,7 @@ def check_args(parser, args):
 def parse(argv=None):
     """train_vits.py's flags from `argv`, checked (what a library caller such as a benchmark gets)."""
     parser = build_parser(__doc__)
+    add_speaker_flags(parser)
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args

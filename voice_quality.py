@@ -30,8 +30,9 @@ DEFAULT_SENTENCES = [
 
 
 @torch.no_grad()
-def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_MAX_SECONDS):
-    """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear."""
+def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_MAX_SECONDS, speaker_id=None):
+    """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear; speaker_id:
+    whose voice, in a multi-speaker model."""
     os.makedirs(out_dir, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -42,7 +43,7 @@ def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_
         torch.manual_seed(seed)
         for i, sentence in enumerate(sentences):
             ids = torch.tensor([speech.token_ids(tokenizer, sentence)], device=device)
-            audio = model(input_ids=ids).waveform[0].float().cpu().numpy()
+            audio = model(input_ids=ids, speaker_id=speaker_id).waveform[0].float().cpu().numpy()
             paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
             speech.write_wav(paths[-1], audio, model.config.sampling_rate)
     model.train(was_training)
@@ -135,35 +136,41 @@ def dnsmos_scores(audio, sampling_rate):
 
 
 @torch.no_grad()
-def speak_ids(model, ids, max_frames, seed):
+def speak_ids(model, ids, max_frames, seed, speaker_id=None):
     """Waveform of token ids by the inference path (duration predictor, flow reversed, decoder), fixed
     noise; at most max_frames frames (capped_durations)."""
     device = next(model.parameters()).device
     with capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        waveform = model(input_ids=torch.as_tensor(ids, device=device)[None]).waveform[0]
+        waveform = model(input_ids=torch.as_tensor(ids, device=device)[None], speaker_id=speaker_id).waveform[0]
     return waveform.float().cpu().numpy()
 
 
 def evaluate_quality(model, clipset, n_clips):
     """Mean MCD-DTW, duration ratio (mean and spread) and DNSMOS of the first n_clips held-out clips,
-    each spoken from its token ids alone with the same noise every epoch."""
+    each spoken from its token ids alone with the same noise every epoch, by its own speaker in a
+    multi-speaker voice (whose MCD is also given per speaker: mcd_speaker_<id>)."""
     was_training = model.training
     model.eval()
     sampling_rate = model.config.sampling_rate
-    mcds, ratios, scores = [], [], []
+    mcds, ratios, scores, by_speaker = [], [], [], {}
     for i in range(min(n_clips, len(clipset))):
         real = clipset.audio[i].astype(np.float32) / 32768.0
-        synth = speak_ids(model, clipset.tokens[i], MAX_DURATION_RATIO * len(real) / spectrogram.HOP, seed=i)
+        speaker = clipset.speaker_ids[i] if clipset.speaker_ids else None
+        synth = speak_ids(model, clipset.tokens[i], MAX_DURATION_RATIO * len(real) / spectrogram.HOP, seed=i,
+                          speaker_id=speaker)
         mcd, ratio = compare_to_recording(synth, real, sampling_rate)
         mcds.append(mcd)
         ratios.append(ratio)
         scores.append(dnsmos_scores(synth, sampling_rate))
+        if speaker is not None:
+            by_speaker.setdefault(speaker, []).append(mcd)
     model.train(was_training)
     if not mcds:
         return {}
     return dict(mcd=float(np.mean(mcds)), dur_ratio=float(np.mean(ratios)), dur_ratio_std=float(np.std(ratios)),
-                **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]})
+                **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
+                **{f"mcd_speaker_{k}": float(np.mean(v)) for k, v in sorted(by_speaker.items())})
 
 
 def quality_prefix(set_name):

@@ -1,0 +1,173 @@
+"""A voice of several speakers: whose clips train which speaker id (train_vits.py --speakers), the
+single-speaker voice made multi-speaker with its new conditioning at exactly zero, and speakers.json, which
+names each id of an exported voice by its Common Voice client_id."""
+
+import argparse
+import copy
+import json
+import os
+from collections import Counter
+
+import torch
+from transformers import VitsModel
+
+import run_errors
+import speech
+
+EMBEDDING_SIZE = 256  # VITS's gin_channels (train_ms.py, configs/vctk_base.json)
+SPEAKERS_JSON = "speakers.json"
+MIN_PREFIX = 8  # client_ids are 128 hex digits: a prefix this long names one speaker of any real release
+
+
+def speakers_arg(text):
+    """--speakers: 'pooled', 'all' or a number of speakers."""
+    if text in ("pooled", "all"):
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not pooled, all or a number of speakers") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: a voice has at least 1 speaker")
+    return count
+
+
+def unique_prefixes(client_ids):
+    """{client_id: the shortest prefix of at least MIN_PREFIX characters that no other id shares}."""
+    ids = sorted(set(client_ids))
+    length = MIN_PREFIX
+    while len({i[:length] for i in ids}) < len(ids):
+        length += 1
+    return {i: i[:length] for i in ids}
+
+
+def choose_speakers(clipset, data_dir, choice, min_clips, sampling_rate):
+    """(the clips to train on, each with its speaker id; the speaker table, or None for a pooled voice).
+
+    Ids go by usable clips, most first (ties by client_id), so id 0 is the speaker with the most clips.
+    """
+    if choice == "pooled":
+        return clipset, None
+    path = os.path.join(data_dir, speech.SPEAKERS_FILE)
+    try:
+        labels = speech.read_speaker_labels(path)
+    except speech.MetadataError as err:
+        raise run_errors.TrainingError(str(err)) from None
+    if labels is None:
+        raise run_errors.TrainingError(f"{path}: not found: --speakers {choice} needs each clip's speaker (prepare "
+                                       "the data with prepare_data.py from a Common Voice release or dataset with "
+                                       "client_id), or train one voice with --speakers pooled")
+    clip_speakers = [labels.get(name, "") for name in clipset.names]
+    counts = Counter(s for s in clip_speakers if s)
+    ranked = sorted(counts, key=lambda s: (-counts[s], s))
+    if choice == "all":
+        chosen = [s for s in ranked if counts[s] >= min_clips]
+        if not chosen:
+            raise run_errors.TrainingError(f"--speakers all: no speaker of {data_dir} has {min_clips} usable clips "
+                                           f"(the most: {counts[ranked[0]] if ranked else 0}); lower "
+                                           "--min_speaker_clips or use --speakers pooled")
+    else:
+        if choice > len(ranked):
+            raise run_errors.TrainingError(f"--speakers {choice}: {data_dir} has only {len(ranked)} speakers with "
+                                           "usable clips")
+        chosen = ranked[:choice]
+    ids = {s: k for k, s in enumerate(chosen)}
+    keep = [i for i, s in enumerate(clip_speakers) if s in ids]
+    chosen_set = clipset.subset(keep)
+    chosen_set.speaker_ids = [ids[clip_speakers[i]] for i in keep]
+    seconds = Counter()
+    for i in keep:
+        seconds[clip_speakers[i]] += len(clipset.audio[i]) / sampling_rate
+    prefix = unique_prefixes(ranked)
+    table = [dict(id=ids[s], client_id=prefix[s], clips=counts[s], hours=round(seconds[s] / 3600, 4))
+             for s in chosen]
+    print(f"speakers: {len(chosen)} of {len(ranked)} (" + ", ".join(f"{t['id']}: {t['client_id']} {t['clips']} clips"
+                                                          for t in table[:5]) + (", ..." if len(table) > 5 else "")
+          + f"); {len(clipset) - len(keep)} clips of other or unknown speakers left out")
+    return chosen_set, table
+
+
+def with_speakers(model, count):
+    """The voice with `count` speakers. A single-speaker voice gains a speaker embedding and conditioning
+    layers where VITS has them (posterior encoder, flow, duration predictor, decoder), all starting where
+    they change nothing: every embedding and every new bias exactly zero, so each speaker speaks exactly as
+    the pretrained voice until training moves them. The new layers' weights keep their random start: weight
+    norm divides by the norm of its vector, and a zero vector would make that 0/0."""
+    if count < 2 or model.config.num_speakers == count:
+        return model
+    if model.config.num_speakers > 1:
+        raise run_errors.TrainingError(f"the model already has {model.config.num_speakers} speakers, --speakers asks "
+                                       f"for {count}: train it with --speakers {model.config.num_speakers}, or start "
+                                       "from the single-speaker voice")
+    config = copy.deepcopy(model.config)
+    config.num_speakers, config.speaker_embedding_size = count, EMBEDDING_SIZE
+    voice = VitsModel(config)
+    missing, unexpected = voice.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise run_errors.TrainingError(f"the model's weights do not fit a multi-speaker voice ({unexpected[0]})")
+    new = dict(voice.named_parameters())
+    with torch.no_grad():
+        for name in missing:
+            if name == "embed_speaker.weight" or name.endswith(".bias"):
+                new[name].zero_()
+    return voice.train(model.training)
+
+
+def write_table(out_dir, table):
+    with open(os.path.join(out_dir, SPEAKERS_JSON), "w", encoding="utf-8") as f:
+        json.dump(dict(speakers=table), f, indent=1)
+
+
+def read_table(model_dir):
+    """The speakers.json table of an exported voice, or None (a single voice, or a Hub name)."""
+    path = os.path.join(model_dir, SPEAKERS_JSON)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)["speakers"]
+        for row in table:
+            int(row["id"]), str(row["client_id"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise run_errors.TrainingError(f"{path}: not a speaker table ({err})") from None
+    return table
+
+
+def feedback_speaker(config, table, speaker_id):
+    """Whose voice a feedback run tunes and speaks with: --speaker_id, or (None) the speaker with the most
+    clips; None for a single-speaker voice. One line when the id is outside the model."""
+    count = config.num_speakers
+    if speaker_id is None:
+        return None if count < 2 else max(table or [dict(id=0, clips=0)], key=lambda row: row["clips"])["id"]
+    if count < 2:
+        if speaker_id:
+            raise run_errors.TrainingError(f"--speaker_id {speaker_id}: the model has one speaker")
+        return None
+    if not 0 <= speaker_id < count:
+        raise run_errors.TrainingError(f"--speaker_id {speaker_id}: the model's speakers are 0 to {count - 1}")
+    return speaker_id
+
+
+def label_replay(clipset, data_dir, model, table):
+    """The replayed training clips of a multi-speaker voice, each with the id its speaker has in the voice
+    (speakers.json names them by client_id prefix); clips of speakers the voice does not have are left out."""
+    if model.config.num_speakers < 2 or clipset is None:
+        return clipset
+    path = os.path.join(data_dir, speech.SPEAKERS_FILE)
+    try:
+        labels = speech.read_speaker_labels(path)
+    except speech.MetadataError as err:
+        raise run_errors.TrainingError(str(err)) from None
+    if labels is None or table is None:
+        missing = path if labels is None else f"{SPEAKERS_JSON} beside --model"
+        raise run_errors.TrainingError(f"{missing}: not found: replaying the training clips of a "
+                                       f"{model.config.num_speakers}-speaker voice needs each clip's speaker "
+                                       "(or --replay_ratio 0)")
+    ids = [next((row["id"] for row in table if labels.get(name, "").startswith(row["client_id"])), None)
+           for name in clipset.names]
+    keep = [i for i, k in enumerate(ids) if k is not None]
+    labelled = clipset.subset(keep)
+    labelled.speaker_ids = [ids[i] for i in keep]
+    if len(keep) < len(clipset):
+        print(f"replay: {len(clipset) - len(keep)} clips of speakers the voice does not have are left out")
+    return labelled
