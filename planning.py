@@ -145,6 +145,11 @@ def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False, ma
         began = time.time()
         trainer.train_window(windows[0], d_only=d_only)
         sync(trainer.device)
+        warm_up_s = time.time() - began
+        # A budget so short that the warm-up step alone took the share: that step is the measure (its
+        # start-up costs make the plan err on the short side, never past the deadline).
+        if distributed.any_rank(warm_up_s >= max_seconds):
+            return sum(len(b["frames"]) for b in windows[0]) / max(warm_up_s, 1e-9)
         done, start, count = 0, time.time(), 0
         # Ranks' batches differ in size, and their clocks: all take the same steps, stopping together.
         while not distributed.any_rank(done >= samples or (count and time.time() - began >= max_seconds)):
@@ -196,17 +201,21 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
         share = BENCHMARK_SHARE * budget.left() / (2 if d_warmup else 1)
         first = make_batches(0)
         bench = [clip_data.collate(items, args.segment_frames) for items in first[:max(2, 2 * args.grad_accum)]]
+        began = time.time()
         # Ranks step together, at the pace of the slowest one.
         samples_per_s = world * distributed.all_reduce(
             benchmark_throughput(trainer, bench, args.grad_accum, args.benchmark_samples, max_seconds=share), "min")
-        if d_warmup:
+        # When the full steps already took both shares, the critic-only steps are planned at their pace:
+        # they are faster, so the plan can only come out short.
+        if d_warmup and not distributed.any_rank(time.time() - began >= 2 * share):
             # The discriminator-only warm-up steps are faster; a quarter of the samples tells by how much.
             d_only_per_s = world * distributed.all_reduce(
                 benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
                                      d_only=True, max_seconds=share), "min")
         end_of_epoch_s = n_val / (3 * samples_per_s) + EPOCH_OVERHEAD_S
-        total_steps = steps_that_fit(budget.left(), step_samples, samples_per_s, d_only_per_s or samples_per_s,
-                                     d_warmup, end_of_epoch_s)
+        # What is kept back for the last checkpoint and the final model is no time to train in.
+        total_steps = steps_that_fit(budget.left() - budget.reserve(), step_samples, samples_per_s,
+                                     d_only_per_s or samples_per_s, d_warmup, end_of_epoch_s)
         if total_steps == 0:
             raise run_errors.TrainingError(
                 f"--target_hours {args.target_hours:g}: the {budget.left():.0f} s of budget left hold no training "

@@ -39,13 +39,14 @@ from transformers import VitsModel  # noqa: E402
 import checkpoints  # noqa: E402
 import clip_data  # noqa: E402
 import models  # noqa: E402
+import speakers  # noqa: E402
+import speech  # noqa: E402
 import training_flags  # noqa: E402
 import vits_trainer  # noqa: E402
 import voice_quality  # noqa: E402
 from benchmarks.common import DATA_DIR, SAMPLING_RATE  # noqa: E402
 from examples.make_release import SENTENCES, espeak_clip  # noqa: E402
 from examples.tiny_model import KURMANJI_VOCAB, make_tokenizer, tiny_config  # noqa: E402
-from speech import clean_text, trim_silence  # noqa: E402
 
 # (espeak-ng voice, words per minute, pitch 0-99) of the base voice and of the voice it is tuned to.
 OLD_VOICE = ("ku", 165, 45)
@@ -94,7 +95,7 @@ class Names:
 
 def sentence_split(held_out):
     vocab = set(KURMANJI_VOCAB[1:])
-    sentences = [clean_text(s, vocab)[0] for s in SENTENCES]
+    sentences = [speech.clean_text(s, vocab)[0] for s in SENTENCES]
     sentences = [s for s in sentences if s]
     return sentences[:held_out], sentences[held_out:]
 
@@ -120,7 +121,7 @@ def make_voice_data(out_dir, voice, n_clips, held_out, seed=0):
     name_of, speed, pitch = voice
 
     def render(name):
-        audio = trim_silence(espeak_clip(texts[name], SAMPLING_RATE, name_of, speed, pitch))
+        audio = speech.trim_silence(espeak_clip(texts[name], SAMPLING_RATE, name_of, speed, pitch))
         sf.write(os.path.join(out_dir, "wavs", name), audio, SAMPLING_RATE, subtype="PCM_16")
 
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
@@ -238,6 +239,76 @@ def voices_apart(new_val, old_val):
 
 
 # ----------------------------------------------------------------------------------------------------
+# --case speakers: the two voices as two speakers of one data set, pooled vs one id per speaker
+
+SPEAKER_IDS = {"old": "espeak-ku-165-45", "new": "espeak-ku+f2-125-75"}  # as Common Voice client_ids
+
+
+def two_speaker_data(out_dir, voice_dirs, held_out):
+    """One prepared folder holding the training clips of both voices (never their held-out sentences),
+    with speakers.csv naming each clip's voice as prepare_data.py names Common Voice speakers."""
+    if os.path.isfile(os.path.join(out_dir, speech.SPEAKERS_FILE)):
+        return out_dir
+    os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
+    rows, labels = [], []
+    for voice, data_dir in voice_dirs.items():
+        entries = speech.read_metadata(os.path.join(data_dir, "metadata.csv"))
+        _, val = clip_data.split_validation(Names([name for name, _ in entries]), held_out)
+        for name, text in entries:
+            if name not in val.names:
+                shutil.copy(os.path.join(data_dir, "wavs", name), os.path.join(out_dir, "wavs", f"{voice}_{name}"))
+                rows.append((f"{voice}_{name}", text))
+                labels.append((f"{voice}_{name}", SPEAKER_IDS[voice]))
+    speech.write_speaker_labels(os.path.join(out_dir, speech.SPEAKERS_FILE), labels)
+    speech.write_metadata(os.path.join(out_dir, "metadata.csv"), rows)
+    return out_dir
+
+
+def speaker_quality(model_dir, held_out_sets, n_clips):
+    """{(speaker, voice): (MCD-DTW, duration ratio)} of each voice's held-out clips spoken by each speaker of
+    the model, the speaker named by the voice it was trained on (None: a single voice)."""
+    model, _ = models.load_voice(model_dir)
+    table = speakers.read_table(model_dir)
+    ids = {None: None} if not table else {
+        voice: next(row["id"] for row in table if SPEAKER_IDS[voice].startswith(row["client_id"]))
+        for voice in held_out_sets}
+    scores = {}
+    for speaker, k in ids.items():
+        for voice, clipset in held_out_sets.items():
+            result = voice_quality.evaluate_quality(model, clipset.with_speaker(k), n_clips)
+            scores[(speaker, voice)] = (result["mcd"], result["dur_ratio"])
+    return scores
+
+
+def speakers_case(args, base_dir, voice_dirs):
+    """The same steps from the same base on the same clips, as one pooled voice and as a 2-speaker voice."""
+    data = two_speaker_data(os.path.join(args.data_dir, f"two_speakers_{args.clips}"), voice_dirs, args.held_out)
+    held_out_sets = {voice: held_out_clips(d, base_dir, args.held_out) for voice, d in voice_dirs.items()}
+    results = {"base": speaker_quality(base_dir, held_out_sets, args.eval_clips)}
+    for choice in ("pooled", "2"):
+        out = os.path.join(args.data_dir, f"fine_tune_speakers_{choice}")
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.time()
+        train(["--model", base_dir, "--data_dir", data, "--output_dir", out, "--lr", "5e-4", "--speakers", choice,
+               "--epochs", str(args.epochs), "--warmup_steps", "10", "--val_size", str(args.held_out),
+               "--eval_clips", "0", "--seed", "1234"] + critic_flags(args, base_dir) + common_flags(args)
+              + args.train_flags.split(), f"--speakers {choice} fine-tune", args.threads)
+        print(f"--speakers {choice}: {args.epochs} epochs in {(time.time() - start) / 60:.1f} min")
+        results[choice] = speaker_quality(os.path.join(out, "final_model"), held_out_sets, args.eval_clips)
+    print(f"\nspeakers: MCD-DTW dB (duration ratio) of each voice's {args.eval_clips} held-out clips, "
+          f"{args.epochs} epochs on {len(speech.read_metadata(os.path.join(data, 'metadata.csv')))} clips of both")
+    print("| voice | recordings of | MCD dB | dur ratio |")
+    print("|---|---|---:|---:|")
+    for name, scores in results.items():
+        for (speaker, voice), (mcd, ratio) in sorted(scores.items(), key=lambda kv: str(kv[0])):
+            who = {"base": "base voice", "pooled": "pooled fine-tune"}.get(name) or f"2-speaker, speaker {speaker}"
+            print(f"| {who} | {voice} ({'/'.join(map(str, dict(old=OLD_VOICE, new=NEW_VOICE)[voice]))}) "
+                  f"| {mcd:.2f} | {ratio:.2f} |")
+            print(f"quality: speakers {name} speaker {speaker} voice {voice} mcd {mcd:.4f} dur_ratio {ratio:.4f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
 # Report
 
 COLUMNS = [("mcd", "MCD dB", "{:.2f}"), ("dur_ratio", "dur ratio", "{:.2f}"), ("dur_ratio_std", "± std", "{:.2f}"),
@@ -302,6 +373,10 @@ def main(argv=None):
     p.add_argument("--train_flags", default="", help="More train_vits.py flags for the fine-tune, e.g. '--d_lr 1e-4'.")
     p.add_argument("--threads", type=int, default=1,
                    help="Torch threads: 1 is fastest on a busy 2-core machine (README, Performance).")
+    p.add_argument("--case", choices=["fine_tune", "speakers"], default="fine_tune",
+                   help="fine_tune: the base voice tuned to the new voice, epoch by epoch; speakers: both voices "
+                        "as two speakers of one data set, tuned as one pooled voice and as a 2-speaker voice "
+                        "(train_vits.py --speakers 2), each voice's held-out clips measured against each.")
     args = p.parse_args(argv)
     size = "tiny" if args.quick else "small"
     for key, value in SIZES[size].items():
@@ -315,6 +390,8 @@ def main(argv=None):
                               args.held_out)
     init_dir = init_model(os.path.join(args.data_dir, f"init_{size}"), size)
     base_dir = train_base(args, size, init_dir, old_dir)
+    if args.case == "speakers":
+        return speakers_case(args, base_dir, dict(old=old_dir, new=new_dir))
     old_val = held_out_clips(old_dir, base_dir, args.held_out)
     rows, minutes = fine_tune(args, base_dir, new_dir, old_val)
     apart = voices_apart(held_out_clips(new_dir, base_dir, args.held_out), old_val)

@@ -36,6 +36,9 @@ class Left:
     def left(self):
         return self.seconds
 
+    def reserve(self):
+        return 0.0
+
 
 def test_steps_that_fit_count_whole_epochs_then_part_of_one_and_only_the_solo_steps_that_happen():
     # 3 steps of 4 clips an epoch; 4 s a step (1 clip/s), 1 s while the critic trains alone (4 clips/s);
@@ -65,6 +68,28 @@ def test_the_benchmark_stops_at_its_share_of_the_budget(tiny_model_dir, monkeypa
     # The warm-up (1 s) and two timed steps (2 s) use the 3 s; the 10,000 samples asked for are not waited for.
     assert len(windows) == 3
     assert rate == pytest.approx(8 / 2.0)
+    # A share shorter than the warm-up step: that one step is the measure, no second step is waited for.
+    windows.clear()
+    rate = planning.benchmark_throughput(trainer, batches, 1, 10_000, max_seconds=0.5)
+    assert len(windows) == 1
+    assert rate == pytest.approx(4 / 1.0)
+
+
+def test_when_the_full_steps_took_the_share_the_solo_steps_are_not_timed(tiny_model_dir, tiny_clips, monkeypatch):
+    trainer = tiny_trainer(tiny_model_dir)
+    clock, kinds = [0.0], []
+
+    def slow_benchmark(trainer, batches, grad_accum, samples, d_only=False, max_seconds=math.inf):
+        kinds.append(d_only)
+        clock[0] += 80.0  # past both shares (2 x 2% of an hour): a full-width critic on a busy CPU
+        return 1.0
+    monkeypatch.setattr(planning, "benchmark_throughput", slow_benchmark)
+    monkeypatch.setattr(planning.time, "time", lambda: clock[0])
+    plan = planning.plan_run(trainer, [tiny_clips], clip_data.epoch_batches(tiny_clips, 2, 0), 1,
+                             training_flags.parse(["--target_hours", "1", "--grad_accum", "1"]), Left(3600.0),
+                             d_warmup=200)
+    assert kinds == [False]
+    assert plan["d_only_samples_per_s"] is None and plan["total_steps"] > 0
 
 
 def test_a_run_given_epochs_or_max_steps_is_not_benchmarked(tiny_model_dir, tiny_clips, monkeypatch):
