@@ -148,7 +148,7 @@ def load_checkpoint(path, state, trainer, args, data_key, fixed_flags=None):
 
 # Flags that shape the LR schedule or which clips make up each batch: a resumed run must keep them
 # (train_feedback.py adds its own).
-RESUME_FIXED = ("lr", "d_lr", "batch_size", "grad_accum", "seed", "speakers")
+RESUME_FIXED = ("lr", "d_lr", "batch_size", "grad_accum", "seed", "speakers", "speaker_lr")
 
 
 def check_resumed_flags(saved, args, path, fixed=RESUME_FIXED):

@@ -113,6 +113,22 @@ def with_speakers(model, count):
     return voice.train(model.training)
 
 
+def is_speaker_part(name):
+    """True for the parameters with_speakers adds: the speaker embedding and the conditioning layers."""
+    return (name.startswith(("embed_speaker.", "decoder.cond.", "duration_predictor.cond."))
+            or ".cond_layer." in name)
+
+
+def speaker_learning_rate(args, model, table):
+    """The peak learning rate of the speaker parts with_speakers is about to add (None when it adds none):
+    --speaker_lr, by default ten times --lr (2e-4 with the default --lr: the rate VITS trains at from
+    scratch, for the parts that start from scratch). At --lr the embeddings would creep out of zero far
+    slower than the rest of the voice adapts, and the speakers stay one average voice for most of a night."""
+    if model.config.num_speakers > 1 or len(table or []) < 2:
+        return None
+    return args.speaker_lr or 10 * args.lr
+
+
 def write_table(out_dir, table):
     with open(os.path.join(out_dir, SPEAKERS_JSON), "w", encoding="utf-8") as f:
         json.dump(dict(speakers=table), f, indent=1)

@@ -68,6 +68,7 @@ def main(argv=None):
             print(f"dropped {count} clips: {reason}")
         clipset, speaker_table = speakers.choose_speakers(clipset, args.data_dir, args.speakers,
                                                           args.min_speaker_clips, sr)
+        speaker_lr = speakers.speaker_learning_rate(args, model, speaker_table)
         model = models.prepare_for_training(speakers.with_speakers(model, len(speaker_table or [])))
         print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {sr} Hz, "
               f"{model.config.num_speakers} speaker(s); device {device}, precision {precision}")
@@ -81,7 +82,7 @@ def main(argv=None):
                                       skipped_clips=errors, dropped_clips=clipset.dropped, speakers=speaker_table))
         # 4. The batch, and the run to continue (--resume) or to plan.
         trainer = vits_trainer.VitsTrainer(model, disc, args, device, precision,
-                                           vits_trainer.critic_learning_rate(args, fresh=disc_path is None))
+                                           vits_trainer.critic_learning_rate(args, fresh=disc_path is None), speaker_lr)
         if args.batch_size == "auto":
             args = planning.with_batch(args, *planning.choose_batch_size(trainer, train_set, args, resume[1]))
         make_batches = distributed.shard_batches(clip_data.epoch_batches(train_set, args.batch_size, args.seed))

@@ -125,6 +125,10 @@ def add_speaker_flags(p):
                         "speakers.csv beside metadata.csv (prepare_data.py writes it from Common Voice's "
                         "client_id). prepare_data.py --speaker/--top_speakers choose whose clips are prepared at "
                         "all; this chooses whether they train one voice or several.")
+    g.add_argument("--speaker_lr", type=float, default=None,
+                   help="Peak learning rate of the speaker embeddings and conditioning layers a single-speaker "
+                        "voice gains with --speakers (default: 10 x --lr, 2e-4 with the default --lr: VITS's "
+                        "rate from scratch, for the parts that start from zero).")
     g.add_argument("--min_speaker_clips", type=int, default=50,
                    help="With --speakers all: the fewest usable clips a speaker needs to get an id (below about 50 "
                         "clips, a few minutes, a speaker's id learns little more than the pooled voice).")
@@ -157,6 +161,8 @@ def check_args(parser, args):
         parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
     if args.eval_clips < 0:
         parser.error(f"--eval_clips must be 0 or more, got {args.eval_clips}")
+    if getattr(args, "speaker_lr", None) is not None and not (math.isfinite(args.speaker_lr) and args.speaker_lr > 0):
+        parser.error(f"--speaker_lr must be a positive number, got {args.speaker_lr}")
     if getattr(args, "min_speaker_clips", 1) < 1:
         parser.error(f"--min_speaker_clips must be at least 1, got {args.min_speaker_clips}")
     if args.best_metric != "val_mel" and args.eval_clips == 0:

@@ -10,10 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from transformers import pipeline
 
 import clip_data
+import listening
 import models
 import objective
 import prepare_data
@@ -22,6 +24,9 @@ import speakers
 import speech
 import train_feedback
 import train_vits
+import training_flags
+import vits_trainer
+import voice_quality
 from examples.make_release import client_id, make_release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,3 +259,67 @@ def test_feedback_trains_the_chosen_speaker_and_keeps_all(three_speaker_run, fou
 def test_train_vits_help_says_how_the_speaker_choices_differ():
     out = subprocess.run([sys.executable, "train_vits.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--speakers pooled|N|all" in out and "--top_speakers" in out and "--min_speaker_clips" in out
+
+
+def test_the_new_speaker_parts_learn_at_their_own_rate(tiny_model_dir):
+    base = models.load_voice(tiny_model_dir)[0]
+    args = training_flags.parse(["--speakers", "2", "--lr", "1e-4", "--warmup_steps", "0"])
+    assert speakers.speaker_learning_rate(args, base, [dict(id=0), dict(id=1)]) == pytest.approx(1e-3)
+    assert speakers.speaker_learning_rate(training_flags.parse(["--speaker_lr", "3e-3"]), base,
+                                          [dict(id=0), dict(id=1)]) == 3e-3
+    assert speakers.speaker_learning_rate(args, base, None) is None  # pooled: nothing new
+    voice = speakers.with_speakers(base, 2)
+    added = {name for name, _ in voice.named_parameters()} - {name for name, _ in base.named_parameters()}
+    trainer = vits_trainer.VitsTrainer(models.prepare_for_training(voice), models.VitsDiscriminator(max_channels=64),
+                                       args, torch.device("cpu"), "fp32", speaker_lr=1e-3)
+    trainer.schedule(10)
+    params = {id(p): name for name, p in voice.named_parameters()}
+    groups = [({params[id(p)] for p in group["params"]}, group["lr"]) for group in trainer.opt_g.param_groups]
+    assert groups[1] == (added, pytest.approx(1e-3)) and groups[0][1] == pytest.approx(1e-4)
+    assert not groups[0][0] & added
+
+
+def test_a_listening_session_speaks_again_when_the_speaker_changes(three_speaker_run, tmp_path):
+    final = os.path.join(three_speaker_run, "final_model")
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("Roj baş, tu çawa yî?\nEz bi kurdî diaxivim.\n", encoding="utf-8")
+    kit = str(tmp_path / "kit")
+    flags = ["--model", final, "--device", "cpu", "--feedback_dir", str(tmp_path / "feedback")]
+    assert train_feedback.main(["--make_session", str(sentences), "--output_dir", kit, "--speaker_id", "1"]
+                               + flags) == 0
+    with open(os.path.join(kit, "README.txt"), encoding="utf-8") as f:
+        assert "--speaker_id 1" in f.read()
+    spoken = {f: sf_read(os.path.join(kit, "model", f)) for f in ("s001.wav", "s002.wav")}
+    session = listening.open_session(kit, train_feedback.parse_args(["--listen", kit, "--speaker_id", "1"] + flags))
+    assert session.speaker_id == 1 and "--speaker_id 1" in session.state()["command"]
+    assert all(np.array_equal(sf_read(os.path.join(kit, "model", f)), a) for f, a in spoken.items())
+    # Speaker 2 speaks every sentence again, as speaker 2 speaks it with the page's fixed noise.
+    session = listening.open_session(kit, train_feedback.parse_args(["--listen", kit, "--speaker_id", "2"] + flags))
+    model, tokenizer = models.load_voice(final)
+    expected = voice_quality.synthesise(model, tokenizer, ["Roj baş, tu çawa yî?"], str(tmp_path / "direct"),
+                                        speaker_id=2)[0]
+    assert np.array_equal(sf_read(os.path.join(kit, "model", "s001.wav")), sf_read(expected))
+    assert not np.array_equal(sf_read(os.path.join(kit, "model", "s001.wav")), spoken["s001.wav"])
+    with open(os.path.join(kit, "session.json"), encoding="utf-8") as f:
+        assert json.load(f)["speaker_id"] == 2
+    with pytest.raises(run_errors.TrainingError, match="--speaker_id 3: the model's speakers are 0 to 2"):
+        listening.open_session(kit, train_feedback.parse_args(["--listen", kit, "--speaker_id", "3"] + flags))
+
+
+def sf_read(path):
+    return sf.read(path, dtype="int16")[0]
+
+
+def test_each_held_out_clip_is_spoken_by_its_own_speaker(tiny_model_dir, tiny_clips):
+    voice = speakers.with_speakers(models.load_voice(tiny_model_dir)[0], 2)
+    with torch.no_grad():
+        voice.embed_speaker.weight.normal_(std=3.0)
+    two = tiny_clips.subset([0, 1])
+    scores = [voice_quality.evaluate_quality(voice, two.with_speaker(k), 2) for k in (0, 1)]
+    assert scores[0]["mcd"] != scores[1]["mcd"]
+    assert scores[1]["mcd_speaker_1"] == pytest.approx(scores[1]["mcd"]) and "mcd_speaker_0" not in scores[1]
+    # The default speaker of a feedback run is the one with the most clips; a single voice has none.
+    table = [dict(id=0, clips=5), dict(id=1, clips=9), dict(id=2, clips=9)]
+    assert speakers.feedback_speaker(voice.config, table, None) == 1
+    assert speakers.feedback_speaker(voice.config, table, 0) == 0
+    assert speakers.feedback_speaker(models.load_voice(tiny_model_dir)[0].config, None, None) is None
