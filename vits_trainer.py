@@ -19,6 +19,7 @@ import clip_data
 import distributed
 import objective
 import run_errors
+import speakers
 
 
 def native_bf16(device):
@@ -122,14 +123,19 @@ def add_mean(totals, terms, n):
 class VitsTrainer:
     """Generator + discriminator with their optimizers, schedulers and GradScaler; one object to checkpoint."""
 
-    def __init__(self, model, discriminator, args, device, precision, critic_lr=None):
-        """critic_lr: the critic's peak learning rate (default --lr; see critic_learning_rate)."""
+    def __init__(self, model, discriminator, args, device, precision, critic_lr=None, speaker_lr=None):
+        """critic_lr: the critic's peak learning rate (default --lr; see critic_learning_rate); speaker_lr:
+        that of a new multi-speaker voice's speaker embedding and conditioning layers (default --lr)."""
         self.model, self.disc = model.to(device), discriminator.to(device)
         self.args, self.device, self.precision = args, device, precision
         self.critic_lr = critic_lr or args.lr
         self.sampling_rate = model.config.sampling_rate
-        self.opt_g = make_adamw(self.model.parameters(), args.lr)
+        named = list(self.model.named_parameters())
+        new = [p for n, p in named if speakers.is_speaker_part(n)]
+        groups = [dict(params=[p for n, p in named if not speakers.is_speaker_part(n)], lr=args.lr)]
+        self.opt_g = make_adamw(groups + ([dict(params=new, lr=speaker_lr or args.lr)] if new else []), args.lr)
         self.opt_d = make_adamw(self.disc.parameters(), self.critic_lr)
+        self.peak_lrs = [[group["lr"] for group in opt.param_groups] for opt in (self.opt_g, self.opt_d)]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         if args.compile:
             # In place: the parameter names, checkpoints and exported voices stay those of eager modules.
@@ -156,8 +162,8 @@ class VitsTrainer:
         its full rate, with no warm-up, and decays from there; as VITS trains a critic from scratch.
         decay_from: the generator's and the critic's (see replan).
         """
-        for opt, lr in ((self.opt_g, self.args.lr), (self.opt_d, self.critic_lr)):
-            for group in opt.param_groups:
+        for opt, peaks in ((self.opt_g, self.peak_lrs[0]), (self.opt_d, self.peak_lrs[1])):
+            for group, lr in zip(opt.param_groups, peaks):
                 group["lr"] = lr
                 group.pop("initial_lr", None)
         g_steps = max(1, total_steps - d_warmup_steps)
