@@ -323,3 +323,18 @@ def test_each_held_out_clip_is_spoken_by_its_own_speaker(tiny_model_dir, tiny_cl
     assert speakers.feedback_speaker(voice.config, table, None) == 1
     assert speakers.feedback_speaker(voice.config, table, 0) == 0
     assert speakers.feedback_speaker(models.load_voice(tiny_model_dir)[0].config, None, None) is None
+
+
+def test_a_multi_speaker_run_resumes_exactly(three_speaker_run, four_speakers, tiny_model_dir, tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(os.path.join(run, "checkpoints"))
+    epoch1 = os.path.join(run, "checkpoints", "checkpoint_epoch_1.pt")
+    shutil.copy(os.path.join(three_speaker_run, "checkpoints", "checkpoint_epoch_1.pt"), epoch1)
+    assert run_train(four_speakers, tiny_model_dir, run, "--speakers", "3", "--epochs", "2", "--lr", "2e-3",
+                     "--resume", epoch1) == 0
+    straight = models.load_voice(os.path.join(three_speaker_run, "final_model"))[0].state_dict()
+    resumed = models.load_voice(os.path.join(run, "final_model"))[0].state_dict()
+    assert straight.keys() == resumed.keys() and "embed_speaker.weight" in resumed
+    for key, value in straight.items():
+        assert torch.allclose(value, resumed[key], atol=1e-6), key
+    assert not torch.equal(straight["embed_speaker.weight"][0], straight["embed_speaker.weight"][1])
