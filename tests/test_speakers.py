@@ -338,3 +338,25 @@ def test_a_multi_speaker_run_resumes_exactly(three_speaker_run, four_speakers, t
     for key, value in straight.items():
         assert torch.allclose(value, resumed[key], atol=1e-6), key
     assert not torch.equal(straight["embed_speaker.weight"][0], straight["embed_speaker.weight"][1])
+
+
+def test_under_torchrun_every_process_trains_the_same_speakers(four_speakers, tiny_model_dir, tmp_path):
+    out, dumps = str(tmp_path / "run"), str(tmp_path / "dumps")
+    os.makedirs(dumps)
+    args = ["--model", tiny_model_dir, "--data_dir", four_speakers, "--output_dir", out, "--device", "cpu",
+            "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1", "--epochs", "1",
+            "--d_warmup_steps", "0", "--eval_clips", "0", "--val_size", "2", "--speakers", "3"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "tests", "hooked_run.py"), "train_vits"] + args, cwd=ROOT,
+                            env=dict(os.environ, TEST_DUMP_DIR=dumps, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(os.path.join(dumps, f"rank{r}.pt"), weights_only=True)["model"] for r in range(2)]
+    # The two processes train different clips of different speakers: only averaged gradients keep the
+    # speaker embeddings (and the rest) the same on both.
+    assert ranks[0].keys() == ranks[1].keys()
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
+    embeddings = ranks[0]["embed_speaker.weight"]
+    assert embeddings.shape == (3, 256) and all(embeddings[k].abs().sum() > 0 for k in range(3))
+    assert speakers.read_table(os.path.join(out, "final_model"))[0]["client_id"] == ranked_ids()[0][:8]
