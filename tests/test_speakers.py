@@ -360,3 +360,12 @@ def test_under_torchrun_every_process_trains_the_same_speakers(four_speakers, ti
     embeddings = ranks[0]["embed_speaker.weight"]
     assert embeddings.shape == (3, 256) and all(embeddings[k].abs().sum() > 0 for k in range(3))
     assert speakers.read_table(os.path.join(out, "final_model"))[0]["client_id"] == ranked_ids()[0][:8]
+
+
+def test_speakers_with_as_many_clips_go_by_client_id(tiny_clips, tmp_path):
+    names = tiny_clips.names
+    labels = [(n, "zz" * 8 if i < 3 else "aa" * 8 if i < 6 else "mm" * 8) for i, n in enumerate(names)]
+    speech.write_speaker_labels(str(tmp_path / "speakers.csv"), labels)
+    _, table = speakers.choose_speakers(tiny_clips, str(tmp_path), 3, 1, 16000)
+    assert [row["client_id"] for row in table] == ["mm" * 4, "aa" * 4, "zz" * 4]
+    assert [row["clips"] for row in table] == [len(names) - 6, 3, 3]
