@@ -7,33 +7,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monotonic_alignment_search import maximum_path
 from torch import nn
 
 import spectrogram
+from alignment import monotonic_alignment
 
 
 def sequence_mask(lengths, max_length):
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def monotonic_alignment(z_p, m_p, logs_p, x_mask, y_mask):
-    """Most likely monotonic path of frames onto tokens: [B, tokens, frames] of 0/1, no gradient.
-
-    Always fp32, autocast off: under autocast torch.matmul of fp32 tensors returns fp16, and with a sharp
-    prior the log-likelihood products pass fp16's 65504, so the path would go silently wrong.
-    """
-    with torch.no_grad(), torch.autocast(z_p.device.type, enabled=False):
-        z_p, m_p, logs_p = z_p.float(), m_p.float(), logs_p.float()
-        s_p_sq_r = torch.exp(-2 * logs_p)  # [B, C, L]
-        # log N(z_p | m_p, s_p) for every (token, frame), expanded as in VITS to four matmuls
-        neg_cent1 = torch.sum(-0.5 * math.log(2 * math.pi) - logs_p, [1]).unsqueeze(2)  # [B, L, 1]
-        neg_cent2 = torch.matmul(s_p_sq_r.transpose(1, 2), -0.5 * z_p.pow(2))  # [B, L, T]
-        neg_cent3 = torch.matmul((m_p * s_p_sq_r).transpose(1, 2), z_p)
-        neg_cent4 = torch.sum(-0.5 * m_p.pow(2) * s_p_sq_r, [1]).unsqueeze(2)
-        neg_cent = neg_cent1 + neg_cent2 + neg_cent3 + neg_cent4
-        mask = x_mask.transpose(1, 2) * y_mask  # [B, L, T]
-        return maximum_path(neg_cent, mask.float()).to(z_p.dtype)
 
 
 def expand_prior(m_p, logs_p, path):

@@ -115,9 +115,34 @@ def critic_learning_rate(args, fresh):
     return args.d_lr or (max(FRESH_CRITIC_LR, args.lr) if fresh else args.lr)
 
 
+# The window's logged terms stay on the device until it ends, then come to the host in one transfer
+# (read_totals): a .item() per term would wait for the device once per term, mid-step. False reads each
+# term where it is made instead, as before (benchmarks/bench_train.py --levers --host_syncs switches it).
+ONE_HOST_READ = True
+
+
+def kept(value):
+    """A logged term (a 0-dim tensor, or a float) as it waits for read_totals."""
+    if ONE_HOST_READ:
+        return torch.as_tensor(value)
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def add_mean(totals, terms, n):
+    """Each piece's terms, kept with the share of the window's mean they count for (1/n)."""
     for key, value in terms.items():
-        totals[key] = totals.get(key, 0.0) + value / n
+        totals.setdefault(key, []).append((kept(value), n))
+
+
+def read_totals(totals):
+    """The window's mean terms as floats: one read of all their tensors, then summed on the host in the
+    order the pieces ran, so the numbers are those a .item() per term gave."""
+    shares = [(key, n) for key, kept_shares in totals.items() for _, n in kept_shares]
+    values = torch.stack([value for kept_shares in totals.values() for value, _ in kept_shares]).tolist()
+    means = {}
+    for (key, n), value in zip(shares, values):
+        means[key] = means.get(key, 0.0) + value / n
+    return means
 
 
 class VitsTrainer:
@@ -133,9 +158,9 @@ class VitsTrainer:
         named = list(self.model.named_parameters())
         new = [p for n, p in named if speakers.is_speaker_part(n)]
         groups = [dict(params=[p for n, p in named if not speakers.is_speaker_part(n)], lr=args.lr)]
-        self.opt_g = make_adamw(groups + ([dict(params=new, lr=speaker_lr or args.lr)] if new else []), args.lr)
+        self.speaker_lr = speaker_lr or args.lr
+        self.opt_g = make_adamw(groups + ([dict(params=new, lr=self.speaker_lr)] if new else []), args.lr)
         self.opt_d = make_adamw(self.disc.parameters(), self.critic_lr)
-        self.peak_lrs = [[group["lr"] for group in opt.param_groups] for opt in (self.opt_g, self.opt_d)]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         if args.compile:
             # In place: the parameter names, checkpoints and exported voices stay those of eager modules.
@@ -162,7 +187,7 @@ class VitsTrainer:
         its full rate, with no warm-up, and decays from there; as VITS trains a critic from scratch.
         decay_from: the generator's and the critic's (see replan).
         """
-        for opt, peaks in ((self.opt_g, self.peak_lrs[0]), (self.opt_d, self.peak_lrs[1])):
+        for opt, peaks in ((self.opt_g, (self.args.lr, self.speaker_lr)), (self.opt_d, (self.critic_lr,))):
             for group, lr in zip(opt.param_groups, peaks):
                 group["lr"] = lr
                 group.pop("initial_lr", None)
@@ -332,7 +357,7 @@ class VitsTrainer:
             return self.skipped(bad=not searching)
         self.bad_steps = 0
         self.step += 1
-        return totals
+        return read_totals(totals)
 
     def skipped(self, bad=True):
         """A step with a non-finite loss or gradient: its pending gradients dropped and counted; too many bad
@@ -373,7 +398,8 @@ class VitsTrainer:
     def critic_backward(self, batch, accum, keep_graph):
         """The generator's forward and the critic's loss on real and (detached) generated slices, backward.
 
-        Returns (generator outputs, terms); terms is None when the loss is not finite on some process.
+        Returns (generator outputs, terms): the terms are tensors (read at the window's end, read_totals), None
+        when the loss is not finite on some process.
         """
         try:
             out = self.generator_outputs(batch, grad=keep_graph)
@@ -394,10 +420,11 @@ class VitsTrainer:
         if not distributed.all_ranks(torch.isfinite(loss_d)):
             return out, None
         self.scaler.scale(loss_d / accum).backward()
-        return out, dict(d=loss_d.item())
+        return out, dict(d=loss_d.detach())
 
     def generator_backward(self, out, accum):
-        """The generator's losses through the (updated, frozen) critic, backward. Returns the terms or None."""
+        """The generator's losses through the (updated, frozen) critic, backward. Returns the terms (tensors) or
+        None."""
         fake_logits, real_features, fake_features = self.generator_critic(out)
         loss_adv = objective.generator_adversarial_loss(fake_logits)
         loss_fm = objective.feature_matching_loss(real_features, fake_features)
@@ -407,8 +434,8 @@ class VitsTrainer:
         if not distributed.all_ranks(torch.isfinite(loss_g)):
             return None
         self.scaler.scale(loss_g / accum).backward()
-        return dict(g=loss_g.item(), adv=loss_adv.item(), fm=loss_fm.item(), mel=loss_mel.item(),
-                    kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
+        terms = dict(g=loss_g, adv=loss_adv, fm=loss_fm, mel=loss_mel, kl=out["loss_kl"], dur=out["loss_dur"])
+        return {key: value.detach() for key, value in terms.items()}
 
     def generator_critic(self, out):
         """The updated critic, frozen, on the real and the generated slices: (fake logits, real features, fake
@@ -429,7 +456,7 @@ class VitsTrainer:
         if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
             return False
-        totals[norm_key] = norm.item()
+        totals[norm_key] = [(kept(norm), 1)]
         self.scaler.step(opt)
         return True
 

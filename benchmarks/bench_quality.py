@@ -299,12 +299,14 @@ def speakers_case(args, base_dir, voice_dirs):
           f"{args.epochs} epochs on {len(speech.read_metadata(os.path.join(data, 'metadata.csv')))} clips of both")
     print("| voice | recordings of | MCD dB | dur ratio |")
     print("|---|---|---:|---:|")
-    for name, scores in results.items():
-        for (speaker, voice), (mcd, ratio) in sorted(scores.items(), key=lambda kv: str(kv[0])):
-            who = {"base": "base voice", "pooled": "pooled fine-tune"}.get(name) or f"2-speaker, speaker {speaker}"
-            print(f"| {who} | {voice} ({'/'.join(map(str, dict(old=OLD_VOICE, new=NEW_VOICE)[voice]))}) "
-                  f"| {mcd:.2f} | {ratio:.2f} |")
-            print(f"quality: speakers {name} speaker {speaker} voice {voice} mcd {mcd:.4f} dur_ratio {ratio:.4f}")
+    rows = [(name, speaker, voice, mcd, ratio) for name, scores in results.items()
+            for (speaker, voice), (mcd, ratio) in sorted(scores.items(), key=lambda kv: str(kv[0]))]
+    for name, speaker, voice, mcd, ratio in rows:
+        who = {"base": "base voice", "pooled": "pooled fine-tune"}.get(name) or f"2-speaker, speaker {speaker}"
+        print(f"| {who} | {voice} ({'/'.join(map(str, dict(old=OLD_VOICE, new=NEW_VOICE)[voice]))}) "
+              f"| {mcd:.2f} | {ratio:.2f} |")
+    for name, speaker, voice, mcd, ratio in rows:
+        print(f"quality: speakers {name} speaker {speaker} voice {voice} mcd {mcd:.4f} dur_ratio {ratio:.4f}")
     return results
 
 

@@ -23,7 +23,9 @@ once per data set (and again only in seconds, from its cache).
 
 `--levers` measures train_vits.py's own step instead: each of its speed-ups switched off in turn (fused
 AdamW; the critic run on the real slices without a graph in the generator's pass), `--compile` switched
-on, and with `--against COMMIT` train_vits.py as it was at that commit. Every variant starts from the same
+on, with `--host_syncs` the step's host-device synchronisations (the monotonic alignment by the device DP
+or the Cython kernel, whichever ours does not take; a host read per logged term instead of one per step),
+and with `--against COMMIT` train_vits.py as it was at that commit. Every variant starts from the same
 weights and takes the same batch with the same seed at each step, in turns whose order rotates:
 
     # issue 13's setting: full size, batch 2, fp32, 2 threads, against the step of 288519f
@@ -54,6 +56,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+import alignment  # noqa: E402
 import clip_data  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
@@ -91,6 +94,11 @@ def build_parser():
     p.add_argument("--compile", action="store_true",
                    help="With --levers: also ours with train_vits.py --compile (its first step waits minutes for "
                         "the compiler; not timed).")
+    p.add_argument("--host_syncs", action="store_true",
+                   help="With --levers: also the step's two host-sync levers: the monotonic alignment by whichever of "
+                        "the device DP and the Cython kernel ours does not take (alignment.DEVICE_MAS: ours takes the "
+                        "DP on CUDA, the kernel on a CPU), and a host read per logged term instead of one per step "
+                        "(vits_trainer.ONE_HOST_READ).")
     p.add_argument("--against", metavar="COMMIT", default=None,
                    help="With --levers: also the training step of the project at this git commit (e.g. 288519f), "
                         "its whole tree exported with `git archive`, on the same weights and batches.")
@@ -107,8 +115,8 @@ def parse_args(argv=None):
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.clips < args.batch_size:
         parser.error(f"--clips ({args.clips}) must be at least --batch_size ({args.batch_size})")
-    if (args.compile or args.against) and not args.levers:
-        parser.error("--compile and --against go with --levers")
+    if (args.compile or args.against or args.host_syncs) and not args.levers:
+        parser.error("--compile, --host_syncs and --against go with --levers")
     if args.disc_channels is None:
         args.disc_channels = 64 if args.model_size == "tiny" else 1024
     return args
@@ -263,6 +271,17 @@ def without_fused_adamw(trainer):
     return trainer
 
 
+def with_setting(trainer, module, name, value):
+    """The trainer with module.name = value during its steps: a lever that is a module's setting."""
+    step = trainer.train_window
+
+    def train_window(*args, **kwargs):
+        with mock.patch.object(module, name, value):
+            return step(*args, **kwargs)
+    trainer.train_window = train_window
+    return trainer
+
+
 def trainer_at(commit):
     """(VitsTrainer class, flag parser) of the project as it was at a git commit: its whole tree exported to
     a temporary folder and imported there, apart from today's modules of the same names."""
@@ -298,6 +317,12 @@ def lever_variants(model, disc, args, targs, device, precision):
         compiled = copy.copy(targs)
         compiled.compile = True
         variants["ours with --compile"] = fresh(module_args=compiled)
+    if args.host_syncs:
+        if alignment.use_device_mas(device):
+            variants["MAS by the Cython kernel (a host sync)"] = with_setting(fresh(), alignment, "DEVICE_MAS", "off")
+        else:
+            variants["MAS by the device DP"] = with_setting(fresh(), alignment, "DEVICE_MAS", "on")
+        variants["a host read per logged term"] = with_setting(fresh(), vits_trainer, "ONE_HOST_READ", False)
     if args.against:
         old_trainer, old_parse = trainer_at(args.against)
         old_args = old_parse(["--batch_size", str(args.batch_size), "--grad_accum", "1", "--warmup_steps", "0",
@@ -344,8 +369,9 @@ def lever_report(times, losses, header):
                      f"{ratio:.2f}x | {differ:.1e} |")
     lines.append("")
     lines.append("ours is faster by: the variant's step time over ours on the same batch, median over the steps "
-                 "(above 1 the switched-off speed-up wins; for --compile, below 1 compiling wins). generator loss "
-                 "vs ours: the largest relative difference over all steps, warm-up included.")
+                 "(above 1 the switched-off speed-up wins; for --compile and the device DP on a CPU, below 1 the "
+                 "variant wins). generator loss vs ours: the largest relative difference over all steps, warm-up "
+                 "included.")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from monotonic_alignment_search import maximum_path_cython, maximum_path_numpy  # noqa: E402
 
+import alignment  # noqa: E402
 import clip_data  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
@@ -135,7 +136,8 @@ def profile_step(trainer, batches, device):
     undo = [wrap(model.text_encoder, "forward", "text encoder"),
             wrap(model.posterior_encoder, "forward", "posterior encoder"),
             wrap(model.flow, "forward", "flow"),
-            wrap(objective, "maximum_path", "MAS: Cython maximum_path (incl. copies)"),
+            wrap(alignment, "maximum_path", "MAS: Cython maximum_path (incl. copies)"),
+            wrap(alignment, "device_maximum_path", "MAS: device_maximum_path"),
             wrap(objective, "monotonic_alignment", "MAS: log-likelihood matrix"),
             wrap(model.duration_predictor, "forward", "stochastic duration predictor"),
             wrap(model.decoder, "forward", "HiFi-GAN decoder (32-frame slices)"),

@@ -61,3 +61,19 @@ def test_bench_quality_quick_prints_a_table_quality_lines_and_a_plot(tmp_path, c
     # The fine-tune moved the voice: its epoch-1 numbers are train_vits.py's own, not the base's again.
     assert rows[1]["new"] != rows[0]["new"]
     assert plot.stat().st_size > 0
+
+
+def test_bench_quality_speakers_case_measures_each_voice_by_each_speaker(tmp_path, capsys):
+    from benchmarks import bench_quality
+
+    results = bench_quality.main(["--quick", "--case", "speakers", "--data_dir", str(tmp_path / "data"), "--clips",
+                                  "20", "--base_steps", "2", "--epochs", "1", "--eval_clips", "1"])
+    voices = ["new", "old"]
+    assert sorted(results["base"]) == sorted(results["pooled"]) == [(None, v) for v in voices]
+    assert sorted(results["2"]) == [(s, v) for s in voices for v in voices]
+    # The two speakers of the 2-speaker voice speak the same clip differently.
+    assert results["2"][("new", "old")] != results["2"][("old", "old")]
+    assert all(math.isfinite(x) for scores in results.values() for pair in scores.values() for x in pair)
+    out = capsys.readouterr().out
+    assert "| 2-speaker, speaker old | old (ku/165/45) |" in out
+    assert len([line for line in out.splitlines() if line.startswith("quality: speakers ")]) == 8

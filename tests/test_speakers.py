@@ -184,7 +184,7 @@ def three_speaker_run(four_speakers, tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_a_three_speaker_voice_loads_in_pipeline_and_names_its_speakers(three_speaker_run, tiny_model_dir):
+def test_a_three_speaker_voice_loads_in_pipeline_and_names_its_speakers(three_speaker_run, tmp_path):
     final = os.path.join(three_speaker_run, "final_model")
     with open(os.path.join(final, "speakers.json"), encoding="utf-8") as f:
         table = json.load(f)["speakers"]
@@ -199,6 +199,13 @@ def test_a_three_speaker_voice_loads_in_pipeline_and_names_its_speakers(three_sp
     assert any(a.shape != waves[0].shape or not np.allclose(a, waves[0]) for a in waves[1:])
     samples = os.path.join(three_speaker_run, "samples", "epoch_2")
     assert sorted(os.listdir(samples)) == ["speaker_0", "speaker_1", "speaker_2"]
+    # Each speaker's listening sample is that speaker of the final voice (the same noise).
+    model, tokenizer = models.load_voice(final)
+    for k in range(3):
+        direct = voice_quality.synthesise(model, tokenizer, [voice_quality.DEFAULT_SENTENCES[0]],
+                                          str(tmp_path / str(k)), speaker_id=k)[0]
+        sample = sf_read(os.path.join(samples, f"speaker_{k}", "00.wav")).astype(np.int32)
+        assert len(sample) == len(sf_read(direct)) and np.abs(sample - sf_read(direct)).max() <= 1
     with open(os.path.join(three_speaker_run, "metrics.jsonl"), encoding="utf-8") as f:
         record = [json.loads(line) for line in f if "val_mel" in line][-1]
     assert any(key.startswith("eval_mcd_speaker_") for key in record)

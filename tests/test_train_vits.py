@@ -225,6 +225,9 @@ class FixedBudget:
     def left(self):
         return 3600.0
 
+    def reserve(self):
+        return 0.0
+
 
 def test_plan_counts_the_faster_discriminator_only_warmup(tiny_model_dir, tiny_clips, monkeypatch):
     trainer, _ = tiny_trainer(tiny_model_dir)
