@@ -81,9 +81,9 @@ def choose_speakers(clipset, data_dir, choice, min_clips, sampling_rate):
     prefix = unique_prefixes(ranked)
     table = [dict(id=ids[s], client_id=prefix[s], clips=counts[s], hours=round(seconds[s] / 3600, 4))
              for s in chosen]
-    print(f"speakers: {len(chosen)} of {len(ranked)} (" + ", ".join(f"{t['id']}: {t['client_id']} {t['clips']} clips"
-                                                          for t in table[:5]) + (", ..." if len(table) > 5 else "")
-          + f"); {len(clipset) - len(keep)} clips of other or unknown speakers left out")
+    shown = ", ".join(f"{t['id']}: {t['client_id']} {t['clips']} clips" for t in table[:5])
+    print(f"speakers: {len(chosen)} of {len(ranked)} ({shown}{', ...' if len(table) > 5 else ''}); "
+          f"{len(clipset) - len(keep)} clips of other or unknown speakers left out")
     return chosen_set, table
 
 

@@ -144,6 +144,7 @@ def test_the_step_conditions_where_vits_does_and_the_speakers_learn_apart(tiny_m
     # and, through its own cond layer, the duration predictor.
     parts = dict(posterior=(voice.posterior_encoder, 2), flow=(voice.flow, 2), decoder=(voice.decoder, 1),
                  durations=(voice.duration_predictor.cond, 0))
+
     def keep(name, at):
         def hook(module, args):
             seen.setdefault(name, args[at])
