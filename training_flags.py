@@ -139,8 +139,10 @@ def check_args(parser, args):
                  "max_steps", "max_samples"):
         if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.d_lr is not None and not (math.isfinite(args.d_lr) and args.d_lr > 0):
-        parser.error(f"--d_lr must be a positive number, got {args.d_lr}")
+    for name in ("d_lr", "speaker_lr"):  # optional rates (train_feedback.py has no --speaker_lr)
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name} must be a positive number, got {value}")
     for name in ("target_hours", "lr", "grad_clip"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
@@ -161,8 +163,6 @@ def check_args(parser, args):
         parser.error("--benchmark_samples 0 needs --epochs or --max_steps: without a benchmark there is no plan")
     if args.eval_clips < 0:
         parser.error(f"--eval_clips must be 0 or more, got {args.eval_clips}")
-    if getattr(args, "speaker_lr", None) is not None and not (math.isfinite(args.speaker_lr) and args.speaker_lr > 0):
-        parser.error(f"--speaker_lr must be a positive number, got {args.speaker_lr}")
     if getattr(args, "min_speaker_clips", 1) < 1:
         parser.error(f"--min_speaker_clips must be at least 1, got {args.min_speaker_clips}")
     if args.best_metric != "val_mel" and args.eval_clips == 0:
