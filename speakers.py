@@ -78,7 +78,7 @@ def choose_speakers(clipset, data_dir, choice, min_clips, sampling_rate):
     seconds = Counter()
     for i in keep:
         seconds[clip_speakers[i]] += len(clipset.audio[i]) / sampling_rate
-    prefix = unique_prefixes(ranked)
+    prefix = unique_prefixes(set(labels.values()) - {""})  # unique among all the data's speakers
     table = [dict(id=ids[s], client_id=prefix[s], clips=counts[s], hours=round(seconds[s] / 3600, 4))
              for s in chosen]
     shown = ", ".join(f"{t['id']}: {t['client_id']} {t['clips']} clips" for t in table[:5])
@@ -93,12 +93,13 @@ def with_speakers(model, count):
     they change nothing: every embedding and every new bias exactly zero, so each speaker speaks exactly as
     the pretrained voice until training moves them. The new layers' weights keep their random start: weight
     norm divides by the norm of its vector, and a zero vector would make that 0/0."""
+    if model.config.num_speakers > 1 and count != model.config.num_speakers:
+        asked = f"--speakers {count}" if count else "--speakers pooled"
+        raise run_errors.TrainingError(f"the model already has {model.config.num_speakers} speakers, {asked} does not "
+                                       f"fit it: train it with --speakers {model.config.num_speakers}, tune one speaker "
+                                       "with train_feedback.py --speaker_id, or start from the single-speaker voice")
     if count < 2 or model.config.num_speakers == count:
         return model
-    if model.config.num_speakers > 1:
-        raise run_errors.TrainingError(f"the model already has {model.config.num_speakers} speakers, --speakers asks "
-                                       f"for {count}: train it with --speakers {model.config.num_speakers}, or start "
-                                       "from the single-speaker voice")
     config = copy.deepcopy(model.config)
     config.num_speakers, config.speaker_embedding_size = count, EMBEDDING_SIZE
     voice = VitsModel(config)

@@ -377,3 +377,11 @@ def test_speakers_with_as_many_clips_go_by_client_id(tiny_clips, tmp_path):
     _, table = speakers.choose_speakers(tiny_clips, str(tmp_path), 3, 1, 16000)
     assert [row["client_id"] for row in table] == ["mm" * 4, "aa" * 4, "zz" * 4]
     assert [row["clips"] for row in table] == [len(names) - 6, 3, 3]
+
+
+def test_a_multi_speaker_model_is_not_trained_as_another_number_of_speakers(tiny_model_dir):
+    voice = speakers.with_speakers(models.load_voice(tiny_model_dir)[0], 3)
+    assert speakers.with_speakers(voice, 3) is voice
+    for count, asked in ((0, "--speakers pooled"), (2, "--speakers 2"), (1, "--speakers 1")):
+        with pytest.raises(run_errors.TrainingError, match=f"already has 3 speakers, {asked} does not fit"):
+            speakers.with_speakers(voice, count)
