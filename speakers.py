@@ -177,9 +177,9 @@ def label_replay(clipset, data_dir, model, table):
         raise run_errors.TrainingError(str(err)) from None
     if labels is None or table is None:
         missing = path if labels is None else f"{SPEAKERS_JSON} beside --model"
-        raise run_errors.TrainingError(f"{missing}: not found: replaying the training clips of a "
-                                       f"{model.config.num_speakers}-speaker voice needs each clip's speaker "
-                                       "(or --replay_ratio 0)")
+        raise run_errors.TrainingError(f"{missing}: not found: replaying and validating on the training clips "
+                                       f"of a {model.config.num_speakers}-speaker voice needs each clip's speaker "
+                                       "(give the --data_dir and --model train_vits.py --speakers made)")
     ids = [next((row["id"] for row in table if labels.get(name, "").startswith(row["client_id"])), None)
            for name in clipset.names]
     keep = [i for i, k in enumerate(ids) if k is not None]
