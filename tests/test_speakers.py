@@ -385,3 +385,18 @@ def test_a_multi_speaker_model_is_not_trained_as_another_number_of_speakers(tiny
     for count, asked in ((0, "--speakers pooled"), (2, "--speakers 2"), (1, "--speakers 1")):
         with pytest.raises(run_errors.TrainingError, match=f"already has 3 speakers, {asked} does not fit"):
             speakers.with_speakers(voice, count)
+
+
+def test_replaying_a_multi_speaker_voice_needs_the_clips_speakers(tiny_model_dir, tiny_clips, tmp_path):
+    voice = speakers.with_speakers(models.load_voice(tiny_model_dir)[0], 2)
+    table = [dict(id=0, client_id="aa" * 4, clips=1), dict(id=1, client_id="bb" * 4, clips=1)]
+    with pytest.raises(run_errors.TrainingError, match="speakers.csv: not found: replaying and validating"):
+        speakers.label_replay(tiny_clips, str(tmp_path), voice, table)
+    speech.write_speaker_labels(str(tmp_path / "speakers.csv"),
+                                [(n, ("bb" * 40) if i % 3 else "zz" * 40) for i, n in enumerate(tiny_clips.names)])
+    with pytest.raises(run_errors.TrainingError, match="speakers.json beside --model: not found"):
+        speakers.label_replay(tiny_clips, str(tmp_path), voice, None)
+    labelled = speakers.label_replay(tiny_clips, str(tmp_path), voice, table)
+    assert labelled.names == [n for i, n in enumerate(tiny_clips.names) if i % 3]  # "zz..." is not in the voice
+    assert labelled.speaker_ids == [1] * len(labelled)
+    assert speakers.label_replay(tiny_clips, str(tmp_path), models.load_voice(tiny_model_dir)[0], None) is tiny_clips
