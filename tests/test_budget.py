@@ -164,3 +164,14 @@ def test_a_one_minute_budget_ends_inside_it_with_a_final_model(prepared_dataset,
     printed = capsys.readouterr().out
     plan_line = next(line for line in printed.splitlines() if line.startswith("plan: "))
     assert math.isfinite(float(plan_line.split()[1]))
+
+
+def test_the_plan_trains_only_in_what_is_not_kept_for_the_final_model(tiny_model_dir, tiny_clips, monkeypatch):
+    trainer = tiny_trainer(tiny_model_dir)
+    monkeypatch.setattr(planning, "benchmark_throughput", lambda *a, **k: 1.0)  # a 2-clip step takes 2 s
+    budget = Left(100.0)
+    budget.reserve = lambda: 90.0  # the last checkpoint and the final model
+    plan = planning.plan_run(trainer, [tiny_clips], clip_data.epoch_batches(tiny_clips, 2, 0), 1,
+                             training_flags.parse(["--target_hours", "1", "--grad_accum", "1"]), budget)
+    # 10 s to train in: no whole epoch (12 s of steps + its validation), five of its 2 s steps.
+    assert plan["total_steps"] == 5 and plan["epochs"] == 1
