@@ -101,7 +101,8 @@ def build_parser():
                         "(vits_trainer.ONE_HOST_READ).")
     p.add_argument("--against", metavar="COMMIT", default=None,
                    help="With --levers: also the training step of the project at this git commit (e.g. 288519f), "
-                        "its whole tree exported with `git archive`, on the same weights and batches.")
+                        "its whole tree exported with `git archive`, on the same weights and batches; or a folder "
+                        "holding that tree (benchmarks/gpu_session.sh --prepare exports one for a GPU machine).")
     return p
 
 
@@ -284,13 +285,17 @@ def with_setting(trainer, module, name, value):
 
 def trainer_at(commit):
     """(VitsTrainer class, flag parser) of the project as it was at a git commit: its whole tree exported to
-    a temporary folder and imported there, apart from today's modules of the same names."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", commit], capture_output=True)
-    if archive.returncode:
-        raise SystemExit(f"error: --against {commit}: {archive.stderr.decode().strip()}")
-    tree = tempfile.mkdtemp(prefix=f"bench_train_{commit}_")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(tree, filter="data")
+    a temporary folder and imported there, apart from today's modules of the same names. `commit` may also
+    be a folder holding such an exported tree (a GPU machine gets the working tree without .git)."""
+    if os.path.isdir(commit):
+        tree = os.path.abspath(commit)
+    else:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", commit], capture_output=True)
+        if archive.returncode:
+            raise SystemExit(f"error: --against {commit}: {archive.stderr.decode().strip()}")
+        tree = tempfile.mkdtemp(prefix=f"bench_train_{commit}_")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tree, filter="data")
     names = [name[:-3] for name in os.listdir(tree) if name.endswith(".py")]
     today = {name: sys.modules.pop(name) for name in names if name in sys.modules}
     sys.path.insert(0, tree)
