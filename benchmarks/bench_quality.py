@@ -13,6 +13,10 @@ clips train_vits.py's own hash split holds out.
 
     python benchmarks/bench_quality.py            # small model, ~15 min on a 2-core CPU
     python benchmarks/bench_quality.py --quick    # tiny model, a smoke run
+
+`--case speakers` instead trains both voices as two speakers of one data set (speakers.csv), once as one
+pooled voice and once with train_vits.py --speakers 2, the same steps from the same base, and measures
+each voice's held-out clips as spoken by each speaker (docs/performance.md, Many voices).
 """
 
 import argparse
