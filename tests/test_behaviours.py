@@ -1,7 +1,8 @@
 """Behaviours checked against plain references written out here (the original VITS formulas, closed forms,
 known values), never against the code under test: the KL term, the alignment's durations, the loss
 weights, audio padding, one pass over every clip per epoch, writes that fail half-way, batch auto's
-accumulation, prepare_data's re-decoding of a replaced source, and the feedback run's "after" samples."""
+accumulation, prepare_data's re-decoding of a replaced source, the feedback run's "after" samples, and the
+terms a step logs."""
 
 import builtins
 import errno
@@ -455,3 +456,47 @@ def test_feedback_after_samples_are_the_tuned_voices_speech(tiny_model_dir, tmp_
         assert sr == 16000 and len(after) == len(want) > 0, name
         assert np.abs(after.astype(np.int32) - want).max() <= 2, name
         assert len(before) != len(after) or np.abs(before.astype(np.int32) - after).max() > 100, name
+
+
+# --------------------------------------------------------------------------- logged terms
+
+
+def test_a_steps_logged_terms_are_the_means_of_its_micro_batches_losses(tiny_model_dir, tiny_clips, monkeypatch):
+    """What metrics.jsonl and the progress bar show for a step of two micro-batches: each term the plain
+    mean of the two micro-batches' own values (read back to the host once, at the step's end)."""
+    trainer = tiny_trainer(tiny_model_dir, "--grad_accum", "2")
+    seen = {}
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.setdefault(name, []).append(float(out.detach()))
+            return out
+        monkeypatch.setattr(objective, name, wrapped)
+
+    recording("discriminator_loss", objective.discriminator_loss)
+    recording("generator_adversarial_loss", objective.generator_adversarial_loss)
+    recording("feature_matching_loss", objective.feature_matching_loss)
+    recording("mel_slice_loss", objective.mel_slice_loss)
+    forward = objective.generator_forward
+
+    def recorded_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.setdefault("kl", []).append(float(out["loss_kl"].detach()))
+        seen.setdefault("dur", []).append(float(out["loss_dur"].detach()))
+        return out
+    monkeypatch.setattr(objective, "generator_forward", recorded_forward)
+    batches = [clip_data.collate([(tiny_clips, i) for i in pair], 16) for pair in ((0, 1), (2, 3))]
+    terms = trainer.train_window(batches)
+    assert terms["d"] == pytest.approx(np.mean(seen["discriminator_loss"]), rel=1e-6)
+    assert terms["adv"] == pytest.approx(np.mean(seen["generator_adversarial_loss"]), rel=1e-6)
+    assert terms["fm"] == pytest.approx(np.mean(seen["feature_matching_loss"]), rel=1e-6)
+    assert terms["mel"] == pytest.approx(np.mean(seen["mel_slice_loss"]), rel=1e-6)
+    # The generator's forward ran for the critic, then again for its own pass: its last two are the step's.
+    for key in ("kl", "dur"):
+        assert len(seen[key]) == 4 and terms[key] == pytest.approx(np.mean(seen[key][2:]), rel=1e-6)
+    c_mel, c_kl = trainer.args.c_mel, trainer.args.c_kl
+    g = [a + f + c_mel * m + c_kl * k + d for a, f, m, k, d in zip(
+        seen["generator_adversarial_loss"], seen["feature_matching_loss"], seen["mel_slice_loss"], seen["kl"][2:],
+        seen["dur"][2:])]
+    assert terms["g"] == pytest.approx(np.mean(g), rel=1e-5)
