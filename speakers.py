@@ -41,6 +41,15 @@ def unique_prefixes(client_ids):
     return {i: i[:length] for i in ids}
 
 
+def read_labels(data_dir):
+    """(path, {file: client_id}) of data_dir's speakers.csv; the labels are None when there is none."""
+    path = os.path.join(data_dir, speech.SPEAKERS_FILE)
+    try:
+        return path, speech.read_speaker_labels(path)
+    except speech.MetadataError as err:
+        raise run_errors.TrainingError(str(err)) from None
+
+
 def choose_speakers(clipset, data_dir, choice, min_clips, sampling_rate):
     """(the clips to train on, each with its speaker id; the speaker table, or None for a pooled voice).
 
@@ -48,11 +57,7 @@ def choose_speakers(clipset, data_dir, choice, min_clips, sampling_rate):
     """
     if choice == "pooled":
         return clipset, None
-    path = os.path.join(data_dir, speech.SPEAKERS_FILE)
-    try:
-        labels = speech.read_speaker_labels(path)
-    except speech.MetadataError as err:
-        raise run_errors.TrainingError(str(err)) from None
+    path, labels = read_labels(data_dir)
     if labels is None:
         raise run_errors.TrainingError(f"{path}: not found: --speakers {choice} needs each clip's speaker (prepare "
                                        "the data with prepare_data.py from a Common Voice release or dataset with "
@@ -170,11 +175,7 @@ def label_replay(clipset, data_dir, model, table):
     (speakers.json names them by client_id prefix); clips of speakers the voice does not have are left out."""
     if model.config.num_speakers < 2 or clipset is None:
         return clipset
-    path = os.path.join(data_dir, speech.SPEAKERS_FILE)
-    try:
-        labels = speech.read_speaker_labels(path)
-    except speech.MetadataError as err:
-        raise run_errors.TrainingError(str(err)) from None
+    path, labels = read_labels(data_dir)
     if labels is None or table is None:
         missing = path if labels is None else f"{SPEAKERS_JSON} beside --model"
         raise run_errors.TrainingError(f"{missing}: not found: replaying and validating on the training clips "
