@@ -66,6 +66,23 @@ def tiny_clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
+def two_second_steps(monkeypatch):
+    """The budget's clock counts 2 s a training step (benchmark steps included) and nothing else, so a
+    deadline falls at a known step on any machine, slow or busy. Returns the clock, [seconds]."""
+    import planning
+    import vits_trainer
+
+    clock, real_window = [0.0], vits_trainer.VitsTrainer.train_window
+
+    def two_second_window(trainer, *args, **kwargs):
+        clock[0] += 2.0
+        return real_window(trainer, *args, **kwargs)
+    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", two_second_window)
+    monkeypatch.setattr(planning.Budget, "used", lambda budget: budget.used_before + clock[0])
+    return clock
+
+
+@pytest.fixture
 def spawn_start_method():
     """Process pools start their workers as on Windows (and macOS): fresh interpreters that import what
     they run, so a lambda, a closure or an unguarded script would fail here."""

@@ -146,15 +146,9 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
 
 
 def test_a_one_minute_budget_ends_inside_it_with_a_final_model(prepared_dataset, tiny_model_dir, tmp_path,
-                                                               monkeypatch, capsys):
+                                                               two_second_steps, capsys):
     # A clock of 2 s a training step (benchmark steps included) stands for a slow, busy machine.
-    clock, real_window = [0.0], vits_trainer.VitsTrainer.train_window
-
-    def two_second_window(trainer, *args, **kwargs):
-        clock[0] += 2.0
-        return real_window(trainer, *args, **kwargs)
-    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", two_second_window)
-    monkeypatch.setattr(planning.Budget, "used", lambda budget: budget.used_before + clock[0])
+    clock = two_second_steps
     out = str(tmp_path / "run")
     code = train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
                             "--target_hours", str(60 / 3600), "--benchmark_samples", "200"] + QUICK)

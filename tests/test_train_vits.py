@@ -466,7 +466,7 @@ def test_resume_refuses_a_checkpoint_of_other_data(prepared_dataset, tiny_model_
 
 
 def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_model_dir, tmp_path, capsys,
-                                                         monkeypatch):
+                                                         two_second_steps):
     data = str(tmp_path / "data")
     shutil.copytree(prepared_dataset, data)
     with open(os.path.join(data, "wavs", "corrupt.wav"), "wb") as f:
@@ -475,14 +475,7 @@ def test_budget_run_ends_in_time_and_skips_a_corrupt_wav(prepared_dataset, tiny_
         f.write("corrupt.wav|ez bi kurdî diaxivim\n")
     # The budget's clock counts 2 s a training step, so the deadline falls at a known step on any machine;
     # the time kept back for saving (at least 2 s) covers the step that was already running.
-    clock, real_window = [0.0], vits_trainer.VitsTrainer.train_window
-
-    def two_second_window(trainer, *args, **kwargs):
-        clock[0] += 2.0
-        return real_window(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", two_second_window)
-    monkeypatch.setattr(planning.Budget, "used", lambda budget: budget.used_before + clock[0])
+    clock = two_second_steps
     out = str(tmp_path / "run")
     # 100 epochs cannot fit: the deadline, not the plan, must end this run, and before the budget is spent.
     code = train_vits.main(["--model", tiny_model_dir, "--data_dir", data, "--output_dir", out, "--epochs", "100",
