@@ -293,8 +293,9 @@ SPEAKERS_FILE = "speakers.csv"  # beside metadata.csv: `file|speaker` (Common Vo
 
 
 def write_speaker_labels(path, rows):
-    """speakers.csv from [(file, speaker)]: metadata.csv keeps its two columns, so its readers never break."""
-    run_folder.write_atomically(path, "".join(f"{name}|{speaker}\n" for name, speaker in rows).encode("utf-8"))
+    """speakers.csv from [(file, speaker)], in metadata.csv's own `file|field` format (a file of its own:
+    metadata.csv keeps its two columns, so its readers never break)."""
+    write_metadata(path, rows)
 
 
 def read_speaker_labels(path):
