@@ -20,6 +20,7 @@ import models
 import planning
 import run_errors
 import run_folder
+import run_report
 import voice_quality
 
 
@@ -157,6 +158,14 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         checkpoints.save_checkpoint(output_dir, tag, trainer, run, epoch, batches_done, budget.used(), args, data_key)
         budget.saved(time.time() - start)
 
+    def progress(finished_epochs, ended=None):
+        """progress.json and report.html (rank 0): the morning's page stands after every epoch."""
+        if distributed.is_main_process():
+            run_report.record_progress(output_dir, args, plan, finished_epochs, trainer.step, budget.used() / 3600,
+                                       ended)
+
+    progress(run["epoch"] - 1)
+
     with StopRequest() as stop:
         for epoch in range(run["epoch"], plan["epochs"] + 1):
             batches = make_batches(epoch)
@@ -209,6 +218,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
             checkpoint(epoch, len(batches))
+            progress(epoch)
             if trainer.step >= plan["total_steps"]:
                 reason = stop_reason(trainer, plan, args)
                 break
@@ -223,6 +233,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                                 os.path.join(output_dir, "final_model"), speaker_table)
         print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
               f"{budget.used() / 3600:.2f} h used)")
+    progress(run["epoch"] - 1, reason)
     log.close()
     # torchrun stops every process once one exits with an error code (130 after Ctrl-C): none leaves
     # before rank 0 has saved.

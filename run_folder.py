@@ -250,7 +250,8 @@ def remove_stale_temps(folder):
 
 # What a run leaves in its output_dir; the first three mean a run was started there.
 RUN_MARKERS = ("run_config.json", "checkpoints", "final_model")
-RUN_OUTPUTS = RUN_MARKERS + ("samples", "metrics.jsonl", "tensorboard", "report.json")
+RUN_OUTPUTS = RUN_MARKERS + ("samples", "metrics.jsonl", "tensorboard", "report.json", "progress.json", "report.html",
+                            "compare")
 
 
 def claim_output_dir(args, script):

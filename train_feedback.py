@@ -57,6 +57,7 @@ import models
 import planning
 import run_errors
 import run_folder
+import run_report
 import speakers
 import spectrogram
 import speech
@@ -673,6 +674,7 @@ def main(argv=None):
                          feedback={sample_name(n): t for n, t in fb_sentences},
                          eval={f"{i:02d}.wav": t for i, t in enumerate(eval_sentences)}))
         write_json(report_path, report)
+        run_report.update(args.output_dir)
         print_comparison(table)
         for key, title in QUALITY_KEYS.items():
             if key in quality:

@@ -1,0 +1,501 @@
+"""report.html: the page a run folder opens with in the morning. One self-contained file built from what the
+run left in its folder (metrics.jsonl, run_config.json, progress.json, report.json, samples/): the curves of
+every validation measure with the best epoch marked, the plan and how the run ended, the listening samples
+as players, a feedback run's before/after, its verdict and listening result, and what to run next.
+
+Self-contained: the charts are inline SVG drawn here (no plotting library at run time), the style and the
+one small script are inline, and a Content-Security-Policy lets the page load nothing but the run's own
+audio files, which the players name by relative path. The page is rewritten (atomically) after every epoch
+and at the end of a run, and again when a blind comparison (blind_compare.py) adds its result.
+"""
+
+import html
+import json
+import math
+import os
+import time
+from urllib.parse import quote
+
+import run_folder
+import voice_quality
+
+PAGE_NAME = "report.html"
+PROGRESS_NAME = "progress.json"
+REPORT_NAME = "report.json"  # a feedback run's report (train_feedback.py writes it)
+# Nothing but this folder's audio: no script, style, font or image from anywhere, no request by a script.
+CSP = "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+COLORS = ("#1f6fb4", "#d0452f", "#2a9a3a", "#8a56b8")
+# (title, the key of a set's value in a metrics.jsonl validation line, a reference value) of each chart.
+MEASURES = (
+    ("Validation mel loss (lower is better)", lambda s: f"{s}_mel", None),
+    ("MCD-DTW, dB (lower is better)", lambda s: f"{voice_quality.quality_prefix(s)}_mcd", None),
+    ("Duration ratio, spoken / recorded (1 is right)", lambda s: f"{voice_quality.quality_prefix(s)}_dur_ratio", 1.0),
+    ("DNSMOS OVRL (higher is better)", lambda s: f"{voice_quality.quality_prefix(s)}_dnsmos_ovrl", None),
+)
+SET_NAMES = {"val": "validation clips", "feedback": "held-out feedback", "original": "held-out original"}
+ENDINGS = {"done": "finished its plan", "deadline": "stopped at the deadline (the budget was spent)",
+           "max_steps": "stopped at --max_steps", "interrupted": "was interrupted (Ctrl-C or a signal)"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress.json: the plan and where the run stands, written by the training loop (rank 0).
+
+def record_progress(output_dir, args, plan, epoch, step, hours_used, ended=None):
+    """Write progress.json (the plan, the last finished epoch, the step, the budget, how the run ended),
+    then the page. Either failing is one printed line: the run goes on without them."""
+    progress = dict(plan=plan, epoch=epoch, step=step, hours_used=hours_used, budget_hours=args.target_hours,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum, ended=ended,
+                    updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        run_folder.write_atomically(os.path.join(output_dir, PROGRESS_NAME), json.dumps(progress, indent=2),
+                                    durable=False)
+    except OSError as err:
+        print(f"warning: {os.path.join(output_dir, PROGRESS_NAME)} not written ({err})")
+    update(output_dir)
+
+
+def update(output_dir):
+    """Rewrite OUTPUT_DIR/report.html; a failure is one printed line (the run goes on without its page)."""
+    try:
+        write(output_dir)
+    except Exception as err:  # noqa: BLE001 - the page is a view: nothing about it may lose a night
+        print(f"warning: {os.path.join(output_dir, PAGE_NAME)} not written ({type(err).__name__}: {err})")
+
+
+def write(output_dir):
+    path = os.path.join(output_dir, PAGE_NAME)
+    run_folder.write_atomically(path, build(output_dir), durable=False)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the run folder.
+
+def read_json(path):
+    """The JSON object in `path`, or None when it is missing or not (yet) readable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def validation_records(output_dir):
+    """{epoch: the last validation line of that epoch} from metrics.jsonl (training lines carry an lr)."""
+    records = {}
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a full disk
+                if isinstance(record, dict) and "lr" not in record and isinstance(record.get("epoch"), int):
+                    records[record["epoch"]] = record
+    except OSError:
+        pass
+    return dict(sorted(records.items()))
+
+
+def set_names(records):
+    """The validation sets of the run in their order (the first one chooses the best model)."""
+    names = []
+    for record in records.values():
+        for key in record:
+            if key.endswith("_mel") and "_eval_" not in key and key[:-4] not in names:
+                names.append(key[:-4])
+    return names
+
+
+def best_epoch(records, sets, metric):
+    """The epoch whose checkpoints/best_model the loop kept: the first lowest selection score."""
+    scores = []
+    for epoch, record in records.items():
+        try:
+            score = voice_quality.selection_score(record, sets[0], metric)
+        except (KeyError, IndexError, TypeError):
+            continue
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            scores.append((score, epoch))
+    return min(scores)[1] if scores else None
+
+
+def sample_sentences(config):
+    """The listening sentences of the run (--sample_sentences, else the defaults); None if the file is gone."""
+    try:
+        return voice_quality.read_sentences((config or {}).get("args", {}).get("sample_sentences"))
+    except Exception:  # noqa: BLE001 - a moved or emptied sentence file only costs the labels
+        return None
+
+
+def epoch_sample_dirs(output_dir):
+    """{epoch: samples/epoch_N} of every epoch that left listening samples."""
+    folder = os.path.join(output_dir, "samples")
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("epoch_") and name[6:].isdigit():
+            found[int(name[6:])] = f"samples/{name}"
+    return dict(sorted(found.items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Drawing: inline SVG line charts and audio players.
+
+def number(value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def line_chart(title, series, best=None, reference=None, width=440, height=210):
+    """An SVG chart of values per epoch: one line per (name, {epoch: value}) series, the best epoch as a
+    dashed vertical line, `reference` as a dotted horizontal one. Empty string when there is nothing to draw."""
+    points = [(e, v) for _, values in series for e, v in values.items()
+              if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not points:
+        return ""
+    left, right, top, bottom = 58, 12, 28, 34
+    epochs = [e for e, _ in points]
+    e0, e1 = min(epochs), max(epochs)
+    values = [v for _, v in points] + ([reference] if reference is not None else [])
+    v0, v1 = min(values), max(values)
+    pad = (v1 - v0) * 0.08 or abs(v1) * 0.05 or 1.0
+    v0, v1 = v0 - pad, v1 + pad
+
+    def x(e):
+        return left + (width - left - right) * ((e - e0) / (e1 - e0) if e1 > e0 else 0.5)
+
+    def y(v):
+        return top + (height - top - bottom) * (v1 - v) / (v1 - v0)
+
+    out = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+           f'<text x="{left}" y="16" class="title">{html.escape(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>']
+    for v in (v0 + pad, v1 - pad):
+        out.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{number(v)}</text>')
+    for e in sorted({e0, e1} | ({best} if best is not None and e0 <= best <= e1 else set())):
+        out.append(f'<text x="{x(e):.1f}" y="{height - bottom + 14}" class="tick" text-anchor="middle">{e}</text>')
+    out.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" class="tick" '
+               'text-anchor="middle">epoch</text>')
+    if reference is not None:
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(reference):.1f}" y2="{y(reference):.1f}" '
+                   'class="reference"/>')
+    if best is not None and e0 <= best <= e1:
+        out.append(f'<line x1="{x(best):.1f}" x2="{x(best):.1f}" y1="{top}" y2="{height - bottom}" class="best">'
+                   f'<title>best epoch {best}</title></line>')
+    for i, (name, values) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        kept = [(e, v) for e, v in sorted(values.items()) if isinstance(v, (int, float)) and math.isfinite(v)]
+        if len(kept) > 1:
+            path = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in kept)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for e, v in kept:
+            out.append(f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="3" fill="{color}" data-epoch="{e}" '
+                       f'data-value="{v!r}"><title>{html.escape(name)}, epoch {e}: {number(v)}</title></circle>')
+        if len(series) > 1:
+            out.append(f'<text x="{width - right - 4}" y="{top + 14 + 13 * i}" class="legend" fill="{color}" '
+                       f'text-anchor="end">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def player(output_dir, relative):
+    """An <audio> player of RELATIVE (a path inside the run folder, / separated), or a dash when it is missing."""
+    if not os.path.isfile(os.path.join(output_dir, *relative.split("/"))):
+        return '<span class="missing">–</span>'
+    return f'<audio controls preload="none" src="{html.escape(quote(relative))}"></audio>'
+
+
+def table(header, rows, cls=""):
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def command_line(*words):
+    """A command to copy: words holding spaces in double quotes (as both cmd.exe and a POSIX shell read them)."""
+    return " ".join(f'"{w}"' if " " in w else w for w in map(str, words))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The page's sections.
+
+def build(output_dir):
+    config = read_json(os.path.join(output_dir, "run_config.json")) or {}
+    progress = read_json(os.path.join(output_dir, PROGRESS_NAME))
+    report = read_json(os.path.join(output_dir, REPORT_NAME))
+    records = validation_records(output_dir)
+    sets = set_names(records)
+    args = config.get("args", {})
+    best = best_epoch(records, sets, args.get("best_metric", "val_mel"))
+    feedback = config.get("script") == "train_feedback" or report is not None
+    title = f"{'Feedback run' if feedback else 'Training run'} {os.path.basename(os.path.abspath(output_dir))}"
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        summary(output_dir, config, progress, report, best),
+        verdict_section(report) if report else "",
+        listening_section(report) if report else "",
+        next_steps(output_dir, config, progress, report),
+        charts(records, sets, best),
+        before_after_tables(report) if report else "",
+        feedback_players(output_dir, report) if report else "",
+        epoch_players(output_dir, config, best),
+        f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M:%S")} from {html.escape(output_dir)}; '
+        "rewritten after every epoch and at the end of the run.</p>",
+    ]
+    return PAGE.replace("{title}", html.escape(title)).replace("{csp}", CSP).replace(
+        "{body}", "\n".join(s for s in sections if s))
+
+
+def summary(output_dir, config, progress, report, best):
+    args = config.get("args", {})
+    facts = []
+    if report and report.get("model"):
+        facts.append(("Input voice", html.escape(str(report["model"]))))
+    elif args.get("model"):
+        facts.append(("Voice trained from", html.escape(str(args["model"]))))
+    if config.get("started"):
+        facts.append(("Started", html.escape(config["started"])))
+    facts.append(("Status", html.escape(run_state(output_dir, progress, report))))
+    if progress:
+        plan = progress.get("plan") or {}
+        budget = progress.get("budget_hours")
+        per_s = plan.get("samples_per_s")
+        facts.append(("Plan", html.escape(
+            f"{plan.get('total_steps')} steps = {plan.get('epochs')} epochs of {plan.get('steps_per_epoch')}, "
+            f"batch {progress.get('batch_size')} × {progress.get('grad_accum')}"
+            + (f", {per_s:.2f} samples/s measured" if isinstance(per_s, (int, float)) else ", steps as asked")
+            + (f", budget {budget * 60:.0f} min" if isinstance(budget, (int, float)) and budget < 1 else
+               f", budget {budget:.2f} h" if isinstance(budget, (int, float)) else ""))))
+    if config.get("device"):
+        facts.append(("Machine", html.escape(f"{config['device']}, {config.get('precision')}, "
+                                             f"{config.get('processes', 1)} process(es)")))
+    if best is not None:
+        facts.append(("Best epoch", f"{best} (by {html.escape(args.get('best_metric', 'val_mel'))}; "
+                                    "kept in checkpoints/best_model)"))
+    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
+    return f'<table class="facts">{rows}</table>'
+
+
+def run_state(output_dir, progress, report):
+    """How the run stands, in words."""
+    if progress is None:
+        return "starting (no plan yet)"
+    step, epoch, plan = progress.get("step"), progress.get("epoch"), progress.get("plan") or {}
+    used = progress.get("hours_used") or 0.0
+    if progress.get("ended") is None:
+        return (f"training: epoch {epoch} of {plan.get('epochs')} done, step {step} of {plan.get('total_steps')}, "
+                f"{used * 60:.0f} min used (as of {progress.get('updated')})")
+    ended = ENDINGS.get(progress["ended"], progress["ended"])
+    text = f"{ended} at step {step}, after {used * 60:.1f} min"
+    if report and report.get("status") != "done" and progress["ended"] != "interrupted":
+        text += "; the tuned voice's samples and report are being made"
+    elif os.path.isdir(os.path.join(output_dir, "final_model")) and progress["ended"] != "interrupted":
+        text += "; the voice is in final_model/"
+    return text
+
+
+def charts(records, sets, best):
+    if not records:
+        return "<h2>Curves</h2><p>No epoch has been validated yet.</p>"
+    drawn = []
+    for title, key, reference in MEASURES:
+        series = [(SET_NAMES.get(s, s), {e: r.get(key(s)) for e, r in records.items()}) for s in sets]
+        drawn.append(line_chart(title, series, best, reference))
+    drawn.append(line_chart("ASR character error rate (lower is better)",
+                            [("listening sentences", {e: r.get("asr_cer") for e, r in records.items()})], best))
+    marked = f" The dashed line marks the best epoch ({best})." if best is not None else ""
+    return (f"<h2>Curves</h2><p>Measured on held-out clips after every epoch.{marked}</p>"
+            f'<div class="charts">{"".join(drawn)}</div>')
+
+
+def epoch_players(output_dir, config, best):
+    """The listening sentences as the first, best and latest epochs spoke them."""
+    found = epoch_sample_dirs(output_dir)
+    if not found:
+        return ""
+    first, latest = min(found), max(found)
+    chosen = [("first", first)] + ([("best", best)] if best in found and best not in (first, latest) else []) + \
+             ([("latest", latest)] if latest != first else [])
+    sentences = sample_sentences(config)
+    groups = sorted({os.path.relpath(os.path.dirname(os.path.join(root, f)), os.path.join(output_dir, found[latest]))
+                     for root, _, files in os.walk(os.path.join(output_dir, *found[latest].split("/")))
+                     for f in files if f.endswith(".wav")})
+    blocks = []
+    for group in groups:
+        sub = "" if group == "." else group.replace(os.sep, "/") + "/"
+        names = sorted(f for f in os.listdir(os.path.join(output_dir, *found[latest].split("/"), *sub.split("/")))
+                       if f.endswith(".wav"))
+        rows = []
+        for name in names:
+            i = int(name[:-4]) if name[:-4].isdigit() else -1
+            text = sentences[i] if sentences and 0 <= i < len(sentences) else f"sentence {name[:-4]}"
+            rows.append([html.escape(text)] + [player(output_dir, f"{found[e]}/{sub}{name}") for _, e in chosen])
+        header = ["Sentence"] + [f"{label} (epoch {e}{', best' if e == best and label != 'best' else ''})"
+                                 for label, e in chosen]
+        blocks.append((f"<h3>{html.escape(sub.rstrip('/').replace('_', ' '))}</h3>" if sub else "")
+                      + table(header, rows, "players"))
+    return "<h2>Listen: first, best and latest epoch</h2>" + "".join(blocks)
+
+
+def before_after_tables(report):
+    """Validation and voice-quality measures of a feedback run, before and after the tune."""
+    measures = [("validation mel", report.get("validation_mel") or {})]
+    measures += [(title, (report.get("quality") or {}).get(key) or {}) for key, title in
+                 (("mcd", "MCD-DTW, dB"), ("dur_ratio", "duration ratio"), ("dnsmos_ovrl", "DNSMOS OVRL"))]
+    rows = []
+    for title, by_set in measures:
+        for name, row in by_set.items():
+            if isinstance(row, dict):
+                rows.append([html.escape(title), html.escape(SET_NAMES.get(name, name.replace("_", " "))),
+                             number(row.get("before")), number(row.get("after")), number(row.get("change"))])
+    if not rows:
+        return ""
+    return "<h2>Before and after the tune</h2>" + table(["Measure", "Clips", "Before", "After", "Change"], rows)
+
+
+def feedback_players(output_dir, report):
+    """Each feedback sentence as recorded, as the input voice said it and as the tuned voice says it; then the
+    fixed evaluation sentences before and after, and the clips that were left out."""
+    samples = report.get("samples") or {}
+    fb = report.get("feedback") or {}
+    held_out = {n.replace(os.sep, "_").rsplit(".", 1)[0] + ".wav" for n in fb.get("held_out_clips", [])}
+    rows = []
+    for name, text in (samples.get("feedback") or {}).items():
+        role = "held out" if name in held_out else "trained on" if os.path.isfile(
+            os.path.join(output_dir, "samples", "recorded", name)) else "recording unusable"
+        rows.append([html.escape(text), role, player(output_dir, f"samples/recorded/{name}"),
+                     player(output_dir, f"samples/before/feedback/{name}"),
+                     player(output_dir, f"samples/after/feedback/{name}")])
+    out = ""
+    if rows:
+        out += ("<h2>Feedback sentences</h2><p>The recordings trained on (and the held-out ones, never trained "
+                "on), the input voice and the tuned voice.</p>"
+                + table(["Sentence", "Clip", "Recorded", "Before", "After"], rows, "players"))
+    rows = [[html.escape(text), player(output_dir, f"samples/before/eval/{name}"),
+             player(output_dir, f"samples/after/eval/{name}")] for name, text in (samples.get("eval") or {}).items()]
+    if rows:
+        out += "<h2>Evaluation sentences</h2>" + table(["Sentence", "Before", "After"], rows, "players")
+    skipped = fb.get("skipped_clips") or []
+    if skipped:
+        out += "<h3>Recordings left out</h3><ul>" + "".join(
+            f"<li>{html.escape(str(s.get('file')))}: {html.escape(str(s.get('reason')))} "
+            f"({html.escape(str(s.get('detail')))})</li>" for s in skipped) + "</ul>"
+    return out
+
+
+def verdict_section(report):
+    verdict = report.get("verdict")
+    if not isinstance(verdict, dict):
+        return ""
+    decision = str(verdict.get("decision"))
+    by = verdict.get("decided_by")
+    reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in verdict.get("reasons") or [])
+    guards = verdict.get("guards")
+    rows = []
+    if isinstance(guards, dict):
+        rows = [[html.escape(str(k)), html.escape(json.dumps(v, ensure_ascii=False))] for k, v in guards.items()]
+    elif isinstance(guards, list):
+        rows = [[html.escape(str(g.get("name", i) if isinstance(g, dict) else i)),
+                 html.escape(json.dumps(g, ensure_ascii=False))] for i, g in enumerate(guards)]
+    return (f'<h2>Verdict: <span class="decision {html.escape(decision)}">{html.escape(decision)}</span></h2>'
+            + (f"<p>Decided by {html.escape(str(by))}.</p>" if by else "")
+            + (f"<ul>{reasons}</ul>" if reasons else "")
+            + (table(["Guard", "Result"], rows) if rows else ""))
+
+
+def listening_section(report):
+    result = report.get("listening")
+    if not isinstance(result, dict):
+        return ""
+    rows = [[html.escape(str(s.get("text"))), html.escape(str(s.get("kind", ""))),
+             html.escape(str(s.get("preferred")))] for s in result.get("per_sentence") or []]
+    return ("<h2>Blind comparison</h2>"
+            f"<p>{result.get('pairs')} pairs heard: the tuned voice preferred in {result.get('tuned_preferred')}, "
+            f"the input voice in {result.get('input_preferred')}, no difference in {result.get('no_difference')} "
+            f"(two-sided sign test p = {number(result.get('p_value'))}).</p>"
+            + (table(["Sentence", "From", "Preferred"], rows) if rows else ""))
+
+
+def next_steps(output_dir, config, progress, report):
+    args = config.get("args", {})
+    ended = (progress or {}).get("ended")
+    final = os.path.join(output_dir, "final_model")
+    steps = []
+    if report is not None:
+        if report.get("status") == "done":
+            if "listening" not in report:
+                steps.append(("Compare the tuned voice with the input voice, blind",
+                              command_line("python", "train_feedback.py", "--compare", output_dir)))
+            steps.append(("Put the tuned voice to use (the verdict decides; the input voice is kept for rollback)",
+                          command_line("python", "train_feedback.py", "--promote", output_dir)))
+            steps.append(("Listen to the tuned voice and record what it still says badly",
+                          command_line("python", "train_feedback.py", "--listen", "sentences.txt", "--model", final)))
+        else:
+            steps.append(("Continue the run" + (" if it stops before its end" if ended is None else ""),
+                          command_line("python", "train_feedback.py", "--model", report.get("model", "MODEL"),
+                                       "--output_dir", output_dir, "--resume", "auto")))
+    elif ended in (None, "interrupted") or not os.path.isdir(final):
+        steps.append(("Continue the run if it stops before its end (the same --model and --data_dir)"
+                      if ended is None else "Continue the run (the same --model and --data_dir)",
+                      command_line("python", "train_vits.py", "--model", args.get("model", "MODEL"), "--data_dir",
+                                   args.get("data_dir", "training"), "--output_dir", output_dir, "--resume", "auto")))
+    else:
+        steps.append(("Hear the voice sentence by sentence and record what it says badly",
+                      command_line("python", "train_feedback.py", "--listen", "sentences.txt", "--model", final)))
+        steps.append(("Tune it on those recordings",
+                      command_line("python", "train_feedback.py", "--model", final)))
+    items = "".join(f'<li>{html.escape(what)}<div class="command"><code>{html.escape(cmd)}</code>'
+                    '<button class="copy" type="button">copy</button></div></li>' for what, cmd in steps)
+    return f"<h2>What to run next</h2><ol class=\"next\">{items}</ol>"
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 64rem; margin: 1rem auto; padding: 0 1rem; color: #222; }
+  h1 { font-size: 1.4rem; } h2 { font-size: 1.15rem; margin-top: 1.6rem; } h3 { font-size: 1rem; }
+  table { border-collapse: collapse; margin: .4rem 0; }
+  th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #ddd; vertical-align: middle; }
+  table.facts th { color: #555; font-weight: 500; }
+  audio { height: 2rem; width: 14rem; }
+  .charts { display: flex; flex-wrap: wrap; gap: .8rem; }
+  .chart { border: 1px solid #eee; background: #fff; }
+  .chart .title { font-size: 13px; font-weight: 600; }
+  .chart .tick, .chart .legend { font-size: 11px; }
+  .chart .frame { fill: none; stroke: #ccc; }
+  .chart .best { stroke: #333; stroke-dasharray: 4 3; }
+  .chart .reference { stroke: #999; stroke-dasharray: 1 3; }
+  .decision { padding: 0 .4rem; border-radius: .2rem; }
+  .decision.keep, .decision.promote, .decision.accept { background: #dff3df; }
+  .decision.reject { background: #fbe0dc; }
+  .command { display: flex; gap: .5rem; align-items: center; margin: .2rem 0 .6rem; }
+  .command code { background: #f4f4f4; padding: .3rem .5rem; user-select: all; white-space: pre-wrap; }
+  .missing, .small { color: #888; } .small { font-size: 12px; margin-top: 2rem; }
+</style>
+</head>
+<body>
+{body}
+<script>
+"use strict";
+// Copy a command: the clipboard where the browser allows it (a file:// page may not), else select it.
+for (const button of document.querySelectorAll("button.copy")) {
+  button.onclick = () => {
+    const code = button.previousElementSibling;
+    const select = () => window.getSelection().selectAllChildren(code);
+    if (navigator.clipboard) navigator.clipboard.writeText(code.textContent).then(
+      () => { button.textContent = "copied"; }, select);
+    else select();
+  };
+}
+</script>
+</body>
+</html>
+"""
