@@ -441,17 +441,18 @@ def host_name(header):
     return m.group(1).strip("[]").rstrip(".").lower() if m else ""
 
 
-def parse_json_object(body):
-    """A small JSON object from a request body: UploadError 400 for anything else, deep nesting included."""
+def parse_json_object(body, shape='{"mark": ...}'):
+    """A small JSON object from a request body: UploadError 400 (naming the `shape` expected) for anything
+    else, deep nesting included."""
     try:
         text = body.decode("utf-8")
         if json_depth(text) > MAX_JSON_DEPTH:
             raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
         data = json.loads(text)
     except ValueError as err:
-        raise UploadError(HTTPStatus.BAD_REQUEST, f'body must be JSON {{"mark": ...}} ({err})') from None
+        raise UploadError(HTTPStatus.BAD_REQUEST, f"body must be JSON {shape} ({err})") from None
     if not isinstance(data, dict):
-        raise UploadError(HTTPStatus.BAD_REQUEST, 'body must be JSON {"mark": ...}')
+        raise UploadError(HTTPStatus.BAD_REQUEST, f"body must be JSON {shape}")
     return data
 
 
@@ -480,12 +481,13 @@ def machine_hosts(host, allowed=()):
     return frozenset(n.strip("[]").rstrip(".").lower() for n in names if n)
 
 
-def make_server(session, host, port, allowed_hosts=()):
-    """A ThreadingHTTPServer serving `session` (port 0: any free port); the caller runs serve_forever.
+def make_server(session, host, port, allowed_hosts=(), handler=Handler):
+    """A ThreadingHTTPServer serving `session` with `handler` (a Handler; port 0: any free port); the caller
+    runs serve_forever.
 
     Bound to a local address, only local Host names are answered; else `allowed_hosts` and machine_hosts."""
     local = host in LOCAL_HOSTS
-    handler = type("SessionHandler", (Handler,), dict(
+    handler = type("SessionHandler", (handler,), dict(
         session=session, local=local, allowed_hosts=frozenset() if local else machine_hosts(host, allowed_hosts)))
     server_class = type("Server", (ThreadingHTTPServer,), dict(address_family=socket.AF_INET6)) if ":" in host \
         else ThreadingHTTPServer
@@ -498,17 +500,29 @@ def serve(folder, args):
     """Open the session in `folder` and serve its page until Ctrl-C; then print what to run next."""
     session = open_session(folder, args)
     server = make_server(session, args.host, args.port, args.allowed_host or ())
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: --host {args.host} lets other machines on the network open this page and write into "
-              f"{session.feedback_dir}; browsers only allow the microphone on localhost or over https")
-        names = ", ".join(sorted(server.RequestHandlerClass.allowed_hosts))
-        print(f"answering only requests that name this machine by an IP address or as one of: {names} "
-              "(add names with --allowed_host)")
+    warn_remote(server, args.host, f"write into {session.feedback_dir}; browsers only allow the microphone on "
+                                   "localhost or over https")
     print(f"listening session: {len(session.rows)} sentences in {folder} ({session.state()['progress']} so far); "
           f"corrections go to {session.feedback_dir}")
     if os.path.isfile(os.path.join(session.feedback_dir, "metadata.csv")):
         print(f"warning: {session.feedback_dir} holds a metadata.csv, which train_feedback.py reads instead of "
               "the audio_NNN.wav + .txt pairs saved here: use another --feedback_dir")
+    serve_until_interrupted(server)
+    state = session.state()
+    print(f"{state['progress']} in {session.feedback_dir}; resume with: python train_feedback.py --listen {folder}")
+    print(f"train on them with: {state['command']}")
+
+
+def warn_remote(server, host, what):
+    """The warning a page served beyond this machine prints: who can reach it and `what` they can do there."""
+    if host not in LOCAL_HOSTS:
+        print(f"warning: --host {host} lets other machines on the network open this page and {what}")
+        names = ", ".join(sorted(server.RequestHandlerClass.allowed_hosts))
+        print(f"answering only requests that name this machine by an IP address or as one of: {names} "
+              "(add names with --allowed_host)")
+
+
+def serve_until_interrupted(server):
     print(f"open {server.url} in a browser (Ctrl-C to stop)")
     try:
         server.serve_forever()
@@ -516,6 +530,3 @@ def serve(folder, args):
         pass
     finally:
         server.server_close()
-    state = session.state()
-    print(f"{state['progress']} in {session.feedback_dir}; resume with: python train_feedback.py --listen {folder}")
-    print(f"train on them with: {state['command']}")

@@ -48,6 +48,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import blind_compare
 import checkpoints
 import clip_data
 import distributed
@@ -110,6 +111,14 @@ def build_parser():
                    help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
                         "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
                         "then exit.")
+    g = p.add_argument_group("blind comparison")
+    g.add_argument("--compare", default=None, metavar="RUN_DIR",
+                   help="Only serve a blind A/B listening test of the feedback run in RUN_DIR: each sentence (its "
+                        "held-out feedback clips, the sentences marked in the listening session its feedback came "
+                        "from, the evaluation sentences) spoken by the input voice and the tuned voice as A and B "
+                        "in a random order; which is which is shown once every pair is judged. The result goes "
+                        "into RUN_DIR/report.json and the verdict. Served like --listen (--host, --port, "
+                        "--allow_remote); running it again continues.")
     g = p.add_argument_group("listening session")
     g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
@@ -151,6 +160,11 @@ def check_listen_args(parser, args):
         parser.error(f"--listen: no sentence file or session folder at {args.listen}")
     if os.path.isdir(args.listen):
         args.output_dir = args.listen
+    check_host_args(parser, args)
+
+
+def check_host_args(parser, args):
+    """A page is served on this machine unless --allow_remote says otherwise."""
     if args.host not in listening.LOCAL_HOSTS and not args.allow_remote:
         parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
                      "to mean it")
@@ -206,6 +220,13 @@ def parse_args(argv=None):
         if args.make_session:
             parser.error("give --make_session or --listen, not both (--listen makes the kit itself)")
         check_listen_args(parser, args)
+    if args.compare is not None:
+        if args.listen is not None or args.make_session:
+            parser.error("--compare serves a page of its own: give it without --listen or --make_session")
+        if not os.path.isdir(args.compare):
+            parser.error(f"--compare: no run folder at {args.compare}")
+        args.output_dir = args.compare
+        check_host_args(parser, args)
     if args.output_dir is None:
         if args.make_session or args.listen:
             args.output_dir = new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
@@ -221,7 +242,7 @@ def parse_args(argv=None):
             args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
     # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
     # samples/ and a cache under output_dir, so the two folders may not overlap either way.
-    if os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
+    if args.compare is None and os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
         parser.error(f"--output_dir {args.output_dir} overlaps --model {args.model}: the input model is never "
                      "written to; choose a new folder (the default is a new one under training/feedback_models)")
     training_flags.check_args(parser, args)
@@ -560,6 +581,9 @@ def main(argv=None):
     try:
         if args.listen is not None:
             listen(args)
+            return 0
+        if args.compare is not None:
+            blind_compare.serve(args.compare, args, SESSIONS_DIR)
             return 0
         lock = run_folder.claim_output_dir(args, "train_feedback")
         if args.make_session:
