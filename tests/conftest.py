@@ -90,3 +90,76 @@ def spawn_start_method():
     multiprocessing.set_start_method("spawn", force=True)
     yield
     multiprocessing.set_start_method(before, force=True)
+
+
+# The morning after: a night and a feedback run on its voice, as report.html and --compare find them.
+NIGHT_SENTENCES = ["Roj baş, tu çawa yî?", "Ez bi kurdî diaxivim."]  # the listening samples of both runs
+FEEDBACK_TEXTS = ["Zarok di baxçe de dilîzin.", "Sibê ez ê biçim bazarê.", "Çiya bi berfê spî bûne.",
+                  "Ez zimanê kurdî hîn dibim."]
+RUN_FLAGS = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
+             "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--val_size", "2",
+             "--eval_clips", "1"]
+
+
+def recording_pages(folder, run):
+    """Run `run()`; return the progress.json of `folder` at every rewrite of its report.html."""
+    import run_report
+
+    pages, real = [], run_report.write
+
+    def write(output_dir):
+        pages.append(run_report.read_json(os.path.join(output_dir, run_report.PROGRESS_NAME)))
+        return real(output_dir)
+    run_report.write = write
+    try:
+        run()
+    finally:
+        run_report.write = real
+    return pages
+
+
+@pytest.fixture(scope="session")
+def night_run(prepared_dataset, tiny_model_dir, tmp_path_factory):
+    """(folder, pages) of a two-epoch tiny train_vits.py night with every voice-quality measure; pages: the
+    progress.json at each rewrite of its report.html. Treat as read-only."""
+    import train_vits
+
+    home = tmp_path_factory.mktemp("night")
+    sentences = home / "sentences.txt"
+    sentences.write_text("\n".join(NIGHT_SENTENCES) + "\n", encoding="utf-8")
+    out = str(home / "night")
+    argv = ["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "2",
+            "--sample_sentences", str(sentences), "--d_warmup_steps", "1"] + RUN_FLAGS
+    pages = recording_pages(out, lambda: train_vits.main(argv) == 0 or pytest.fail("the night failed"))
+    return out, pages
+
+
+@pytest.fixture(scope="session")
+def feedback_run(night_run, prepared_dataset, tmp_path_factory):
+    """(home, run folder) of a feedback run on the night's voice. home/training/feedback holds the corrections
+    (audio_001..004 pairs) of the listening session in home/training/sessions/2026-12-05, which marked one more
+    sentence good, one needs work (corrected as audio_002) and left one unheard. Treat as read-only."""
+    import listening
+    import speech
+    import train_feedback
+    from examples.make_release import SENTENCES, espeak_clip
+
+    home = tmp_path_factory.mktemp("morning")
+    feedback = home / "training" / "feedback"
+    feedback.mkdir(parents=True)
+    for i, text in enumerate(FEEDBACK_TEXTS, 1):
+        speech.write_wav(str(feedback / f"audio_{i:03d}.wav"), espeak_clip(text, 16000), 16000)
+        (feedback / f"audio_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+    voice = os.path.join(night_run[0], "final_model")
+    rows = [dict(id="s001", text=SENTENCES[5], mark="good", saved=None),
+            dict(id="s002", text=FEEDBACK_TEXTS[1], mark="needs_work", saved=str(feedback / "audio_002.wav")),
+            dict(id="s003", text=SENTENCES[6], mark=None, saved=None)]
+    session_dir = home / "training" / "sessions" / "2026-12-05"
+    session_dir.mkdir(parents=True)
+    listening.Session(str(session_dir), str(feedback), voice, rows, 16000, None, 4).write()
+    out = str(home / "training" / "feedback_models" / "20261205-070000")
+    argv = ["--model", voice, "--data_dir", prepared_dataset, "--feedback_dir", str(feedback), "--output_dir", out,
+            "--max_steps", "2", "--feedback_weight", "1", "--d_warmup_steps", "0",
+            "--sample_sentences", os.path.join(os.path.dirname(night_run[0]), "sentences.txt")] + RUN_FLAGS
+    assert train_feedback.main(argv) == 0
+    return str(home), out

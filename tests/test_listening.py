@@ -533,8 +533,9 @@ def test_a_take_shorter_than_a_third_of_a_second_is_refused(session):
     assert status == 200, answer
 
 
-def chromium(tmp_path, capture_wav):
-    """Headless Debian Chromium via Selenium, its microphone fed from `capture_wav`; skips with the reason."""
+def chromium(tmp_path, capture_wav=None, network_log=False):
+    """Headless Debian Chromium via Selenium, its microphone fed from `capture_wav`; skips with the reason.
+    network_log: keep the DevTools performance log (every request the page makes, get_log("performance"))."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     binary, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
     if not (os.path.isfile(binary) and driver):
@@ -543,10 +544,13 @@ def chromium(tmp_path, capture_wav):
     options.binary_location = binary
     for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={capture_wav}", "--disable-background-networking",
+                 *([f"--use-file-for-fake-audio-capture={capture_wav}"] if capture_wav else []),
+                 "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,760",
                  f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
         options.add_argument(flag)
+    if network_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     try:
         return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     except Exception as err:  # noqa: BLE001 - any start failure is a skip with its reason, never a pass

@@ -1,0 +1,152 @@
+"""report.html: the page of a tiny night and of a feedback run, rendered in headless Chromium: every player
+plays its file, the curves are the metrics, the best epoch is marked, nothing is fetched from outside."""
+
+import json
+import os
+import re
+
+import pytest
+import soundfile as sf
+
+import run_report
+from tests.test_listening import chromium
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+# Every violation of the page's Content-Security-Policy, recorded from before the page's first byte.
+WATCH_VIOLATIONS = ("window.violations = [];"
+                    "document.addEventListener('securitypolicyviolation', (e) => window.violations.push(e.blockedURI));")
+# Each player loads its file whole; its src, readyState, duration and error code once it can play (or fails).
+LOAD_PLAYERS = """
+const done = arguments[arguments.length - 1];
+Promise.all([...document.querySelectorAll("audio")].map((a) => new Promise((resolve) => {
+  const report = () => resolve([a.getAttribute("src"), a.readyState, a.duration, a.error && a.error.code]);
+  a.oncanplaythrough = report;
+  a.onerror = report;
+  a.preload = "auto";
+  a.load();
+}))).then(done);
+"""
+# Each chart: its title, the best-epoch line's epoch, and its points (epoch, value, cy).
+READ_CHARTS = """
+return [...document.querySelectorAll("svg.chart")].map((svg) => [
+  svg.getAttribute("aria-label"),
+  svg.querySelector("line.best") ? svg.querySelector("line.best").textContent : null,
+  [...svg.querySelectorAll("circle")].map((c) => [+c.dataset.epoch, +c.dataset.value, +c.getAttribute("cy"),
+                                                   c.getAttribute("fill")])]);
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = chromium(tmp_path_factory.mktemp("chromium"), network_log=True)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH_VIOLATIONS})
+    yield driver
+    driver.quit()
+
+
+def render(browser, folder, screenshot):
+    """Open FOLDER/report.html from disk: (players, charts, the page's text, every URL requested, violations);
+    a full-page screenshot to `screenshot` (into docs/ with DOCS_SCREENSHOTS=1)."""
+    browser.get_log("performance")  # drop what an earlier page asked for
+    browser.get("file://" + os.path.abspath(os.path.join(folder, run_report.PAGE_NAME)))
+    players = browser.execute_async_script(LOAD_PLAYERS)
+    charts = browser.execute_script(READ_CHARTS)
+    text = browser.find_element("tag name", "body").text
+    requested = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
+    requested = [m["params"]["request"]["url"] for m in requested if m["method"] == "Network.requestWillBeSent"]
+    violations = browser.execute_script("return window.violations")
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1000, height + 120)
+    browser.save_screenshot(screenshot if os.environ.get("DOCS_SCREENSHOTS") != "1"
+                            else os.path.join(DOCS, os.path.basename(screenshot)))
+    browser.set_window_size(1000, 760)
+    return players, charts, text, requested, violations
+
+
+def check_offline_and_playable(folder, players, requested, violations):
+    """Every player is a relative path to a file of the run folder that soundfile decodes and Chromium
+    plays to its full length; nothing was requested from anywhere but that folder."""
+    assert players
+    root = "file://" + os.path.abspath(folder) + "/"
+    for src, ready, duration, error in players:
+        assert not re.match(r"[a-z]+:|/", src), src  # relative: the folder can be moved or copied
+        info = sf.info(os.path.join(folder, *src.split("/")))
+        assert error is None and ready == 4, (src, ready, error)  # HAVE_ENOUGH_DATA
+        assert duration == pytest.approx(info.duration, abs=0.002), src
+    # Chromium's own media controls draw data: icons; everything else is the page and the run's files.
+    outside = [u for u in requested if not u.startswith(root) and not u.startswith("data:")]
+    assert not outside and violations == []
+    assert root + run_report.PAGE_NAME in requested
+    assert {root + src for src, *_ in players} <= set(requested)
+
+
+def validation_lines(folder):
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "lr" not in r]
+
+
+def check_charts(charts, lines, sets, prefixes, best):
+    """The curves are the metrics, line by line, one line per validation set; higher values drawn higher;
+    the best epoch marked on each. sets: the metrics' mel prefixes; prefixes: their voice-quality ones."""
+    assert len(charts) == 4  # mel, MCD, duration ratio, DNSMOS (no CER without --asr_model)
+    for (title, marked, points), keys in zip(charts, [[f"{s}_mel" for s in sets]] + [
+            [f"{p}_{measure}" for p in prefixes] for measure in ("mcd", "dur_ratio", "dnsmos_ovrl")]):
+        assert [(e, v) for e, v, _, _ in points] == [(r["epoch"], r[key]) for key in keys for r in lines], title
+        assert len({colour for *_, colour in points}) == len(keys)
+        assert marked == f"best epoch {best}"
+        assert all(a[2] < b[2] for a in points for b in points if a[1] > b[1]), title
+
+
+def test_the_report_of_a_night(browser, night_run, tmp_path):
+    folder, pages = night_run
+    # Written at the start, after each epoch and at the end, as progress.json stood each time.
+    assert [(p["epoch"], p["ended"]) for p in pages] == [(0, None), (1, None), (2, None), (2, "done")]
+    players, charts, text, requested, violations = render(browser, folder, str(tmp_path / "report_night.png"))
+    check_offline_and_playable(folder, players, requested, violations)
+    assert sorted(src for src, *_ in players) == [f"samples/epoch_{e}/0{i}.wav" for e in (1, 2) for i in (0, 1)]
+
+    lines = validation_lines(folder)
+    best = min(lines, key=lambda r: r["val_mel"])["epoch"]  # --best_metric val_mel: the lowest, first on ties
+    check_charts(charts, lines, ["val"], ["eval"], best)
+    progress = pages[-1]
+    assert f"finished its plan at step {progress['step']}" in text
+    assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2" in text
+    assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
+    final = os.path.join(folder, "final_model")
+    assert f"python train_feedback.py --listen sentences.txt --model {final}" in text
+    assert f"python train_feedback.py --model {final}" in text
+
+
+def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
+    _, folder = feedback_run
+    players, charts, text, requested, violations = render(browser, folder, str(tmp_path / "report_feedback.png"))
+    check_offline_and_playable(folder, players, requested, violations)
+    with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    held_out = report["feedback"]["held_out_clips"]
+    assert len(held_out) == 1
+    # Per feedback sentence: the recording, the input voice, the tuned voice; per evaluation sentence: both voices.
+    expected = {f"samples/{where}/{name}" for name in report["samples"]["feedback"]
+                for where in ("recorded", "before/feedback", "after/feedback")}
+    expected |= {f"samples/{when}/eval/{name}" for name in report["samples"]["eval"] for when in ("before", "after")}
+    expected |= {"samples/epoch_1/00.wav", "samples/epoch_1/01.wav"}
+    assert {src for src, *_ in players} == expected
+    for name, sentence in report["samples"]["feedback"].items():
+        assert f"{sentence} {'held out' if name in held_out else 'trained on'}" in text
+
+    lines = validation_lines(folder)
+    best = min(lines, key=lambda r: r["feedback_mel"])["epoch"]
+    check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best)
+    assert f"python train_feedback.py --compare {folder}" in text
+    assert f"python train_feedback.py --promote {folder}" in text
+    for row in report["validation_mel"].values():
+        assert run_report.number(row["after"]) in text
+
+
+def test_a_page_that_cannot_be_written_never_stops_the_run(tmp_path, monkeypatch, capsys):
+    def broken(folder):
+        raise KeyError("plan")
+    monkeypatch.setattr(run_report, "build", broken)
+    run_report.update(str(tmp_path))
+    assert "report.html not written (KeyError: 'plan')" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # no half-written page, no temp file left
