@@ -1,0 +1,272 @@
+"""train_feedback.py --compare: a blind A/B of the tuned voice against its input voice, clicked through in
+headless Chromium to its result in report.json, with everything the page received checked for the key."""
+
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy.stats import binomtest
+
+import blind_compare
+import listening
+import run_report
+from tests.conftest import FEEDBACK_TEXTS
+from tests.test_listening import Served, chromium, raw_request
+from examples.make_release import SENTENCES
+
+
+@pytest.fixture
+def compare_run(feedback_run, tmp_path, monkeypatch):
+    """(home, a copy of the feedback run): served from `home`, where training/sessions holds its session."""
+    home, run = feedback_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    monkeypatch.chdir(home)
+    return home, copy
+
+
+@pytest.fixture
+def answers(monkeypatch):
+    """Every answer the comparison's server sends, as (request line, raw bytes on the wire), in order."""
+    sent = []
+    setup, finish = blind_compare.Handler.setup, blind_compare.Handler.finish
+
+    def recording_setup(handler):
+        setup(handler)
+        handler.wire, socket_file = [], handler.wfile
+
+        class Tee:
+            def write(self, data):
+                handler.wire.append(bytes(data))
+                return socket_file.write(data)
+
+            def __getattr__(self, name):
+                return getattr(socket_file, name)
+        handler.wfile = Tee()
+
+    def recording_finish(handler):
+        sent.append((getattr(handler, "requestline", ""), b"".join(handler.wire)))
+        finish(handler)
+    monkeypatch.setattr(blind_compare.Handler, "setup", recording_setup)
+    monkeypatch.setattr(blind_compare.Handler, "finish", recording_finish)
+    return sent
+
+
+def split_answer(raw):
+    """(status, headers without Date, body) of a raw HTTP answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = sorted(line for line in lines[1:] if not line.startswith("Date:"))
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_key(run):
+    with open(os.path.join(run, blind_compare.FOLDER, blind_compare.STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def expected_sentences(home, run):
+    """(kind, text) of every sentence the comparison should hold, from the run's report and its session."""
+    with open(os.path.join(run, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    held_out = [report["samples"]["feedback"][clip] for clip in report["feedback"]["held_out_clips"]]
+    wanted = [("held_out", t) for t in held_out] + [("good", SENTENCES[5])]
+    if FEEDBACK_TEXTS[1].rstrip(".").lower() not in held_out:  # (a held-out clip also marked is heard once)
+        wanted.append(("needs_work", FEEDBACK_TEXTS[1]))
+    return sorted(wanted + [("eval", t) for t in report["samples"]["eval"].values()]), report
+
+
+def test_the_sign_test_is_the_exact_binomial_tail():
+    # Closed forms: all n preferences one way: 2 / 2**n; 1 of 10: 2 * (1 + 10) / 2**10; an even split: 1.
+    assert blind_compare.sign_test(0, 5) == 2 / 32 and blind_compare.sign_test(6, 0) == 2 / 64
+    assert blind_compare.sign_test(1, 9) == 2 * (1 + 10) / 1024
+    assert blind_compare.sign_test(9, 1) == blind_compare.sign_test(1, 9)
+    assert blind_compare.sign_test(4, 4) == 1.0 and blind_compare.sign_test(0, 0) == 1.0
+    for wins in range(0, 13):
+        for losses in range(0, 13):
+            if wins + losses:
+                assert blind_compare.sign_test(wins, losses) == pytest.approx(
+                    binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-12), (wins, losses)
+
+
+def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare_run, answers, tmp_path,
+                                                                       monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    home, run = compare_run
+    wanted, report = expected_sentences(home, run)
+    served = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    key = read_key(run)["pairs"]  # the test may know it; the page must not
+    assert sorted((p["kind"], p["text"]) for p in key) == wanted
+    n = len(key)
+    # Half the pairs have the tuned voice as A (the odd one either way).
+    assert sum(p["tuned"] == "A" for p in key) in (n // 2, (n + 1) // 2)
+    # The listener prefers the input voice everywhere but in the first pair, where they hear no difference.
+    choices = ["same"] + ["B" if p["tuned"] == "A" else "A" for p in key[1:]]
+    browser = chromium(tmp_path)
+    try:
+        browser.get(f"http://127.0.0.1:{served.port}/")
+        wait = WebDriverWait(browser, 30)
+        for index, choice in enumerate(choices):
+            wait.until(lambda b: b.find_element(By.ID, "pair").get_attribute("data-index") == str(index))
+            assert browser.find_element(By.ID, "text").text == key[index]["text"]
+            # Both players can play their takes (loaded as the page loads them, A first).
+            loaded = browser.execute_async_script("""
+                const done = arguments[arguments.length - 1];
+                Promise.all(["A", "B"].map((l) => new Promise((resolve) => {
+                  const a = document.getElementById("audio-" + l);
+                  const report = () => resolve([a.readyState, a.duration, a.error && a.error.code]);
+                  if (a.readyState === 4) report(); else { a.oncanplaythrough = report; a.onerror = report; }
+                }))).then(done);""")
+            durations = {d for _, d, _ in loaded}
+            assert [(r, e) for r, _, e in loaded] == [(4, None), (4, None)] and len(durations) == 1
+            browser.find_element(By.ID, f"choose-{choice}").click()
+        wait.until(lambda b: b.find_element(By.ID, "result").is_displayed())
+        summary = browser.find_element(By.ID, "summary").text
+        shown_key = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#key tr")]
+    finally:
+        browser.quit()
+    served.stop()
+
+    # The result: report.json, the page, report.html.
+    p_value = 2 * math.comb(n - 1, 0) / 2 ** (n - 1)
+    with open(os.path.join(run, "report.json"), encoding="utf-8") as f:
+        listened = json.load(f)["listening"]
+    assert {k: listened[k] for k in ("pairs", "tuned_preferred", "input_preferred", "no_difference")} == dict(
+        pairs=n, tuned_preferred=0, input_preferred=n - 1, no_difference=1)
+    assert listened["p_value"] == pytest.approx(p_value, rel=1e-12)
+    assert [(s["text"], s["kind"], s["tuned_was"], s["choice"], s["preferred"]) for s in listened["per_sentence"]] == [
+        (p["text"], p["kind"], p["tuned"], c, "none" if c == "same" else "input") for p, c in zip(key, choices)]
+    assert f"The tuned voice was preferred in 0 of {n} sentences, the voice before the tune in {n - 1}" in summary
+    assert shown_key == [f"{p['text']} {p['tuned']} " + ("no difference –" if c == "same" else f"{c} input voice")
+                         for p, c in zip(key, choices)]
+    with open(os.path.join(run, run_report.PAGE_NAME), encoding="utf-8") as f:
+        assert f"tuned voice preferred in 0, the input voice in {n - 1}, no difference in 1" in f.read()
+
+    # Blind: everything sent before the last choice's answer, which alone reveals the key.
+    final = [i for i, (line, raw) in enumerate(answers) if line.startswith("POST /api/choose/") and b'"done": true' in raw]
+    assert len(final) == 1 and b'"tuned_was"' in answers[final[0]][1]
+    before_end = answers[:final[0]]
+    with open(blind_compare.PAGE, "rb") as f:
+        page = f.read()
+    audio = {}
+    for line, raw in before_end:
+        status, headers, body = split_answer(raw)
+        path = line.split()[1]
+        if path == "/":
+            assert body == page  # the same page whatever the key
+            continue
+        for secret in (b"tuned", b"input", b"before", b"after", b"compare", b"final_model", b".wav", b"samples",
+                       os.path.basename(run).encode(), os.path.dirname(run).encode()):
+            assert secret not in raw.lower(), (line, secret)
+        if path.startswith("/audio/"):
+            audio[path] = (status, headers, body)
+        elif path.startswith("/api/"):
+            state = json.loads(body)
+            assert set(state) == {"pairs", "judged", "total", "done", "result"}
+            assert state["done"] is False and state["result"] is None
+            assert all(set(p) == {"index", "text", "choice"} for p in state["pairs"])
+    assert {p.rsplit("/", 1)[0] for p in audio} == {f"/audio/{i}" for i in range(n)}
+    for i, pair in enumerate(key):
+        a, b = audio[f"/audio/{i}/A"], audio[f"/audio/{i}/B"]
+        assert a[0] == b[0] == 200 and a[1] == b[1]  # the same headers, Content-Length included
+        assert len(a[2]) == len(b[2]) and a[2][:44] == b[2][:44]  # one length, one WAV header
+        if pair["kind"] == "eval":
+            # The key is true: the run's own "after" sample is the take served as the tuned voice's letter.
+            name = next(k for k, t in report["samples"]["eval"].items() if t == pair["text"])
+            after, _ = sf.read(os.path.join(run, "samples", "after", "eval", name), dtype="int16")
+            served_tuned, _ = sf.read(io.BytesIO((a if pair["tuned"] == "A" else b)[2]), dtype="int16")
+            np.testing.assert_array_equal(served_tuned[:len(after)], after)
+            assert not served_tuned[len(after):].any()  # padded with silence
+
+
+def tree(folder):
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, json.loads(data) if response.getheader("Content-Type") == "application/json" else data
+
+
+def test_every_choice_is_saved_at_once_reopening_continues_and_bad_requests_are_refused(compare_run, feedback_run,
+                                                                                       monkeypatch, capsys):
+    home, run = compare_run
+    outside = {f: h for f, h in tree(os.path.dirname(run)).items() if not f.startswith("run" + os.sep)}
+    outside_home = tree(home)
+    served = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    port = served.port
+    status, state = request(port, "POST", "/api/choose/1", b'{"choice": "same"}')
+    assert status == 200 and state["judged"] == 1 and state["pairs"][1]["choice"] == "same"
+    assert read_key(run)["pairs"][1]["choice"] == "same"  # on disk before the answer came back
+    n = state["total"]
+    audio = {letter: request(port, "GET", f"/audio/0/{letter}")[1] for letter in "AB"}
+
+    host = ("Host", f"127.0.0.1:{port}")
+    for method, path, headers, body, expected in [
+            ("POST", "/api/choose/0", [("Content-Length", "20")], b'{"choice": "tuned"}\n', 400),
+            ("POST", "/api/choose/0", [("Content-Length", "6")], b'"same"', 400),
+            ("POST", "/api/choose/0", [("Content-Length", "40")], b"[" * 40, 400),
+            ("POST", "/api/choose/0", [], b"", 411),
+            ("POST", "/api/choose/0", [("Content-Length", "99999")], b"", 413),
+            ("POST", f"/api/choose/{n}", [("Content-Length", "17")], b'{"choice": "A"}\n\n', 404),
+            ("POST", "/api/choose/" + "9" * 5000, [("Content-Length", "0")], b"", 404),
+            ("GET", "/audio/0/C", [], b"", 404), ("GET", f"/audio/{n}/A", [], b"", 404),
+            ("GET", "/audio/0/../../report.json", [], b"", 404), ("GET", "/compare/comparison.json", [], b"", 404),
+            ("GET", "/api/choose/0", [], b"", 405), ("POST", "/api/state", [("Content-Length", "0")], b"", 405),
+            ("POST", "/audio/0/A", [("Content-Length", "0")], b"", 405), ("PUT", "/", [], b"", 405)]:
+        status, _, answer = raw_request(port, method, path, [host] + headers, body)
+        assert status == expected and answer["error"], (method, path[:30], status, answer)
+    # Another site's page, or a rebound domain name, gets nothing and changes nothing.
+    assert raw_request(port, "POST", "/api/choose/0", [host, ("Origin", "http://evil.example"),
+                                                       ("Content-Length", "15")], b'{"choice": "A"}')[0] == 403
+    assert raw_request(port, "GET", "/audio/0/A", [("Host", "evil.example")])[0] == 403
+    served.stop()
+
+    # Reopened: the same pairs, key and takes, the choice kept; nothing is spoken again.
+    assert read_key(run)["pairs"][0]["choice"] is None
+    resumed = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    status, state = request(resumed.port, "GET", "/api/state")
+    assert state["judged"] == 1 and state["pairs"][1]["choice"] == "same" and state["done"] is False
+    assert {letter: request(resumed.port, "GET", f"/audio/0/{letter}")[1] for letter in "AB"} == audio
+    for i in [0] + list(range(2, n)):
+        status, state = request(resumed.port, "POST", f"/api/choose/{i}", b'{"choice": "A"}')
+    assert state["done"] is True and state["result"]["pairs"] == n
+    # Once the key is out, no choice changes.
+    status, answer = request(resumed.port, "POST", "/api/choose/0", b'{"choice": "B"}')
+    assert status == 409 and read_key(run)["pairs"][0]["choice"] == "A"
+    resumed.stop()
+    assert "continue with: python train_feedback.py --compare" in capsys.readouterr().out
+
+    # Nothing was written anywhere but the run folder.
+    assert {f: h for f, h in tree(os.path.dirname(run)).items() if not f.startswith("run" + os.sep)} == outside
+    assert tree(home) == outside_home
+
+
+def test_compare_refuses_a_run_that_has_not_finished(feedback_run, tmp_path, capsys):
+    import train_feedback
+
+    _, run = feedback_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    report = json.loads((copy / "report.json").read_text(encoding="utf-8"))
+    (copy / "report.json").write_text(json.dumps(dict(report, status="training")), encoding="utf-8")
+    assert train_feedback.main(["--compare", str(copy), "--port", "0"]) != 0
+    assert "no finished feedback run there" in capsys.readouterr().err
+    assert not os.path.exists(copy / blind_compare.FOLDER)
