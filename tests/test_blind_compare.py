@@ -33,6 +33,21 @@ def compare_run(feedback_run, tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def serve(monkeypatch):
+    """serve(argv): train_feedback.main(argv) serving in a thread, stopped at the end of the test whatever happens."""
+    started = []
+
+    def start(argv):
+        started.append(Served(argv, monkeypatch))
+        return started[-1]
+    yield start
+    for served in started:
+        if served.thread.is_alive():
+            served.server.shutdown()
+            served.thread.join()
+
+
+@pytest.fixture
 def answers(monkeypatch):
     """Every answer the comparison's server sends, as (request line, raw bytes on the wire), in order."""
     sent = []
@@ -96,14 +111,13 @@ def test_the_sign_test_is_the_exact_binomial_tail():
                     binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-12), (wins, losses)
 
 
-def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare_run, answers, tmp_path,
-                                                                       monkeypatch):
+def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare_run, answers, serve, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     home, run = compare_run
     wanted, report = expected_sentences(home, run)
-    served = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    served = serve(["--compare", run, "--port", "0", "--device", "cpu"])
     key = read_key(run)["pairs"]  # the test may know it; the page must not
     assert sorted((p["kind"], p["text"]) for p in key) == wanted
     n = len(key)
@@ -206,12 +220,11 @@ def request(port, method, path, body=None, headers=None):
     return response.status, json.loads(data) if response.getheader("Content-Type") == "application/json" else data
 
 
-def test_every_choice_is_saved_at_once_reopening_continues_and_bad_requests_are_refused(compare_run, feedback_run,
-                                                                                       monkeypatch, capsys):
+def test_every_choice_is_saved_at_once_reopening_continues_and_bad_requests_are_refused(compare_run, serve, capsys):
     home, run = compare_run
     outside = {f: h for f, h in tree(os.path.dirname(run)).items() if not f.startswith("run" + os.sep)}
     outside_home = tree(home)
-    served = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    served = serve(["--compare", run, "--port", "0", "--device", "cpu"])
     port = served.port
     status, state = request(port, "POST", "/api/choose/1", b'{"choice": "same"}')
     assert status == 200 and state["judged"] == 1 and state["pairs"][1]["choice"] == "same"
@@ -242,7 +255,7 @@ def test_every_choice_is_saved_at_once_reopening_continues_and_bad_requests_are_
 
     # Reopened: the same pairs, key and takes, the choice kept; nothing is spoken again.
     assert read_key(run)["pairs"][0]["choice"] is None
-    resumed = Served(["--compare", run, "--port", "0", "--device", "cpu"], monkeypatch)
+    resumed = serve(["--compare", run, "--port", "0", "--device", "cpu"])
     status, state = request(resumed.port, "GET", "/api/state")
     assert state["judged"] == 1 and state["pairs"][1]["choice"] == "same" and state["done"] is False
     assert {letter: request(resumed.port, "GET", f"/audio/0/{letter}")[1] for letter in "AB"} == audio
