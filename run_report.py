@@ -25,12 +25,13 @@ REPORT_NAME = "report.json"  # a feedback run's report (train_feedback.py writes
 # Nothing but this folder's audio: no script, style, font or image from anywhere, no request by a script.
 CSP = "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 COLORS = ("#1f6fb4", "#d0452f", "#2a9a3a", "#8a56b8")
-# (title, the key of a set's value in a metrics.jsonl validation line, a reference value) of each chart.
+# (title, measure, a reference value) of each chart; a set's measure is <set>_mel or <quality prefix>_<measure>
+# in metrics.jsonl, and <measure> in a feedback report's "before" (drawn as epoch 0, "before").
 MEASURES = (
-    ("Validation mel loss (lower is better)", lambda s: f"{s}_mel", None),
-    ("MCD-DTW, dB (lower is better)", lambda s: f"{voice_quality.quality_prefix(s)}_mcd", None),
-    ("Duration ratio, spoken / recorded (1 is right)", lambda s: f"{voice_quality.quality_prefix(s)}_dur_ratio", 1.0),
-    ("DNSMOS OVRL (higher is better)", lambda s: f"{voice_quality.quality_prefix(s)}_dnsmos_ovrl", None),
+    ("Validation mel loss (lower is better)", "mel", None),
+    ("MCD-DTW, dB (lower is better)", "mcd", None),
+    ("Duration ratio, spoken / recorded (1 is right)", "dur_ratio", 1.0),
+    ("DNSMOS OVRL (higher is better)", "dnsmos_ovrl", None),
 )
 SET_NAMES = {"val": "validation clips", "feedback": "held-out feedback", "original": "held-out original"}
 ENDINGS = {"done": "finished its plan", "deadline": "stopped at the deadline (the budget was spent)",
@@ -176,7 +177,8 @@ def line_chart(title, series, best=None, reference=None, width=440, height=210):
     for v in (v0 + pad, v1 - pad):
         out.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" class="tick" text-anchor="end">{number(v)}</text>')
     for e in sorted({e0, e1} | ({best} if best is not None and e0 <= best <= e1 else set())):
-        out.append(f'<text x="{x(e):.1f}" y="{height - bottom + 14}" class="tick" text-anchor="middle">{e}</text>')
+        out.append(f'<text x="{x(e):.1f}" y="{height - bottom + 14}" class="tick" text-anchor="middle">'
+                   f'{e or "before"}</text>')
     out.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" class="tick" '
                'text-anchor="middle">epoch</text>')
     if reference is not None:
@@ -238,7 +240,7 @@ def build(output_dir):
         verdict_section(report) if report else "",
         listening_section(report) if report else "",
         next_steps(output_dir, config, progress, report),
-        charts(records, sets, best),
+        charts(records, sets, best, (report or {}).get("before")),
         before_after_tables(report) if report else "",
         feedback_players(output_dir, report) if report else "",
         epoch_players(output_dir, config, best),
@@ -264,7 +266,8 @@ def summary(output_dir, config, progress, report, best):
         budget = progress.get("budget_hours")
         per_s = plan.get("samples_per_s")
         facts.append(("Plan", html.escape(
-            f"{plan.get('total_steps')} steps = {plan.get('epochs')} epochs of {plan.get('steps_per_epoch')}, "
+            f"{plan.get('total_steps')} steps = {plan.get('epochs')} epoch{'s' * (plan.get('epochs') != 1)} of "
+            f"{plan.get('steps_per_epoch')}, "
             f"batch {progress.get('batch_size')} × {progress.get('grad_accum')}"
             + (f", {per_s:.2f} samples/s measured" if isinstance(per_s, (int, float)) else ", steps as asked")
             + (f", budget {budget * 60:.0f} min" if isinstance(budget, (int, float)) and budget < 1 else
@@ -297,16 +300,25 @@ def run_state(output_dir, progress, report):
     return text
 
 
-def charts(records, sets, best):
+def metric_key(set_name, measure):
+    return f"{set_name}_mel" if measure == "mel" else f"{voice_quality.quality_prefix(set_name)}_{measure}"
+
+
+def charts(records, sets, best, before=None):
+    """A chart per measure, a line per validation set; `before`: a feedback run's figures of its input voice."""
     if not records:
         return "<h2>Curves</h2><p>No epoch has been validated yet.</p>"
     drawn = []
-    for title, key, reference in MEASURES:
-        series = [(SET_NAMES.get(s, s), {e: r.get(key(s)) for e, r in records.items()}) for s in sets]
+    for title, measure, reference in MEASURES:
+        series = [(SET_NAMES.get(s, s), {**({0: (before.get(s) or {}).get(measure)} if before else {}),
+                                        **{e: r.get(metric_key(s, measure)) for e, r in records.items()}})
+                  for s in sets]
         drawn.append(line_chart(title, series, best, reference))
     drawn.append(line_chart("ASR character error rate (lower is better)",
                             [("listening sentences", {e: r.get("asr_cer") for e, r in records.items()})], best))
     marked = f" The dashed line marks the best epoch ({best})." if best is not None else ""
+    if before:
+        marked += " The first point is the input voice, before the tune."
     return (f"<h2>Curves</h2><p>Measured on held-out clips after every epoch.{marked}</p>"
             f'<div class="charts">{"".join(drawn)}</div>')
 

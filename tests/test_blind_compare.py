@@ -19,6 +19,7 @@ import listening
 import run_report
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request
+from tests.test_run_report import screenshot
 from examples.make_release import SENTENCES
 
 
@@ -146,6 +147,7 @@ def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare
         wait.until(lambda b: b.find_element(By.ID, "result").is_displayed())
         summary = browser.find_element(By.ID, "summary").text
         shown_key = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#key tr")]
+        screenshot(browser, str(tmp_path / "compare_page.png"))
     finally:
         browser.quit()
     served.stop()

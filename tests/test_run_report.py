@@ -44,9 +44,9 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def render(browser, folder, screenshot):
+def render(browser, folder, png):
     """Open FOLDER/report.html from disk: (players, charts, the page's text, every URL requested, violations);
-    a full-page screenshot to `screenshot` (into docs/ with DOCS_SCREENSHOTS=1)."""
+    a full-page screenshot to `png` (into docs/ with DOCS_SCREENSHOTS=1)."""
     browser.get_log("performance")  # drop what an earlier page asked for
     browser.get("file://" + os.path.abspath(os.path.join(folder, run_report.PAGE_NAME)))
     players = browser.execute_async_script(LOAD_PLAYERS)
@@ -55,12 +55,17 @@ def render(browser, folder, screenshot):
     requested = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
     requested = [m["params"]["request"]["url"] for m in requested if m["method"] == "Network.requestWillBeSent"]
     violations = browser.execute_script("return window.violations")
+    screenshot(browser, png)
+    return players, charts, text, requested, violations
+
+
+def screenshot(browser, path):
+    """The whole page as a PNG at `path`, or in docs/ under the same name with DOCS_SCREENSHOTS=1."""
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1000, height + 120)
-    browser.save_screenshot(screenshot if os.environ.get("DOCS_SCREENSHOTS") != "1"
-                            else os.path.join(DOCS, os.path.basename(screenshot)))
+    browser.save_screenshot(path if os.environ.get("DOCS_SCREENSHOTS") != "1"
+                            else os.path.join(DOCS, os.path.basename(path)))
     browser.set_window_size(1000, 760)
-    return players, charts, text, requested, violations
 
 
 def check_offline_and_playable(folder, players, requested, violations):
@@ -85,13 +90,17 @@ def validation_lines(folder):
         return [r for r in map(json.loads, f) if "lr" not in r]
 
 
-def check_charts(charts, lines, sets, prefixes, best):
-    """The curves are the metrics, line by line, one line per validation set; higher values drawn higher;
-    the best epoch marked on each. sets: the metrics' mel prefixes; prefixes: their voice-quality ones."""
+def check_charts(charts, lines, sets, prefixes, best, before=None):
+    """The curves are the metrics, line by line, one line per validation set (a feedback run's input voice
+    first, as epoch 0); higher values drawn higher; the best epoch marked on each. sets: the metrics' mel
+    prefixes; prefixes: their voice-quality ones."""
     assert len(charts) == 4  # mel, MCD, duration ratio, DNSMOS (no CER without --asr_model)
-    for (title, marked, points), keys in zip(charts, [[f"{s}_mel" for s in sets]] + [
-            [f"{p}_{measure}" for p in prefixes] for measure in ("mcd", "dur_ratio", "dnsmos_ovrl")]):
-        assert [(e, v) for e, v, _, _ in points] == [(r["epoch"], r[key]) for key in keys for r in lines], title
+    measures = ("mel", "mcd", "dur_ratio", "dnsmos_ovrl")
+    for (title, marked, points), measure, keys in zip(charts, measures, [[f"{s}_mel" for s in sets]] + [
+            [f"{p}_{measure}" for p in prefixes] for measure in measures[1:]]):
+        expected = [([(0, before[s][measure])] if before else []) + [(r["epoch"], r[key]) for r in lines]
+                    for s, key in zip(sets, keys)]
+        assert [(e, v) for e, v, _, _ in points] == sum(expected, []), title
         assert len({colour for *_, colour in points}) == len(keys)
         assert marked == f"best epoch {best}"
         assert all(a[2] < b[2] for a in points for b in points if a[1] > b[1]), title
@@ -110,7 +119,7 @@ def test_the_report_of_a_night(browser, night_run, tmp_path):
     check_charts(charts, lines, ["val"], ["eval"], best)
     progress = pages[-1]
     assert f"finished its plan at step {progress['step']}" in text
-    assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2" in text
+    assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2, steps as asked" in text
     assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
     final = os.path.join(folder, "final_model")
     assert f"python train_feedback.py --listen sentences.txt --model {final}" in text
@@ -136,7 +145,7 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
 
     lines = validation_lines(folder)
     best = min(lines, key=lambda r: r["feedback_mel"])["epoch"]
-    check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best)
+    check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best, report["before"])
     assert f"python train_feedback.py --compare {folder}" in text
     assert f"python train_feedback.py --promote {folder}" in text
     for row in report["validation_mel"].values():
