@@ -217,10 +217,10 @@ def test_resume_with_more_epochs_decays_the_lr_from_where_it_is_never_up(tiny_mo
     state = trainer.state_dict()
     trainer.schedule(12, 2)
     trainer.load_state_dict(state)
-    plan = dict(epochs=2, total_steps=12, steps_per_epoch=6)
+    plan = planning.Plan(epochs=2, total_steps=12, steps_per_epoch=6)
     planning.resize_plan(trainer, plan, 6, None, 2)
-    assert plan["total_steps"] == 36
-    assert plan["decay_from"] == [[6, pytest.approx(lr_g / 1e-3)], [8, pytest.approx(lr_d / 1e-3)]]
+    assert plan.total_steps == 36
+    assert plan.decay_from == [[6, pytest.approx(lr_g / 1e-3)], [8, pytest.approx(lr_d / 1e-3)]]
     lrs_g, lrs_d = [], []
     for _ in range(28):
         advance(trainer, 1)
@@ -232,7 +232,7 @@ def test_resume_with_more_epochs_decays_the_lr_from_where_it_is_never_up(tiny_mo
     assert all(b < a for a, b in zip([lr_g] + lrs_g, lrs_g[:-1])) and lrs_g[-1] == 0.0 and lrs_d[-1] == 0.0
     # A checkpoint of the re-planned run resumes on the same curve.
     state = trainer.state_dict()
-    trainer.schedule(plan["total_steps"], 2, plan["decay_from"])
+    trainer.schedule(plan.total_steps, 2, plan.decay_from)
     trainer.load_state_dict(state)
     advance(trainer, 1)
     assert trainer.lr() == 0.0 and trainer.sched_d.get_last_lr()[0] == 0.0
