@@ -31,6 +31,7 @@ import numpy as np
 import soundfile as sf
 
 import distributed
+import feedback_run
 import listening
 import models
 import run_errors
@@ -102,7 +103,7 @@ class Comparison:
 
     def result(self):
         listened = listening_result(self.pairs)
-        report = run_report.read_json(os.path.join(self.run_dir, run_report.REPORT_NAME)) or {}
+        report = run_report.read_json(os.path.join(self.run_dir, feedback_run.REPORT_NAME)) or {}
         return dict(listened, verdict=report.get("verdict"))
 
     def choose(self, index, choice):
@@ -129,10 +130,10 @@ class Comparison:
 
 def record_result(run_dir, result):
     """report.json gets the listening result; report.html shows it."""
-    path = os.path.join(run_dir, run_report.REPORT_NAME)
+    path = os.path.join(run_dir, feedback_run.REPORT_NAME)
     report = run_report.read_json(path)
     report["listening"] = result
-    run_folder.write_atomically(path, json.dumps(report, indent=2, ensure_ascii=False), durable=False)
+    feedback_run.write_report(path, report)
     run_report.update(run_dir)
     print(f"blind comparison: tuned voice preferred {result['tuned_preferred']}, input voice "
           f"{result['input_preferred']}, no difference {result['no_difference']} (p = {result['p_value']:.3g}); "
@@ -143,7 +144,7 @@ def record_result(run_dir, result):
 # Opening a comparison: from comparison.json when there is one, else made from the run.
 
 def finished_report(run_dir):
-    report = run_report.read_json(os.path.join(run_dir, run_report.REPORT_NAME))
+    report = run_report.read_json(os.path.join(run_dir, feedback_run.REPORT_NAME))
     if report is None or report.get("status") != "done":
         raise run_errors.TrainingError(f"--compare {run_dir}: no finished feedback run there (report.json with "
                                        "status done): compare once train_feedback.py has finished")

@@ -21,7 +21,8 @@ import voice_quality
 
 PAGE_NAME = "report.html"
 PROGRESS_NAME = "progress.json"
-REPORT_NAME = "report.json"  # a feedback run's report (train_feedback.py writes it)
+# A feedback run's report: feedback_run.REPORT_NAME, not imported (feedback_run imports loop, which imports this).
+REPORT_NAME = "report.json"
 # Nothing but this folder's audio: no script, style, font or image from anywhere, no request by a script.
 CSP = "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 COLORS = ("#1f6fb4", "#d0452f", "#2a9a3a", "#8a56b8")
@@ -399,23 +400,21 @@ def feedback_players(output_dir, report):
 
 
 def verdict_section(report):
+    """The verdict (verdict.py): keep or reject, who decided, how sure, every reason, each guard's result."""
     verdict = report.get("verdict")
     if not isinstance(verdict, dict):
         return ""
     decision = str(verdict.get("decision"))
-    by = verdict.get("decided_by")
+    said = [f"decided by the {verdict['decided_by']}" if verdict.get("decided_by") else "",
+            f"how sure: {verdict['confidence']}" if verdict.get("confidence") else ""]
     reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in verdict.get("reasons") or [])
-    guards = verdict.get("guards")
-    rows = []
-    if isinstance(guards, dict):
-        rows = [[html.escape(str(k)), html.escape(json.dumps(v, ensure_ascii=False))] for k, v in guards.items()]
-    elif isinstance(guards, list):
-        rows = [[html.escape(str(g.get("name", i) if isinstance(g, dict) else i)),
-                 html.escape(json.dumps(g, ensure_ascii=False))] for i, g in enumerate(guards)]
+    guards = verdict.get("guards") if isinstance(verdict.get("guards"), dict) else {}
+    rows = [[html.escape(str(name)), html.escape(str(g.get("status", ""))), html.escape(str(g.get("reason", "")))]
+            for name, g in guards.items() if isinstance(g, dict)]
     return (f'<h2>Verdict: <span class="decision {html.escape(decision)}">{html.escape(decision)}</span></h2>'
-            + (f"<p>Decided by {html.escape(str(by))}.</p>" if by else "")
+            + (f"<p>{html.escape('; '.join(s for s in said if s))}.</p>" if any(said) else "")
             + (f"<ul>{reasons}</ul>" if reasons else "")
-            + (table(["Guard", "Result"], rows) if rows else ""))
+            + (table(["Guard", "Result", "Why"], rows) if rows else ""))
 
 
 def listening_section(report):
@@ -486,7 +485,7 @@ PAGE = """<!doctype html>
   .chart .best { stroke: #333; stroke-dasharray: 4 3; }
   .chart .reference { stroke: #999; stroke-dasharray: 1 3; }
   .decision { padding: 0 .4rem; border-radius: .2rem; }
-  .decision.keep, .decision.promote, .decision.accept { background: #dff3df; }
+  .decision.keep { background: #dff3df; }
   .decision.reject { background: #fbe0dc; }
   .command { display: flex; gap: .5rem; align-items: center; margin: .2rem 0 .6rem; }
   .command code { background: #f4f4f4; padding: .3rem .5rem; user-select: all; white-space: pre-wrap; }
