@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -159,3 +160,31 @@ def test_a_page_that_cannot_be_written_never_stops_the_run(tmp_path, monkeypatch
     run_report.update(str(tmp_path))
     assert "report.html not written (KeyError: 'plan')" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []  # no half-written page, no temp file left
+
+
+def test_first_best_and_latest_epochs_side_by_side_for_every_speaker(tmp_path):
+    # A multi-speaker night of three epochs whose best (lowest val_mel) is the middle one.
+    folder = tmp_path / "run"
+    for epoch in (1, 2, 3):
+        for speaker in (0, 4):
+            (folder / "samples" / f"epoch_{epoch}" / f"speaker_{speaker}").mkdir(parents=True)
+            for i in (0, 1):
+                sf.write(folder / "samples" / f"epoch_{epoch}" / f"speaker_{speaker}" / f"0{i}.wav",
+                         np.zeros(1600), 16000)
+    with open(folder / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for epoch, mel in ((1, 3.0), (2, 2.5), (3, 2.7)):
+            f.write(json.dumps(dict(step=10 * epoch, epoch=epoch, mel=9.0, lr=1e-4)) + "\n")  # a training line
+            f.write(json.dumps(dict(step=10 * epoch, epoch=epoch, val_mel=mel)) + "\n")
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("Roj baş.\nEz baş im.\n", encoding="utf-8")
+    (folder / "run_config.json").write_text(json.dumps(dict(script="train_vits", args=dict(
+        sample_sentences=str(sentences), best_metric="val_mel"))), encoding="utf-8")
+    page = open(run_report.write(str(folder)), encoding="utf-8").read()
+    for speaker in (0, 4):
+        section = page.split(f"<h3>speaker {speaker}</h3>")[1].split("</table>")[0]
+        assert "<th>first (epoch 1)</th><th>best (epoch 2)</th><th>latest (epoch 3)</th>" in section
+        for i, text in enumerate(["Roj baş.", "Ez baş im."]):
+            assert re.search(rf"<td>{text}</td>" + "".join(
+                rf'<td><audio controls preload="none" src="samples/epoch_{e}/speaker_{speaker}/0{i}.wav"></audio></td>'
+                for e in (1, 2, 3)), section), (speaker, i)
+    assert "Best epoch</th><td>2 (by val_mel" in page
