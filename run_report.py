@@ -333,14 +333,14 @@ def epoch_players(output_dir, config, best):
     chosen = [("first", first)] + ([("best", best)] if best in found and best not in (first, latest) else []) + \
              ([("latest", latest)] if latest != first else [])
     sentences = sample_sentences(config)
-    groups = sorted({os.path.relpath(os.path.dirname(os.path.join(root, f)), os.path.join(output_dir, found[latest]))
-                     for root, _, files in os.walk(os.path.join(output_dir, *found[latest].split("/")))
-                     for f in files if f.endswith(".wav")})
+    latest_dir = os.path.join(output_dir, *found[latest].split("/"))
+    groups = {}  # "" or "speaker_K/" (a multi-speaker voice speaks in a folder per speaker): its WAVs
+    for root, _, files in os.walk(latest_dir):
+        sub = os.path.relpath(root, latest_dir).replace(os.sep, "/")
+        if any(f.endswith(".wav") for f in files):
+            groups["" if sub == "." else sub + "/"] = sorted(f for f in files if f.endswith(".wav"))
     blocks = []
-    for group in groups:
-        sub = "" if group == "." else group.replace(os.sep, "/") + "/"
-        names = sorted(f for f in os.listdir(os.path.join(output_dir, *found[latest].split("/"), *sub.split("/")))
-                       if f.endswith(".wav"))
+    for sub, names in sorted(groups.items()):
         rows = []
         for name in names:
             i = int(name[:-4]) if name[:-4].isdigit() else -1
@@ -440,8 +440,12 @@ def next_steps(output_dir, config, progress, report):
             if "listening" not in report:
                 steps.append(("Compare the tuned voice with the input voice, blind",
                               command_line("python", "train_feedback.py", "--compare", output_dir)))
-            steps.append(("Put the tuned voice to use (the verdict decides; the input voice is kept for rollback)",
-                          command_line("python", "train_feedback.py", "--promote", output_dir)))
+            rejected = (report.get("verdict") or {}).get("decision") == "reject"
+            data_dir = args.get("data_dir", "training")
+            steps.append(("Put the tuned voice to use; the voice it replaces is kept for --rollback"
+                          + (" (the verdict is reject: refused unless --force)" if rejected else ""),
+                          command_line("python", "train_feedback.py", "--promote", output_dir,
+                                       *(["--data_dir", data_dir] if data_dir != "training" else []))))
             steps.append(("Listen to the tuned voice and record what it still says badly",
                           command_line("python", "train_feedback.py", "--listen", "sentences.txt", "--model", final)))
         else:

@@ -148,7 +148,9 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
     best = min(lines, key=lambda r: r["feedback_mel"])["epoch"]
     check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best, report["before"])
     assert f"python train_feedback.py --compare {folder}" in text
-    assert f"python train_feedback.py --promote {folder}" in text
+    with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
+        data_dir = json.load(f)["args"]["data_dir"]
+    assert f"python train_feedback.py --promote {folder} --data_dir {data_dir}" in text
     for row in report["validation_mel"].values():
         assert run_report.number(row["after"]) in text
 
