@@ -446,7 +446,8 @@ def choose_clips(args, rows, malformed, vocab):
     candidates, seen = [], set()
     for clip in clips:
         # The first row of a clip wins, whatever its text (as in train_vits.py and train_feedback.py).
-        text, reason = (None, "duplicate") if clip.name in seen else speech.clean_text(clip.text, vocab, repairs)
+        text, reason = ((None, "duplicate") if clip.name in seen
+                        else speech.clean_text(clip.text, vocab, repairs, numbers=not args.drop_digits))
         seen.add(clip.name)
         if reason:
             dropped[reason] += 1
@@ -758,6 +759,9 @@ def parse_args(argv):
                              "every clip of the list, e.g. all Common Voice validated)")
     parser.add_argument("--max_downvotes", type=int, default=None, metavar="N",
                         help="Only clips with at most N down-votes (Common Voice down_votes). (default: no limit)")
+    parser.add_argument("--drop_digits", action="store_true",
+                        help="Drop transcripts written with digits, as before numbers were read. (default: read "
+                             "them as Kurmanji words, 25 as bîst û pênc, counted under texts repaired)")
     parser.add_argument("--no_trim", action="store_true", help="Keep leading and trailing silence. (default: trim it)")
     parser.add_argument("--trim_db", type=float, default=40.0,
                         help="Trim edges quieter than this many dB below the clip's loudest part. (default: %(default)s)")

@@ -130,7 +130,7 @@ def test_changed_audio_settings_decode_again(prepared_dataset, kmr_release, tiny
     shutil.copytree(prepared_dataset, out)
     report = run(kmr_release, tiny_model_dir, out, "--workers", "1", "--no_trim", "--max_clips", "3")
     # --max_clips counts clips whose text passes: the good ones and the bad ones caught only by their audio.
-    audio_bad = len(set(BAD_KINDS) - {"malformed_row", "digits", "other_script"})
+    audio_bad = len(set(BAD_KINDS) - {"malformed_row", "unreadable_number", "other_script"})
     assert report["decoded_clips"] == 3 and report["not_selected"] == {"max_clips": GOOD_CLIPS + audio_bad - 3}
     trimmed = {name: sf.info(os.path.join(prepared_dataset, "wavs", name)).frames for name in os.listdir(out / "wavs")}
     assert all(sf.info(out / "wavs" / name).frames > frames for name, frames in trimmed.items())
@@ -278,7 +278,7 @@ def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared
     # The same clips, bytes and texts as from the folder; the malformed TSV row has no dataset equivalent.
     assert report["dropped"] == {kind: 1 for kind in BAD_KINDS if kind != "malformed_row"}
     assert folder_bytes(tmp_path / "out") == folder_bytes(prepared_dataset)
-    assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, digits, other_script
+    assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, unreadable_number, other_script
 
     # Re-run with the user's vote filters: nothing decoded (known by dataset file + row), the right rows kept.
     monkeypatch.setattr(speech, "load_audio", lambda *a, **k: pytest.fail("a re-run must not decode"))
@@ -392,7 +392,7 @@ def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_mod
 
 
 @pytest.mark.parametrize("raw, reason", [
-    ("Ez 25 salî me.", "digits"),
+    ("Ew $25 e.", "unreadable_number"),
     ("ئەمڕۆ هەوا خۆشە", "other_script"),
     ("Привет", "other_script"),
     ("Müzîk û dar", "unsupported_letter"),
@@ -410,7 +410,7 @@ def test_clean_text_counts_every_repair_of_a_kept_text(tiny_model_dir):
     _, vocab = speech.load_vocab(tiny_model_dir)
     repairs = Counter()
     speech.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
-    speech.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
+    speech.clean_text("Dīrok $25", vocab, repairs)  # dropped (unreadable_number): its repairs are not counted
     assert repairs == {"ī→î": 2, "а→a (Cyrillic)": 1, "apostrophe used as a quote": 2, "quote before a suffix": 1}
 
 
@@ -461,3 +461,20 @@ def test_load_audio_rejects_unreadable_input(data, reason, tmp_path):
         with pytest.raises(speech.AudioError) as err:
             speech.load_audio(source, 16000)
         assert err.value.reason == reason
+
+
+def test_a_transcript_with_digits_is_read_as_words_and_counted(prepared_dataset, tiny_model_dir, tmp_path):
+    """"25" in a transcript trains as bîst û pênc (counted under texts repaired); --drop_digits drops it."""
+    folder = tmp_path / "lj"
+    shutil.copytree(os.path.join(prepared_dataset, "wavs"), folder / "wavs")
+    (name, _), *rest = speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))
+    speech.write_metadata(folder / "metadata.csv", [(name, "Ez 25 salî me")] + rest[:2])
+    report = run(folder, tiny_model_dir, tmp_path / "read", "--workers", "1", "--max_chars_per_second", "60")
+    rows = dict(speech.read_metadata(tmp_path / "read" / "metadata.csv"))
+    assert rows[name] == "ez bîst û pênc salî me"
+    assert report["text_repairs"] == {"numbers read as words": 1}
+
+    report = run(folder, tiny_model_dir, tmp_path / "dropped", "--workers", "1", "--max_chars_per_second", "60",
+                 "--drop_digits")
+    assert name not in dict(speech.read_metadata(tmp_path / "dropped" / "metadata.csv"))
+    assert report["dropped"] == {"digits": 1}
