@@ -165,3 +165,9 @@ def normalize(text, readings=None):
     text = re.sub(r"(?<=\d)[-–](?=\d)", " ", text)  # 2003-2005: two numbers, not one hyphenated word
     text = NUMBER.sub(lambda m: read_number(m, table), text)
     return re.sub(r" {2,}", " ", text).strip()
+
+
+def split_sentences(text):
+    """Sentences of `text`, split only after a sentence's end (. ! ? …) followed by a space: never at a comma,
+    which would break the voice's intonation. Call it on normalized text, where 3.5 is already words."""
+    return [s for s in re.split(r"(?<=[.!?…])\s+", text.strip()) if s]

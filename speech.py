@@ -327,3 +327,12 @@ def write_wav(path, audio, sampling_rate, durable=False):
     buffer = io.BytesIO()
     sf.write(buffer, audio, sampling_rate, subtype="PCM_16", format="WAV")
     run_folder.write_atomically(path, buffer.getvalue(), durable=durable)
+
+
+def join_sentences(clips, sampling_rate, pause):
+    """Sentences one after another with `pause` seconds of silence between them (none around a single one)."""
+    gap = np.zeros(int(round(pause * sampling_rate)), dtype=np.float32)
+    parts = []
+    for i, clip in enumerate(clips):
+        parts += [gap, clip] if i else [clip]
+    return np.concatenate(parts).astype(np.float32)
