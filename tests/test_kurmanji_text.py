@@ -76,3 +76,24 @@ def test_text_without_numbers_and_words_already_read_are_left_alone():
     text = "Ez bîst û pênc salî me, Wan’ê û “bavo”."
     assert normalize(text) == text
     assert normalize(normalize("Di sala 1987an de 25% & 3,5")) == normalize("Di sala 1987an de 25% & 3,5")
+
+
+def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
+    """audio_NNN.txt saying "25" trains the voice on bîst û pênc (speech.clean_text reads numbers everywhere)."""
+    import soundfile as sf
+
+    import models
+    import speech
+    import train_feedback
+    from examples.make_release import espeak_clip
+
+    folder = tmp_path / "feedback"
+    folder.mkdir()
+    sf.write(folder / "audio_001.wav", espeak_clip("Ez bîst û pênc salî me.", 16000), 16000)
+    (folder / "audio_001.txt").write_text("Ez 25 salî me.\n", encoding="utf-8")
+    _, tokenizer = models.load_voice(tiny_model_dir)
+    _, vocab = speech.load_vocab(tiny_model_dir)
+    clipset, sentences, skipped, _ = train_feedback.load_feedback(str(folder), tokenizer, vocab, 16000,
+                                                                  str(tmp_path / "cache"), 1)
+    assert sentences == [("audio_001.wav", "ez bîst û pênc salî me")] and skipped == []
+    assert list(clipset.tokens[0]) == speech.token_ids(tokenizer, "ez bîst û pênc salî me")

@@ -21,7 +21,7 @@ import listening
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
 
-LISTENED = [SENTENCES[0], "Ez 25 salî me.", SENTENCES[1]]  # the line with digits is left out
+LISTENED = [SENTENCES[0], "Ew $25 e.", SENTENCES[1]]  # the line with a sign it has no reading for is left out
 
 
 class Served:
@@ -112,9 +112,21 @@ def test_page_and_voice_audio_are_served(session, capsys):
         assert sr == 16000 and samples.size > 0
     served.stop()
     printed = capsys.readouterr().out
-    assert "left out (digits): Ez 25 salî me." in printed
+    assert "left out (unreadable_number): Ew $25 e." in printed
     assert f"open http://127.0.0.1:{served.port}/" in printed
     assert f"0 of 2 heard, 0 corrections in {feedback}" in printed
+
+
+def test_a_sentence_with_digits_is_spoken_and_the_page_shows_its_words(tiny_model_dir, tmp_path, monkeypatch):
+    """Kurmanji numbers are read as words on the page as everywhere: "25" is said, and shown, as bîst û pênc."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("Ez 25 salî me.\n", encoding="utf-8")
+    served = Served(["--listen", str(sentences), "--model", tiny_model_dir, "--feedback_dir", str(tmp_path / "fb"),
+                     "--output_dir", str(tmp_path / "session"), "--port", "0", "--device", "cpu"], monkeypatch)
+    state = json.loads(served.request("GET", "/api/session")[1])
+    assert [(r["text"], r["reads"]) for r in state["rows"]] == [("Ez 25 salî me.", "ez bîst û pênc salî me")]
+    assert b"the voice reads: " in served.request("GET", "/")[1]
+    served.stop()
 
 
 def served_model(folder):
@@ -174,8 +186,8 @@ def test_bad_uploads_and_requests_are_refused(session, monkeypatch):
     assert status == 415 and "WebM" in answer["error"]
     status, answer = served.save(0, wav_bytes(np.zeros(16000), 16000), SENTENCES[0])
     assert status == 422 and "silent" in answer["error"]
-    status, answer = served.save(0, speech, "Ez 25 salî me.")
-    assert status == 422 and "digits" in answer["error"]
+    status, answer = served.save(0, speech, "Ew $25 e.")
+    assert status == 422 and "unreadable_number" in answer["error"]
 
     # Paths are never taken from the request.
     for method, path in [("POST", "/api/save/../../evil"), ("POST", "/api/save/7"), ("GET", "/audio/..%2Fsession.json"),
