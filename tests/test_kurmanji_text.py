@@ -82,9 +82,9 @@ def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
     """audio_NNN.txt saying "25" trains the voice on bîst û pênc (speech.clean_text reads numbers everywhere)."""
     import soundfile as sf
 
+    import feedback_run
     import models
     import speech
-    import train_feedback
     from examples.make_release import espeak_clip
 
     folder = tmp_path / "feedback"
@@ -93,7 +93,7 @@ def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
     (folder / "audio_001.txt").write_text("Ez 25 salî me.\n", encoding="utf-8")
     _, tokenizer = models.load_voice(tiny_model_dir)
     _, vocab = speech.load_vocab(tiny_model_dir)
-    clipset, sentences, skipped, _ = train_feedback.load_feedback(str(folder), tokenizer, vocab, 16000,
-                                                                  str(tmp_path / "cache"), 1)
+    clipset, sentences, skipped, _ = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
+                                                                str(tmp_path / "cache"), 1)
     assert sentences == [("audio_001.wav", "ez bîst û pênc salî me")] and skipped == []
     assert list(clipset.tokens[0]) == speech.token_ids(tokenizer, "ez bîst û pênc salî me")

@@ -50,7 +50,7 @@ def trained_voice(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def feedback_dir(tmp_path_factory):
-    """Feedback recorded in six formats/rates, plus one corrupt file and one text with digits."""
+    """Feedback recorded in six formats/rates, plus one corrupt file and one text with a sign it cannot read."""
     out = str(tmp_path_factory.mktemp("feedback"))
     rows = []
     for name, text, sr, stereo, fmt in GOOD:
@@ -62,8 +62,8 @@ def feedback_dir(tmp_path_factory):
     with open(os.path.join(out, "corrupt.wav"), "wb") as f:
         f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
     rows.append(f"corrupt.wav|{SENTENCES[13]}")
-    sf.write(os.path.join(out, "digits.wav"), espeak_clip("Ez 25 salî me.", 16000), 16000)
-    rows.append("digits.wav|Ez 25 salî me.")
+    sf.write(os.path.join(out, "unreadable.wav"), espeak_clip("Ew bîst û pênc e.", 16000), 16000)
+    rows.append("unreadable.wav|Ew $25 e.")  # a currency sign has no agreed Kurmanji reading
     with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     return out
@@ -118,8 +118,8 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     assert sorted(report["samples"]["feedback"]) == expected
 
     # Bad clips by reason; every good format was read; validation before and after on both sources.
-    assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "digits": 1}
-    assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "digits.wav"}
+    assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "unreadable_number": 1}
+    assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "unreadable.wav"}
     assert report["feedback"]["trained"] + report["feedback"]["held_out"] == len(GOOD)
     assert report["feedback"]["held_out"] == 1
     assert report["steps"] == 2 and report["stop_reason"] == "max_steps"
