@@ -48,6 +48,8 @@ def pick_sentences(model, tokenizer, vocab, count, low, high):
         seconds = len(speaking.say_all(model, tokenizer, [text], None, 0)[0]) / model.config.sampling_rate
         if low <= seconds <= high:
             timed.append((seconds, text))
+        if len(timed) == 3 * count:  # enough to spread over the range
+            break
     timed.sort()
     if not timed:
         raise SystemExit(f"no sentence lasts {low}-{high} s with this voice; widen --min_seconds/--max_seconds")
