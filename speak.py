@@ -92,8 +92,21 @@ def parse_args(argv):
             parser.error(f"--reading {item!r}: write SYMBOL=WORDS")
         readings[symbol] = words.strip()
     args.readings = readings
+    args.model_given = args.model is not None
     args.model = args.model or voices.current_voice(args.data_dir)
     return args
+
+
+def load_vocab(args):
+    """The letters the --model voice can say; one line naming the voice when it cannot be loaded."""
+    if not args.model_given and not os.path.isdir(args.model):
+        raise run_errors.TrainingError(f"no voice in --data_dir {args.data_dir} (neither voice/ nor final_model/ "
+                                       "there): train one with train_vits.py, or give --model")
+    try:
+        return speech.load_vocab(args.model)[1]
+    except (OSError, ValueError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise run_errors.TrainingError(f"--model {args.model}: cannot load the voice's tokenizer ({first_line})") from None
 
 
 def unspeakable(sentence, reason, vocab):
@@ -123,7 +136,7 @@ def read_lines(args, vocab):
         lines = [args.text]
     read = []
     for number, line in enumerate(lines, 1):
-        where = f"line {number}: " if args.file else ""
+        where = f"{args.file} line {number}: " if args.file else ""
         try:
             words = kurmanji_text.normalize(unicodedata.normalize("NFC", line), args.readings)
         except kurmanji_text.Unreadable as err:
@@ -208,8 +221,8 @@ def main(argv=None):
             voice = OnnxRuntimeVoice(args)
             vocab = voice.vocab
         else:
+            vocab = load_vocab(args)
             voice = None if args.dry_run else TorchVoice(args)
-            vocab = speech.load_vocab(args.model)[1]
         lines = read_lines(args, vocab)
         if args.dry_run:
             for _, sentences in lines:

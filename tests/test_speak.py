@@ -106,7 +106,7 @@ def test_a_line_it_cannot_read_stops_everything_with_the_reason(tiny_model_dir, 
     lines = tmp_path / "lines.txt"
     lines.write_text("Roj baş.\nEw $25 e.\n", encoding="utf-8")
     assert run("--file", lines, "--model", tiny_model_dir, "--out_dir", tmp_path / "out") == 2
-    assert "line 2: 'Ew $25 e.': cannot be read: $: a currency sign" in capsys.readouterr().err
+    assert f"{lines} line 2: 'Ew $25 e.': cannot be read: $: a currency sign" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")  # nothing spoken, not even the good first line
     assert run("Ew $25 e.", "--model", tiny_model_dir, "--reading", "$=dolar", "--dry_run") == 0
     assert capsys.readouterr().out == "ew bîst û pênc dolar e\n"
@@ -188,6 +188,8 @@ def test_sentences_are_spoken_whole_with_the_pause_between_them(tiny_model_dir, 
 
 def test_default_model_is_the_current_voice(tiny_model_dir, two_speaker_dir, tmp_path, capsys):
     data = tmp_path / "training"
+    assert run("Roj baş", "--data_dir", data, "--dry_run") == 2
+    assert f"no voice in --data_dir {data}" in capsys.readouterr().err
     shutil.copytree(tiny_model_dir, data / "final_model")
     assert run("Roj baş", "--data_dir", data, "--out", tmp_path / "a.wav") == 0
     shutil.copytree(two_speaker_dir, data / "voice")  # a promoted tune: speaks from now on
