@@ -106,7 +106,8 @@ def load_vocab(args):
         return speech.load_vocab(args.model)[1]
     except (OSError, ValueError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise run_errors.TrainingError(f"--model {args.model}: cannot load the voice's tokenizer ({first_line})") from None
+        raise run_errors.TrainingError(f"--model {args.model}: cannot load the voice's tokenizer "
+                                       f"({first_line})") from None
 
 
 def unspeakable(sentence, reason, vocab):

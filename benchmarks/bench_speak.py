@@ -87,11 +87,15 @@ def main(argv=None):
     parser.add_argument("--model_size", default="full", choices=["tiny", "full"],
                         help="full: VitsConfig() defaults, the MMS architecture; tiny: examples/tiny_model.py. "
                              "(default: %(default)s)")
-    parser.add_argument("--threads", default="1,2", help="Thread counts to time, comma-separated. (default: %(default)s)")
+    parser.add_argument("--threads", default="1,2",
+                        help="Thread counts to time, comma-separated. (default: %(default)s)")
     parser.add_argument("--sentences", type=int, default=6, help="Sentences timed. (default: %(default)s)")
-    parser.add_argument("--min_seconds", type=float, default=2.0, help="Shortest sentence, seconds of audio. (default: %(default)s)")
-    parser.add_argument("--max_seconds", type=float, default=8.0, help="Longest sentence, seconds of audio. (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="Times each sentence is spoken per engine. (default: %(default)s)")
+    parser.add_argument("--min_seconds", type=float, default=2.0,
+                        help="Shortest sentence, seconds of audio. (default: %(default)s)")
+    parser.add_argument("--max_seconds", type=float, default=8.0,
+                        help="Longest sentence, seconds of audio. (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Times each sentence is spoken per engine. (default: %(default)s)")
     parser.add_argument("--out_dir", default=os.path.join(common.DATA_DIR, "onnx"),
                         help="Where the exported voice is written. (default: %(default)s)")
     args = parser.parse_args(argv)
