@@ -3,7 +3,8 @@
 - WIKT: ku.wiktionary, Pêvek:Rastnivîsî/Hejmar (the orthography appendix's number list),
 - ESPEAK: espeak-ng's Kurmanji rules (dictsource/ku_list, `espeak-ng -v ku -x`),
 - ZINAR: Zeynelabidîn Zinar, "Di kurdî de hawayê jimartinê" (years with a case suffix),
-- THACKSTON: W. M. Thackston, Kurmanji Kurdish: A Reference Grammar, § 9.1 (ordinals),
+- THACKSTON: W. M. Thackston, Kurmanji Kurdish: A Reference Grammar, § 9.1 (ordinals; the forms below are the
+  issue's yekem, duyem, sêyem and WIKT's pêncem, with the same -em/-yem rule),
 - ISSUE: issue 29's own examples.
 """
 
