@@ -122,12 +122,16 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
                    d_warmup_steps=state["d_warmup_steps"])
         if state["batches_done"] >= len(make_batches(state["epoch"])):
             run.update(epoch=state["epoch"] + 1, batches_done=0)
-        return run, data_key
-    n_val = sum(len(cs) for cs in val_sets.values())
-    d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
-    plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
-    trainer.schedule(plan["total_steps"], d_warmup)
-    return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
+    else:
+        n_val = sum(len(cs) for cs in val_sets.values())
+        d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+        plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
+        trainer.schedule(plan["total_steps"], plan["d_warmup_steps"])
+        run = dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=plan["d_warmup_steps"])
+    # The plan in run_config.json: how many steps, and how many of them train the critic alone.
+    add_run_info(args, dict(planned_steps=run["plan"]["total_steps"], d_warmup_steps=run["d_warmup_steps"],
+                            d_warmup_steps_asked=run["plan"].get("d_warmup_steps_asked", run["d_warmup_steps"])))
+    return run, data_key
 
 
 def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key, speaker_table=None):
@@ -150,7 +154,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
     plan = run["plan"]
     reason = "done"
-    pace = StepPace(trainer, plan, args, budget, run["d_warmup_steps"])
+    pace = StepPace(trainer, plan, args, budget, run)
 
     def checkpoint(epoch, batches_done, tag=""):
         start = time.time()
@@ -247,12 +251,13 @@ def stop_reason(trainer, plan, args):
 class StepPace:
     """A --max_steps run has no benchmark: its first real steps tell the pace. Where the budget would end
     before the last step, the plan ends where the budget does (the learning rate decays to 0 there, from
-    where it is, never up), instead of the deadline cutting the schedule short."""
+    where it is, never up), instead of the deadline cutting the schedule short; and a fresh critic's solo
+    warm-up (run["d_warmup_steps"]) is shortened to its share of the steps left (planning.critic_warmup)."""
 
     MEASURED_STEPS = 4  # after the first, whose start-up costs are no pace
 
-    def __init__(self, trainer, plan, args, budget, d_warmup_steps):
-        self.trainer, self.plan, self.budget, self.d_warmup_steps = trainer, plan, budget, d_warmup_steps
+    def __init__(self, trainer, plan, args, budget, run):
+        self.trainer, self.plan, self.budget, self.run = trainer, plan, budget, run
         self.watching = bool(args.max_steps) and not args.epochs and plan.get("samples_per_s") is None
         self.seconds = []
 
@@ -272,8 +277,15 @@ class StepPace:
             tqdm.write(f"plan: {step_s:.2f} s a step, {plan['total_steps']} steps, finishing about {finish}")
             return
         total, asked = trainer.step + max(0, int(seconds / step_s)), plan["total_steps"]
+        # The solo steps already taken stay taken.
+        warmup = max(min(trainer.step, self.run["d_warmup_steps"]),
+                     planning.critic_warmup(self.run["d_warmup_steps"], lambda _: total))
+        if warmup < self.run["d_warmup_steps"]:
+            tqdm.write(f"plan: the critic's solo warm-up is shortened from {self.run['d_warmup_steps']} to {warmup} "
+                       f"steps, so the voice itself trains {total - warmup} steps")
+            self.run["d_warmup_steps"] = warmup
         plan.update(total_steps=total, epochs=max(1, math.ceil(total / plan["steps_per_epoch"])),
-                    decay_from=trainer.replan(total, self.d_warmup_steps))
+                    decay_from=trainer.replan(total, warmup))
         tqdm.write(f"plan: {step_s:.2f} s a step: the budget holds {total} of the {asked} steps asked for; the "
                    f"learning rate now decays to 0 at step {total}")
 
@@ -329,3 +341,13 @@ def save_run_info(args, extra):
         pass
     run_folder.write_atomically(os.path.join(args.output_dir, "run_config.json"),
                                 json.dumps(info, indent=2, default=str), durable=False)
+
+
+def add_run_info(args, facts):
+    """Add `facts` (the plan's) to the run_config.json save_run_info wrote (rank 0)."""
+    if not distributed.is_main_process():
+        return
+    path = os.path.join(args.output_dir, "run_config.json")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    run_folder.write_atomically(path, json.dumps(dict(info, **facts), indent=2, default=str), durable=False)

@@ -184,19 +184,39 @@ def steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s, d_warmup,
     return steps
 
 
+# At most this share of a run's planned steps trains the fresh critic alone: a short budget whose steps
+# would all fall inside the solo warm-up would end "done" with the voice untouched.
+CRITIC_WARMUP_SHARE = 0.5
+
+
+def critic_warmup(asked, steps_for):
+    """The critic's solo steps: `asked`, shortened to at most CRITIC_WARMUP_SHARE of the run's steps.
+
+    steps_for(warmup) -> the steps the run plans with that many solo steps (more solo steps may fit more:
+    they are faster). A shorter warm-up fits fewer steps, so it is shortened until it is within its share."""
+    warmup = asked
+    while warmup > int(CRITIC_WARMUP_SHARE * steps_for(warmup)):
+        warmup = int(CRITIC_WARMUP_SHARE * steps_for(warmup))
+    return warmup
+
+
 def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0):
     """Size the run and its LR schedule: --epochs or --max_steps as given (the deadline still holds, and
     fit re-plans a --max_steps run the budget cannot hold); otherwise benchmark both kinds of step the run
-    will do, within a small share of the budget, and plan the steps that fit it. Prints the plan."""
+    will do, within a small share of the budget, and plan the steps that fit it. A fresh critic's solo
+    warm-up of `d_warmup` steps is shortened to its share of the plan (critic_warmup), said in one line.
+    Prints the plan."""
     windows = make_batches(1)
     world = distributed.world_size()
     step_samples = [world * sum(len(b) for b in windows[i:i + args.grad_accum])
                     for i in range(0, len(windows), args.grad_accum)]
     steps_per_epoch = len(step_samples)
     samples_per_s = d_only_per_s = None
+    asked_warmup = d_warmup
     if args.epochs or args.max_steps:
         epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
         total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+        d_warmup = critic_warmup(d_warmup, lambda warmup: total_steps)
     else:
         share = BENCHMARK_SHARE * budget.left() / (2 if d_warmup else 1)
         first = make_batches(0)
@@ -214,8 +234,11 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
                                      d_only=True, max_seconds=share), "min")
         end_of_epoch_s = n_val / (3 * samples_per_s) + EPOCH_OVERHEAD_S
         # What is kept back for the last checkpoint and the final model is no time to train in.
-        total_steps = steps_that_fit(budget.left() - budget.reserve(), step_samples, samples_per_s,
-                                     d_only_per_s or samples_per_s, d_warmup, end_of_epoch_s)
+        seconds = budget.left() - budget.reserve()
+        d_warmup = critic_warmup(d_warmup, lambda warmup: steps_that_fit(
+            seconds, step_samples, samples_per_s, d_only_per_s or samples_per_s, warmup, end_of_epoch_s))
+        total_steps = steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s or samples_per_s, d_warmup,
+                                     end_of_epoch_s)
         if total_steps == 0:
             raise run_errors.TrainingError(
                 f"--target_hours {args.target_hours:g}: the {budget.left():.0f} s of budget left hold no training "
@@ -227,12 +250,17 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
               f"({(epoch_s + end_of_epoch_s) / 60:.1f} with validation and saving), {total_steps} steps = "
               f"{total_steps / steps_per_epoch:.2f} epochs, finishing about "
               f"{time.strftime('%H:%M', time.localtime(time.time() + budget.left()))}")
+    if d_warmup < asked_warmup:
+        print(f"plan: the critic's solo warm-up is shortened from {asked_warmup} to {d_warmup} steps, "
+              f"{CRITIC_WARMUP_SHARE:.0%} of the {total_steps} planned at most, so the voice itself trains "
+              f"{total_steps - d_warmup} steps")
     if world > 1:
         print(f"torchrun: {world} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
               f"= global batch of {world * args.batch_size * args.grad_accum} clips, "
               f"{steps_per_epoch} optimizer steps per epoch")
     return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
+                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s, d_warmup_steps=d_warmup,
+                d_warmup_steps_asked=asked_warmup)
 
 
 def with_batch(args, batch_size, grad_accum):

@@ -120,7 +120,7 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
     plan = dict(epochs=17, total_steps=100, steps_per_epoch=6, samples_per_s=None)
     budget = Left(50.0)
     budget.reserve = lambda: 14.0
-    pace = loop.StepPace(trainer, plan, trainer.args, budget, 0)
+    pace = loop.StepPace(trainer, plan, trainer.args, budget, dict(d_warmup_steps=0))
     for _ in range(5):
         trainer.opt_g.step()
         trainer.sched_g.step()
@@ -138,7 +138,7 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     # A budget that holds the rest keeps the plan.
     plan2 = dict(epochs=17, total_steps=100, steps_per_epoch=6, samples_per_s=None)
-    pace = loop.StepPace(trainer, plan2, trainer.args, Left(10_000.0), 0)
+    pace = loop.StepPace(trainer, plan2, trainer.args, Left(10_000.0), dict(d_warmup_steps=0))
     pace.budget.reserve = lambda: 14.0
     for _ in range(5):
         pace.stepped(2.0)
