@@ -286,8 +286,12 @@ def test_train_vits_with_no_critic_flag_starts_from_mms_critic_in_the_users_cach
     assert run.returncode == 0, run.stderr[-2000:]
     assert "critic: a fresh one, trained alone first (facebook/mms-tts/full_models/kmr-script_latin/" \
            "D_100000.pth is not in the Hugging Face cache and the Hub is offline)" in run.stdout
+    # Its 200 solo steps are asked for; a run of one step keeps that step for the voice.
+    with open(tmp_path / "fresh" / "run_config.json", encoding="utf-8") as f:
+        info = json.load(f)
+    assert (info["d_warmup_steps_asked"], info["d_warmup_steps"]) == (200, 0)
     state = checkpoints.read_checkpoint(checkpoints.newest_checkpoint(str(tmp_path / "fresh")))
-    assert state["d_warmup_steps"] == 200
+    assert state["d_warmup_steps"] == 0
     # With it: trained from exactly that critic (--lr 0 leaves its weights as loaded), no solo warm-up.
     hub_cache(hf_home, "facebook/mms-tts",
               {"full_models/kmr-script_latin/D_100000.pth": lambda p: original_mms_file(mms, p)})
