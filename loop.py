@@ -202,13 +202,14 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             run.update(epoch=epoch + 1, batches_done=0)
             train_seconds = time.time() - start
             if distributed.is_main_process() and budget.end_of_epoch_fits():
+                began = budget.used()
                 try:
                     end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log, speaker_table)
                 except torch.OutOfMemoryError:
                     free_gpu_memory(trainer)
                     tqdm.write(f"epoch {epoch}: out of GPU memory in validation or the listening samples: skipped "
                                "this time, the training goes on")
-                budget.end_of_epoch_seconds = time.time() - start - train_seconds
+                budget.end_of_epoch_seconds = budget.used() - began
             distributed.barrier()  # the other ranks wait for rank 0's validation and samples
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")

@@ -25,7 +25,8 @@ class Budget:
     def __init__(self, seconds, used_before=0.0):
         self.seconds, self.used_before, self.start = seconds, used_before, time.time()
         self.save_seconds = [5.0]  # every checkpoint's time so far, a guess before the first
-        self.end_of_epoch_seconds = 0.0  # validation + listening samples, as last measured
+        # Validation + listening samples, as last measured; before the first, the plan's estimate, or a guess.
+        self.end_of_epoch_seconds = EPOCH_OVERHEAD_S
 
     def used(self):
         return self.used_before + time.time() - self.start
@@ -233,6 +234,7 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
                 benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
                                      d_only=True, max_seconds=share), "min")
         end_of_epoch_s = n_val / (3 * samples_per_s) + EPOCH_OVERHEAD_S
+        budget.end_of_epoch_seconds = end_of_epoch_s
         # What is kept back for the last checkpoint and the final model is no time to train in.
         seconds = budget.left() - budget.reserve()
         d_warmup = critic_warmup(d_warmup, lambda warmup: steps_that_fit(
