@@ -28,17 +28,28 @@ CACHE_VERSION = 1
 
 
 def read_clip(job):
-    """Worker: decode one wav at the model's rate and compute its log-mel. Never raises."""
-    index, path, sampling_rate = job
+    """Worker: decode one clip at the model's rate (trimmed of its silent edges with `trim`, as prepare_data.py
+    trims) and compute its log-mel. Never raises: a clip it cannot use comes back with a message and the
+    reason it is counted under."""
+    index, path, sampling_rate, trim = job
     try:
         audio = speech.load_audio(path, sampling_rate)
-        if len(audio) < spectrogram.HOP:
-            raise speech.AudioError("shorter than one spectrogram frame")
         pcm = speech.to_int16(audio)
+        if trim:
+            audio = speech.trim_silence(pcm.astype(np.float32) / 32768.0)
+            if speech.is_silent(audio):
+                raise speech.AudioError("nothing louder than -50 dBFS", "silent")
+            if len(audio) < spectrogram.HOP:
+                raise speech.AudioError(f"{len(audio)} samples after trimming", "too_short")
+            pcm = speech.to_int16(audio)  # exact: audio came from int16 / 32768
+        if len(pcm) < spectrogram.HOP:
+            raise speech.AudioError("shorter than one spectrogram frame", "too_short")
         mel = spectrogram.mel_spectrogram(torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None], sampling_rate)[0]
-        return index, pcm, mel.numpy().astype(np.float16), None
-    except (speech.AudioError, OSError, RuntimeError, ValueError) as err:
-        return index, None, None, f"{os.path.basename(path)}: {err}"
+        return index, pcm, mel.numpy().astype(np.float16), None, None
+    except speech.AudioError as err:
+        return index, None, None, f"{os.path.basename(path)}: {err}", err.reason
+    except (OSError, RuntimeError, ValueError) as err:
+        return index, None, None, f"{os.path.basename(path)}: {err}", "decode_error"
 
 
 def _init_worker(parent_pid, parent_started):
@@ -46,9 +57,10 @@ def _init_worker(parent_pid, parent_started):
     run_folder.exit_with_parent(parent_pid, parent_started)
 
 
-def cache_key(audio_dir, entries, sampling_rate):
-    """Hash of everything that shapes the preloaded arrays: files, sizes, mtimes, spectrogram settings."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, spectrogram.SPEC_SETTINGS, sampling_rate]).encode())
+def cache_key(audio_dir, entries, sampling_rate, trim=False):
+    """Hash of everything that shapes the preloaded arrays: files, sizes, mtimes, spectrogram settings, trimming."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, spectrogram.SPEC_SETTINGS, sampling_rate]
+                                  + (["trimmed"] if trim else [])).encode())
     for name, _ in entries:
         path = os.path.join(audio_dir, name)
         try:
@@ -59,9 +71,9 @@ def cache_key(audio_dir, entries, sampling_rate):
     return h.hexdigest()[:16]
 
 
-def cache_path(cache_dir, audio_dir, entries, sampling_rate):
+def cache_path(cache_dir, audio_dir, entries, sampling_rate, trim=False):
     """The preload cache file of these clips in `cache_dir`."""
-    return os.path.join(cache_dir, f"preload_{cache_key(audio_dir, entries, sampling_rate)}.npz")
+    return os.path.join(cache_dir, f"preload_{cache_key(audio_dir, entries, sampling_rate, trim)}.npz")
 
 
 def available_ram_bytes():
@@ -81,20 +93,22 @@ def estimate_preload_bytes(paths, sampling_rate):
     return samples * 2 + (samples // spectrogram.HOP) * spectrogram.N_MELS * 2
 
 
-def decode_all(audio_dir, entries, sampling_rate, num_workers):
-    jobs = [(i, os.path.join(audio_dir, name), sampling_rate) for i, (name, _) in enumerate(entries)]
-    audio, mels, errors = [None] * len(jobs), [None] * len(jobs), []
+def decode_all(audio_dir, entries, sampling_rate, num_workers, trim=False):
+    """(audio, mels, error messages, [(clip, reason)] of the clips that failed, in the messages' order)."""
+    jobs = [(i, os.path.join(audio_dir, name), sampling_rate, trim) for i, (name, _) in enumerate(entries)]
+    audio, mels, errors, failed = [None] * len(jobs), [None] * len(jobs), [], []
     parent = run_folder.worker_setup()["initargs"]
     with ProcessPoolExecutor(max_workers=max(1, num_workers), initializer=_init_worker, initargs=parent) as pool:
         results = pool.map(read_clip, jobs, chunksize=16)
-        for index, pcm, mel, err in tqdm(results, total=len(jobs), desc="preload", unit="clip"):
+        for index, pcm, mel, err, reason in tqdm(results, total=len(jobs), desc="preload", unit="clip"):
             audio[index], mels[index] = pcm, mel
             if err:
                 errors.append(err)
-    return audio, mels, errors
+                failed.append((entries[index][0], reason))
+    return audio, mels, errors, failed
 
 
-def save_cache(path, names, audio, mels, errors):
+def save_cache(path, names, audio, mels, errors, failed):
     """One uncompressed npz that np.load reads back, written clip by clip.
 
     Concatenating first would hold a second copy of every clip: twice the RAM the trainer keeps (7 GB
@@ -102,6 +116,8 @@ def save_cache(path, names, audio, mels, errors):
     """
     kept = [i for i, a in enumerate(audio) if a is not None]
     small = dict(names=np.array([names[i] for i in kept]), errors=np.array(errors, dtype=str),
+                 failed=np.array([n for n, _ in failed], dtype=str),
+                 reasons=np.array([r for _, r in failed], dtype=str),
                  audio_len=np.array([len(audio[i]) for i in kept], dtype=np.int64),
                  mel_len=np.array([mels[i].shape[1] for i in kept], dtype=np.int64))
     big = dict(audio=(np.int16, (int(small["audio_len"].sum()),), lambda i: audio[i]),
@@ -122,23 +138,29 @@ def save_cache(path, names, audio, mels, errors):
 
 
 def load_cache(path):
-    """The cached clips and errors, or None when the file is damaged (a copy cut short, a failing disk)."""
+    """The cached clips, errors and [(clip, reason)] of the failed ones, or None when the file is damaged (a
+    copy cut short, a failing disk). A cache written before reasons were kept has none."""
     try:
         with np.load(path) as z:
             names, errors = list(z["names"]), list(z["errors"])
+            failed = list(zip(map(str, z["failed"]), map(str, z["reasons"]))) if "reasons" in z.files else []
             audio = np.split(z["audio"], np.cumsum(z["audio_len"])[:-1])
             mels = [m.T for m in np.split(z["mel"], np.cumsum(z["mel_len"])[:-1])]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         print(f"preload: cache {path} is unreadable ({err}): rebuilding it")
         return None
-    return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors]
+    return {str(n): (a, m) for n, a, m in zip(names, audio, mels)}, [str(e) for e in errors], failed
 
 
-def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None, audio_subdir="wavs", entries=None):
+def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None, audio_subdir="wavs", entries=None,
+               trim=False, skipped=None):
     """Clips of `data_dir/metadata.csv` as [(name, text, int16 audio, fp16 mel)], plus skipped-clip messages.
 
     Audio files are looked up in `data_dir/audio_subdir`, in any format soundfile reads, at any rate.
     `entries` [(file, text)] replaces metadata.csv (a feedback folder of NAME.wav + NAME.txt pairs has none).
+    trim: cut each clip's silent edges while decoding (recordings not made by prepare_data.py).
+    skipped: a list that receives {"file", "reason", "detail"} of every clip that failed to load, under
+    prepare_data.py's reason names.
     """
     metadata = os.path.join(data_dir, "metadata.csv")
     audio_dir = os.path.join(data_dir, audio_subdir)
@@ -157,13 +179,13 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
     if not entries:
         raise run_errors.TrainingError(f"{metadata}: no clips listed")
     os.makedirs(cache_dir, exist_ok=True)
-    cache = cache_path(cache_dir, audio_dir, entries, sampling_rate)
+    cache = cache_path(cache_dir, audio_dir, entries, sampling_rate, trim)
     # Under torchrun rank 0 decodes and writes the cache; the other ranks then read it.
     with distributed.main_process_first():
         run_folder.remove_stale_temps(cache_dir)
         cached = load_cache(cache) if os.path.isfile(cache) else None
         if cached:
-            clips, errors = cached
+            clips, errors, failed = cached
             print(f"preload: {len(clips)} clips from cache {cache}")
         else:
             for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
@@ -179,34 +201,51 @@ def load_clips(data_dir, sampling_rate, cache_dir, num_workers, max_samples=None
                                                f"{free / 2**30:.1f} GiB is available: use --max_samples or a machine "
                                                "with more RAM")
             names = [name for name, _ in entries]
-            audio, mels, errors = decode_all(audio_dir, entries, sampling_rate, num_workers)
-            save_cache(cache, names, audio, mels, errors)
+            audio, mels, errors, failed = decode_all(audio_dir, entries, sampling_rate, num_workers, trim)
+            save_cache(cache, names, audio, mels, errors, failed)
             clips = {n: (a, m) for n, a, m in zip(names, audio, mels) if a is not None}
     for err in errors:
         print(f"skipped clip {err}")
+    if skipped is not None:
+        skipped.extend(dict(file=name, reason=reason, detail=err.split(": ", 1)[-1])
+                       for (name, reason), err in zip(failed, errors))
     texts = dict(entries)
     return [(name, texts[name], a, m) for name, (a, m) in clips.items() if name in texts], errors
 
 
-class ClipSet:
-    """Preloaded clips with token ids; items whose tokens outnumber their frames are dropped (MAS needs it).
+# Why ClipSet leaves a clip out, by the reason names prepare_data.py counts under, and the words train_vits.py
+# prints. The monotonic alignment needs at least one frame per token.
+DROP_REASONS = {"empty_text": "no speakable text", "too_few_frames": "more tokens than frames"}
 
+
+def drop_reason(n_ids, n_frames):
+    """The DROP_REASONS key of a clip of `n_ids` token ids and `n_frames` mel frames, or None to keep it."""
+    if n_ids <= 1:
+        return "empty_text"
+    if n_ids > n_frames:
+        return "too_few_frames"
+    return None
+
+
+class ClipSet:
+    """Preloaded clips with token ids; items drop_reason refuses are left out and counted.
+
+    dropped: {words: count} of DROP_REASONS; dropped_clips: [{"file", "reason", "detail"}] of each.
     speaker_ids: each clip's speaker in a multi-speaker voice (speakers.choose_speakers), else None.
     """
 
     def __init__(self, clips, tokenizer):
         self.names, self.texts, self.audio, self.mels, self.tokens = [], [], [], [], []
         self.speaker_ids = None
-        self.dropped = {}
+        self.dropped, self.dropped_clips = {}, []
         for name, text, pcm, mel in clips:
             ids = speech.token_ids(tokenizer, text)
-            reason = None
-            if len(ids) <= 1:
-                reason = "no speakable text"
-            elif len(ids) > mel.shape[1]:
-                reason = "more tokens than frames"
+            reason = drop_reason(len(ids), mel.shape[1])
             if reason:
-                self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                words = DROP_REASONS[reason]
+                self.dropped[words] = self.dropped.get(words, 0) + 1
+                self.dropped_clips.append(dict(file=name, reason=reason,
+                                               detail=f"{len(ids)} token ids, {mel.shape[1]} frames"))
                 continue
             self.names.append(name)
             self.texts.append(text)

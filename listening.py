@@ -1,4 +1,5 @@
-"""The listening-session page of `train_feedback.py --listen`: hear the voice sentence by sentence, mark
+"""The listening session of `train_feedback.py --make_session` and `--listen`: the kit (the voice's audio of
+each sentence and its text), and the page that serves it: hear the voice sentence by sentence, mark
 each one good or needs work, record how it should sound and save it straight into the feedback folder as
 an `audio_NNN.wav` + `audio_NNN.txt` pair, the layout the user's recording app writes.
 
@@ -15,6 +16,7 @@ import os
 import re
 import socket
 import threading
+import time
 import unicodedata
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -207,6 +209,54 @@ def train_command(voice, feedback_dir, speaker_id=None):
     quoted = [f'"{a}"' if " " in a else a for a in (voice, feedback_dir)]
     return (f"python train_feedback.py --model {quoted[0]} --feedback_dir {quoted[1]}"
             + (f" --speaker_id {speaker_id}" if speaker_id is not None else ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The session kit (--make_session): the voice's audio and the text of each sentence, read back below.
+
+def make_session(args):
+    """Speak every sentence of args.make_session with args.model into OUTPUT_DIR/model/sNNN.wav and write
+    sNNN.txt: recordings saved as sNNN.wav beside them make the folder a feedback folder as it is."""
+    with open(args.make_session, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    model, tokenizer = models.load_voice(args.model)
+    _, vocab = speech.load_vocab(args.model)
+    speaker = speakers.feedback_speaker(model.config, speakers.read_table(args.model), args.speaker_id)
+    model.to(distributed.resolve_device(args.device))
+    rows, spoken, unspeakable = [], [], []
+    for line in lines:
+        text, reason = speech.clean_text(line, vocab)
+        if reason:
+            unspeakable.append((line, reason))
+            continue
+        name = f"s{len(rows) + 1:03d}"
+        rows.append((f"{name}.wav", line))
+        spoken.append(text)
+    if not rows:
+        raise run_errors.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
+    out = args.output_dir
+    model_dir = os.path.join(out, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    for path, (wav, _) in zip(voice_quality.synthesise(model, tokenizer, spoken, model_dir, speaker_id=speaker), rows):
+        os.replace(path, os.path.join(model_dir, wav))
+    for wav, text in rows:
+        with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    with open(os.path.join(out, "README.txt"), "w", encoding="utf-8") as f:
+        f.write(
+            f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}"
+            + (f", speaker {speaker}" if speaker is not None else "") + ".\n\n"
+            "1. Listen to model/sNNN.wav; sNNN.txt holds what each one should say.\n"
+            "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
+            "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
+            "   fine). Sentences you do not record are left out.\n"
+            f"3. python train_feedback.py --model {args.model} --feedback_dir {out}"
+            + (f" --speaker_id {speaker}" if speaker is not None else "") + "\n")
+    for line, reason in unspeakable:
+        print(f"left out ({reason}): {line}")
+    print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "
+          "see README.txt)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,6 +542,14 @@ def make_server(session, host, port, allowed_hosts=()):
     server = server_class((host, port), handler)
     server.url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}/"
     return server
+
+
+def listen(args):
+    """--listen: a new kit from a sentence file (as --make_session makes it), then the page on the session."""
+    if os.path.isfile(args.listen):
+        args.make_session = args.listen
+        args.listen = make_session(args)
+    serve(args.listen, args)
 
 
 def serve(folder, args):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import clip_data
+import feedback_run
 import models
 import speech
 import train_feedback as tf
@@ -148,7 +149,7 @@ def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
     _, tokenizer = models.load_voice(tiny_model_dir)
     feedback = make_clipset(tokenizer, "fb", [40 + 7 * i for i in range(10)])
     original = make_clipset(tokenizer, "orig", [30 + 3 * i for i in range(100)])
-    make = tf.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.5, feedback_weight=3, seed=1)
+    make = feedback_run.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.5, feedback_weight=3, seed=1)
     batches = make(1)
     for batch in batches:
         sources = [cs for cs, _ in batch]
@@ -163,13 +164,15 @@ def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
     assert not set(orig_used) & {i for b in make(2) for cs, i in b if cs is original}
 
     # A quarter of replay, and a fractional weight.
-    make = tf.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.25, feedback_weight=1.5, seed=1)
+    make = feedback_run.mixed_batches(feedback, original, batch_size=4, replay_ratio=0.25, feedback_weight=1.5,
+                                      seed=1)
     counts = [sum(cs is original for cs, _ in b) for b in make(1)]
     assert set(counts) == {1}
     assert sum(cs is feedback for b in make(1) for cs, _ in b) == 15
 
     # No original data, or no replay: feedback alone.
-    for make in (tf.mixed_batches(feedback, None, 4, 0.5, 1, 1), tf.mixed_batches(feedback, original, 4, 0.0, 1, 1)):
+    for make in (feedback_run.mixed_batches(feedback, None, 4, 0.5, 1, 1),
+                 feedback_run.mixed_batches(feedback, original, 4, 0.0, 1, 1)):
         assert all(cs is feedback for b in make(1) for cs, _ in b)
 
 
@@ -218,7 +221,7 @@ def test_make_session_writes_samples_and_a_template(trained_voice, tmp_path, cap
     assert os.path.isfile(os.path.join(out, "README.txt")) and not os.path.exists(os.path.join(out, "metadata.csv"))
     # The kit is a feedback folder once a recording is saved into it; unrecorded sentences are no clips.
     sf.write(os.path.join(out, "s002.flac"), espeak_clip(SENTENCES[11], 22050), 22050)
-    assert tf.read_pairs(out) == ([("s002.flac", SENTENCES[11])], [])
+    assert feedback_run.read_pairs(out) == ([("s002.flac", SENTENCES[11])], [])
     _, vocab = speech.load_vocab(trained_voice)
     assert speech.clean_text(SENTENCES[11], vocab)[1] is None
     shutil.rmtree(out)
@@ -259,6 +262,6 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     (folder / "metadata.csv").write_text(f"{GOOD[1][0]}|{GOOD[1][1]}\n", encoding="utf-8")
     tokenizer = models.load_voice(trained_voice)[1]
     _, vocab = speech.load_vocab(trained_voice)
-    clipset, sentences, skipped, listed = tf.load_feedback(str(folder), tokenizer, vocab, 16000,
+    clipset, sentences, skipped, listed = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
                                                            str(tmp_path / "cache"), 1)
     assert clipset.names == [GOOD[1][0]] and (skipped, listed) == ([], 1)
