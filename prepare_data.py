@@ -401,9 +401,9 @@ def select_speakers(clips, speakers, top_speakers):
 
 
 def vote_count(row, column):
-    """The row's vote count (an empty field counts 0), or None when it is not a number."""
+    """The row's vote count (an empty or blank field counts 0), or None when it is not a number."""
     try:
-        return int(float(row.get(column) or 0))
+        return int(float((row.get(column) or "").strip() or 0))
     except ValueError:
         return None
 
