@@ -247,7 +247,7 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
                 f"step ({step_samples[0] / samples_per_s:.1f} s each, measured): give a longer budget")
         epochs = math.ceil(total_steps / steps_per_epoch)
         epoch_s = sum(step_samples) / samples_per_s
-        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s else ""
+        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s and d_warmup else ""
         print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch "
               f"({(epoch_s + end_of_epoch_s) / 60:.1f} with validation and saving), {total_steps} steps = "
               f"{total_steps / steps_per_epoch:.2f} epochs, finishing about "

@@ -58,7 +58,8 @@ def test_text_column_and_empty_votes_in_a_hugging_face_dataset(kmr_release, prep
                                                                tmp_path):
     rows = release_rows(kmr_release, 3)
     audio = pa.array([{"bytes": open(os.path.join(kmr_release, "clips", row["path"]), "rb").read(),
-                       "path": row["path"]} for row in rows], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+                       "path": row["path"]} for row in rows],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     table = pa.table({"audio": audio, "sentence": [WRONG] * 3, "text": [WRONG] * 3,
                       "kurmanji": [row["sentence"] for row in rows],
                       "up_votes": pa.array([None, 2, 0], pa.int64()), "down_votes": pa.array([None, 0, 3], pa.int64())})

@@ -14,7 +14,8 @@ def vocab(tiny_model_dir):
 
 
 # Cyrillic letters that each look like a Latin one (с о р е а у х і): alone, they are still Cyrillic.
-@pytest.mark.parametrize("cyrillic", ["\u0441\u043e\u0440\u0435", "\u0430\u0441\u0435 \u0443\u0445\u043e \u0456\u0440\u0430",
+@pytest.mark.parametrize("cyrillic", ["\u0441\u043e\u0440\u0435",
+                                      "\u0430\u0441\u0435 \u0443\u0445\u043e \u0456\u0440\u0430",
                                       "\u0421\u041e\u0420\u0415."])
 def test_a_sentence_of_cyrillic_letters_only_is_dropped_as_another_script(cyrillic, vocab):
     repairs = collections.Counter()
@@ -25,7 +26,8 @@ def test_a_sentence_of_cyrillic_letters_only_is_dropped_as_another_script(cyrill
 def test_a_cyrillic_look_alike_in_a_latin_sentence_is_repaired(vocab):
     repairs = collections.Counter()
     # "Ez çay vedixwim" typed with a Cyrillic а (U+0430) in "çay".
-    assert speech.clean_text("Ez \u00e7\u0430y vedixwim", vocab, repairs) == ("ez \u00e7ay vedixwim", None)  # (the voice has no capitals)
+    # (lowercased: the voice has no capitals)
+    assert speech.clean_text("Ez \u00e7\u0430y vedixwim", vocab, repairs) == ("ez \u00e7ay vedixwim", None)
     assert repairs == {"\u0430\u2192a (Cyrillic)": 1}
 
 
