@@ -9,13 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import loop
-import models
 import planning
 import speech
 import train_feedback
 import train_vits
-import training_flags
 import vits_trainer
 
 QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
@@ -115,40 +112,3 @@ def test_a_max_steps_run_inside_the_warm_up_trains_the_voice_half_of_it(prepared
     assert "plan: the critic's solo warm-up is shortened from 200 to 1 steps" in printed
     assert steps == [(0, True), (1, False), (2, False)]
 
-
-class Left:
-    """A budget with `seconds` left and `reserve` kept back for the final save."""
-
-    def __init__(self, seconds, reserve):
-        self.seconds, self.kept = seconds, reserve
-
-    def left(self):
-        return self.seconds
-
-    def reserve(self):
-        return self.kept
-
-
-def test_a_max_steps_run_the_budget_cuts_inside_the_warm_up_keeps_half_for_the_voice(tiny_model_dir):
-    model, _ = models.load_voice(tiny_model_dir)
-    models.prepare_for_training(model)
-    args = training_flags.parse(["--max_steps", "100", "--warmup_steps", "0"])
-    trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"),
-                                       "fp32")
-    trainer.schedule(100, 50)
-    run = dict(d_warmup_steps=50, plan=dict(epochs=17, total_steps=100, steps_per_epoch=6, samples_per_s=None))
-    pace = loop.StepPace(trainer, run["plan"], args, Left(40.0, 14.0), run)
-    for _ in range(5):
-        trainer.step += 1
-        pace.stepped(2.0)
-    # 26 s after the reserve hold 13 more steps of 2 s: 18 in all, 9 of them the critic's alone.
-    assert run["plan"]["total_steps"] == 18 and run["d_warmup_steps"] == 9
-    # Where the solo steps already taken pass the share, they stay taken, and no more are added.
-    trainer.schedule(100, 50)
-    run = dict(d_warmup_steps=50, plan=dict(epochs=17, total_steps=100, steps_per_epoch=6, samples_per_s=None))
-    pace = loop.StepPace(trainer, run["plan"], args, Left(20.0, 14.0), run)
-    trainer.step = 0
-    for _ in range(5):
-        trainer.step += 1
-        pace.stepped(2.0)
-    assert run["plan"]["total_steps"] == 8 and run["d_warmup_steps"] == 5
