@@ -14,9 +14,10 @@ import speech
 import train_feedback
 import train_vits
 import vits_trainer
+from conftest import quick
 
-QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
-         "--eval_clips", "0", "--warmup_steps", "2", "--discriminator", "none"]
+# A fresh critic with the trainers' own solo warm-up (200 and 50 steps); one micro-batch of 2 a step.
+FRESH_CRITIC = quick(grad_accum=1, benchmark_samples=None, eval_clips=0, d_warmup_steps=None, discriminator="none")
 EMBEDDING = "text_encoder.embed_tokens.weight"  # untouched by every critic-only step, exactly
 
 
@@ -73,7 +74,7 @@ def test_train_vits_short_budget_with_a_fresh_critic_trains_the_voice(prepared_d
     steps = trained_steps(monkeypatch)
     out = str(tmp_path / "run")
     code = train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
-                            "--target_hours", str(45 / 3600)] + QUICK)
+                            "--target_hours", str(45 / 3600)] + FRESH_CRITIC)
     assert code == 0
     # 45 s less 14.5 s kept for the final save: one epoch (11 clips, 11 s, and ~10 s after it), then what
     # fits of the next: 10 or 11 steps where 200 solo steps were asked for.
@@ -96,7 +97,7 @@ def test_train_feedback_short_budget_with_a_fresh_critic_trains_the_voice(prepar
     out = str(tmp_path / "tuned")
     code = train_feedback.main(["--model", tiny_model_dir, "--feedback_dir", str(feedback), "--data_dir",
                                 str(tmp_path / "no_data"), "--output_dir", out, "--target_hours", str(60 / 3600),
-                                "--val_size", "1", "--feedback_weight", "1"] + QUICK)
+                                "--val_size", "1", "--feedback_weight", "1"] + FRESH_CRITIC)
     assert code == 0
     check_the_voice_trained(out, steps, tiny_model_dir, capsys.readouterr().out)
 
@@ -106,7 +107,7 @@ def test_a_max_steps_run_inside_the_warm_up_trains_the_voice_half_of_it(prepared
     steps = trained_steps(monkeypatch)
     out = str(tmp_path / "run")
     code = train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
-                            "--max_steps", "3", "--val_size", "0"] + QUICK)
+                            "--max_steps", "3", "--val_size", "0"] + FRESH_CRITIC)
     assert code == 0
     printed = capsys.readouterr().out
     assert "plan: the critic's solo warm-up is shortened from 200 to 1 steps" in printed
