@@ -321,8 +321,11 @@ def find_discriminator(choice, model):
                 why = f"{MMS_CHECKPOINTS}/{filename} is not in the Hugging Face cache and the Hub is offline"
             except (hub_errors.EntryNotFoundError, hub_errors.RepositoryNotFoundError):
                 why = f"MMS publishes no critic for this voice ({MMS_CHECKPOINTS}/{filename} is not on the Hub)"
-            except OSError as err:  # the Hub unreachable, a full disk
-                why = f"{MMS_CHECKPOINTS}/{filename} could not be fetched ({type(err).__name__})"
+            except Exception as err:  # noqa: BLE001 - the Hub unreachable or cut off mid-download (httpx's
+                # errors are no OSError), a full disk, a read-only cache: auto never stops the run over it.
+                cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                why = (f"{MMS_CHECKPOINTS}/{filename} could not be fetched or cached ({type(err).__name__}"
+                       + (f": {cause}" if cause else "") + ")")
     return None, f"critic: a fresh one, trained alone first ({why})"
 
 

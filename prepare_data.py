@@ -362,9 +362,9 @@ def select_speakers(clips, speakers, top_speakers):
 
 
 def vote_count(row, column):
-    """The row's vote count (an empty field counts 0), or None when it is not a number."""
+    """The row's vote count (an empty or blank field counts 0), or None when it is not a number."""
     try:
-        return int(float(row.get(column) or 0))
+        return int(float((row.get(column) or "").strip() or 0))
     except ValueError:
         return None
 
@@ -693,8 +693,8 @@ def parse_args(argv):
     parser.add_argument("--audio_column", default=None,
                         help="Hugging Face dataset column holding the audio. (default: audio, else path)")
     parser.add_argument("--text_column", default=None,
-                        help="Hugging Face dataset column holding the text. (default: the first of "
-                             f"{', '.join(TEXT_COLUMNS)})")
+                        help="Column holding the text, of a Hugging Face dataset or a Common Voice TSV; used even "
+                             f"where another text column exists. (default: the first of {', '.join(TEXT_COLUMNS)})")
     parser.add_argument("--min_duration", type=float, default=1.0, help="Shortest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--max_duration", type=float, default=15.0, help="Longest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--min_chars_per_second", type=float, default=4.0,
@@ -778,6 +778,10 @@ def prepare(args):
             source, header, rows, malformed = open_input(args.input, args.tsv)
     except (csv.Error, UnicodeDecodeError, OSError) as err:
         fail(f"cannot read the clip list of {args.input}: {err}")
+    if args.text_column and source.kind != "hf_dataset":  # (a dataset's rows were read from that column)
+        if args.text_column not in header:
+            fail(f"--text_column {args.text_column}: {args.input} has no such column (found: {', '.join(header)})")
+        rows = [dict(row, sentence=row[args.text_column]) for row in rows]
     missing_columns = [c for c in ("path", "sentence") if c not in header]
     if missing_columns:
         fail(f"{args.tsv} has no {', '.join(missing_columns)} column (found: {', '.join(header) or 'nothing'})")
