@@ -263,5 +263,5 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     tokenizer = models.load_voice(trained_voice)[1]
     _, vocab = speech.load_vocab(trained_voice)
     clipset, sentences, skipped, listed = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
-                                                           str(tmp_path / "cache"), 1)
+                                                                     str(tmp_path / "cache"), 1)
     assert clipset.names == [GOOD[1][0]] and (skipped, listed) == ([], 1)
