@@ -198,6 +198,14 @@ def newest_run_dir(parent):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.target_minutes is not None and args.target_hours is not None:
+        parser.error("give --target_minutes or --target_hours, not both")
+    if args.target_minutes is not None:
+        if not (math.isfinite(args.target_minutes) and args.target_minutes > 0):
+            parser.error(f"--target_minutes must be positive, got {args.target_minutes}")
+        args.target_hours = args.target_minutes / 60
+    elif args.target_hours is None:
+        args.target_hours = 0.5
     if args.promote is not None or args.rollback:
         if args.listen is not None or args.make_session or (args.promote is not None and args.rollback):
             parser.error("--promote, --rollback, --listen and --make_session are separate jobs: give one")
@@ -216,14 +224,6 @@ def parse_args(argv=None):
             args.model = str(voices.current_voice(args.data_dir))
         except run_errors.TrainingError as err:
             parser.error(str(err))
-    if args.target_minutes is not None and args.target_hours is not None:
-        parser.error("give --target_minutes or --target_hours, not both")
-    if args.target_minutes is not None:
-        if not (math.isfinite(args.target_minutes) and args.target_minutes > 0):
-            parser.error(f"--target_minutes must be positive, got {args.target_minutes}")
-        args.target_hours = args.target_minutes / 60
-    elif args.target_hours is None:
-        args.target_hours = 0.5
     if not 0 <= args.replay_ratio < 1:
         parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "
                      f"got {args.replay_ratio}")

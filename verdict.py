@@ -22,6 +22,7 @@ import run_errors
 # The tolerances' defaults: train_feedback.py's verdict flags carry them, report.json records those used.
 TOLERANCES = dict(max_worse_mel=0.03, max_worse_mcd=0.03, max_dur_drift=0.10, max_worse_cer=0.02, min_held_out=1)
 SURE_P = 0.05  # a sign test this unlikely under "no change" is a sure difference
+DIVERGED = "the tuned voice's figures are not numbers: it diverged"
 
 
 def sign_test(wins, losses):
@@ -54,6 +55,8 @@ def per_clip(report, set_name, key):
 
 def pct(share):
     """+29%, +3%, or +1.4% for a change under a tenth that is no whole percent."""
+    if not math.isfinite(share):
+        return "not a number"
     percent = round(100 * share, 1)
     return f"{percent:+.0f}%" if abs(percent) >= 10 or percent == round(percent) else f"{percent:+.1f}%"
 
@@ -85,7 +88,9 @@ def feedback_guard(report, tol):
     pair = paired(*pairs)
     change = after / before - 1
     figures = f"{measure} {before:.3f} -> {after:.3f} ({pct(change)}, must fall)"
-    if after >= before:
+    if not math.isfinite(after):
+        status, why = "fail", DIVERGED
+    elif after >= before:
         status, why = "fail", "the tune did not improve the sentences it was not trained on"
     elif pair["worse"] > pair["better"]:
         status, why = "fail", (f"only {pair['better']} of {pair['clips']} clips better: the mean fell on a few, "
@@ -106,7 +111,9 @@ def no_worse_guard(name, measure, before, after, pairs, limit, min_held_out):
     pair = paired(*pairs, tolerance=limit)
     change = after / before - 1
     figures = f"{measure} {before:.3f} -> {after:.3f} ({pct(change)}, limit {pct(limit)})"
-    if change > limit:
+    if not math.isfinite(after):
+        status, why = "fail", DIVERGED
+    elif change > limit:
         status, why = "fail", "the voice got worse on what it knew"
     elif pair["worse_beyond"] > pair["better_beyond"] and pair["p_beyond"] < SURE_P:
         status, why = "fail", (f"{pair['worse_beyond']} of {pair['clips']} clips got worse by more than "
@@ -128,8 +135,8 @@ def duration_guard(report, tol):
     drift = abs(after - 1) - abs(before - 1)
     limit = tol["max_dur_drift"]
     figures = f"{measure} {before:.2f} -> {after:.2f} (drift {drift:+.2f} from 1, limit {limit:+.2f})"
-    status = "fail" if drift > limit else "pass"
-    why = "the voice speaks at another pace" if status == "fail" else "the pace held"
+    status = "pass" if drift <= limit else "fail"  # a drift that is not a number fails
+    why = {"pass": "the pace held", "fail": "the voice speaks at another pace"}[status]
     return dict(name="duration", measure=measure, status=status, before=before, after=after, drift=drift,
                 limit=limit, reason=f"{'reject' if status == 'fail' else 'keep'}: {figures}: {why}")
 
@@ -145,7 +152,7 @@ def intelligibility_guard(report, tol):
     pair = paired([r["before"] for r in rows], [r["after"] for r in rows])
     figures = (f"{measure} {before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points, "
                f"limit {100 * limit:+.1f} points)")
-    status = "fail" if after - before > limit else "pass"
+    status = "pass" if after - before <= limit else "fail"
     why = ("the voice is harder to understand" if status == "fail"
            else f"{pair['worse']} of {pair['clips']} sentences worse ({sureness(pair)})")
     return dict(name="intelligibility", measure=measure, status=status, before=before, after=after, limit=limit,

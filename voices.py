@@ -188,8 +188,11 @@ def copy_voice(source, data_dir):
             raise OSError(errno.EIO, f"the copy of {source} differs from it")
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise run_errors.TrainingError(f"cannot copy {source} into {paths(data_dir)['versions']} "
-                                       f"({err.strerror or err}); nothing changed") from None
+        # copytree gathers the errors of its files into one shutil.Error: the first says why.
+        why = err.args[0][0][2] if isinstance(err, shutil.Error) and err.args and err.args[0] else (
+            err.strerror or str(err))
+        raise run_errors.TrainingError(f"cannot copy {source} into {paths(data_dir)['versions']}: {why}; nothing "
+                                       "changed") from None
     return tmp
 
 
