@@ -111,6 +111,12 @@ def test_each_guard_broken_on_purpose_rejects_with_its_reason():
         "duration": (make_report(dur=(1.05, 1.3)),
                      "reject: held-out original duration ratio 1.05 -> 1.30 (drift +0.25 from 1, limit +0.10): the "
                      "voice speaks at another pace"),
+        # Slower is a drift as much as faster.
+        "duration_slower": (make_report(dur=(0.95, 0.7)), "0.95 -> 0.70 (drift +0.25 from 1, limit +0.10)"),
+        # A diverged tune's figures are NaN, which no comparison would catch.
+        "diverged": (make_report(original=((2.0,), (math.nan,))),
+                     "reject: held-out original mel 2.000 -> nan (not a number, limit +3%): the tuned voice's "
+                     "figures are not numbers: it diverged"),
         "intelligibility": (make_report(cer=(0.20, 0.25)),
                             "reject: CER of held-out and evaluation sentences 0.200 -> 0.250 (+5.0 points, limit "
                             "+2.0 points): the voice is harder to understand"),

@@ -169,6 +169,19 @@ def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, mon
     monkeypatch.setattr(shutil, "copyfile", real_copy)
     assert voices.fingerprint(data) == before  # no copy left behind in voices/ either
 
+    # A copy that comes out different without any error (a writer that swallowed it) is caught too.
+    def silently_short(src, dst, **kwargs):
+        copied = real_copy(src, dst, **kwargs)
+        if os.fspath(src).endswith("model.safetensors"):
+            os.truncate(dst, os.path.getsize(dst) - 1)
+        return copied
+
+    monkeypatch.setattr(shutil, "copyfile", silently_short)
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
+    assert "differs from it; nothing changed" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    assert voices.fingerprint(data) == before
+
     # Windows refuses to rename a folder a program has open (a server that loaded the voice).
     real_replace = os.replace
 
@@ -196,14 +209,14 @@ class Killed(BaseException):
 
 
 def kill_at(monkeypatch, data_dir, at):
-    """Die at the `at`-th rename or removal of a file or folder in data_dir (the lock's own aside); returns
-    the list of those seen, when `at` is None (a count of the points)."""
+    """Die at the `at`-th file copied into, renamed in or removed from data_dir (the lock's own aside);
+    returns the list of those seen (with `at` None: every point a swap passes)."""
     seen = []
-    real = {"replace": os.replace, "remove": os.remove}
+    real = {"replace": os.replace, "remove": os.remove, "copyfile": shutil.copyfile}
 
     def hooked(name):
         def call(*args, **kwargs):
-            path = os.fspath(args[0])
+            path = os.fspath(args[1] if name == "copyfile" else args[0])
             if run_folder.within(path, data_dir) and run_folder.LOCK_NAME not in path:
                 seen.append((name, os.path.relpath(path, data_dir)))
                 if len(seen) == at:
@@ -212,7 +225,7 @@ def kill_at(monkeypatch, data_dir, at):
         return call
 
     for name in real:
-        monkeypatch.setattr(os, name, hooked(name))
+        monkeypatch.setattr(shutil if name == "copyfile" else os, name, hooked(name))
     return seen
 
 
