@@ -1,6 +1,7 @@
 """Checkpoints and resume: the checkpoint schema written next to its reader, atomic saving, RNG state,
 which checkpoint --resume means, the checks that a resumed run is the same run, and pruning."""
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -112,8 +113,9 @@ def save_checkpoint(output_dir, tag, trainer, run, epoch, batches_done, budget_u
     rank_rngs = distributed.gather_objects(rng_state())
     if not distributed.is_main_process():
         return
-    state = dict(trainer=trainer.state_dict(), epoch=epoch, batches_done=batches_done, plan=run["plan"],
-                 budget_used=budget_used, best=run["best"], d_warmup_steps=run["d_warmup_steps"], rng=rank_rngs[0],
+    state = dict(trainer=trainer.state_dict(), epoch=epoch, batches_done=batches_done,
+                 plan=dataclasses.asdict(run.plan), budget_used=budget_used, best=run.best,
+                 d_warmup_steps=run.d_warmup_steps, rng=rank_rngs[0],
                  args=vars(args), data_key=data_key, model_config=trainer.model.config.to_dict(),
                  world_size=distributed.world_size())
     if distributed.world_size() > 1:
@@ -138,7 +140,7 @@ def load_checkpoint(path, state, trainer, args, data_key, fixed_flags=None):
             + (" (or plain python)" if saved_world == 1 else ""))
     try:
         trainer.schedule(state["plan"]["total_steps"], state["d_warmup_steps"],
-                         state["plan"].get("decay_from", (None, None)))
+                         state["plan"].get("decay_from") or (None, None))
         trainer.load_state_dict(state["trainer"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise run_errors.TrainingError(f"--resume {path}: the checkpoint does not match --model "

@@ -38,6 +38,12 @@ def launched_processes():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def sync(device):
+    """Wait for the work queued on `device` (a GPU runs asynchronously: a clock read needs it done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,8 +1,8 @@
 """The training loop both trainers share: a fresh or resumed run, epochs inside the budget, Ctrl-C and
 deadlines, checkpoints, validation, listening samples, the best and final models, metrics.jsonl."""
 
+import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -95,6 +95,17 @@ def vram_text(device):
     return f"{torch.cuda.memory_allocated(device) / 2**30:.1f}/{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
 
 
+@dataclasses.dataclass
+class Run:
+    """Where a run is, as its checkpoints record it: its plan, the epoch it is in and the micro-batches of
+    that epoch already trained, the best validation score so far, and its critic-only warm-up steps."""
+    plan: planning.Plan
+    epoch: int = 1
+    batches_done: int = 0
+    best: float | None = None
+    d_warmup_steps: int = 0
+
+
 def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup, resume,
               fixed_flags=checkpoints.RESUME_FIXED):
     """A fresh run (benchmark + plan) or the run of the checkpoint `resume` = (path, state) continues.
@@ -112,22 +123,16 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
         budget.used_before = state["budget_used"]
         print(f"resumed {path}: epoch {state['epoch']}, step {trainer.step}, "
               f"{budget.left() / 3600:.2f} h of budget left")
-        plan = dict(state["plan"])
-        if args.max_steps != state["args"].get("max_steps"):
-            # Another --max_steps moves where the run stops, not its learning-rate schedule.
-            plan["total_steps"] = min(plan["epochs"] * plan["steps_per_epoch"], args.max_steps or math.inf)
-        if args.epochs and args.epochs != plan["epochs"]:
-            planning.resize_plan(trainer, plan, args.epochs, args.max_steps, state["d_warmup_steps"])
-        run = dict(plan=plan, epoch=state["epoch"], batches_done=state["batches_done"], best=state["best"],
-                   d_warmup_steps=state["d_warmup_steps"])
-        if state["batches_done"] >= len(make_batches(state["epoch"])):
-            run.update(epoch=state["epoch"] + 1, batches_done=0)
+        run = Run(planning.resumed_plan(trainer, state, args), state["epoch"], state["batches_done"], state["best"],
+                  state["d_warmup_steps"])
+        if run.batches_done >= len(make_batches(run.epoch)):
+            run.epoch, run.batches_done = run.epoch + 1, 0
         return run, data_key
     n_val = sum(len(cs) for cs in val_sets.values())
     d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
     plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
-    trainer.schedule(plan["total_steps"], d_warmup)
-    return dict(plan=plan, epoch=1, batches_done=0, best=None, d_warmup_steps=d_warmup), data_key
+    trainer.schedule(plan.total_steps, d_warmup)
+    return Run(plan, d_warmup_steps=d_warmup), data_key
 
 
 def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key, speaker_table=None):
@@ -135,7 +140,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
 
     make_batches(epoch) -> list of micro-batches, each a list of (clipset, index) items; it must be
     deterministic for a given epoch so a resumed run continues with the same order.
-    run: dict(plan=..., epoch=..., batches_done=..., best=...) from plan_run or a checkpoint.
+    run: the Run start_run gives (fit moves it on as it trains).
     speaker_table: the speakers of a multi-speaker voice (speakers.json beside every exported model).
     Returns "done", "deadline", "max_steps" or "interrupted".
     """
@@ -148,9 +153,9 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     sentences = voice_quality.read_sentences(args.sample_sentences)
     if args.asr_model and distributed.is_main_process():  # only rank 0 runs the end-of-epoch work
         voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
-    plan = run["plan"]
+    plan = run.plan
     reason = "done"
-    pace = StepPace(trainer, plan, args, budget, run["d_warmup_steps"])
+    pace = planning.StepPace(trainer, plan, args, budget, run.d_warmup_steps)
 
     def checkpoint(epoch, batches_done, tag=""):
         start = time.time()
@@ -158,22 +163,22 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         budget.saved(time.time() - start)
 
     with StopRequest() as stop:
-        for epoch in range(run["epoch"], plan["epochs"] + 1):
+        for epoch in range(run.epoch, plan.epochs + 1):
             batches = make_batches(epoch)
-            skip = run["batches_done"] if epoch == run["epoch"] else 0
+            skip = run.batches_done if epoch == run.epoch else 0
             windows = [batches[i:i + args.grad_accum] for i in range(skip, len(batches), args.grad_accum)]
-            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan['epochs']}", unit="batch",
+            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch}/{plan.epochs}", unit="batch",
                        disable=not distributed.is_main_process())
             done, samples, start, terms, interrupted = skip, 0, time.time(), {}, False
             for window in windows:
                 # Agreed by all ranks, so they stop at the same step (a signal may reach only one).
                 interrupted = distributed.any_rank(stop.requested)
                 out_of_time = distributed.any_rank(budget.out_of_time())
-                if interrupted or out_of_time or trainer.step >= plan["total_steps"]:
+                if interrupted or out_of_time or trainer.step >= plan.total_steps:
                     break
                 began = time.time()
                 tensors = [clip_data.collate(items, args.segment_frames) for items in window]
-                result = trainer.train_window(tensors, d_only=trainer.step < run["d_warmup_steps"])
+                result = trainer.train_window(tensors, d_only=trainer.step < run.d_warmup_steps)
                 terms = result or terms  # a skipped (non-finite) step keeps showing the last good terms
                 pace.stepped(time.time() - began)
                 done += len(window)
@@ -195,13 +200,13 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 reason = stop_reason(trainer, plan, args)
                 checkpoint(epoch, done, "_partial")
                 break
-            run.update(epoch=epoch + 1, batches_done=0)
+            run.epoch, run.batches_done = epoch + 1, 0
             train_seconds = time.time() - start
             if distributed.is_main_process() and budget.end_of_epoch_fits():
                 try:
                     end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log, speaker_table)
                 except torch.OutOfMemoryError:
-                    free_gpu_memory(trainer)
+                    trainer.free_gpu_memory()
                     tqdm.write(f"epoch {epoch}: out of GPU memory in validation or the listening samples: skipped "
                                "this time, the training goes on")
                 budget.end_of_epoch_seconds = time.time() - start - train_seconds
@@ -209,7 +214,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
             checkpoint(epoch, len(batches))
-            if trainer.step >= plan["total_steps"]:
+            if trainer.step >= plan.total_steps:
                 reason = stop_reason(trainer, plan, args)
                 break
     if reason != "interrupted" and distributed.is_main_process():
@@ -218,7 +223,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                                 speaker_table)
         except torch.OutOfMemoryError:
             # Never lose the final model to the GPU: write it from the CPU.
-            free_gpu_memory(trainer)
+            trainer.free_gpu_memory()
             models.export_voice(trainer.model.cpu(), tokenizer, trainer.disc.cpu(),
                                 os.path.join(output_dir, "final_model"), speaker_table)
         print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
@@ -230,52 +235,11 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     return reason
 
 
-def free_gpu_memory(trainer):
-    trainer.opt_d.zero_grad(set_to_none=True)
-    trainer.opt_g.zero_grad(set_to_none=True)
-    if trainer.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def stop_reason(trainer, plan, args):
     """Why a run stops before the end of its epochs: --max_steps, its planned steps done, or the deadline."""
     if args.max_steps and trainer.step >= args.max_steps:
         return "max_steps"
-    return "done" if trainer.step >= plan["total_steps"] else "deadline"
-
-
-class StepPace:
-    """A --max_steps run has no benchmark: its first real steps tell the pace. Where the budget would end
-    before the last step, the plan ends where the budget does (the learning rate decays to 0 there, from
-    where it is, never up), instead of the deadline cutting the schedule short."""
-
-    MEASURED_STEPS = 4  # after the first, whose start-up costs are no pace
-
-    def __init__(self, trainer, plan, args, budget, d_warmup_steps):
-        self.trainer, self.plan, self.budget, self.d_warmup_steps = trainer, plan, budget, d_warmup_steps
-        self.watching = bool(args.max_steps) and not args.epochs and plan.get("samples_per_s") is None
-        self.seconds = []
-
-    def stepped(self, seconds):
-        """One step took `seconds` (collating its batches included)."""
-        if not self.watching:
-            return
-        self.seconds.append(seconds)
-        if len(self.seconds) < 1 + self.MEASURED_STEPS:
-            return
-        self.watching = False
-        step_s = distributed.all_reduce(sum(self.seconds[1:]) / self.MEASURED_STEPS, "max")
-        trainer, plan = self.trainer, self.plan
-        seconds = self.budget.left() - self.budget.reserve()
-        finish = time.strftime("%H:%M", time.localtime(time.time() + (plan["total_steps"] - trainer.step) * step_s))
-        if (plan["total_steps"] - trainer.step) * step_s <= seconds:
-            tqdm.write(f"plan: {step_s:.2f} s a step, {plan['total_steps']} steps, finishing about {finish}")
-            return
-        total, asked = trainer.step + max(0, int(seconds / step_s)), plan["total_steps"]
-        plan.update(total_steps=total, epochs=max(1, math.ceil(total / plan["steps_per_epoch"])),
-                    decay_from=trainer.replan(total, self.d_warmup_steps))
-        tqdm.write(f"plan: {step_s:.2f} s a step: the budget holds {total} of the {asked} steps asked for; the "
-                   f"learning rate now decays to 0 at step {total}")
+    return "done" if trainer.step >= plan.total_steps else "deadline"
 
 
 SAMPLE_SPEAKERS = 3  # a multi-speaker voice's listening samples: its speakers with the most clips
@@ -309,10 +273,10 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log,
         print(f"epoch {epoch} validation: {format_terms({k: v for k, v in record.items() if '_' in k})}")
     if scores:
         main_score = voice_quality.selection_score(record, next(iter(scores)), args.best_metric)
-        if run["best"] is None or main_score < run["best"]:
+        if run.best is None or main_score < run.best:
             models.export_voice(trainer.model, tokenizer, trainer.disc,
                                 os.path.join(args.output_dir, "checkpoints", "best_model"), speaker_table)
-            run["best"] = main_score  # only once it is saved
+            run.best = main_score  # only once it is saved
 
 
 def save_run_info(args, extra):

@@ -1,13 +1,14 @@
 """The night's plan: the wall-clock budget and what must be kept back of it, the throughput benchmark,
---batch_size auto, how many epochs fit, and re-planning a resumed run."""
+--batch_size auto, how many epochs fit, and re-planning: a resumed run's plan, and a --max_steps run the
+budget cannot hold."""
 
 import argparse
-import contextlib
-import copy
+import dataclasses
 import math
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import clip_data
 import distributed
@@ -15,6 +16,19 @@ import run_errors
 
 AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
 EPOCH_OVERHEAD_S = 10.0  # saving a checkpoint and the listening samples after each epoch, a guess
+
+
+@dataclasses.dataclass
+class Plan:
+    """How long a run is: its epochs and optimizer steps, and the pace they were planned at (a checkpoint
+    keeps it as a dict, dataclasses.asdict)."""
+    epochs: int
+    total_steps: int
+    steps_per_epoch: int
+    samples_per_s: float | None = None  # measured by the benchmark; None where --epochs or --max_steps gave it
+    d_only_samples_per_s: float | None = None  # the critic-only steps', where they were measured apart
+    # A re-planned schedule: the generator's and the critic's [step, LR factor] its cosine decays from.
+    decay_from: list | None = None
 
 
 class Budget:
@@ -49,22 +63,6 @@ class Budget:
 
     def end_of_epoch_fits(self):
         return self.left() > self.reserve() + self.end_of_epoch_seconds
-
-
-@contextlib.contextmanager
-def trial_steps(trainer):
-    """Training steps that leave no trace: weights, optimizer and scaler states and counters restored."""
-    parts = dict(model=trainer.model, disc=trainer.disc, opt_g=trainer.opt_g, opt_d=trainer.opt_d,
-                 sched_g=trainer.sched_g, sched_d=trainer.sched_d, scaler=trainer.scaler)
-    snapshot = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
-    try:
-        yield trainer
-    finally:
-        trainer.opt_g.zero_grad(set_to_none=True)
-        trainer.opt_d.zero_grad(set_to_none=True)
-        for name, part in parts.items():
-            part.load_state_dict(snapshot[name])
-        trainer.step, trainer.bad_steps, trainer.skipped_steps = 0, 0, 0
 
 
 def largest_batch(effective, try_batch, headroom=0.1):
@@ -115,7 +113,7 @@ def choose_batch_size(trainer, clipset, args, resumed=None):
             items = [(clipset, longest[i % len(longest)]) for i in range(b)]
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            with trial_steps(trainer):
+            with trainer.trial_steps():
                 trainer.train_window([clip_data.collate(items, args.segment_frames)])
             # Reserved, not allocated: what the allocator had to hold, fragmentation included.
             return torch.cuda.max_memory_reserved(device), gpu_memory_bytes(device)
@@ -141,10 +139,10 @@ def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False, ma
     allows, warm-up included, at least one), cycling through `batches` in windows of `grad_accum` after one
     warm-up step; the weights are restored afterwards."""
     windows = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
-    with trial_steps(trainer):
+    with trainer.trial_steps():
         began = time.time()
         trainer.train_window(windows[0], d_only=d_only)
-        sync(trainer.device)
+        distributed.sync(trainer.device)
         warm_up_s = time.time() - began
         # A budget so short that the warm-up step alone took the share: that step is the measure (its
         # start-up costs make the plan err on the short side, never past the deadline).
@@ -157,14 +155,9 @@ def benchmark_throughput(trainer, batches, grad_accum, samples, d_only=False, ma
             window = windows[count % len(windows)]
             trainer.train_window(window, d_only=d_only)
             done += sum(len(b["frames"]) for b in window)
-        sync(trainer.device)
+        distributed.sync(trainer.device)
         elapsed = time.time() - start
     return done / max(elapsed, 1e-9)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s, d_warmup, end_of_epoch_s):
@@ -231,7 +224,7 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
         print(f"torchrun: {world} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
               f"= global batch of {world * args.batch_size * args.grad_accum} clips, "
               f"{steps_per_epoch} optimizer steps per epoch")
-    return dict(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+    return Plan(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
 
 
@@ -240,11 +233,58 @@ def with_batch(args, batch_size, grad_accum):
     return argparse.Namespace(**dict(vars(args), batch_size=batch_size, grad_accum=grad_accum))
 
 
+def resumed_plan(trainer, state, args):
+    """The plan of the run of checkpoint `state`, which `trainer` has just loaded: as it was, but stopping at
+    another --max_steps, and re-planned for another --epochs."""
+    plan = Plan(**state["plan"])
+    if args.max_steps != state["args"].get("max_steps"):
+        # Another --max_steps moves where the run stops, not its learning-rate schedule.
+        plan.total_steps = min(plan.epochs * plan.steps_per_epoch, args.max_steps or math.inf)
+    if args.epochs and args.epochs != plan.epochs:
+        resize_plan(trainer, plan, args.epochs, args.max_steps, state["d_warmup_steps"])
+    return plan
+
+
 def resize_plan(trainer, plan, epochs, max_steps, d_warmup_steps=0):
     """--epochs changed on resume: the schedule ends at the new last step, from the LR it has now."""
-    total_steps = epochs * plan["steps_per_epoch"]
+    total_steps = epochs * plan.steps_per_epoch
     if max_steps:
         total_steps = min(total_steps, max_steps)
-    plan.update(epochs=epochs, total_steps=total_steps, decay_from=trainer.replan(total_steps, d_warmup_steps))
+    plan.epochs, plan.total_steps = epochs, total_steps
+    plan.decay_from = trainer.replan(total_steps, d_warmup_steps)
     print(f"plan: {epochs} epochs, {total_steps} steps; the learning rate decays from {trainer.lr():.2e} "
           f"at step {trainer.step}")
+
+
+class StepPace:
+    """A --max_steps run has no benchmark: its first real steps tell the pace. Where the budget would end
+    before the last step, the plan ends where the budget does (the learning rate decays to 0 there, from
+    where it is, never up), instead of the deadline cutting the schedule short."""
+
+    MEASURED_STEPS = 4  # after the first, whose start-up costs are no pace
+
+    def __init__(self, trainer, plan, args, budget, d_warmup_steps):
+        self.trainer, self.plan, self.budget, self.d_warmup_steps = trainer, plan, budget, d_warmup_steps
+        self.watching = bool(args.max_steps) and not args.epochs and plan.samples_per_s is None
+        self.seconds = []
+
+    def stepped(self, seconds):
+        """One step took `seconds` (collating its batches included)."""
+        if not self.watching:
+            return
+        self.seconds.append(seconds)
+        if len(self.seconds) < 1 + self.MEASURED_STEPS:
+            return
+        self.watching = False
+        step_s = distributed.all_reduce(sum(self.seconds[1:]) / self.MEASURED_STEPS, "max")
+        trainer, plan = self.trainer, self.plan
+        seconds = self.budget.left() - self.budget.reserve()
+        finish = time.strftime("%H:%M", time.localtime(time.time() + (plan.total_steps - trainer.step) * step_s))
+        if (plan.total_steps - trainer.step) * step_s <= seconds:
+            tqdm.write(f"plan: {step_s:.2f} s a step, {plan.total_steps} steps, finishing about {finish}")
+            return
+        total, asked = trainer.step + max(0, int(seconds / step_s)), plan.total_steps
+        plan.total_steps, plan.epochs = total, max(1, math.ceil(total / plan.steps_per_epoch))
+        plan.decay_from = trainer.replan(total, self.d_warmup_steps)
+        tqdm.write(f"plan: {step_s:.2f} s a step: the budget holds {total} of the {asked} steps asked for; the "
+                   f"learning rate now decays to 0 at step {total}")

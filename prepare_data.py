@@ -70,42 +70,11 @@ DATASET_BATCH_ROWS = 64  # rows read at a time: the compressed audio of a whole 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-
-
-
 class Limits(NamedTuple):
     min_samples: int
     max_samples: int
     min_cps: float
     max_cps: float
-
-
-# --------------------------------------------------------------------------- audio
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- text
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- input
@@ -127,14 +96,6 @@ def read_tsv(path_or_file):
                 continue
             rows.append(dict(zip(header, fields)))
     return header, rows, malformed
-
-
-
-
-
-
-
-
 
 
 class Clip(NamedTuple):
@@ -650,10 +611,6 @@ def load_cache(output_dir, settings):
     except (OSError, ValueError):
         return {}
     return cache.get("clips", {}) if cache.get("settings") == settings else {}
-
-
-
-
 
 
 def write_json(path, data):

@@ -4,6 +4,7 @@ through the updated critic), under autocast with fp32 losses; plus the machine s
 share."""
 
 import contextlib
+import copy
 import functools
 import math
 import random
@@ -331,10 +332,7 @@ class VitsTrainer:
         """Free what the failed attempt held and split micro-batches of this size into twice as many pieces;
         a run that cannot split further stops with one line, as does one under torchrun (the other
         processes would wait for this one in DDP's all-reduce)."""
-        self.opt_d.zero_grad(set_to_none=True)
-        self.opt_g.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.free_gpu_memory()
         size = max(len(batch["frames"]) for batch in batches)
         pieces = 2 * self.splits.get(size, 1)
         where = f"out of GPU memory at step {self.step + 1} in {part}"
@@ -362,8 +360,7 @@ class VitsTrainer:
     def skipped(self, bad=True):
         """A step with a non-finite loss or gradient: its pending gradients dropped and counted; too many bad
         ones in a row stop the run."""
-        self.opt_d.zero_grad(set_to_none=True)
-        self.opt_g.zero_grad(set_to_none=True)
+        self.drop_gradients()
         self.skipped_steps += 1
         self.bad_steps += bad
         if self.bad_steps >= self.args.max_bad_steps:
@@ -374,6 +371,32 @@ class VitsTrainer:
                                            "stopping before the model is ruined (try --precision bf16/fp32 or a "
                                            "lower --lr)")
         return None
+
+    def drop_gradients(self):
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def free_gpu_memory(self):
+        """Drop the pending gradients and hand the GPU memory the allocator keeps back (after running out)."""
+        self.drop_gradients()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def trial_steps(self):
+        """Training steps that leave no trace (a benchmark, batch auto's trials): weights, optimizer, schedule
+        and scaler states and the step counters are restored afterwards."""
+        parts = dict(model=self.model, disc=self.disc, opt_g=self.opt_g, opt_d=self.opt_d, sched_g=self.sched_g,
+                     sched_d=self.sched_d, scaler=self.scaler)
+        snapshot = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+        counters = self.step, self.bad_steps, self.skipped_steps
+        try:
+            yield self
+        finally:
+            self.drop_gradients()
+            for name, part in parts.items():
+                part.load_state_dict(snapshot[name])
+            self.step, self.bad_steps, self.skipped_steps = counters
 
     def fall_back_to_fp32(self, why):
         """Go on in fp32 from here: fp16 that keeps overflowing would stop the night. The skipped steps left

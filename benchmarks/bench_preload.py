@@ -7,7 +7,7 @@ For each N the preload runs in a fresh Python process, so its RAM is its own:
 - RSS: the process's resident memory after the cached load (minus that of the bare imports), and the
   peak during the first load (which also builds the cache file).
 Time and RAM are fitted per hour of audio (least squares, with a fixed cost) and extrapolated to the real
-Common Voice Kurmanji set: 42,139 clips, ~23 h, printed next to the seed's 5.21 GB + 2-3 GB.
+Common Voice Kurmanji set: 42,139 clips, ~23 h, printed next to the 5.21 GB + 2-3 GB the first train_vits.py estimated.
 
     python benchmarks/bench_preload.py                       # 1k, 5k, 20k clips (generates ~1.8 GB of wavs once)
     python benchmarks/bench_preload.py --sizes 200,1000      # quick look
@@ -17,7 +17,6 @@ a cold disk adds its read time (23 h of 16 kHz PCM is 2.6 GB).
 """
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -26,6 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import clip_data  # noqa: E402
+import speech  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 TARGET_CLIPS, TARGET_HOURS = 42139, 23.0
@@ -46,9 +47,6 @@ def build_parser():
 
 def measure_one(data_dir, cache_dir, n, workers):
     """In a fresh process: one load_clips call; returns its time, held bytes and RSS figures."""
-    import numpy as np  # noqa: F401  (imports before the baseline)
-    import clip_data
-
     base = common.rss_bytes()
     common.reset_peak_rss()
     start = time.perf_counter()
@@ -102,17 +100,18 @@ def main(argv=None):
     print(f"data: {data_dir} ({sizes[-1]} clips, ready in {time.perf_counter() - start:.0f} s)", flush=True)
 
     # 2. Each size: first (no cache), then cached, each in a fresh process.
+    entries = speech.read_metadata(os.path.join(data_dir, "metadata.csv"))
     rows = []
     for n in sizes:
         cache_dir = os.path.join(data_dir, f"cache_preload_{n}")
-        for stale in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
-            os.remove(stale)
+        cache = clip_data.cache_path(cache_dir, os.path.join(data_dir, "wavs"), entries[:n], 16000)
+        if os.path.exists(cache):
+            os.remove(cache)
         first = run_one(data_dir, cache_dir, n, args.num_workers)
         cached = run_one(data_dir, cache_dir, n, args.num_workers)
-        cache_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "preload_*.npz")))
+        cache_bytes = os.path.getsize(cache)
         if not args.keep_caches:
-            for path in glob.glob(os.path.join(cache_dir, "preload_*.npz")):
-                os.remove(path)
+            os.remove(cache)
         rows.append(dict(n=n, first=first, cached=cached, cache_bytes=cache_bytes))
         print(f"  {n} clips: first {first['seconds']:.1f} s, cached {cached['seconds']:.1f} s, "
               f"held {gb(first['held']):.3f} GB", flush=True)

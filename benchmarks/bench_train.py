@@ -3,7 +3,7 @@
 Both loops drive the same `VitsTrainer.train_window` (discriminator step, then generator step); only
 the way batches reach it differs:
 
-- naive: the seed's way. Every step reads its clips' WAVs from disk with soundfile, tokenises the
+- naive: the first train_vits.py's way. Every step reads its clips' WAVs from disk with soundfile, tokenises the
   texts and computes the log-mels on the CPU, in fp32; batches are random (unbucketed, so padded to
   their longest clip); plain, unpinned host-to-device copies.
 - ours: train_vits.py's way. Clips preloaded once (`load_clips`: int16 audio + fp16 log-mel in RAM,
@@ -28,7 +28,7 @@ or the Cython kernel, whichever ours does not take; a host read per logged term 
 and with `--against COMMIT` train_vits.py as it was at that commit. Every variant starts from the same
 weights and takes the same batch with the same seed at each step, in turns whose order rotates:
 
-    # issue 13's setting: full size, batch 2, fp32, 2 threads, against the step of 288519f
+    # docs/performance.md's CPU levers: full size, batch 2, fp32, 2 threads, against the step of 288519f
     python benchmarks/bench_train.py --levers --model_size full --batch_size 2 --clips 32 --steps 10 \
         --device cpu --precision fp32 --threads 2 --against 288519f
 
@@ -184,7 +184,7 @@ class Meter:
 
 def timed_step(meter, trainer, fetch, device, sr, count):
     """fetch() -> collated CPU batch. One optimizer step; its data time includes the device copy."""
-    sync(device)
+    distributed.sync(device)
     start = time.perf_counter()
     batch = fetch()
     data_s = time.perf_counter() - start
@@ -193,7 +193,7 @@ def timed_step(meter, trainer, fetch, device, sr, count):
     def timed_copy(b, d, _copy=trainer_copy[meter.name]):
         t = time.perf_counter()
         out = _copy(b, d)
-        sync(device)  # a copy is only done when the device has it
+        distributed.sync(device)  # a copy is only done when the device has it
         copy_s[0] += time.perf_counter() - t
         return out
 
@@ -203,7 +203,7 @@ def timed_step(meter, trainer, fetch, device, sr, count):
         common.reset_peak_rss()
     with mock.patch.object(clip_data, "to_device", timed_copy):
         terms = trainer.train_window([batch])
-    sync(device)
+    distributed.sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else common.peak_rss_bytes()
     if not count:
@@ -221,11 +221,6 @@ def timed_step(meter, trainer, fetch, device, sr, count):
 
 
 trainer_copy = {"naive": plain_to_device, "ours": clip_data.to_device}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fmt_bytes(n):
@@ -352,10 +347,10 @@ def run_levers(variants, fetch, device, args):
         shift = step % len(names)
         for name in names[shift:] + names[:shift]:
             torch.manual_seed(args.seed * 1000 + step)
-            sync(device)
+            distributed.sync(device)
             start = time.perf_counter()
             terms = variants[name].train_window([batch])
-            sync(device)
+            distributed.sync(device)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
             losses[name].append(terms["g"] if terms else float("nan"))
@@ -408,7 +403,7 @@ def main(argv=None):
     # 2. Ours: the preload, timed apart (bench_preload.py measures it at scale, first and cached).
     cache_dir = os.path.join(data_dir, "cache_bench")
     entries = speech.read_metadata(os.path.join(data_dir, "metadata.csv"))
-    cached = os.path.isfile(os.path.join(cache_dir, f"preload_{clip_data.cache_key(os.path.join(data_dir, 'wavs'), entries, sr)}.npz"))
+    cached = os.path.isfile(clip_data.cache_path(cache_dir, os.path.join(data_dir, "wavs"), entries, sr))
     rss_before = common.rss_bytes()
     start = time.perf_counter()
     clips, _ = clip_data.load_clips(data_dir, sr, cache_dir, args.num_workers)

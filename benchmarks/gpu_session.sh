@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 23's GPU checks in priority order, for one short lease of a GPU machine: each check has its own
+# The GPU checks of docs/performance.md in priority order, for one short lease of a GPU machine: each check has its own
 # time limit (together 560 s, inside one 590 s call), so a slow one cannot eat the others' minutes, and
 # its log lands in $OUT.
 #
 #   here, once (needs the network):  bash benchmarks/gpu_session.sh --prepare [COMMIT]
 #       .whl/      the wheels the bare GPU image lacks (soundfile, librosa, the Cython alignment, speechmos)
-#       .against/  COMMIT's tree (default 327845e, where this work started), for bench_train.py --against
+#       .against/  COMMIT's tree (default 327845e, the step before the speed-ups), for bench_train.py --against
 #       benchmarks/data/kmr_200_seed0/  the generated clips (espeak-ng is not on the GPU machine)
 #   there: the device tool's run(command="bash benchmarks/gpu_session.sh",
 #                                carry=[".whl", ".against", "benchmarks/data/kmr_200_seed0"], timeout_s=590)
@@ -62,7 +62,7 @@ check profile_b$SMALL 60 $PYTHON benchmarks/profile_step.py $SIZE --device "$DEV
 check profile_b$LARGE 60 $PYTHON benchmarks/profile_step.py $SIZE --device "$DEVICE" --batch_size $LARGE --steps 3
 # 2. The alignment on the device equals the kernel there, without a host sync.
 check alignment 30 $PYTHON -m pytest -q tests/test_alignment.py
-# 3. Ours against the step this work started from, and each lever, fp32 and the precision auto picks.
+# 3. Ours against that older step, and each lever, fp32 and the precision auto picks.
 for batch in $SMALL $LARGE; do
     for precision in fp32 auto; do
         check "levers_b${batch}_$precision" 85 $PYTHON benchmarks/bench_train.py --levers --host_syncs $AGAINST \

@@ -1,20 +1,141 @@
-"""Session-wide fixtures built at test time, never downloaded: a tiny Kurmanji VITS model, a small
-Common Voice-shaped release spoken by espeak-ng, and that release prepared by prepare_data.py."""
+"""What the tests share, built at test time and never downloaded: a tiny Kurmanji VITS model, a small
+Common Voice-shaped release spoken by espeak-ng, that release prepared by prepare_data.py, a voice folder
+and feedback clips as users hand them over; and the helpers several test files use (import them with
+`from conftest import ...`): the quick flags, the tiny trainer, a disk that fills, the one error line."""
 
+import builtins
+import errno
 import multiprocessing
 import os
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import clip_data
 import models
 import prepare_data
-from examples.make_release import BAD_KINDS, make_release, make_tarball
+import training_flags
+import vits_trainer
+from examples.make_release import BAD_KINDS, SENTENCES, espeak_clip, make_release, make_tarball, pad_silence
 from examples.tiny_model import make_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # Good clips in `kmr_release`; it also holds one clip of every kind in BAD_KINDS.
 GOOD_CLIPS = 12
+
+# Flags that keep a CPU run of the tiny model quick; every other flag keeps its real default.
+QUICK_FLAGS = dict(device="cpu", batch_size=2, grad_accum=2, disc_channels=64, benchmark_samples=4, num_workers=1,
+                   warmup_steps=2, d_warmup_steps=1)
+
+
+def quick(**changes):
+    """QUICK with some flags changed (a value of None leaves that flag at its real default)."""
+    flags = dict(QUICK_FLAGS, **changes)
+    return [arg for name, value in flags.items() if value is not None for arg in (f"--{name}", str(value))]
+
+
+QUICK = quick()
+# A feedback tune: its critic is the voice's own, feedback weighs as much as replay, 2 clips held out.
+FEEDBACK_QUICK = quick(d_warmup_steps=0, feedback_weight=1, val_size=2)
+
+
+def tiny_trainer(model_dir, *flags, precision="fp32", steps=1000):
+    """The tiny voice and a fresh 64-channel critic (seeded) on the CPU: one micro-batch of 2 a step, a peak
+    learning rate of 2e-4 without warm-up, scheduled over `steps`; `flags` change any of it."""
+    model, _ = models.load_voice(model_dir)
+    models.prepare_for_training(model)
+    args = training_flags.parse(["--lr", "2e-4", "--warmup_steps", "0", "--grad_accum", "1", "--batch_size", "2",
+                                 "--disc_channels", "64", *flags])
+    torch.manual_seed(0)
+    trainer = vits_trainer.VitsTrainer(model, models.VitsDiscriminator(max_channels=64), args, torch.device("cpu"),
+                                       precision)
+    trainer.schedule(steps)
+    return trainer
+
+
+def ragged_items(clipset, n=3):
+    """n clips of distinct lengths (the shortest such), so the batch holds padding."""
+    by_frames = {}
+    for i in sorted(range(len(clipset)), key=clipset.frames):
+        by_frames.setdefault(clipset.frames(i), i)
+    picked = list(by_frames.values())[:n]
+    assert len(picked) == n
+    return [(clipset, i) for i in picked]
+
+
+def short_batch(clips, n=4, segment_frames=32):
+    """The n shortest clips as one batch: a step on it runs the whole generator quickly."""
+    shortest = sorted(range(len(clips)), key=clips.frames)[:n]
+    return clip_data.collate([(clips, i) for i in shortest], segment_frames)
+
+
+def fake_checkpoint(path, step, epoch, batches_done=0):
+    """A checkpoint file holding only the progress it records (what ordering and pruning read)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(trainer=dict(step=step), epoch=epoch, batches_done=batches_done), path)
+
+
+def tree(folder):
+    """Every file and folder under `folder`, as sorted relative paths."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, dirs, files in os.walk(folder)
+                  for name in dirs + files)
+
+
+class FullDisk:
+    """A file that takes `room` more bytes (characters in text mode), then fails its write with ENOSPC as
+    write() does on a full disk: that OSError names no file, open() and write() do not know it."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if not isinstance(data, str):
+            data = bytes(data)
+        if len(data) > self.room:
+            self.f.write(data[:self.room])
+            self.f.flush()
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def make_disk_full(monkeypatch, full, room):
+    """Files opened for writing whose path `full(path)` accepts take `room` bytes each, then ENOSPC."""
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") and full(os.fspath(file)):
+            return FullDisk(f, room)
+        return f
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def one_error_line(stderr):
+    """The one `error:` line a script printed (progress bars aside), with no traceback."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def effective_weights(disc):
+    """A critic's weights as its convolutions use them (weight norm folded), by module name."""
+    return {name: module.weight.detach().clone() for name, module in disc.named_modules()
+            if hasattr(module, "parametrizations")}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,6 +184,51 @@ def tiny_clips(prepared_dataset, tiny_model_dir, tmp_path_factory):
     clips, errors = clip_data.load_clips(prepared_dataset, 16000, str(tmp_path_factory.mktemp("cache")), 1)
     assert not errors
     return clip_data.ClipSet(clips, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def trained_voice(tiny_model_dir, tmp_path_factory):
+    """A voice folder as train_vits.py leaves it: save_pretrained files plus discriminator.pt. Read-only."""
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("voice") / "final_model")
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
+    return out
+
+
+# (file, text, sample rate, stereo, format) of the good clips in `feedback_dir`: every container and rate a
+# phone or a studio might hand over.
+GOOD_FEEDBACK = [
+    ("flac_stereo.flac", SENTENCES[7], 44100, True, "FLAC"),
+    ("wav_22k.wav", SENTENCES[8], 22050, False, "WAV"),
+    ("mp3_32k.mp3", SENTENCES[10], 32000, False, "MP3"),
+    ("ogg_48k.ogg", SENTENCES[12], 48000, False, "OGG"),
+    ("wav_16k.wav", SENTENCES[16], 16000, False, "WAV"),
+    ("wav_24k_stereo.wav", SENTENCES[19], 24000, True, "WAV"),
+]
+
+
+@pytest.fixture(scope="session")
+def feedback_dir(tmp_path_factory):
+    """Feedback recorded in six formats/rates (GOOD_FEEDBACK), plus one corrupt file and one text with
+    digits. Read-only."""
+    out = str(tmp_path_factory.mktemp("feedback"))
+    rows = []
+    for name, text, sr, stereo, fmt in GOOD_FEEDBACK:
+        audio = espeak_clip(text, sr, stereo=stereo)
+        if name == "wav_16k.wav":
+            audio = pad_silence(audio, sr, 1.0, np.random.default_rng(0))  # as a phone records it
+        sf.write(os.path.join(out, name), audio, sr, format=fmt)
+        rows.append(f"{name}|{text}")
+    with open(os.path.join(out, "corrupt.wav"), "wb") as f:
+        f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
+    rows.append(f"corrupt.wav|{SENTENCES[13]}")
+    sf.write(os.path.join(out, "digits.wav"), espeak_clip("Ez 25 salî me.", 16000), 16000)
+    rows.append("digits.wav|Ez 25 salî me.")
+    with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    return out
 
 
 @pytest.fixture

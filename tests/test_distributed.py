@@ -12,12 +12,11 @@ from transformers import VitsModel
 
 import checkpoints
 import train_vits
+from conftest import quick, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "hooked_run.py")
 # --grad_accum 1: a process's optimizer steps per epoch are its batches.
-QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "1", "--disc_channels", "64", "--num_workers", "1",
-         "--warmup_steps", "2", "--d_warmup_steps", "1", "--logging_steps", "1"]
+QUICK = quick(grad_accum=1, logging_steps=1)
 
 
 def free_port():

@@ -1,28 +1,26 @@
-"""Issue 21, "Never lose the night": a full disk while saving the final or best model is one clear line
-and keeps the model saved before; a swap cut short between its renames loses nothing; of two processes
-that take over the same stale output-folder lock exactly one wins."""
+"""Never lose what was saved: a full disk while saving the final or best model is one clear line and keeps
+the model saved before; a swap cut short between its renames loses nothing; a checkpoint or metadata.csv
+write that fails half-way leaves the previous file intact."""
 
-import builtins
 import errno
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import safetensors
 import safetensors.torch
+import torch
 from transformers import VitsModel
 
+import checkpoints
 import models
 import run_errors
-import run_folder
+import speech
+from conftest import make_disk_full
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENOSPC = "No space left on device"
+
+FULL_DISK_POINTS = ["config.json", "weights", "weights_oserror", "vocab.json", "tokenizer_config.json",
+                    "discriminator.pt", "fsync", "rename_old_aside", "rename_new_in"]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +39,6 @@ def saved_voice(voice, tmp_path_factory):
     return out
 
 
-def contents(folder):
-    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
-
-
 def run_with_saved_model(saved_voice, tmp_path, where):
     """An output folder holding the model saved before, at `where` (final_model or checkpoints/best_model)."""
     out = str(tmp_path / "run" / where)
@@ -52,31 +46,16 @@ def run_with_saved_model(saved_voice, tmp_path, where):
     return out
 
 
+def contents(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
 def in_temp_folder(path):
     """A file export_voice writes into its hidden temp folder (`.final_model.<pid>.tmp/...`)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path))).endswith(f".{os.getpid()}.tmp")
 
 
-class FullDisk:
-    """A file whose writes stop half-way with ENOSPC, as write() does on a full disk (that OSError names no
-    file: open() and write() do not know it)."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        self.f.write(data[:len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, ENOSPC)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+ENOSPC = "No space left on device"
 
 
 def fill_the_disk(monkeypatch, how):
@@ -84,15 +63,8 @@ def fill_the_disk(monkeypatch, how):
     seen on a small tmpfs: SafetensorError "(os error 28)", an OSError from write(), torch.save's
     RuntimeError "unexpected pos", which atomic_torch_save turns back into that OSError)."""
     if how in ("config.json", "vocab.json", "tokenizer_config.json", "discriminator.pt"):
-        real_open = builtins.open
-
-        def open_(file, mode="r", *args, **kwargs):
-            f = real_open(file, mode, *args, **kwargs)
-            name = os.path.basename(str(file))
-            if "w" in mode and in_temp_folder(file) and (name == how or name.startswith(f".{how}.")):
-                return FullDisk(f)
-            return f
-        monkeypatch.setattr(builtins, "open", open_)
+        make_disk_full(monkeypatch, lambda path: in_temp_folder(path) and (
+            os.path.basename(path) == how or os.path.basename(path).startswith(f".{how}.")), room=100)
     elif how in ("weights", "weights_oserror", "weights_swallowed"):
         import transformers.modeling_utils
 
@@ -132,10 +104,6 @@ def fill_the_disk(monkeypatch, how):
         monkeypatch.setattr(os, "replace", replace)
     else:
         raise ValueError(how)
-
-
-FULL_DISK_POINTS = ["config.json", "weights", "weights_oserror", "vocab.json", "tokenizer_config.json",
-                    "discriminator.pt", "fsync", "rename_old_aside", "rename_new_in"]
 
 
 @pytest.mark.parametrize("how", FULL_DISK_POINTS + ["weights_swallowed"])
@@ -228,165 +196,43 @@ def test_a_failed_swap_puts_the_old_model_back_before_raising(saved_voice, tmp_p
     assert contents(out) == before and not os.path.exists(out + ".old")
 
 
-# ---------------------------------------------------------------------------------------------------- the lock
-
-HOST = socket.gethostname()
-A, B = dict(pid=910001, started=1000.0, host=HOST), dict(pid=910002, started=2000.0, host=HOST)
-STALE = dict(pid=910009, started=9.0, host=HOST)  # a run that crashed
-
-
-def write_lock(path, holder):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(holder, f)
+def full_disk_in(monkeypatch, folder, limit):
+    """Files opened for writing in `folder` take `limit` bytes, then raise ENOSPC (as a full disk)."""
+    make_disk_full(monkeypatch, lambda path: os.path.realpath(os.path.dirname(os.path.abspath(path))) ==
+                   os.path.realpath(folder), limit)
 
 
-class Interleaving:
-    """Two OutputLocks of two "processes" (A and B: faked owners) that both find the same stale lock: B
-    runs its whole acquire() at A's `at`-th step (a call of os.open, os.remove, os.stat, read_lock or
-    process_running), or after A when A takes fewer steps."""
+def test_a_write_that_fails_half_way_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = str(folder / "checkpoint_epoch_1.pt")
+    g = torch.Generator().manual_seed(0)
+    first = dict(weights=torch.randn(64, 1024, generator=g), step=1, epoch=1)
+    second = dict(weights=torch.randn(64, 1024, generator=g), step=2, epoch=2)
+    checkpoints.atomic_torch_save(first, path)
+    with monkeypatch.context() as m:
+        full_disk_in(m, str(folder), 100_000)  # about a third of the new file
+        with pytest.raises(OSError) as err:
+            checkpoints.atomic_torch_save(second, path)
+    assert err.value.errno == errno.ENOSPC
+    loaded = checkpoints.read_checkpoint(path)
+    assert loaded["step"] == 1 and loaded["epoch"] == 1 and torch.equal(loaded["weights"], first["weights"])
+    assert os.listdir(folder) == ["checkpoint_epoch_1.pt"]  # no temp file left
 
-    def __init__(self, monkeypatch, folder, at):
-        owners = iter([A, B])
-        monkeypatch.setattr(run_folder, "this_process", lambda: next(owners))
-        self.a, self.b = run_folder.OutputLock(folder), run_folder.OutputLock(folder)
-        self.at, self.steps, self.actor, self.results = at, 0, None, {}
-        self.running = {A["pid"], B["pid"]}
-        monkeypatch.setattr(run_folder, "process_running", self.step(lambda pid, started=None: pid in self.running))
-        monkeypatch.setattr(run_folder, "read_lock", self.step(run_folder.read_lock))
-        for name in ("open", "remove", "stat"):
-            monkeypatch.setattr(os, name, self.step(getattr(os, name)))
-
-    def step(self, real):
-        def call(*args, **kwargs):
-            if self.actor == "a":
-                self.steps += 1
-                if self.steps == self.at:
-                    self.run("b")
-            return real(*args, **kwargs)
-        return call
-
-    def run(self, who):
-        before, self.actor = self.actor, who
-        try:
-            getattr(self, who).acquire()
-            self.results[who] = "won"
-        except run_folder.FolderInUse:
-            self.results[who] = "in use"
-        finally:
-            self.actor = before
-
-    def race(self):
-        self.run("a")
-        if "b" not in self.results:
-            self.run("b")
-        return self.results
-
-
-@pytest.mark.parametrize("at", range(1, 16))
-def test_two_takers_of_one_stale_lock_cannot_both_win(tmp_path, monkeypatch, at):
-    folder = str(tmp_path / "run")
-    os.makedirs(folder)
-    write_lock(os.path.join(folder, run_folder.LOCK_NAME), STALE)
-    race = Interleaving(monkeypatch, folder, at)
-    results = race.race()
-    monkeypatch.undo()
-    assert sorted(results.values()) == ["in use", "won"], results
-    winner = race.a if results["a"] == "won" else race.b
-    assert run_folder.read_lock(winner.path) == winner.owner
-    assert os.listdir(folder) == [run_folder.LOCK_NAME]  # no claim left
-    winner.release()
-    assert os.listdir(folder) == []
-
-
-@pytest.mark.parametrize("claim", ["dead claimant", "unreadable"])
-def test_a_claim_left_by_a_killed_process_is_taken_over_too(tmp_path, claim):
-    me = run_folder.this_process()
-    stale = dict(me, pid=STALE["pid"], started=STALE["started"])
-    folder = str(tmp_path / "run")
-    os.makedirs(folder)
-    lock_path = os.path.join(folder, run_folder.LOCK_NAME)
-    write_lock(lock_path, stale)
-    _, identity, _ = run_folder.lock_identity(lock_path)
-    claim_path = f"{lock_path}.{identity}.claim"
-    if claim == "unreadable":  # killed between creating it and writing it
-        open(claim_path, "w").close()
-        old = time.time() - 2 * run_folder.UNREADABLE_LOCK_GRACE_S
-        os.utime(claim_path, (old, old))
-    else:
-        write_lock(claim_path, dict(stale, pid=STALE["pid"] + 1))
-    with run_folder.OutputLock(folder):
-        assert run_folder.read_lock(lock_path) == me
-        assert os.listdir(folder) == [run_folder.LOCK_NAME]
-    assert os.listdir(folder) == []
-
-
-WORKER = """
-import os, sys, time
-import run_folder
-folder, sync, me, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-
-def signal(name, text=""):
-    with open(os.path.join(sync, name + ".tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(sync, name + ".tmp"), os.path.join(sync, name))
-
-def wait(name):
-    while not os.path.exists(os.path.join(sync, name)):
-        time.sleep(0.001)
-
-signal(f"ready.{me}")
-for r in range(rounds):
-    go = os.path.join(sync, f"go{r}")
-    while not os.path.exists(go):  # spin: both start within microseconds of each other
-        pass
-    lock = run_folder.OutputLock(folder)
-    try:
-        lock.acquire()
-        result = "won"
-    except run_folder.FolderInUse:
-        result = "in use"
-    signal(f"result{r}.{me}", result)
-    wait(f"end{r}")  # hold the folder until both have answered
-    lock.release()
-    signal(f"released{r}.{me}")
-"""
-
-
-def test_two_processes_taking_over_one_stale_lock_at_once_one_wins(tmp_path):
-    """Real processes released at the same instant onto a stale lock, round after round."""
-    rounds, deadline = 40, time.time() + 120
-    folder, sync = str(tmp_path / "run"), str(tmp_path / "sync")
-    os.makedirs(folder)
-    os.makedirs(sync)
-    lock_path = os.path.join(folder, run_folder.LOCK_NAME)
-    # Stale because its PID now belongs to another process (this one): the take-over asks psutil.
-    stale = dict(run_folder.this_process(), started=run_folder.this_process()["started"] - 3600)
-
-    def wait(*names):
-        while not all(os.path.exists(os.path.join(sync, name)) for name in names):
-            assert time.time() < deadline, f"workers stuck waiting for {names}"
-            assert all(w.poll() is None for w in workers), [w.stderr.read() for w in workers if w.poll() is not None]
-            time.sleep(0.001)
-
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, folder, sync, me, str(rounds)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in "xy"]
-    try:
-        wait("ready.x", "ready.y")
-        outcomes = []
-        for r in range(rounds):
-            write_lock(lock_path, stale)
-            open(os.path.join(sync, f"go{r}"), "w").close()
-            wait(f"result{r}.x", f"result{r}.y")
-            outcomes.append(sorted(open(os.path.join(sync, f"result{r}.{me}")).read() for me in "xy"))
-            open(os.path.join(sync, f"end{r}"), "w").close()
-            wait(f"released{r}.x", f"released{r}.y")
-            assert os.listdir(folder) == [], os.listdir(folder)
-        for w in workers:
-            assert w.wait(timeout=max(1, deadline - time.time())) == 0, w.communicate()
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    both = sum(outcome == ["won", "won"] for outcome in outcomes)
-    assert all(outcome == ["in use", "won"] for outcome in outcomes), f"{both} of {rounds} rounds had two owners"
+    data = tmp_path / "data"
+    data.mkdir()
+    metadata = str(data / "metadata.csv")
+    rows = [(f"clip_{i}.wav", f"Ez bi kurdî diaxivim {i}.") for i in range(50)]
+    speech.write_metadata(metadata, rows)
+    with open(metadata, "rb") as f:
+        old = f.read()
+    assert old == "".join(f"{n}|{t}\n" for n, t in rows).encode("utf-8")
+    with monkeypatch.context() as m:
+        full_disk_in(m, str(data), len(old) // 2)
+        with pytest.raises(OSError) as err:
+            speech.write_metadata(metadata, [(f"new_{i}.wav", "Roj baş, tu çawa yî?") for i in range(80)])
+    assert err.value.errno == errno.ENOSPC
+    with open(metadata, "rb") as f:
+        assert f.read() == old
+    assert speech.read_metadata(metadata) == rows
+    assert os.listdir(data) == ["metadata.csv"]

@@ -1,11 +1,13 @@
 """prepare_data.py: what a user relies on when turning a Common Voice release into a training set."""
 
-import io
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
-from collections import Counter
 
 import huggingface_hub
 import numpy as np
@@ -13,33 +15,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
-import prepare_data
-import speech
-from examples.make_release import BAD_KINDS, espeak_clip, write_tsv
 from tests.conftest import GOOD_CLIPS
 
-
-def run(input_path, model, out, *flags):
-    return prepare_data.main(["--input", str(input_path), "--model", model, "--output_dir", str(out), *flags])
-
-
-def folder_bytes(folder):
-    """Every output file that must be identical between runs, by name."""
-    wavs = os.path.join(folder, "wavs")
-    files = {name: os.path.join(wavs, name) for name in os.listdir(wavs)}
-    files["metadata.csv"] = os.path.join(folder, "metadata.csv")
-    if os.path.isfile(os.path.join(folder, "speakers.csv")):  # each clip's Common Voice client_id
-        files["speakers.csv"] = os.path.join(folder, "speakers.csv")
-    return {name: open(path, "rb").read() for name, path in files.items()}
+import prepare_data
+import run_folder
+import speech
+from conftest import ROOT, tree
+from examples.make_release import BAD_KINDS, write_tsv
 
 
 def release_rows(release):
     header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
     return rows
-
-
-# --------------------------------------------------------------------------- end to end
 
 
 def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset, kmr_release, tiny_model_dir):
@@ -67,6 +54,20 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
         assert tokenizer.prepare_for_tokenization(text)[0] == text
         assert set(text) <= vocab and "|" not in text and text == text.strip() and "  " not in text
         assert len(speech.token_ids(tokenizer, text)) == 2 * len(text) + 1 <= info.frames // 256
+
+
+def run(input_path, model, out, *flags):
+    return prepare_data.main(["--input", str(input_path), "--model", model, "--output_dir", str(out), *flags])
+
+
+def folder_bytes(folder):
+    """Every output file that must be identical between runs, by name."""
+    wavs = os.path.join(folder, "wavs")
+    files = {name: os.path.join(wavs, name) for name in os.listdir(wavs)}
+    files["metadata.csv"] = os.path.join(folder, "metadata.csv")
+    if os.path.isfile(os.path.join(folder, "speakers.csv")):  # each clip's Common Voice client_id
+        files["speakers.csv"] = os.path.join(folder, "speakers.csv")
+    return {name: open(path, "rb").read() for name, path in files.items()}
 
 
 def test_tarball_is_streamed_and_matches_folder_output(kmr_tarball, prepared_dataset, tiny_model_dir, tmp_path,
@@ -178,9 +179,6 @@ def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
         run(kmr_release, tiny_model_dir, tmp_path / "nobody", "--speaker", "no-such-speaker")
 
 
-# --------------------------------------------------------------------------- input errors
-
-
 def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         run(tmp_path / "nowhere", tiny_model_dir, tmp_path / "out")
@@ -232,7 +230,16 @@ def test_vote_filters_select_exactly_the_rows_with_enough_votes(prepared_dataset
     assert report["not_selected"] == {"too_few_upvotes": sum(i % 4 == 1 for i in range(len(rows)))}
 
 
-# --------------------------------------------------------------------------- Hugging Face datasets
+def write_hub_layout(table, folder):
+    """data/train-0000N-of-00002.parquet (two shards, small row groups) and a test split that must be ignored."""
+    os.makedirs(folder / "data")
+    half = table.num_rows // 2
+    for i, shard in enumerate([table.slice(0, half), table.slice(half)]):
+        pq.write_table(shard, folder / "data" / f"train-{i:05d}-of-00002.parquet", row_group_size=4)
+    # Were the test split read, its row would be counted as a duplicate.
+    pq.write_table(table.slice(0, 1), folder / "data" / "test-00000-of-00001.parquet")
+    (folder / "README.md").write_text("---\nlicense: cc0-1.0\n---\n", encoding="utf-8")
+    return folder
 
 
 VOTES = [(2, 0), (1, 0), (5, 0), (3, 1)]  # (up, down) of row i: VOTES[i % 4]
@@ -254,18 +261,6 @@ def dataset_table(release, layout, rows=None):
                      "up_votes": pa.array([VOTES[i % 4][0] for i in range(len(rows))], pa.int64()),
                      "down_votes": pa.array([VOTES[i % 4][1] for i in range(len(rows))], pa.int64()),
                      "gender": [""] * len(rows)})
-
-
-def write_hub_layout(table, folder):
-    """data/train-0000N-of-00002.parquet (two shards, small row groups) and a test split that must be ignored."""
-    os.makedirs(folder / "data")
-    half = table.num_rows // 2
-    for i, shard in enumerate([table.slice(0, half), table.slice(half)]):
-        pq.write_table(shard, folder / "data" / f"train-{i:05d}-of-00002.parquet", row_group_size=4)
-    # Were the test split read, its row would be counted as a duplicate.
-    pq.write_table(table.slice(0, 1), folder / "data" / "test-00000-of-00001.parquet")
-    (folder / "README.md").write_text("---\nlicense: cc0-1.0\n---\n", encoding="utf-8")
-    return folder
 
 
 def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared_dataset, kmr_release,
@@ -359,105 +354,116 @@ def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
     assert malformed == 1
 
 
-# --------------------------------------------------------------------------- text
+def test_prepare_rerun_decodes_a_source_replaced_by_audio_of_the_same_size(kmr_release, prepared_dataset,
+                                                                           tiny_model_dir, tmp_path):
+    release, out = tmp_path / "release", tmp_path / "out"
+    shutil.copytree(kmr_release, release)  # copy2: sizes and mtimes kept, so the copied cache still holds
+    shutil.copytree(prepared_dataset, out)
+    with open(os.path.join(prepared_dataset, "metadata.csv"), encoding="utf-8") as f:
+        name = f.readline().split("|", 1)[0]
+    source = release / "clips" / (os.path.splitext(name)[0] + ".mp3")
+    assert source.is_file()
+    # The clip's source as mono 16-bit WAV at its own rate (libsndfile reads it by its header, not its name).
+    pcm, sr = sf.read(str(source), dtype="int16")
+    pcm = pcm if pcm.ndim == 1 else pcm[:, 0]
+    sf.write(str(source), pcm, sr, format="WAV", subtype="PCM_16")
+    flags = ["--model", tiny_model_dir, "--output_dir", str(out), "--workers", "1"]
+    report = prepare_data.main(["--input", str(release), *flags])
+    assert report["decoded_clips"] == 1
+    before, _ = sf.read(str(out / "wavs" / name), dtype="int16")
+    assert np.abs(before).max() > 1000
+
+    # Replaced by other audio of exactly the same size: the same samples negated, a new mtime.
+    size, mtime = os.path.getsize(source), os.stat(source).st_mtime_ns
+    sf.write(str(source), np.clip(-pcm.astype(np.int32), -32768, 32767).astype(np.int16), sr, format="WAV",
+             subtype="PCM_16")
+    os.utime(source, ns=(mtime + 5 * 10 ** 9, mtime + 5 * 10 ** 9))
+    assert os.path.getsize(source) == size
+    report = prepare_data.main(["--input", str(release), *flags])
+    assert report["decoded_clips"] == 1
+    after, _ = sf.read(str(out / "wavs" / name), dtype="int16")
+    # Negation commutes with trimming (power) and rounding: the new output is the old one negated.
+    assert len(after) == len(before)
+    assert np.abs(after.astype(np.int32) + before.astype(np.int32)).max() <= 1
+    assert not np.array_equal(after, before)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Em ê sibê biçin Wan’ê.", "em ê sibê biçin wan'ê"),
-    ("“Rojbaş,” jinikê got.", "rojbaş jinikê got"),
-    ("Wî got: \"Ez naçim malê.", "wî got ez naçim malê"),
-    ("’’Were!’’ got.", "were got"),
-    ("- Tu çawa yî? – Ez baş im…", "tu çawa yî ez baş im"),
-    ("İro DAYIKA mın", "iro dayika min"),
-    ("S\u0327ev  dirêj\tbû", "şev dirêj bû"),
-    ("a|b", "a b"),
-    ("Kurdistan-ê xweş e", "kurdistan-ê xweş e"),
-    ("bajêr,gund", "bajêr gund"),
-    # Letters from other keyboards and quotes typed as apostrophes, as the real corpus holds them.
-    ("Ez dīnim ū tu dērî", "ez dînim û tu dêrî"),
-    ("Erdoğan û Gök hatin", "erdogan û gok hatin"),
-    ("D\u0430r\u0430 s\u0435vê \u043e zar\u043ek", "dara sevê o zarok"),
-    ('Wî got "ez"ê nizanim', "wî got ezê nizanim"),
-    ("“Azadî”yê û «Kurdistan»ê", "azadîyê û kurdistanê"),
-    ('got"ez', "got ez"),
-    ("‘bavo’ hat", "bavo hat"),
-    ("Tîpa 'W' ye", "tîpa w ye"),
-    ("Qur’an û Qur'an", "qur'an û qur'an"),
-])
-def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_model_dir):
-    tokenizer, vocab = speech.load_vocab(tiny_model_dir)
-    text, reason = speech.clean_text(raw, vocab)
-    assert (text, reason) == (expected, None)
-    assert tokenizer.prepare_for_tokenization(text)[0] == text
+def test_tarball_link_members_are_read_from_their_targets(kmr_release, tiny_model_dir, tmp_path):
+    release = str(tmp_path / "kmr")
+    shutil.copytree(kmr_release, release)
+    header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
+    first = rows[0]
+    # GNU tar stores a repeated file as a hard link to its first copy, here after it in the archive.
+    os.link(os.path.join(release, "clips", first["path"]), os.path.join(release, "clips", "zz_hard.mp3"))
+    os.symlink(first["path"], os.path.join(release, "clips", "zz_soft.mp3"))
+    rows = [dict(first, path="zz_hard.mp3"), dict(first, path="zz_soft.mp3"), dict(first, path="zz_gone.mp3")]
+    with open(os.path.join(release, "validated.tsv"), "w", encoding="utf-8") as f:
+        f.write("\t".join(header) + "\n" + "".join("\t".join(r[c] for c in header) + "\n" for r in rows))
+    os.symlink("/nowhere/clip.mp3", os.path.join(release, "clips", "zz_gone.mp3"))
+    tarball = str(tmp_path / "cv.tar")
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(release, arcname="cv-corpus-99.0-2026-01-01/kmr")
+    kinds = {m.name.rsplit("/", 1)[-1]: m.type for m in tarfile.open(tarball).getmembers()}
+    assert kinds["zz_hard.mp3"] == tarfile.LNKTYPE and kinds["zz_soft.mp3"] == tarfile.SYMTYPE
+
+    out = str(tmp_path / "out")
+    report = prepare_data.main(["--input", tarball, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    assert report["kept_clips"] == 2 and report["dropped"] == {"missing_file": 1}
+    with open(os.path.join(out, "metadata.csv"), encoding="utf-8") as f:
+        assert [line.split("|")[0] for line in f] == ["zz_hard.wav", "zz_soft.wav"]
 
 
-@pytest.mark.parametrize("raw, reason", [
-    ("Ez 25 salî me.", "digits"),
-    ("ئەمڕۆ هەوا خۆشە", "other_script"),
-    ("Привет", "other_script"),
-    ("Müzîk û dar", "unsupported_letter"),
-    # A Cyrillic word only of Latin look-alikes stays Cyrillic; so does one beside other Cyrillic letters.
-    ("\u0441\u043e\u0440\u043e\u043a", "other_script"),
-    ("Ez \u0441\u043e\u0440\u043e\u043a \u043f\u0430", "other_script"),
-    ("“…” - !", "empty_text"),
-])
-def test_clean_text_drops_what_the_voice_cannot_say(raw, reason, tiny_model_dir):
-    _, vocab = speech.load_vocab(tiny_model_dir)
-    assert speech.clean_text(raw, vocab) == (None, reason)
+def test_prepare_data_refuses_an_output_dir_reaching_the_input_through_a_link(prepared_dataset, tiny_model_dir,
+                                                                            tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(prepared_dataset, data)
+    link = str(tmp_path / "link")
+    try:
+        os.symlink(data, link, target_is_directory=True)
+    except OSError:
+        pytest.skip("no permission to make symlinks here")
+    before = tree(data)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--input", data, "--model", tiny_model_dir, "--output_dir", link, "--max_clips", "1"])
+    assert exit_info.value.code == 2
+    assert "lies in --output_dir" in capsys.readouterr().err
+    assert tree(data) == before
 
 
-def test_clean_text_counts_every_repair_of_a_kept_text(tiny_model_dir):
-    _, vocab = speech.load_vocab(tiny_model_dir)
-    repairs = Counter()
-    speech.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
-    speech.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
-    assert repairs == {"ī→î": 2, "а→a (Cyrillic)": 1, "apostrophe used as a quote": 2, "quote before a suffix": 1}
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="RLIMIT_FSIZE is POSIX")
+def test_prepare_data_stops_in_one_line_when_its_outputs_cannot_be_written(kmr_release, tiny_model_dir, tmp_path):
+    import resource
+
+    def small_files_only():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))  # every WAV is larger: as a full disk
+
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--input", kmr_release, "--model",
+                           tiny_model_dir, "--output_dir", out, "--workers", "1"], cwd=ROOT, capture_output=True,
+                          text=True, preexec_fn=small_files_only)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(r"error: cannot write \S+\.wav: File too large$", errors[0]), errors
+    assert not os.path.exists(os.path.join(out, "metadata.csv"))
+    assert [name for name in os.listdir(os.path.join(out, "wavs")) if name.startswith(".")] == []
 
 
-def test_load_vocab_is_the_speakable_alphabet(tiny_model_dir):
-    _, vocab = speech.load_vocab(tiny_model_dir)
-    assert set("abcdefghijklmnopqrstuvwxyzçêîşû '-") == vocab
+def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tmp_path, monkeypatch):
+    decode = prepare_data.decode_clip
+    calls = []
 
+    def decode_then_sigterm(job):
+        calls.append(job)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a shutdown or `kill` would, mid-run
+        return decode(job)
 
-# --------------------------------------------------------------------------- audio
-
-
-def test_load_audio_mixes_resamples_and_trims(tmp_path):
-    clip = espeak_clip("Roj li pişt çiyayan ava dibe.", 44100, stereo=True)
-    silence = np.zeros((44100, 2), dtype=np.float32)
-    sf.write(tmp_path / "a.mp3", np.concatenate([silence, clip, silence]), 44100)
-    full = speech.load_audio(str(tmp_path / "a.mp3"), 16000)
-    trimmed = speech.load_audio(open(tmp_path / "a.mp3", "rb"), 16000, trim=True)
-    assert full.dtype == np.float32 and full.ndim == 1 and np.abs(full).max() <= 1.0
-    speech_samples = len(clip) * 16000 // 44100
-    assert abs(len(full) - (speech_samples + 2 * 16000)) < 2000
-    # The added second of silence at each end goes; the clip, quiet edges included, stays.
-    assert len(trimmed) <= speech_samples + 2 * 1024
-    assert np.sum(trimmed.astype(np.float64) ** 2) > 0.999 * np.sum(full.astype(np.float64) ** 2)
-
-
-def test_load_audio_mixes_stereo_down_to_the_mean_of_its_channels(tmp_path):
-    clip = espeak_clip("Dara sêvê li ber malê ye.", 44100)
-    sf.write(tmp_path / "mono.wav", clip, 44100, subtype="FLOAT")
-    sf.write(tmp_path / "stereo.wav", np.stack([clip, 0.5 * clip], axis=1), 44100, subtype="FLOAT")
-    mono = speech.load_audio(str(tmp_path / "mono.wav"), 16000)
-    stereo = speech.load_audio(str(tmp_path / "stereo.wav"), 16000)
-    assert stereo.shape == mono.shape and np.allclose(stereo, 0.75 * mono, atol=1e-5)
-
-
-def test_trim_keeps_speech_that_runs_to_the_edges():
-    # A recording cut mid-word, at a length that is no multiple of the trim hop.
-    tone = (0.5 * np.sin(np.arange(16000 + 100) * 0.1)).astype(np.float32)
-    assert len(speech.trim_silence(tone)) == len(tone)
-    padded = np.concatenate([np.zeros(5000, np.float32), tone])
-    assert len(tone) <= len(speech.trim_silence(padded)) < len(tone) + 1024
-    assert len(speech.trim_silence(np.zeros(8000, np.float32))) == 0
-
-
-@pytest.mark.parametrize("data, reason", [(b"", "empty_file"), (b"not audio at all\n" * 50, "corrupt_audio")])
-def test_load_audio_rejects_unreadable_input(data, reason, tmp_path):
-    (tmp_path / "x.mp3").write_bytes(data)
-    for source in (str(tmp_path / "x.mp3"), io.BytesIO(data)):
-        with pytest.raises(speech.AudioError) as err:
-            speech.load_audio(source, 16000)
-        assert err.value.reason == reason
+    monkeypatch.setattr(prepare_data, "decode_clip", decode_then_sigterm)
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="interrupted"):
+        prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
+    with open(os.path.join(out, prepare_data.CACHE_NAME), encoding="utf-8") as f:
+        assert len(json.load(f)["clips"]) >= 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert not os.path.exists(os.path.join(out, run_folder.LOCK_NAME))

@@ -28,8 +28,8 @@ import training_flags
 import vits_trainer
 import voice_quality
 from examples.make_release import client_id, make_release
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # make_release(24) speaks its clips with 4 speakers: 10, 6, 6 and 2 clips.
 CLIPS_OF = {client_id(0): 10, client_id(1): 6, client_id(2): 6, client_id(3): 2}
 

@@ -10,63 +10,17 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import pipeline, VitsModel, VitsTokenizer
 
 import clip_data
 import feedback_run
 import models
 import speech
+import train_feedback
 import train_feedback as tf
 import voice_quality
-from examples.make_release import SENTENCES, espeak_clip, pad_silence
-
-# Flags that keep a CPU run of the tiny model quick (as in test_train_vits.py); the rest keep their defaults.
-QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
-         "--benchmark_samples", "4", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "0",
-         "--feedback_weight", "1", "--val_size", "2"]
-
-# (file, text, sample rate, stereo, format) of the good feedback clips: every container and rate a phone
-# or a studio might hand over.
-GOOD = [
-    ("flac_stereo.flac", SENTENCES[7], 44100, True, "FLAC"),
-    ("wav_22k.wav", SENTENCES[8], 22050, False, "WAV"),
-    ("mp3_32k.mp3", SENTENCES[10], 32000, False, "MP3"),
-    ("ogg_48k.ogg", SENTENCES[12], 48000, False, "OGG"),
-    ("wav_16k.wav", SENTENCES[16], 16000, False, "WAV"),
-    ("wav_24k_stereo.wav", SENTENCES[19], 24000, True, "WAV"),
-]
-
-
-@pytest.fixture(scope="module")
-def trained_voice(tiny_model_dir, tmp_path_factory):
-    """A voice folder as train_vits.py leaves it: save_pretrained files plus discriminator.pt."""
-    model, tokenizer = models.load_voice(tiny_model_dir)
-    models.prepare_for_training(model)
-    torch.manual_seed(0)
-    out = str(tmp_path_factory.mktemp("voice") / "final_model")
-    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def feedback_dir(tmp_path_factory):
-    """Feedback recorded in six formats/rates, plus one corrupt file and one text with digits."""
-    out = str(tmp_path_factory.mktemp("feedback"))
-    rows = []
-    for name, text, sr, stereo, fmt in GOOD:
-        audio = espeak_clip(text, sr, stereo=stereo)
-        if name == "wav_16k.wav":
-            audio = pad_silence(audio, sr, 1.0, np.random.default_rng(0))  # as a phone records it
-        sf.write(os.path.join(out, name), audio, sr, format=fmt)
-        rows.append(f"{name}|{text}")
-    with open(os.path.join(out, "corrupt.wav"), "wb") as f:
-        f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
-    rows.append(f"corrupt.wav|{SENTENCES[13]}")
-    sf.write(os.path.join(out, "digits.wav"), espeak_clip("Ez 25 salî me.", 16000), 16000)
-    rows.append("digits.wav|Ez 25 salî me.")
-    with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
-        f.write("\n".join(rows) + "\n")
-    return out
+from conftest import FEEDBACK_QUICK, GOOD_FEEDBACK
+from examples.make_release import espeak_clip, SENTENCES
 
 
 def tree_hashes(folder):
@@ -85,7 +39,7 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     before = tree_hashes(trained_voice)
     out = str(tmp_path / "run")
     code = tf.main(["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
-                    "--output_dir", out, "--max_steps", "2", "--eval_clips", "1"] + QUICK)
+                    "--output_dir", out, "--max_steps", "2", "--eval_clips", "1"] + FEEDBACK_QUICK)
     assert code == 0
     printed = capsys.readouterr().out
 
@@ -105,13 +59,13 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     # recording is corrupt) and of the fixed sentences, under the same names.
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    expected = sorted([os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD] + ["corrupt.wav"])
+    expected = sorted([os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD_FEEDBACK] + ["corrupt.wav"])
     for when in ("before", "after"):
         assert sorted(os.listdir(os.path.join(out, "samples", when, "feedback"))) == expected
         assert len(os.listdir(os.path.join(out, "samples", when, "eval"))) == len(voice_quality.DEFAULT_SENTENCES)
     audio, sr = sf.read(os.path.join(out, "samples", "after", "feedback", "flac_stereo.wav"))
     assert sr == 16000 and audio.ndim == 1 and len(audio) > 0
-    assert len(os.listdir(os.path.join(out, "samples", "recorded"))) == len(GOOD)
+    assert len(os.listdir(os.path.join(out, "samples", "recorded"))) == len(GOOD_FEEDBACK)
     # Silent edges are trimmed from feedback as prepare_data.py trims training clips.
     recorded = sf.info(os.path.join(out, "samples", "recorded", "wav_16k.wav")).frames
     assert recorded < sf.info(os.path.join(feedback_dir, "wav_16k.wav")).frames - 1.5 * 16000
@@ -120,7 +74,7 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     # Bad clips by reason; every good format was read; validation before and after on both sources.
     assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "digits": 1}
     assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "digits.wav"}
-    assert report["feedback"]["trained"] + report["feedback"]["held_out"] == len(GOOD)
+    assert report["feedback"]["trained"] + report["feedback"]["held_out"] == len(GOOD_FEEDBACK)
     assert report["feedback"]["held_out"] == 1
     assert report["steps"] == 2 and report["stop_reason"] == "max_steps"
     assert report["minutes"] > 0
@@ -176,31 +130,13 @@ def test_replay_batches_hold_both_sources_in_ratio(tiny_model_dir):
         assert all(cs is feedback for b in make(1) for cs, _ in b)
 
 
-def test_resume_continues_and_keeps_the_before_figures(trained_voice, feedback_dir, prepared_dataset, tmp_path):
-    out = str(tmp_path / "run")
-    common = ["--model", trained_voice, "--data_dir", prepared_dataset, "--feedback_dir", feedback_dir,
-              "--output_dir", out] + QUICK
-    assert tf.main(common + ["--max_steps", "1"]) == 0
-    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-        first = json.load(f)
-    sample = os.path.join(out, "samples", "before", "eval", "00.wav")
-    written = os.stat(sample).st_mtime_ns
-    assert tf.main(common + ["--max_steps", "2", "--resume", "auto"]) == 0
-    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-        second = json.load(f)
-    assert first["steps"] == 1 and second["steps"] == 2
-    # "before" is the input voice's, measured once: not the resumed checkpoint's.
-    assert second["before"] == first["before"]
-    assert os.stat(sample).st_mtime_ns == written
-
-
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_output_dir_on_the_input_model_is_refused(trained_voice, feedback_dir, where, capsys):
     before = tree_hashes(trained_voice)
     out = trained_voice if where == "same" else os.path.join(trained_voice, "tuned")
     with pytest.raises(SystemExit) as exit_info:
         tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--output_dir", out, "--max_steps", "1"]
-                + QUICK)
+                + FEEDBACK_QUICK)
     assert exit_info.value.code == 2
     assert "overlaps --model" in capsys.readouterr().err
     assert tree_hashes(trained_voice) == before
@@ -231,7 +167,7 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
                                                                                     capsys):
     folder = tmp_path / "feedback"
     os.makedirs(folder / "model")
-    for i, (name, text, sr, stereo, fmt) in enumerate(GOOD[:4]):
+    for i, (name, text, sr, stereo, fmt) in enumerate(GOOD_FEEDBACK[:4]):
         sf.write(folder / name, espeak_clip(text, sr, stereo=stereo), sr, format=fmt)
         (folder / (os.path.splitext(name)[0] + ".txt")).write_text(text + "\n", encoding="utf-8-sig" if i else "utf-8")
     sf.write(folder / "no_text.wav", espeak_clip(SENTENCES[20], 16000), 16000)
@@ -241,7 +177,7 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     sf.write(folder / "model" / "s001.wav", espeak_clip(SENTENCES[22], 16000), 16000)  # subfolders are not read
     out = str(tmp_path / "run")
     code = tf.main(["--model", trained_voice, "--data_dir", str(tmp_path / "nothing"), "--feedback_dir",
-                    str(folder), "--output_dir", out, "--max_steps", "1"] + QUICK)
+                    str(folder), "--output_dir", out, "--max_steps", "1"] + FEEDBACK_QUICK)
     assert code == 0
     assert "no original training data" in capsys.readouterr().out
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
@@ -256,15 +192,58 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     assert {(s["file"], s["reason"]) for s in feedback["skipped_clips"]} == {("no_text.wav", "no_text"),
                                                                               ("empty.wav", "empty_text")}
     assert sorted(os.listdir(os.path.join(out, "samples", "recorded"))) == sorted(
-        os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD[:4])
+        os.path.splitext(name)[0] + ".wav" for name, *_ in GOOD_FEEDBACK[:4])
 
     # A metadata.csv beside the pairs wins: only the clip it lists is used.
-    (folder / "metadata.csv").write_text(f"{GOOD[1][0]}|{GOOD[1][1]}\n", encoding="utf-8")
+    (folder / "metadata.csv").write_text(f"{GOOD_FEEDBACK[1][0]}|{GOOD_FEEDBACK[1][1]}\n", encoding="utf-8")
     tokenizer = models.load_voice(trained_voice)[1]
     _, vocab = speech.load_vocab(trained_voice)
     clipset, sentences, skipped, listed = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
                                                                      str(tmp_path / "cache"), 1)
-    assert clipset.names == [GOOD[1][0]] and (skipped, listed) == ([], 1)
+    assert clipset.names == [GOOD_FEEDBACK[1][0]] and (skipped, listed) == ([], 1)
+
+
+def test_feedback_after_samples_are_the_tuned_voices_speech(tiny_model_dir, tmp_path):
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    models.prepare_for_training(model)
+    torch.manual_seed(0)
+    voice = str(tmp_path / "voice" / "final_model")
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), voice)
+    feedback = tmp_path / "feedback"
+    feedback.mkdir()
+    rows = []
+    for k, text in enumerate(SENTENCES[7:11]):
+        sf.write(str(feedback / f"fb_{k}.wav"), espeak_clip(text, 16000), 16000)
+        rows.append(f"fb_{k}.wav|{text}")
+    (feedback / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = str(tmp_path / "run")
+    code = train_feedback.main(["--model", voice, "--data_dir", str(tmp_path / "no_data"),
+                                "--feedback_dir", str(feedback), "--output_dir", out, "--max_steps", "2",
+                                "--eval_clips", "0", "--device", "cpu", "--batch_size", "2", "--grad_accum", "1",
+                                "--disc_channels", "64", "--benchmark_samples", "0", "--num_workers", "1",
+                                "--warmup_steps", "0", "--d_warmup_steps", "0", "--lr", "2e-3"])
+    assert code == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        spoken = json.load(f)["samples"]["feedback"]  # {sample file: sentence}, in the order spoken
+    assert sorted(spoken) == [f"fb_{k}.wav" for k in range(4)]  # texts as cleaned for the voice
+
+    # The tuned voice speaks each sentence as synthesise does: one seed, then the sentences in order.
+    final = os.path.join(out, "final_model")
+    tuned = VitsModel.from_pretrained(final).eval()
+    tok = VitsTokenizer.from_pretrained(final, split_special_tokens=True)
+    expected = {}
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, text in spoken.items():
+            ids = torch.tensor([tok(text, split_special_tokens=True).input_ids])
+            audio = tuned(input_ids=ids).waveform[0].numpy().astype(np.float64)
+            expected[name] = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int32)
+    for name, want in expected.items():
+        after, sr = sf.read(os.path.join(out, "samples", "after", "feedback", name), dtype="int16")
+        before, _ = sf.read(os.path.join(out, "samples", "before", "feedback", name), dtype="int16")
+        assert sr == 16000 and len(after) == len(want) > 0, name
+        assert np.abs(after.astype(np.int32) - want).max() <= 2, name
+        assert len(before) != len(after) or np.abs(before.astype(np.int32) - after).max() > 100, name
 
 
 def test_a_trimmed_preload_never_takes_an_untrimmed_cache(feedback_dir, tmp_path):

@@ -19,7 +19,7 @@ import run_folder
 import train_feedback as tf
 import voices
 from examples.make_release import SENTENCES
-from tests.test_train_feedback import QUICK, feedback_dir, trained_voice  # noqa: F401 - fixtures
+from conftest import FEEDBACK_QUICK
 
 
 def tuned_copy(voice, out, seed):
@@ -50,7 +50,7 @@ def fake_run(folder, input_voice, decision, seed):
 
 
 @pytest.fixture(scope="module")
-def voices_made(trained_voice, tmp_path_factory):  # noqa: F811
+def voices_made(trained_voice, tmp_path_factory):
     """A data folder with the night's final_model, and three finished runs: two of it, one of run A's voice."""
     root = tmp_path_factory.mktemp("voices")
     night = shutil.copytree(trained_voice, root / "data" / "final_model")
@@ -290,13 +290,13 @@ def noise_feedback(folder):
     return folder
 
 
-def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(trained_voice, feedback_dir,  # noqa: F811
+def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(trained_voice, feedback_dir,
                                                                          prepared_dataset, tmp_path, capsys):
     data = str(tmp_path / "training")
     shutil.copytree(prepared_dataset, data)
     shutil.copytree(trained_voice, os.path.join(data, "final_model"))
     night = voices.fingerprint(os.path.join(data, "final_model"))
-    flags = ["--data_dir", data, "--max_steps", "4", "--eval_clips", "1"] + QUICK
+    flags = ["--data_dir", data, "--max_steps", "4", "--eval_clips", "1"] + FEEDBACK_QUICK
 
     # Session 1: recordings of the sentences as they should sound, replayed with the original clips.
     run1 = str(tmp_path / "run1")

@@ -1,4 +1,4 @@
-"""Voice-quality metrics of train_vits.py: MCD-DTW, duration ratio, DNSMOS, ASR CER, and --best_metric."""
+"""voice_quality.py and --best_metric: MCD-DTW, duration ratio, DNSMOS, ASR CER, capped listening samples."""
 
 import json
 import math
@@ -7,23 +7,23 @@ import os
 import librosa
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import load_file
 from speechmos import dnsmos
-from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, \
-    Wav2Vec2Processor
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import models
 import spectrogram
 import speech
 import train_vits
 import voice_quality
+from conftest import quick, tiny_trainer
 from examples.make_release import espeak_clip
 from examples.tiny_model import KURMANJI_VOCAB
 
+
 SR = 16000
-QUICK = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--disc_channels", "64",
-         "--benchmark_samples", "0", "--num_workers", "1", "--warmup_steps", "2", "--d_warmup_steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_epoch_metrics_are_logged_and_best_metric_mcd_keeps_the_lowest(prepared_
     monkeypatch.setattr(voice_quality, "evaluate_quality", patched)
     out = str(tmp_path / "run")
     assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out, "--epochs", "3",
-                    "--eval_clips", "1", "--best_metric", "mcd", "--asr_model", tiny_asr_dir] + QUICK) == 0
+                    "--eval_clips", "1", "--best_metric", "mcd", "--asr_model", tiny_asr_dir] + quick(benchmark_samples=0)) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         epochs = [r for r in map(json.loads, f) if "eval_mcd" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
@@ -172,3 +172,13 @@ def test_epoch_metrics_are_logged_and_best_metric_mcd_keeps_the_lowest(prepared_
     best = load_file(os.path.join(out, "checkpoints", "best_model", "model.safetensors"))
     assert torch.equal(best["text_encoder.embed_tokens.weight"], weights[1])
     assert not torch.equal(weights[1], weights[2])
+
+
+def test_listening_samples_of_a_diverged_model_are_capped(tiny_model_dir, tmp_path):
+    trainer, tokenizer = tiny_trainer(tiny_model_dir), speech.load_tokenizer(tiny_model_dir)
+    # Durations e^6 = 400 frames a token: a 13 s sentence, as a diverging model predicts far longer ones.
+    trainer.model.duration_predictor.register_forward_hook(lambda module, inputs, out: out + 6.0)
+    [path] = voice_quality.synthesise(trainer.model, tokenizer, ["Roj baş."], str(tmp_path), max_seconds=1.0)
+    audio, sr = sf.read(path)
+    tokens = len(tokenizer("Roj baş.").input_ids)
+    assert 0 < len(audio) <= sr + tokens * spectrogram.HOP  # ceil() adds at most a frame per token
