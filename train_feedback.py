@@ -5,7 +5,8 @@ they should sound. This script fine-tunes the voice on those feedback clips, rep
 original training set in every batch (--replay_ratio) so the few clips do not drag the voice away from
 everything else it learned. The input model is never written to: the tuned voice goes to a new folder
 with its discriminator, report.json (validation mel loss on held-out original and feedback clips,
-before and after) and listening samples of every feedback sentence, before and after, side by side.
+before and after, and the verdict: keep or reject) and listening samples of every feedback sentence,
+before and after, side by side. --promote puts a kept tune to use as <data_dir>/voice.
 
 It trains with the same modules as train_vits.py (the training step, preload, AMP, progress bar,
 checkpoints, resume and time budget); every training flag of train_vits.py means the same here.
@@ -24,6 +25,11 @@ Examples:
     python train_feedback.py                                         # 30 minutes, new folder under
                                                                      # training/feedback_models/
     python train_feedback.py --feedback_dir training/sessions/2026-11-25 --target_minutes 10
+
+    # 3. the run ends with its verdict (keep or reject, and why, judged on clips it never trained on);
+    #    a kept tune becomes the current voice, training/voice (the one before it kept in training/voices/)
+    python train_feedback.py --promote training/feedback_models/20261125-210000
+    python train_feedback.py --rollback                              # the previous voice again, exactly
 
     # continue an interrupted feedback run (the newest one under training/feedback_models/)
     python train_feedback.py --resume auto

@@ -348,3 +348,14 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     assert tf.main(["--rollback", "--data_dir", data]) == 0
     assert voices.fingerprint(os.path.join(data, "voice")) == night
     assert [(e["action"], e["version"]) for e in history(data)["events"]] == [("promote", 2), ("rollback", 1)]
+
+
+def test_a_voice_put_in_place_by_hand_becomes_version_1(voices_made, data):
+    shutil.copytree(os.path.join(voices_made["run_a"], "final_model"), os.path.join(data, "voice"))
+    assert voices.current_voice(data) == voices.Path(data, "voice")
+    voices.promote(voices_made["run_b"], data)  # run_b tuned that voice
+    assert same(os.path.join(data, "voices", "001"), os.path.join(voices_made["run_a"], "final_model"))
+    assert same(os.path.join(data, "voice"), os.path.join(voices_made["run_b"], "final_model"))
+    assert outline(data) == (2, [(1, None, None, False), (2, 1, "keep", False)], [("promote", 2)])
+    voices.rollback(data)
+    assert same(os.path.join(data, "voice"), os.path.join(voices_made["run_a"], "final_model"))
