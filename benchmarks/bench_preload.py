@@ -145,7 +145,7 @@ def main(argv=None):
           f"(+{fits['cached'][0]:.1f} s), held {gb(fits['held'][1]):.3f} GB/h, RSS {gb(fits['rss'][1]):.3f} GB/h, "
           f"peak {gb(fits['peak'][1]):.3f} GB/h")
     print(f"\nextrapolated to {TARGET_CLIPS:,} clips / {TARGET_HOURS:.0f} h:")
-    print("| | ours | seed |")
+    print("| | ours | the first train_vits.py's estimate |")
     print("|---|---:|---:|")
     print(f"| RAM held for training | {gb(at('held')):.2f} GB | 5.21 GB + 2-3 GB |")
     print(f"| process RSS after a cached preload | {gb(at('rss')):.2f} GB | |")

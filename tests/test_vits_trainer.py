@@ -138,7 +138,7 @@ def test_overfitting_four_clips_halves_the_mel_loss(tiny_model_dir, tiny_clips):
     four = tiny_clips.subset(range(4))
     before = trainer.evaluate(four, 4)["mel"]
     batch = batch_of(four, 4)
-    for _ in range(60):
+    for _ in range(20):  # it halves by step 10 and is at 0.41 by step 20 (measured)
         assert trainer.train_window([batch]) is not None
     after = trainer.evaluate(four, 4)["mel"]
     assert after <= 0.5 * before, (before, after)
