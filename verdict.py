@@ -117,7 +117,8 @@ def no_worse_guard(name, measure, before, after, pairs, limit, min_held_out):
         status, why = "fail", "the voice got worse on what it knew"
     elif pair["worse_beyond"] > pair["better_beyond"] and pair["p_beyond"] < SURE_P:
         status, why = "fail", (f"{pair['worse_beyond']} of {pair['clips']} clips got worse by more than "
-                               f"{pct(limit)[1:]}, {pair['better_beyond']} better (sign test p={pair['p_beyond']:.2g}): "
+                               f"{pct(limit)[1:]}, {pair['better_beyond']} better "
+                               f"(sign test p={pair['p_beyond']:.2g}): "
                                "the voice got worse on most of what it knew")
     else:
         status, why = "pass", f"{pair['worse']} of {pair['clips']} clips worse ({sureness(pair)})"

@@ -65,8 +65,8 @@ def test_a_tune_better_everywhere_is_kept_and_says_how_sure():
     assert result["tolerances"] == verdict.TOLERANCES
     line = verdict.summary(result)
     assert line == ("verdict: KEEP by the guards: every guard passed on held-out clips (feedback mel -10%, "
-                           "original mel -1%, original MCD-DTW +1.2%, original duration ratio 1.05 -> 1.02); how sure: held-out "
-                           "feedback mel: 1 clip: too few to be sure")
+                           "original mel -1%, original MCD-DTW +1.2%, original duration ratio 1.05 -> 1.02); how sure: "
+                           "held-out feedback mel: 1 clip: too few to be sure")
     # Six held-out clips that all got better are sure (p = 2/64).
     sure = verdict.decide(make_report(feedback=((2.0,) * 6, (1.8,) * 6)))
     assert sure["confidence"] == "held-out feedback mel: sign test p=0.031: sure"
