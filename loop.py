@@ -271,7 +271,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log,
         paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, samples_dir)
         log.audio(f"epoch_{epoch}", paths, trainer.step)
     if args.asr_model:
-        heard = voice_quality.transcribe(paths, args.asr_model)  # every speaker says every sentence
+        heard = voice_quality.transcribe(paths, args.asr_model, args.asr_lang)  # every speaker says every sentence
         record["asr_cer"] = voice_quality.character_error_rate(sentences * (len(paths) // len(sentences)), heard)
     if len(record) > 2:
         log.write(record)

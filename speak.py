@@ -93,7 +93,7 @@ def parse_args(argv):
         readings[symbol] = words.strip()
     args.readings = readings
     args.model_given = args.model is not None
-    args.model = args.model or voices.current_voice(args.data_dir)
+    args.model = args.model or str(voices.current_voice(args.data_dir))
     return args
 
 

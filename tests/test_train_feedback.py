@@ -199,7 +199,7 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     tokenizer = models.load_voice(trained_voice)[1]
     _, vocab = speech.load_vocab(trained_voice)
     clipset, sentences, skipped, listed = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
-                                                           str(tmp_path / "cache"), 1)
+                                                                     str(tmp_path / "cache"), 1)
     assert clipset.names == [GOOD_FEEDBACK[1][0]] and (skipped, listed) == ([], 1)
 
 
@@ -244,3 +244,15 @@ def test_feedback_after_samples_are_the_tuned_voices_speech(tiny_model_dir, tmp_
         assert sr == 16000 and len(after) == len(want) > 0, name
         assert np.abs(after.astype(np.int32) - want).max() <= 2, name
         assert len(before) != len(after) or np.abs(before.astype(np.int32) - after).max() > 100, name
+
+
+def test_a_trimmed_preload_never_takes_an_untrimmed_cache(feedback_dir, tmp_path):
+    entries = [("wav_16k.wav", "roj baş")]
+    cache = str(tmp_path / "cache")
+    whole, _ = clip_data.load_clips(feedback_dir, 16000, cache, 1, audio_subdir="", entries=entries)
+    skipped = []
+    trimmed, _ = clip_data.load_clips(feedback_dir, 16000, cache, 1, audio_subdir="", entries=entries, trim=True,
+                                      skipped=skipped)
+    # The recording has a second of room noise on each side, trimmed only when asked.
+    assert len(trimmed[0][2]) < len(whole[0][2]) - 1.5 * 16000 and skipped == []
+    assert trimmed[0][3].shape[1] == len(trimmed[0][2]) // 256  # its mel is the trimmed audio's
