@@ -13,13 +13,13 @@ gets holds only the texts and the listener's own choices; half the pairs (rounde
 tuned voice as A. The key lives in compare/comparison.json, which the server never sends; it is revealed
 with the result, once every pair is judged. Every choice is saved at once, so reopening continues.
 
-At the end report.json gets "listening" (two-sided exact sign test over the pairs with a preference) and
+At the end report.json gets "listening" (two-sided exact sign test over the pairs with a preference), the
+verdict is decided again with it (verdict.reconsider: a tune the listeners did not prefer is rejected), and
 report.html is rewritten.
 """
 
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -38,6 +38,7 @@ import run_errors
 import run_folder
 import run_report
 import speech
+import verdict
 import voice_quality
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.html")
@@ -49,17 +50,7 @@ KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "go
 
 
 # ----------------------------------------------------------------------------------------------------
-# The result: counts and the sign test.
-
-def sign_test(wins, losses):
-    """Two-sided exact sign test: the chance of a split at least this uneven between two voices that are
-    equally good (each preference a fair coin); ties (no difference) are left out, as the test does."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
-
+# The result: counts and the sign test (verdict.sign_test).
 
 def listening_result(pairs):
     """report.json's "listening" of judged pairs [{text, kind, tuned, choice}]."""
@@ -70,7 +61,7 @@ def listening_result(pairs):
                                  preferred=preferred))
     count = {k: sum(s["preferred"] == k for s in per_sentence) for k in ("tuned", "input", "none")}
     return dict(pairs=len(pairs), tuned_preferred=count["tuned"], input_preferred=count["input"],
-                no_difference=count["none"], p_value=sign_test(count["tuned"], count["input"]),
+                no_difference=count["none"], p_value=verdict.sign_test(count["tuned"], count["input"]),
                 per_sentence=per_sentence)
 
 
@@ -129,15 +120,14 @@ class Comparison:
 
 
 def record_result(run_dir, result):
-    """report.json gets the listening result; report.html shows it."""
-    path = os.path.join(run_dir, feedback_run.REPORT_NAME)
-    report = run_report.read_json(path)
-    report["listening"] = result
-    feedback_run.write_report(path, report)
+    """The verdict decided again with the listening result (verdict.reconsider writes both into report.json),
+    and report.html shows them."""
+    decided = verdict.reconsider(run_dir, result)
     run_report.update(run_dir)
     print(f"blind comparison: tuned voice preferred {result['tuned_preferred']}, input voice "
           f"{result['input_preferred']}, no difference {result['no_difference']} (p = {result['p_value']:.3g}); "
-          f"written to {path}")
+          f"written to {os.path.join(run_dir, feedback_run.REPORT_NAME)}")
+    print(verdict.summary(decided))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -80,7 +80,12 @@ def read_checkpoint(path, mmap=False):
 def checkpoint_progress(path):
     """(step, epoch, batches done) a checkpoint records: how far its run had got, whatever the file dates."""
     state = read_checkpoint(path, mmap=True)  # mmap: only these few values are read from disk
-    return state["trainer"]["step"], state["epoch"], state["batches_done"]
+    try:
+        return int(state["trainer"]["step"]), int(state["epoch"]), int(state["batches_done"])
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        # A stray file under a checkpoint's name (a state dict saved by hand, another tool's file).
+        raise run_errors.TrainingError(f"{path}: not a checkpoint of this script (it records no step, epoch "
+                                       "and batches done)") from err
 
 
 def run_checkpoints(output_dir, skip_unreadable=False):

@@ -2,6 +2,7 @@
 original set to replay and hold out), the batches that mix them, the voice's samples and figures before and
 after, and report.json."""
 
+import hashlib
 import json
 import os
 import random
@@ -273,6 +274,10 @@ def write_recordings(clipset, sampling_rate, out_dir):
         speech.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
 
 
+# The sets never trained on: the verdict judges the tune on these alone.
+HELD_OUT = ("feedback", "original")
+
+
 def report_sets(sets):
     """The clip sets measured before and after: held-out feedback, held-out original, feedback trained on."""
     return dict(feedback=sets.fb_val, original=sets.orig_val, feedback_trained=sets.fb_train)
@@ -285,10 +290,32 @@ def validation_sets(sets):
 
 
 def evaluate_all(trainer, val_sets, args):
-    """Validation loss terms and, with --eval_clips, the voice-quality metrics of every set."""
-    return {name: dict(trainer.evaluate(cs, args.batch_size),
-                       **voice_quality.evaluate_quality(trainer.model, cs, args.eval_clips))
-            if cs is not None and len(cs) else None for name, cs in val_sets.items()}
+    """Validation loss terms and, with --eval_clips, the voice-quality metrics of every set; for the held-out
+    sets also each clip's own figures (per_clip: mel, mcd, dur_ratio), which the verdict pairs before with
+    after (each clip validated alone on its seeded slices, so before and after see the same ones)."""
+    figures = {}
+    for name, cs in val_sets.items():
+        if cs is None or not len(cs):
+            figures[name] = None
+            continue
+        per_clip = voice_quality.quality_per_clip(trainer.model, cs, args.eval_clips)
+        figures[name] = dict(trainer.evaluate(cs, args.batch_size), **voice_quality.summarise_quality(per_clip))
+        if name in HELD_OUT:
+            figures[name]["per_clip"] = dict(mel=[trainer.evaluate(cs.subset([i]), 1)["mel"] for i in range(len(cs))],
+                                             mcd=per_clip["mcd"], dur_ratio=per_clip["dur_ratio"])
+    return figures
+
+
+def model_fingerprint(model_dir):
+    """sha256 of a voice folder's model.safetensors (None for a Hub name): which voice a run tuned."""
+    path = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def measure_before(trainer, tokenizer, sets, eval_sentences, args, speaker, disc_path):
@@ -299,8 +326,8 @@ def measure_before(trainer, tokenizer, sets, eval_sentences, args, speaker, disc
               os.path.join(args.output_dir, "samples", "before"), speaker)
     write_recordings(sets.fb_all, trainer.model.config.sampling_rate,
                      os.path.join(args.output_dir, "samples", "recorded"))
-    report = dict(status="training", model=args.model, discriminator=disc_path, before=before,
-                  before_seconds=time.time() - start)
+    report = dict(status="training", model=args.model, model_sha256=model_fingerprint(args.model),
+                  discriminator=disc_path, before=before, before_seconds=time.time() - start)
     write_report(os.path.join(args.output_dir, REPORT_NAME), report)
     return report
 
@@ -316,6 +343,7 @@ def measure_after(report, trainer, tokenizer, sets, eval_sentences, args, speake
         validation_mel=compare(report["before"], after),
         quality={key: compare(report["before"], after, key) for key in QUALITY_KEYS} if args.eval_clips else {},
         after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps, minutes=minutes,
+        precision=trainer.precision, fp32_from_step=trainer.fp32_from_step,
         feedback=dict(dir=args.feedback_dir, listed=sets.listed, trained=len(sets.fb_train),
                       held_out=len(sets.fb_val), held_out_clips=sets.fb_val.names,
                       skipped=count_reasons(sets.skipped), skipped_clips=sets.skipped),
@@ -327,6 +355,24 @@ def measure_after(report, trainer, tokenizer, sets, eval_sentences, args, speake
                      feedback={sample_name(n): t for n, t in sets.sentences},
                      eval={f"{i:02d}.wav": t for i, t in enumerate(eval_sentences)}))
     return report
+
+
+def intelligibility(sets, eval_sentences, args):
+    """--asr_model's character error rate of the sentences never trained on (the held-out feedback clips'
+    and the evaluation sentences), as the voice spoke them before and after: in all and per sentence."""
+    samples = os.path.join(args.output_dir, "samples")
+    names = [os.path.join("feedback", sample_name(n)) for n in sets.fb_val.names] + [
+        os.path.join("eval", f"{i:02d}.wav") for i in range(len(eval_sentences))]
+    texts = list(sets.fb_val.texts) + list(eval_sentences)
+    heard = {when: voice_quality.transcribe([os.path.join(samples, when, n) for n in names], args.asr_model,
+                                            args.asr_lang) for when in ("before", "after")}
+    return dict(asr_model=args.asr_model, asr_lang=args.asr_lang, sentences=len(texts),
+                before=voice_quality.character_error_rate(texts, heard["before"]),
+                after=voice_quality.character_error_rate(texts, heard["after"]),
+                per_sentence=[dict(text=t, heard_before=b, heard_after=a,
+                                   before=voice_quality.character_error_rate([t], [b]),
+                                   after=voice_quality.character_error_rate([t], [a]))
+                              for t, b, a in zip(texts, heard["before"], heard["after"])])
 
 
 def write_report(path, report):

@@ -116,8 +116,9 @@ class Session:
             raise UploadError(HTTPStatus.BAD_REQUEST, f"text longer than {MAX_TEXT_CHARS} characters")
         _, reason = speech.clean_text(text, self.vocab)
         if reason:
-            raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the voice cannot learn this text ({reason}): "
-                                                               "write numbers as words, use the Latin alphabet")
+            raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the voice cannot learn this text ({reason}): write "
+                                                               "signs without a Kurmanji reading ($, °C, -5) as words, "
+                                                               "use the Latin alphabet")
         audio = decode_upload(data, self.sampling_rate)
         with self.lock:
             # A redo replaces this sentence's earlier correction instead of adding a second one.
@@ -305,6 +306,7 @@ def open_session(folder, args):
         if reason:
             print(f"left out ({reason}): {plain_text(r['text'])}")
         else:
+            r["reads"] = text  # the words the voice says (numbers read out), shown on the page
             speakable.append((r, text))
     if not speakable:
         raise run_errors.TrainingError(f"--listen {folder}: no sentence the voice can say")

@@ -128,12 +128,16 @@ def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default
                   state["d_warmup_steps"])
         if run.batches_done >= len(make_batches(run.epoch)):
             run.epoch, run.batches_done = run.epoch + 1, 0
-        return run, data_key
-    n_val = sum(len(cs) for cs in val_sets.values())
-    d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
-    plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
-    trainer.schedule(plan.total_steps, d_warmup)
-    return Run(plan, d_warmup_steps=d_warmup), data_key
+    else:
+        n_val = sum(len(cs) for cs in val_sets.values())
+        d_warmup = default_d_warmup if args.d_warmup_steps is None else args.d_warmup_steps
+        plan = planning.plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup)
+        trainer.schedule(plan.total_steps, plan.d_warmup_steps)
+        run = Run(plan, d_warmup_steps=plan.d_warmup_steps)
+    # The plan in run_config.json: how many steps, and how many of them train the critic alone.
+    add_run_info(args, dict(planned_steps=run.plan.total_steps, d_warmup_steps=run.d_warmup_steps,
+                            d_warmup_steps_asked=max(run.plan.d_warmup_steps_asked, run.d_warmup_steps)))
+    return run, data_key
 
 
 def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, run, data_key, speaker_table=None):
@@ -156,7 +160,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
         voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
     plan = run.plan
     reason = "done"
-    pace = planning.StepPace(trainer, plan, args, budget, run.d_warmup_steps)
+    pace = planning.StepPace(trainer, plan, args, budget, run)
 
     def checkpoint(epoch, batches_done, tag=""):
         start = time.time()
@@ -212,13 +216,14 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
             run.epoch, run.batches_done = epoch + 1, 0
             train_seconds = time.time() - start
             if distributed.is_main_process() and budget.end_of_epoch_fits():
+                began = budget.used()
                 try:
                     end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log, speaker_table)
                 except torch.OutOfMemoryError:
                     trainer.free_gpu_memory()
                     tqdm.write(f"epoch {epoch}: out of GPU memory in validation or the listening samples: skipped "
                                "this time, the training goes on")
-                budget.end_of_epoch_seconds = time.time() - start - train_seconds
+                budget.end_of_epoch_seconds = budget.used() - began
             distributed.barrier()  # the other ranks wait for rank 0's validation and samples
             print(f"epoch {epoch}: {len(batches) - skip} batches in {train_seconds / 60:.1f} min, "
                   f"step {trainer.step}, {trainer.skipped_steps} non-finite steps skipped so far")
@@ -277,7 +282,7 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log,
         paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, samples_dir)
         log.audio(f"epoch_{epoch}", paths, trainer.step)
     if args.asr_model:
-        heard = voice_quality.transcribe(paths, args.asr_model)  # every speaker says every sentence
+        heard = voice_quality.transcribe(paths, args.asr_model, args.asr_lang)  # every speaker says every sentence
         record["asr_cer"] = voice_quality.character_error_rate(sentences * (len(paths) // len(sentences)), heard)
     if len(record) > 2:
         log.write(record)
@@ -304,3 +309,13 @@ def save_run_info(args, extra):
         pass
     run_folder.write_atomically(os.path.join(args.output_dir, "run_config.json"),
                                 json.dumps(info, indent=2, default=str), durable=False)
+
+
+def add_run_info(args, facts):
+    """Add `facts` (the plan's) to the run_config.json save_run_info wrote (rank 0)."""
+    if not distributed.is_main_process():
+        return
+    path = os.path.join(args.output_dir, "run_config.json")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    run_folder.write_atomically(path, json.dumps(dict(info, **facts), indent=2, default=str), durable=False)

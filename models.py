@@ -102,6 +102,23 @@ def replace_dir(tmp_dir, final_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# The files that make a voice folder VitsModel.from_pretrained and its tokenizer load.
+VOICE_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json")
+
+
+def voice_missing(folder, files=VOICE_FILES):
+    """What keeps `folder` from being a whole voice ("model.safetensors was not written", ...), or None."""
+    for name in files:
+        if not os.path.isfile(os.path.join(folder, name)) or not os.path.getsize(os.path.join(folder, name)):
+            return f"{name} was not written"
+    try:
+        with safetensors.safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+            weights.keys()
+    except Exception as err:  # SafetensorError: the file was cut short
+        return f"model.safetensors came out incomplete ({err})"
+    return None
+
+
 def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
     """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt (+ speakers.json naming
     the speaker ids of a multi-speaker voice, from speakers.choose_speakers's table), atomically.
@@ -136,21 +153,11 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
             doing = "while writing speakers.json"
             speakers.write_table(tmp, speaker_table)
         doing = "after writing the new model"  # a writer that swallowed its error must not replace a good model
-        for name in ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "discriminator.pt"):
-            if not os.path.isfile(os.path.join(tmp, name)) or not os.path.getsize(os.path.join(tmp, name)):
-                raise OSError(errno.EIO, f"{name} was not written")
-        try:
-            with safetensors.safe_open(os.path.join(tmp, "model.safetensors"), "pt") as weights:
-                weights.keys()
-        except Exception as err:  # SafetensorError: the file was cut short
-            raise OSError(errno.EIO, f"model.safetensors came out incomplete ({err})") from None
+        missing = voice_missing(tmp, VOICE_FILES + ("discriminator.pt",))
+        if missing:
+            raise OSError(errno.EIO, missing)
         doing = "while flushing the new model to disk"
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDWR)  # Windows: fsync needs a handle open for writing
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        run_folder.sync_files(tmp)
         doing = "while putting the new model in place"
         replace_dir(tmp, out_dir)
     except BaseException as err:
@@ -321,8 +328,11 @@ def find_discriminator(choice, model):
                 why = f"{MMS_CHECKPOINTS}/{filename} is not in the Hugging Face cache and the Hub is offline"
             except (hub_errors.EntryNotFoundError, hub_errors.RepositoryNotFoundError):
                 why = f"MMS publishes no critic for this voice ({MMS_CHECKPOINTS}/{filename} is not on the Hub)"
-            except OSError as err:  # the Hub unreachable, a full disk
-                why = f"{MMS_CHECKPOINTS}/{filename} could not be fetched ({type(err).__name__})"
+            except Exception as err:  # noqa: BLE001 - the Hub unreachable or cut off mid-download (httpx's
+                # errors are no OSError), a full disk, a read-only cache: auto never stops the run over it.
+                cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                why = (f"{MMS_CHECKPOINTS}/{filename} could not be fetched or cached ({type(err).__name__}"
+                       + (f": {cause}" if cause else "") + ")")
     return None, f"critic: a fresh one, trained alone first ({why})"
 
 

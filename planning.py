@@ -27,6 +27,10 @@ class Plan:
     steps_per_epoch: int
     samples_per_s: float | None = None  # measured by the benchmark; None where --epochs or --max_steps gave it
     d_only_samples_per_s: float | None = None  # the critic-only steps', where they were measured apart
+    # The fresh critic's solo warm-up as planned, and as asked for before critic_warmup kept it to its share
+    # of the steps (the run's own count, Run.d_warmup_steps, is what a --max_steps re-plan leaves of it).
+    d_warmup_steps: int = 0
+    d_warmup_steps_asked: int = 0
     # A re-planned schedule: the generator's and the critic's [step, LR factor] its cosine decays from.
     decay_from: list | None = None
 
@@ -39,7 +43,8 @@ class Budget:
     def __init__(self, seconds, used_before=0.0):
         self.seconds, self.used_before, self.start = seconds, used_before, time.time()
         self.save_seconds = [5.0]  # every checkpoint's time so far, a guess before the first
-        self.end_of_epoch_seconds = 0.0  # validation + listening samples, as last measured
+        # Validation + listening samples, as last measured; before the first, the plan's estimate, or a guess.
+        self.end_of_epoch_seconds = EPOCH_OVERHEAD_S
 
     def used(self):
         return self.used_before + time.time() - self.start
@@ -177,19 +182,39 @@ def steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s, d_warmup,
     return steps
 
 
+# At most this share of a run's planned steps trains the fresh critic alone: a short budget whose steps
+# would all fall inside the solo warm-up would end "done" with the voice untouched.
+CRITIC_WARMUP_SHARE = 0.5
+
+
+def critic_warmup(asked, steps_for):
+    """The critic's solo steps: `asked`, shortened to at most CRITIC_WARMUP_SHARE of the run's steps.
+
+    steps_for(warmup) -> the steps the run plans with that many solo steps (more solo steps may fit more:
+    they are faster). A shorter warm-up fits fewer steps, so it is shortened until it is within its share."""
+    warmup = asked
+    while warmup > int(CRITIC_WARMUP_SHARE * steps_for(warmup)):
+        warmup = int(CRITIC_WARMUP_SHARE * steps_for(warmup))
+    return warmup
+
+
 def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0):
     """Size the run and its LR schedule: --epochs or --max_steps as given (the deadline still holds, and
     fit re-plans a --max_steps run the budget cannot hold); otherwise benchmark both kinds of step the run
-    will do, within a small share of the budget, and plan the steps that fit it. Prints the plan."""
+    will do, within a small share of the budget, and plan the steps that fit it. A fresh critic's solo
+    warm-up of `d_warmup` steps is kept to its share of the plan (critic_warmup), said in one line where it
+    is shortened. Prints the plan."""
     windows = make_batches(1)
     world = distributed.world_size()
     step_samples = [world * sum(len(b) for b in windows[i:i + args.grad_accum])
                     for i in range(0, len(windows), args.grad_accum)]
     steps_per_epoch = len(step_samples)
     samples_per_s = d_only_per_s = None
+    asked_warmup = d_warmup
     if args.epochs or args.max_steps:
         epochs = args.epochs or math.ceil(args.max_steps / steps_per_epoch)
         total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+        d_warmup = critic_warmup(d_warmup, lambda warmup: total_steps)
     else:
         share = BENCHMARK_SHARE * budget.left() / (2 if d_warmup else 1)
         first = make_batches(0)
@@ -206,26 +231,35 @@ def plan_run(trainer, train_sets, make_batches, n_val, args, budget, d_warmup=0)
                 benchmark_throughput(trainer, bench, args.grad_accum, max(1, args.benchmark_samples // 4),
                                      d_only=True, max_seconds=share), "min")
         end_of_epoch_s = n_val / (3 * samples_per_s) + EPOCH_OVERHEAD_S
+        budget.end_of_epoch_seconds = end_of_epoch_s
         # What is kept back for the last checkpoint and the final model is no time to train in.
-        total_steps = steps_that_fit(budget.left() - budget.reserve(), step_samples, samples_per_s,
-                                     d_only_per_s or samples_per_s, d_warmup, end_of_epoch_s)
+        seconds = budget.left() - budget.reserve()
+        d_warmup = critic_warmup(d_warmup, lambda warmup: steps_that_fit(
+            seconds, step_samples, samples_per_s, d_only_per_s or samples_per_s, warmup, end_of_epoch_s))
+        total_steps = steps_that_fit(seconds, step_samples, samples_per_s, d_only_per_s or samples_per_s, d_warmup,
+                                     end_of_epoch_s)
         if total_steps == 0:
             raise run_errors.TrainingError(
                 f"--target_hours {args.target_hours:g}: the {budget.left():.0f} s of budget left hold no training "
                 f"step ({step_samples[0] / samples_per_s:.1f} s each, measured): give a longer budget")
         epochs = math.ceil(total_steps / steps_per_epoch)
         epoch_s = sum(step_samples) / samples_per_s
-        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s else ""
+        warm = f" ({d_only_per_s:.2f} in the {d_warmup} discriminator-only steps)" if d_only_per_s and d_warmup else ""
         print(f"plan: {samples_per_s:.2f} samples/s{warm}, {epoch_s / 60:.1f} min/epoch "
               f"({(epoch_s + end_of_epoch_s) / 60:.1f} with validation and saving), {total_steps} steps = "
               f"{total_steps / steps_per_epoch:.2f} epochs, finishing about "
               f"{time.strftime('%H:%M', time.localtime(time.time() + budget.left()))}")
+    if d_warmup < asked_warmup:
+        print(f"plan: the critic's solo warm-up is shortened from {asked_warmup} to {d_warmup} steps, "
+              f"{CRITIC_WARMUP_SHARE:.0%} of the {total_steps} planned at most, so the voice itself trains "
+              f"{total_steps - d_warmup} steps")
     if world > 1:
         print(f"torchrun: {world} processes x --batch_size {args.batch_size} x --grad_accum {args.grad_accum} "
               f"= global batch of {world * args.batch_size * args.grad_accum} clips, "
               f"{steps_per_epoch} optimizer steps per epoch")
     return Plan(epochs=epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s)
+                samples_per_s=samples_per_s, d_only_samples_per_s=d_only_per_s, d_warmup_steps=d_warmup,
+                d_warmup_steps_asked=asked_warmup)
 
 
 def with_batch(args, batch_size, grad_accum):
@@ -259,12 +293,13 @@ def resize_plan(trainer, plan, epochs, max_steps, d_warmup_steps=0):
 class StepPace:
     """A --max_steps run has no benchmark: its first real steps tell the pace. Where the budget would end
     before the last step, the plan ends where the budget does (the learning rate decays to 0 there, from
-    where it is, never up), instead of the deadline cutting the schedule short."""
+    where it is, never up), instead of the deadline cutting the schedule short; and a fresh critic's solo
+    warm-up (run.d_warmup_steps) is kept to its share of the steps left (critic_warmup)."""
 
     MEASURED_STEPS = 4  # after the first, whose start-up costs are no pace
 
-    def __init__(self, trainer, plan, args, budget, d_warmup_steps):
-        self.trainer, self.plan, self.budget, self.d_warmup_steps = trainer, plan, budget, d_warmup_steps
+    def __init__(self, trainer, plan, args, budget, run):
+        self.trainer, self.plan, self.budget, self.run = trainer, plan, budget, run
         self.watching = bool(args.max_steps) and not args.epochs and plan.samples_per_s is None
         self.seconds = []
 
@@ -284,7 +319,14 @@ class StepPace:
             tqdm.write(f"plan: {step_s:.2f} s a step, {plan.total_steps} steps, finishing about {finish}")
             return
         total, asked = trainer.step + max(0, int(seconds / step_s)), plan.total_steps
+        # The solo steps already taken stay taken.
+        warmup = max(min(trainer.step, self.run.d_warmup_steps),
+                     critic_warmup(self.run.d_warmup_steps, lambda _: total))
+        if warmup < self.run.d_warmup_steps:
+            tqdm.write(f"plan: the critic's solo warm-up is shortened from {self.run.d_warmup_steps} to {warmup} "
+                       f"steps, so the voice itself trains {total - warmup} steps")
+            self.run.d_warmup_steps = warmup
         plan.total_steps, plan.epochs = total, max(1, math.ceil(total / plan.steps_per_epoch))
-        plan.decay_from = trainer.replan(total, self.d_warmup_steps)
+        plan.decay_from = trainer.replan(total, warmup)
         tqdm.write(f"plan: {step_s:.2f} s a step: the budget holds {total} of the {asked} steps asked for; the "
                    f"learning rate now decays to 0 at step {total}")

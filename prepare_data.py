@@ -362,9 +362,9 @@ def select_speakers(clips, speakers, top_speakers):
 
 
 def vote_count(row, column):
-    """The row's vote count (an empty field counts 0), or None when it is not a number."""
+    """The row's vote count (an empty or blank field counts 0), or None when it is not a number."""
     try:
-        return int(float(row.get(column) or 0))
+        return int(float((row.get(column) or "").strip() or 0))
     except ValueError:
         return None
 
@@ -407,7 +407,8 @@ def choose_clips(args, rows, malformed, vocab):
     candidates, seen = [], set()
     for clip in clips:
         # The first row of a clip wins, whatever its text (as in train_vits.py and train_feedback.py).
-        text, reason = (None, "duplicate") if clip.name in seen else speech.clean_text(clip.text, vocab, repairs)
+        text, reason = ((None, "duplicate") if clip.name in seen
+                        else speech.clean_text(clip.text, vocab, repairs, numbers=not args.drop_digits))
         seen.add(clip.name)
         if reason:
             dropped[reason] += 1
@@ -692,8 +693,8 @@ def parse_args(argv):
     parser.add_argument("--audio_column", default=None,
                         help="Hugging Face dataset column holding the audio. (default: audio, else path)")
     parser.add_argument("--text_column", default=None,
-                        help="Hugging Face dataset column holding the text. (default: the first of "
-                             f"{', '.join(TEXT_COLUMNS)})")
+                        help="Column holding the text, of a Hugging Face dataset or a Common Voice TSV; used even "
+                             f"where another text column exists. (default: the first of {', '.join(TEXT_COLUMNS)})")
     parser.add_argument("--min_duration", type=float, default=1.0, help="Shortest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--max_duration", type=float, default=15.0, help="Longest clip kept, seconds after trimming. (default: %(default)s)")
     parser.add_argument("--min_chars_per_second", type=float, default=4.0,
@@ -715,6 +716,9 @@ def parse_args(argv):
                              "every clip of the list, e.g. all Common Voice validated)")
     parser.add_argument("--max_downvotes", type=int, default=None, metavar="N",
                         help="Only clips with at most N down-votes (Common Voice down_votes). (default: no limit)")
+    parser.add_argument("--drop_digits", action="store_true",
+                        help="Drop transcripts written with digits, as before numbers were read. (default: read "
+                             "them as Kurmanji words, 25 as bîst û pênc, counted under texts repaired)")
     parser.add_argument("--no_trim", action="store_true", help="Keep leading and trailing silence. (default: trim it)")
     parser.add_argument("--trim_db", type=float, default=40.0,
                         help="Trim edges quieter than this many dB below the clip's loudest part. (default: %(default)s)")
@@ -774,6 +778,10 @@ def prepare(args):
             source, header, rows, malformed = open_input(args.input, args.tsv)
     except (csv.Error, UnicodeDecodeError, OSError) as err:
         fail(f"cannot read the clip list of {args.input}: {err}")
+    if args.text_column and source.kind != "hf_dataset":  # (a dataset's rows were read from that column)
+        if args.text_column not in header:
+            fail(f"--text_column {args.text_column}: {args.input} has no such column (found: {', '.join(header)})")
+        rows = [dict(row, sentence=row[args.text_column]) for row in rows]
     missing_columns = [c for c in ("path", "sentence") if c not in header]
     if missing_columns:
         fail(f"{args.tsv} has no {', '.join(missing_columns)} column (found: {', '.join(header) or 'nothing'})")

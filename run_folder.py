@@ -234,6 +234,18 @@ def write_atomically(path, data, durable=True):
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def sync_files(folder):
+    """Flush every file directly in `folder` to disk (before a rename makes the folder the real one)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDWR)  # Windows: fsync needs a handle open for writing
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def remove_stale_temps(folder):
     """Delete temp files and folders (temp_name) in `folder` whose writing process has ended."""
     if not os.path.isdir(folder):

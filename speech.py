@@ -17,6 +17,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
+import kurmanji_text
 import run_folder
 
 SAMPLE_RATE = 16000
@@ -175,13 +176,25 @@ def repair_letters(text, vocab, repairs):
     return "".join(out)
 
 
-def clean_text(text, vocab, repairs=None):
+def clean_text(text, vocab, repairs=None, numbers=True):
     """Normalise `text` for the voice; return (text, None) or (None, reason) when it cannot be spoken.
 
-    The repairs made to a text that can be spoken are added to the Counter `repairs`, when given.
+    Numbers written with digits are read as Kurmanji words (kurmanji_text) first, so every text that meets
+    the voice (training, feedback, the listening page, speak.py) says "25" as bîst û pênc; a number or symbol
+    with no agreed reading is "unreadable_number". numbers=False keeps digits, which then make the text
+    unspeakable ("digits"). The repairs made to a text that can be spoken are added to the Counter `repairs`,
+    when given.
     """
     found = Counter()
     text = unicodedata.normalize("NFC", text)
+    if numbers:
+        try:
+            read = kurmanji_text.normalize(text)
+        except kurmanji_text.Unreadable:
+            return None, "unreadable_number"
+        if read != text and any(ch.isdigit() for ch in text):
+            found["numbers read as words"] += 1
+        text = read
     # Lowercase what the vocab lacks, as VitsTokenizer(normalize=True) does.
     text = "".join(ch if ch in vocab else ch.lower() for ch in text)
     text = text.replace(COMBINING_DOT_ABOVE, "")
@@ -314,3 +327,12 @@ def write_wav(path, audio, sampling_rate, durable=False):
     buffer = io.BytesIO()
     sf.write(buffer, audio, sampling_rate, subtype="PCM_16", format="WAV")
     run_folder.write_atomically(path, buffer.getvalue(), durable=durable)
+
+
+def join_sentences(clips, sampling_rate, pause):
+    """Sentences one after another with `pause` seconds of silence between them (none around a single one)."""
+    gap = np.zeros(int(round(pause * sampling_rate)), dtype=np.float32)
+    parts = []
+    for i, clip in enumerate(clips):
+        parts += [gap, clip] if i else [clip]
+    return np.concatenate(parts).astype(np.float32)

@@ -5,7 +5,8 @@ they should sound. This script fine-tunes the voice on those feedback clips, rep
 original training set in every batch (--replay_ratio) so the few clips do not drag the voice away from
 everything else it learned. The input model is never written to: the tuned voice goes to a new folder
 with its discriminator, report.json (validation mel loss on held-out original and feedback clips,
-before and after) and listening samples of every feedback sentence, before and after, side by side.
+before and after, and the verdict: keep or reject) and listening samples of every feedback sentence,
+before and after, side by side. --promote puts a kept tune to use as <data_dir>/voice.
 
 It trains with the same modules as train_vits.py (the training step, preload, AMP, progress bar,
 checkpoints, resume and time budget); every training flag of train_vits.py means the same here.
@@ -24,6 +25,11 @@ Examples:
     python train_feedback.py                                         # 30 minutes, new folder under
                                                                      # training/feedback_models/
     python train_feedback.py --feedback_dir training/sessions/2026-11-25 --target_minutes 10
+
+    # 3. the run ends with its verdict (keep or reject, and why, judged on clips it never trained on);
+    #    a kept tune becomes the current voice, training/voice (the one before it kept in training/voices/)
+    python train_feedback.py --promote training/feedback_models/20261125-210000
+    python train_feedback.py --rollback                              # the previous voice again, exactly
 
     # continue an interrupted feedback run (the newest one under training/feedback_models/)
     python train_feedback.py --resume auto
@@ -56,8 +62,10 @@ import run_report
 import speakers
 import speech
 import training_flags
+import verdict
 import vits_trainer
 import voice_quality
+import voices
 
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
 SESSIONS_DIR = os.path.join("training", "sessions")
@@ -68,7 +76,7 @@ SESSIONS_DIR = os.path.join("training", "sessions")
 
 def build_parser():
     p = training_flags.build_parser(__doc__)
-    p.set_defaults(model=os.path.join("training", "final_model"), lr=1e-5, warmup_steps=20, output_dir=None,
+    p.set_defaults(model=None, lr=1e-5, warmup_steps=20, output_dir=None,
                    target_hours=None, val_size=100, benchmark_samples=50)
     g = p.add_argument_group("feedback")
     g.add_argument("--feedback_dir", default=feedback_run.DEFAULT_FEEDBACK_DIR,
@@ -121,6 +129,30 @@ def build_parser():
     g.add_argument("--allowed_host", action="append", default=None, metavar="NAME",
                    help="With --allow_remote: one more name the page may be opened under, such as a DNS name "
                         "or alias of this machine (repeatable). Requests naming any other host are refused.")
+    g = p.add_argument_group("verdict (on held-out clips only: the tune is kept only if it is better)")
+    g.add_argument("--max_worse_mel", type=float, default=verdict.TOLERANCES["max_worse_mel"],
+                   help="How much worse the held-out original clips' mel L1 may get, as a share (0.03: 3%%), by "
+                        "its mean or by a sure majority of clips, before the verdict is reject.")
+    g.add_argument("--max_worse_mcd", type=float, default=verdict.TOLERANCES["max_worse_mcd"],
+                   help="The same for their MCD-DTW (needs --eval_clips).")
+    g.add_argument("--max_dur_drift", type=float, default=verdict.TOLERANCES["max_dur_drift"],
+                   help="How much further from 1 their duration ratio (spoken / recorded) may move.")
+    g.add_argument("--max_worse_cer", type=float, default=verdict.TOLERANCES["max_worse_cer"],
+                   help="With --asr_model: how much the character error rate of the held-out and evaluation "
+                        "sentences may rise (0.02: 2 points).")
+    g.add_argument("--min_held_out", type=int, default=verdict.TOLERANCES["min_held_out"],
+                   help="Fewest held-out clips a guard needs to judge; with fewer the verdict is reject and says "
+                        "so.")
+    g = p.add_argument_group("the voice in use (<data_dir>/voice, its versions in <data_dir>/voices)")
+    g.add_argument("--promote", default=None, metavar="RUN_DIR",
+                   help="Only make RUN_DIR/final_model the current voice, <data_dir>/voice (atomically; the one it "
+                        "replaces is kept in <data_dir>/voices/NNN, the history in <data_dir>/voices.json), then "
+                        "exit. A run whose verdict is reject is refused with its reasons.")
+    g.add_argument("--rollback", action="store_true",
+                   help="Only make the version the current voice replaced current again (the same files), then "
+                        "exit.")
+    g.add_argument("--force", action="store_true",
+                   help="With --promote: promote a run the verdict rejected (recorded in voices.json).")
     # The new run folder is only decided after parsing (a timestamp, or the run --resume names).
     for action in p._actions:
         if action.dest == "output_dir":
@@ -129,7 +161,9 @@ def build_parser():
         elif action.dest == "target_hours":
             action.help = "Wall-clock budget in hours, instead of --target_minutes."
         elif action.dest == "model":
-            action.help = "The trained voice to improve (a folder, or a Hub name); it is only read."
+            action.help = ("The trained voice to improve (a folder, or a Hub name); it is only read. (default: "
+                           "the current voice, <data_dir>/voice once a run was promoted, else "
+                           "<data_dir>/final_model)")
     return p
 
 
@@ -193,6 +227,34 @@ def parse_args(argv=None):
         args.target_hours = args.target_minutes / 60
     elif args.target_hours is None:
         args.target_hours = 0.5
+    if args.promote is not None or args.rollback:
+        if args.listen is not None or args.make_session or args.compare is not None or \
+                (args.promote is not None and args.rollback):
+            parser.error("--promote, --rollback, --compare, --listen and --make_session are separate jobs: give one")
+        if args.promote is not None and not os.path.isdir(args.promote):
+            parser.error(f"--promote: no run folder at {args.promote}")
+        return args
+    if args.force:
+        parser.error("--force goes with --promote")
+    for name in ("max_worse_mel", "max_worse_mcd", "max_dur_drift", "max_worse_cer"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if args.min_held_out < 1:
+        parser.error(f"--min_held_out must be at least 1, got {args.min_held_out}")
+    if args.compare is not None:
+        if args.listen is not None or args.make_session:
+            parser.error("--compare serves a page of its own: give it without --listen or --make_session")
+        if not os.path.isdir(args.compare):
+            parser.error(f"--compare: no run folder at {args.compare}")
+        args.output_dir = args.compare
+        check_host_args(parser, args)
+        training_flags.check_args(parser, args)
+        return args  # both voices come from the run's own report.json
+    if args.model is None:
+        try:
+            args.model = str(voices.current_voice(args.data_dir))
+        except run_errors.TrainingError as err:
+            parser.error(str(err))
     if not 0 <= args.replay_ratio < 1:
         parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "
                      f"got {args.replay_ratio}")
@@ -204,13 +266,6 @@ def parse_args(argv=None):
         if args.make_session:
             parser.error("give --make_session or --listen, not both (--listen makes the kit itself)")
         check_listen_args(parser, args)
-    if args.compare is not None:
-        if args.listen is not None or args.make_session:
-            parser.error("--compare serves a page of its own: give it without --listen or --make_session")
-        if not os.path.isdir(args.compare):
-            parser.error(f"--compare: no run folder at {args.compare}")
-        args.output_dir = args.compare
-        check_host_args(parser, args)
     if args.output_dir is None:
         if args.make_session or args.listen:
             args.output_dir = new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
@@ -226,7 +281,7 @@ def parse_args(argv=None):
             args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
     # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
     # samples/ and a cache under output_dir, so the two folders may not overlap either way.
-    if args.compare is None and os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
+    if os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
         parser.error(f"--output_dir {args.output_dir} overlaps --model {args.model}: the input model is never "
                      "written to; choose a new folder (the default is a new one under training/feedback_models)")
     training_flags.check_args(parser, args)
@@ -245,6 +300,12 @@ def main(argv=None):
             return 0
         if args.compare is not None:
             blind_compare.serve(args.compare, args, SESSIONS_DIR)
+            return 0
+        if args.promote is not None:
+            voices.promote(args.promote, args.data_dir, args.force)
+            return 0
+        if args.rollback:
+            voices.rollback(args.data_dir)
             return 0
         lock = run_folder.claim_output_dir(args, "train_feedback")
         if args.make_session:
@@ -309,9 +370,21 @@ def main(argv=None):
         feedback_run.measure_after(report, trainer, tokenizer, sets, eval_sentences, args, speaker, reason,
                                    round(budget.used() / 60, 2),
                                    feedback_run.items_per_epoch(make_batches, sets.fb_train))
+        if args.asr_model:
+            report["intelligibility"] = feedback_run.intelligibility(sets, eval_sentences, args)
+
+        # 8. The verdict, on held-out clips only: keep the tune, or reject it and say why.
+        report["verdict"] = verdict.decide(report, **{k: getattr(args, k) for k in verdict.TOLERANCES})
         feedback_run.write_report(report_path, report)
         run_report.update(args.output_dir)
         feedback_run.print_report(report, report_path)
+        print(verdict.summary(report["verdict"]))
+        for line in report["verdict"]["reasons"]:
+            print(f"  {line}")
+        print(f"put it to use with: python train_feedback.py --promote {args.output_dir}"
+              + (f" --data_dir {args.data_dir}" if args.data_dir != "training" else "")
+              + (" (refused unless --force: the verdict is reject)" if report["verdict"]["decision"] == "reject"
+                 else ""))
     except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
         return run_errors.report_fatal(err, args.output_dir)
     finally:

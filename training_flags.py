@@ -9,6 +9,8 @@ import re
 import planning
 import speakers
 
+ASR_LANG = "kmr-script_latin"  # the voice's language, as MMS names it
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the docstring's example layout and shows each flag's default, unless its help says it."""
@@ -109,7 +111,13 @@ def build_parser(description):
                         "or DNSMOS OVRL (highest).")
     g.add_argument("--asr_model", default=None,
                    help="CTC speech recogniser (Hugging Face name or local folder) that transcribes the listening "
-                        "samples every epoch; their character error rate is logged as asr_cer. Off by default.")
+                        "samples every epoch; their character error rate is logged as asr_cer (train_feedback.py: "
+                        "and judges the tune's verdict). Off by default. The multilingual MMS recogniser works as "
+                        "it is published: --asr_model facebook/mms-1b-all with --asr_lang.")
+    g.add_argument("--asr_lang", default=ASR_LANG,
+                   help="The language of a multilingual --asr_model (MMS: its adapter and vocabulary, as "
+                        "target_lang chooses them); ignored by a recogniser of one language. (default: "
+                        "%(default)s, the voice's language; '' keeps the model's own)")
     return p
 
 

@@ -495,10 +495,17 @@ class VitsTrainer:
             for items in clip_data.bucket_batches([clipset.frames(i) for i in range(len(clipset))], batch_size, 0):
                 batch = clip_data.to_device(clip_data.collate([(clipset, i) for i in items], self.args.segment_frames),
                                             self.device)
-                with self.autocast():
-                    out = objective.generator_forward(self.model, batch, self.args.segment_frames)
-                terms = dict(mel=objective.mel_slice_loss(out, self.sampling_rate).item(), kl=out["loss_kl"].item(),
-                             dur=out["loss_dur"].item())
+                try:
+                    with self.autocast():
+                        out = objective.generator_forward(self.model, batch, self.args.segment_frames)
+                    terms = dict(mel=objective.mel_slice_loss(out, self.sampling_rate).item(),
+                                 kl=out["loss_kl"].item(), dur=out["loss_dur"].item())
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError):
+                    # A diverged model feeds inf/NaN to the duration spline or MAS, which raise (as in a
+                    # training step): its figures are NaN, for the report and the verdict to say so.
+                    terms = dict(mel=math.nan, kl=math.nan, dur=math.nan)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0.0) + v * len(items)
                 count += len(items)

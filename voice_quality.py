@@ -150,27 +150,43 @@ def evaluate_quality(model, clipset, n_clips):
     """Mean MCD-DTW, duration ratio (mean and spread) and DNSMOS of the first n_clips held-out clips,
     each spoken from its token ids alone with the same noise every epoch, by its own speaker in a
     multi-speaker voice (whose MCD is also given per speaker: mcd_speaker_<id>)."""
+    return summarise_quality(quality_per_clip(model, clipset, n_clips))
+
+
+def summarise_quality(clips):
+    """evaluate_quality's figures from quality_per_clip's lists ({} for no clips)."""
+    if not clips["mcd"]:
+        return {}
+    by_speaker = {}
+    for speaker, mcd in zip(clips["speaker"], clips["mcd"]):
+        if speaker is not None:
+            by_speaker.setdefault(speaker, []).append(mcd)
+    return dict(mcd=float(np.mean(clips["mcd"])), dur_ratio=float(np.mean(clips["dur_ratio"])),
+                dur_ratio_std=float(np.std(clips["dur_ratio"])),
+                **{k: float(np.mean(clips[k])) for k in ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl")},
+                **{f"mcd_speaker_{k}": float(np.mean(v)) for k, v in sorted(by_speaker.items())})
+
+
+def quality_per_clip(model, clipset, n_clips):
+    """{"mcd", "dur_ratio", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "speaker"}: one value per clip of the
+    first n_clips, each spoken from its token ids alone with noise seeded by its place (the same every time)."""
     was_training = model.training
     model.eval()
     sampling_rate = model.config.sampling_rate
-    mcds, ratios, scores, by_speaker = [], [], [], {}
+    clips = dict(mcd=[], dur_ratio=[], dnsmos_sig=[], dnsmos_bak=[], dnsmos_ovrl=[], speaker=[])
     for i in range(min(n_clips, len(clipset))):
         real = clipset.audio[i].astype(np.float32) / 32768.0
         speaker = clipset.speaker_ids[i] if clipset.speaker_ids else None
         synth = speak_ids(model, clipset.tokens[i], MAX_DURATION_RATIO * len(real) / spectrogram.HOP, seed=i,
                           speaker_id=speaker)
         mcd, ratio = compare_to_recording(synth, real, sampling_rate)
-        mcds.append(mcd)
-        ratios.append(ratio)
-        scores.append(dnsmos_scores(synth, sampling_rate))
-        if speaker is not None:
-            by_speaker.setdefault(speaker, []).append(mcd)
+        clips["mcd"].append(mcd)
+        clips["dur_ratio"].append(ratio)
+        for key, value in dnsmos_scores(synth, sampling_rate).items():
+            clips[key].append(value)
+        clips["speaker"].append(speaker)
     model.train(was_training)
-    if not mcds:
-        return {}
-    return dict(mcd=float(np.mean(mcds)), dur_ratio=float(np.mean(ratios)), dur_ratio_std=float(np.std(ratios)),
-                **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
-                **{f"mcd_speaker_{k}": float(np.mean(v)) for k, v in sorted(by_speaker.items())})
+    return clips
 
 
 def quality_prefix(set_name):
@@ -188,20 +204,35 @@ def selection_score(record, set_name, metric):
 
 
 @functools.lru_cache(maxsize=1)
-def load_asr(name_or_dir):
-    """A CTC recogniser and its processor (e.g. MMS ASR saved with its Kurmanji adapter), on the CPU."""
+def load_asr(name_or_dir, lang=None):
+    """A CTC recogniser and its processor, on the CPU. A multilingual MMS model (facebook/mms-1b-all: adapter
+    layers, a vocabulary per language) gets the adapter and vocabulary of `lang` (e.g. kmr-script_latin, as
+    `target_lang` / `load_adapter` choose them); a model saved with one language baked in is used as it is."""
     try:
         processor = AutoProcessor.from_pretrained(name_or_dir)
         model = AutoModelForCTC.from_pretrained(name_or_dir).eval()
     except OSError as err:
         raise run_errors.TrainingError(f"--asr_model {name_or_dir}: cannot load a CTC model and processor "
                                        f"({err})") from err
+    vocab = getattr(processor.tokenizer, "vocab", None)
+    multilingual = isinstance(vocab, dict) and vocab and all(isinstance(v, dict) for v in vocab.values())
+    if lang and multilingual:
+        if lang not in vocab:
+            raise run_errors.TrainingError(f"--asr_lang {lang}: {name_or_dir} has no vocabulary for it (it has "
+                                           f"{len(vocab)} languages, e.g. {', '.join(sorted(vocab)[:5])})")
+        processor.tokenizer.set_target_lang(lang)
+        if getattr(model.config, "adapter_attn_dim", None):
+            try:
+                model.load_adapter(lang)
+            except (OSError, ValueError) as err:
+                raise run_errors.TrainingError(f"--asr_lang {lang}: cannot load the adapter of {name_or_dir} "
+                                               f"({str(err).splitlines()[0]})") from err
     return processor, model
 
 
 @torch.no_grad()
-def transcribe(paths, asr_model):
-    processor, model = load_asr(asr_model)
+def transcribe(paths, asr_model, lang=None):
+    processor, model = load_asr(asr_model, lang)
     sampling_rate = processor.feature_extractor.sampling_rate
     texts = []
     for path in paths:

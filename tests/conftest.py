@@ -212,7 +212,7 @@ GOOD_FEEDBACK = [
 @pytest.fixture(scope="session")
 def feedback_dir(tmp_path_factory):
     """Feedback recorded in six formats/rates (GOOD_FEEDBACK), plus one corrupt file and one text with
-    digits. Read-only."""
+    a sign it cannot read. Read-only."""
     out = str(tmp_path_factory.mktemp("feedback"))
     rows = []
     for name, text, sr, stereo, fmt in GOOD_FEEDBACK:
@@ -224,8 +224,8 @@ def feedback_dir(tmp_path_factory):
     with open(os.path.join(out, "corrupt.wav"), "wb") as f:
         f.write(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
     rows.append(f"corrupt.wav|{SENTENCES[13]}")
-    sf.write(os.path.join(out, "digits.wav"), espeak_clip("Ez 25 salî me.", 16000), 16000)
-    rows.append("digits.wav|Ez 25 salî me.")
+    sf.write(os.path.join(out, "unreadable.wav"), espeak_clip("Ew bîst û pênc e.", 16000), 16000)
+    rows.append("unreadable.wav|Ew $25 e.")  # a currency sign has no agreed Kurmanji reading
     with open(os.path.join(out, "metadata.csv"), "w", encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     return out

@@ -86,3 +86,16 @@ def test_bench_quality_speakers_case_measures_each_voice_by_each_speaker(quality
     out = capsys.readouterr().out
     assert "| 2-speaker, speaker old | old (ku/165/45) |" in out
     assert len([line for line in out.splitlines() if line.startswith("quality: speakers ")]) == 8
+
+
+def test_bench_speak_times_torch_onnxruntime_and_sherpa_onnx(tmp_path, capsys):
+    from benchmarks import bench_speak
+
+    rows = bench_speak.main(["--model_size", "tiny", "--min_seconds", "0", "--max_seconds", "100", "--sentences", "2",
+                             "--repeats", "1", "--threads", "1,2", "--out_dir", str(tmp_path)])
+    assert [(name, threads) for name, threads, _ in rows] == [
+        (engine, threads) for threads in (1, 2) for engine in ("torch", "onnxruntime", "sherpa-onnx")]
+    assert all(math.isfinite(rtf) and rtf > 0 for _, _, rtf in rows)
+    out = capsys.readouterr().out
+    assert "| engine | threads | real-time factor | faster than real time |" in out
+    assert sum(line.startswith(("| torch |", "| onnxruntime |", "| sherpa-onnx |")) for line in out.splitlines()) == 6

@@ -99,16 +99,24 @@ def expected_sentences(home, run):
     return sorted(wanted + [("eval", t) for t in report["samples"]["eval"].values()]), report
 
 
-def test_the_sign_test_is_the_exact_binomial_tail():
-    # Closed forms: all n preferences one way: 2 / 2**n; 1 of 10: 2 * (1 + 10) / 2**10; an even split: 1.
-    assert blind_compare.sign_test(0, 5) == 2 / 32 and blind_compare.sign_test(6, 0) == 2 / 64
-    assert blind_compare.sign_test(1, 9) == 2 * (1 + 10) / 1024
-    assert blind_compare.sign_test(9, 1) == blind_compare.sign_test(1, 9)
-    assert blind_compare.sign_test(4, 4) == 1.0 and blind_compare.sign_test(0, 0) == 1.0
+def test_the_result_counts_preferences_and_its_p_value_is_the_exact_binomial_tail():
+    def judged(tuned_wins, input_wins, ties):
+        pairs = [dict(text="t", kind="eval", tuned="A", choice="A")] * tuned_wins
+        pairs += [dict(text="t", kind="good", tuned="B", choice="A")] * input_wins
+        return blind_compare.listening_result(pairs + [dict(text="t", kind="eval", tuned="A", choice="same")] * ties)
+
+    result = judged(1, 9, 3)
+    assert {k: result[k] for k in ("pairs", "tuned_preferred", "input_preferred", "no_difference")} == dict(
+        pairs=13, tuned_preferred=1, input_preferred=9, no_difference=3)
+    assert [s["preferred"] for s in result["per_sentence"]] == ["tuned"] + ["input"] * 9 + ["none"] * 3
+    # Closed forms, ties left out: all n one way: 2 / 2**n; 1 of 10: 2 * (1 + 10) / 2**10; an even split: 1.
+    assert result["p_value"] == 2 * (1 + 10) / 1024
+    assert judged(0, 5, 2)["p_value"] == 2 / 32 and judged(6, 0, 0)["p_value"] == 2 / 64
+    assert judged(4, 4, 1)["p_value"] == 1.0 and judged(0, 0, 3)["p_value"] == 1.0
     for wins in range(0, 13):
         for losses in range(0, 13):
             if wins + losses:
-                assert blind_compare.sign_test(wins, losses) == pytest.approx(
+                assert judged(wins, losses, 0)["p_value"] == pytest.approx(
                     binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-12), (wins, losses)
 
 
@@ -146,6 +154,7 @@ def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare
             browser.find_element(By.ID, f"choose-{choice}").click()
         wait.until(lambda b: b.find_element(By.ID, "result").is_displayed())
         summary = browser.find_element(By.ID, "summary").text
+        verdict_line = browser.find_element(By.ID, "verdict").text
         shown_key = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#key tr")]
         screenshot(browser, str(tmp_path / "compare_page.png"))
     finally:
@@ -165,7 +174,15 @@ def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare
     assert shown_key == [f"{p['text']} {p['tuned']} " + ("no difference –" if c == "same" else f"{c} input voice")
                          for p, c in zip(key, choices)]
     with open(os.path.join(run, run_report.PAGE_NAME), encoding="utf-8") as f:
-        assert f"tuned voice preferred in 0, the input voice in {n - 1}, no difference in 1" in f.read()
+        page = f.read()
+    assert f"tuned voice preferred in 0, the input voice in {n - 1}, no difference in 1" in page
+    # The listeners did not prefer the tune: the verdict is decided again, by them, and rejects it.
+    with open(os.path.join(run, "report.json"), encoding="utf-8") as f:
+        decided = json.load(f)["verdict"]
+    assert (decided["decision"], decided["decided_by"]) == ("reject", "listeners")
+    assert decided["reasons"][0].startswith("reject: listeners preferred the tune in 0 of")
+    assert "Verdict: reject (decided by listeners)" in verdict_line
+    assert 'class="decision reject">reject</span>' in page and "decided by the listeners" in page
 
     # Blind: everything sent before the last choice's answer, which alone reveals the key.
     final = [i for i, (line, raw) in enumerate(answers) if line.startswith("POST /api/choose/") and b'"done": true' in raw]

@@ -1,7 +1,10 @@
 """models.py: the voice saved and loaded (pipeline, permissions, damaged files), and the critic a run
 starts from: every file format, MMS's own found in a Hugging Face cache laid out as huggingface_hub lays it
-out, offline."""
+out, offline, and a fresh one with one line where MMS's cannot be fetched or cached."""
 
+import errno
+import filelock
+import httpx2
 import json
 import os
 import re
@@ -20,6 +23,7 @@ import checkpoints
 import models
 import run_errors
 import speech
+import training_flags
 from conftest import effective_weights, ROOT, tiny_trainer
 
 
@@ -201,8 +205,12 @@ def test_train_vits_with_no_critic_flag_starts_from_mms_critic_in_the_users_cach
     assert run.returncode == 0, run.stderr[-2000:]
     assert "critic: a fresh one, trained alone first (facebook/mms-tts/full_models/kmr-script_latin/" \
            "D_100000.pth is not in the Hugging Face cache and the Hub is offline)" in run.stdout
+    # Its 200 solo steps are asked for; a run of one step keeps that step for the voice.
+    with open(tmp_path / "fresh" / "run_config.json", encoding="utf-8") as f:
+        info = json.load(f)
+    assert (info["d_warmup_steps_asked"], info["d_warmup_steps"]) == (200, 0)
     state = checkpoints.read_checkpoint(checkpoints.newest_checkpoint(str(tmp_path / "fresh")))
-    assert state["d_warmup_steps"] == 200
+    assert state["d_warmup_steps"] == 0
     # With it: trained from exactly that critic (--lr 0 leaves its weights as loaded), no solo warm-up.
     hub_cache(hf_home, "facebook/mms-tts",
               {"full_models/kmr-script_latin/D_100000.pth": lambda p: original_mms_file(mms, p)})
@@ -216,3 +224,31 @@ def test_train_vits_with_no_critic_flag_starts_from_mms_critic_in_the_users_cach
         torch.testing.assert_close(effective_weights(trained)[name], weight, rtol=0, atol=1e-20)
     with open(tmp_path / "mms" / "run_config.json", encoding="utf-8") as f:
         assert json.load(f)["discriminator"].endswith("D_100000.pth")
+
+
+# ----------------------------------------------------------- --discriminator auto that cannot fetch
+
+MMS_FILE = "facebook/mms-tts/full_models/kmr-script_latin/D_100000.pth"
+
+
+@pytest.mark.parametrize("failure, cause", [
+    (OSError(errno.ENOSPC, "No space left on device"), "OSError: [Errno 28] No space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied", "/hf/hub/.locks"), "PermissionError: [Errno 13]"),
+    (OSError(errno.EROFS, "Read-only file system"), "OSError: [Errno 30] Read-only file system"),
+    (filelock.Timeout("/hf/hub/.locks/D_100000.pth.lock"), "Timeout: The file lock"),
+    (httpx2.ConnectError("connection reset\nwhile reading the body"), "ConnectError: connection reset)"),
+])
+def test_a_critic_that_cannot_be_fetched_or_cached_gives_a_fresh_one_and_one_line(failure, cause, monkeypatch,
+                                                                                   capsys):
+    def failing_download(repo_id, filename, **kwargs):
+        assert f"{repo_id}/{filename}" == MMS_FILE
+        raise failure
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    args = training_flags.parse(["--model", "facebook/mms-tts-kmr-script_latin", "--disc_channels", "64"])
+    disc, path = models.critic_for_run(args, (None, None))
+    assert path is None and isinstance(disc, models.VitsDiscriminator) and disc.max_channels == 64
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1
+    line = printed[0]
+    assert line.startswith(f"critic: a fresh one, trained alone first ({MMS_FILE} could not be fetched or cached (")
+    assert cause in line

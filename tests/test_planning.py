@@ -11,6 +11,7 @@ import torch
 
 import clip_data
 import distributed
+import loop
 import planning
 import run_errors
 import train_vits
@@ -64,6 +65,23 @@ class Left:
         return 0.0
 
 
+def test_a_max_steps_run_the_budget_cuts_inside_the_warm_up_keeps_half_for_the_voice(tiny_model_dir):
+    trainer = tiny_trainer(tiny_model_dir, "--max_steps", "100")
+    for left, total, warmup in ((40.0, 18, 9),  # 26 s after the reserve: 13 more steps of 2 s, 9 of 18 solo
+                                (20.0, 8, 5)):  # 3 more: the 5 solo steps already taken stay taken
+        trainer.step = 0
+        trainer.schedule(100, 50)
+        plan = planning.Plan(epochs=17, total_steps=100, steps_per_epoch=6)
+        run = loop.Run(plan, d_warmup_steps=50)
+        budget = Left(left)
+        budget.reserve = lambda: 14.0
+        pace = planning.StepPace(trainer, plan, trainer.args, budget, run)
+        for _ in range(5):
+            trainer.step += 1
+            pace.stepped(2.0)
+        assert (plan.total_steps, run.d_warmup_steps) == (total, warmup)
+
+
 def test_when_the_full_steps_took_the_share_the_solo_steps_are_not_timed(tiny_model_dir, tiny_clips, monkeypatch):
     trainer = tiny_trainer(tiny_model_dir)
     clock, kinds = [0.0], []
@@ -109,7 +127,7 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
     plan = planning.Plan(epochs=17, total_steps=100, steps_per_epoch=6)
     budget = Left(50.0)
     budget.reserve = lambda: 14.0
-    pace = planning.StepPace(trainer, plan, trainer.args, budget, 0)
+    pace = planning.StepPace(trainer, plan, trainer.args, budget, loop.Run(plan))
     for _ in range(5):
         trainer.opt_g.step()
         trainer.sched_g.step()
@@ -127,7 +145,7 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     # A budget that holds the rest keeps the plan.
     plan2 = planning.Plan(epochs=17, total_steps=100, steps_per_epoch=6)
-    pace = planning.StepPace(trainer, plan2, trainer.args, Left(10_000.0), 0)
+    pace = planning.StepPace(trainer, plan2, trainer.args, Left(10_000.0), loop.Run(plan2))
     pace.budget.reserve = lambda: 14.0
     for _ in range(5):
         pace.stepped(2.0)

@@ -1,5 +1,6 @@
 """prepare_data.py: what a user relies on when turning a Common Voice release into a training set."""
 
+import csv
 import json
 import os
 import re
@@ -131,7 +132,7 @@ def test_changed_audio_settings_decode_again(prepared_dataset, kmr_release, tiny
     shutil.copytree(prepared_dataset, out)
     report = run(kmr_release, tiny_model_dir, out, "--workers", "1", "--no_trim", "--max_clips", "3")
     # --max_clips counts clips whose text passes: the good ones and the bad ones caught only by their audio.
-    audio_bad = len(set(BAD_KINDS) - {"malformed_row", "digits", "other_script"})
+    audio_bad = len(set(BAD_KINDS) - {"malformed_row", "unreadable_number", "other_script"})
     assert report["decoded_clips"] == 3 and report["not_selected"] == {"max_clips": GOOD_CLIPS + audio_bad - 3}
     trimmed = {name: sf.info(os.path.join(prepared_dataset, "wavs", name)).frames for name in os.listdir(out / "wavs")}
     assert all(sf.info(out / "wavs" / name).frames > frames for name, frames in trimmed.items())
@@ -273,7 +274,7 @@ def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared
     # The same clips, bytes and texts as from the folder; the malformed TSV row has no dataset equivalent.
     assert report["dropped"] == {kind: 1 for kind in BAD_KINDS if kind != "malformed_row"}
     assert folder_bytes(tmp_path / "out") == folder_bytes(prepared_dataset)
-    assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, digits, other_script
+    assert report["decoded_clips"] == GOOD_CLIPS + len(BAD_KINDS) - 3  # all but malformed, unreadable_number, other_script
 
     # Re-run with the user's vote filters: nothing decoded (known by dataset file + row), the right rows kept.
     monkeypatch.setattr(speech, "load_audio", lambda *a, **k: pytest.fail("a re-run must not decode"))
@@ -467,3 +468,89 @@ def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tm
         assert len(json.load(f)["clips"]) >= 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert not os.path.exists(os.path.join(out, run_folder.LOCK_NAME))
+
+
+def test_a_transcript_with_digits_is_read_as_words_and_counted(prepared_dataset, tiny_model_dir, tmp_path):
+    """"25" in a transcript trains as bîst û pênc (counted under texts repaired); --drop_digits drops it."""
+    folder = tmp_path / "lj"
+    shutil.copytree(os.path.join(prepared_dataset, "wavs"), folder / "wavs")
+    (name, _), *rest = speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv"))
+    speech.write_metadata(folder / "metadata.csv", [(name, "Ez 25 salî me")] + rest[:2])
+    report = run(folder, tiny_model_dir, tmp_path / "read", "--workers", "1", "--max_chars_per_second", "60")
+    rows = dict(speech.read_metadata(tmp_path / "read" / "metadata.csv"))
+    assert rows[name] == "ez bîst û pênc salî me"
+    assert report["text_repairs"] == {"numbers read as words": 1}
+
+    report = run(folder, tiny_model_dir, tmp_path / "dropped", "--workers", "1", "--max_chars_per_second", "60",
+                 "--drop_digits")
+    assert name not in dict(speech.read_metadata(tmp_path / "dropped" / "metadata.csv"))
+    assert report["dropped"] == {"digits": 1}
+
+
+# ----------------------------------------------------------------------- --text_column, empty votes
+
+WRONG = "Ev ne ew hevok e."  # a speakable text that is not what the clips say
+
+
+def first_rows(release, n):
+    return prepare_data.read_tsv(os.path.join(release, "validated.tsv"))[1][:n]
+
+
+def prepared_texts(prepared_dataset, rows):
+    """What the release's own `sentence` of these rows became in the prepared folder: the reference."""
+    texts = dict(speech.read_metadata(os.path.join(prepared_dataset, "metadata.csv")))
+    return [(row["path"].replace(".mp3", ".wav"), texts[row["path"].replace(".mp3", ".wav")]) for row in rows]
+
+
+def prepare_into(input_path, model, out, *flags):
+    report = prepare_data.main(["--input", str(input_path), "--model", model, "--output_dir", str(out),
+                                "--workers", "1", *flags])
+    return report, speech.read_metadata(os.path.join(out, "metadata.csv"))
+
+
+def test_text_column_and_empty_votes_in_a_common_voice_tsv(kmr_release, prepared_dataset, tiny_model_dir, tmp_path):
+    rows = first_rows(kmr_release, 3)
+    folder = tmp_path / "cv"
+    os.makedirs(folder / "clips")
+    for row in rows:
+        shutil.copy(os.path.join(kmr_release, "clips", row["path"]), folder / "clips")
+    votes = [("", ""), ("1", ""), ("", "1")]  # (up, down): empty fields are no votes
+    with open(folder / "validated.tsv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["client_id", "path", "sentence", "up_votes", "down_votes", "kurmanji"])
+        for row, (up, down) in zip(rows, votes):
+            writer.writerow([row["client_id"], row["path"], WRONG, up, down, row["sentence"]])
+    report, metadata = prepare_into(folder, tiny_model_dir, tmp_path / "out", "--text_column", "kurmanji",
+                               "--max_downvotes", "0")
+    assert metadata == prepared_texts(prepared_dataset, rows[:2])
+    assert report["not_selected"] == {"too_many_downvotes": 1}
+    # A column the TSV does not have is one line, not the `sentence` column instead.
+    with pytest.raises(SystemExit) as err:
+        prepare_into(folder, tiny_model_dir, tmp_path / "out2", "--text_column", "kurmanj")
+    assert "--text_column kurmanj" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_column_and_empty_votes_in_a_hugging_face_dataset(kmr_release, prepared_dataset, tiny_model_dir,
+                                                               tmp_path):
+    rows = first_rows(kmr_release, 3)
+    audio = pa.array([{"bytes": open(os.path.join(kmr_release, "clips", row["path"]), "rb").read(),
+                       "path": row["path"]} for row in rows],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"audio": audio, "sentence": [WRONG] * 3, "text": [WRONG] * 3,
+                      "kurmanji": [row["sentence"] for row in rows],
+                      "up_votes": pa.array([None, 2, 0], pa.int64()), "down_votes": pa.array([None, 0, 3], pa.int64())})
+    os.makedirs(tmp_path / "dataset" / "data")
+    pq.write_table(table, tmp_path / "dataset" / "data" / "train-00000-of-00001.parquet")
+    report, metadata = prepare_into(tmp_path / "dataset", tiny_model_dir, tmp_path / "out", "--text_column", "kurmanji",
+                               "--max_downvotes", "0")
+    assert [text for _, text in metadata] == [text for _, text in prepared_texts(prepared_dataset, rows[:2])]
+    assert report["not_selected"] == {"too_many_downvotes": 1}
+
+
+def test_an_empty_vote_field_counts_as_no_votes():
+    rows = [dict(up_votes="", down_votes=""), dict(up_votes="2", down_votes="1"), dict(up_votes=" ", down_votes=" "),
+            dict(up_votes="x", down_votes="x")]  # the last is no number: never selected by a vote filter
+    assert prepare_data.select_by_votes(rows, 1, None) == ([rows[1]], {"too_few_upvotes": 3})
+    assert prepare_data.select_by_votes(rows, 0, None) == (rows[:3], {"too_few_upvotes": 1})
+    assert prepare_data.select_by_votes(rows, None, 0) == ([rows[0], rows[2]], {"too_many_downvotes": 2})
+    assert prepare_data.select_by_votes(rows, None, None) == (rows, {})

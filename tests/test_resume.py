@@ -1,7 +1,9 @@
 """Resume: a stopped, killed or finished run goes on exactly where it was (steps, batches, learning rate,
-critic, batch size), from the newest checkpoint, and refuses checkpoints that hold code or belong to another
-run (other flags, other data)."""
+critic, batch size, a fall-back to fp32), from the newest checkpoint (past epoch 9 too), and refuses
+checkpoints that hold code or belong to another run (other flags, --seed included, other data); pruning
+leaves stray or damaged files alone."""
 
+import argparse
 import glob
 import json
 import math
@@ -329,3 +331,73 @@ def test_the_data_check_sees_a_wav_replaced_under_its_name(tiny_model_dir):
     keys = {checkpoints.data_fingerprint([cs], {}) for cs in (before, replaced, retexted)}
     assert len(keys) == 3
     assert checkpoints.data_fingerprint([before], {}) == checkpoints.data_fingerprint([before.subset([0])], {})
+
+
+# ---------------------------------------------------------- past epoch 9, stray files, --seed, fp32
+
+def epochs_of(folder):
+    """The epoch numbers of the checkpoint files in `folder`, as numbers (the plain reference)."""
+    names = os.listdir(os.path.join(folder, "checkpoints"))
+    return sorted(int(re.fullmatch(r"checkpoint_epoch_(\d+)(_partial)?\.pt", n).group(1)) for n in names
+                  if n.startswith("checkpoint_epoch_"))
+
+
+def test_a_night_past_epoch_9_keeps_and_resumes_from_its_newest_checkpoints(tmp_path):
+    out = str(tmp_path / "run")
+    # Written newest first, so neither the names (10 sorts before 9) nor the dates give the order.
+    for epoch in (12, 11, 10, 9, 8):
+        fake_checkpoint(os.path.join(out, "checkpoints", f"checkpoint_epoch_{epoch}.pt"), 10 * epoch, epoch)
+        os.utime(os.path.join(out, "checkpoints", f"checkpoint_epoch_{epoch}.pt"), (2e9 - epoch, 2e9 - epoch))
+    args = argparse.Namespace(resume="auto", output_dir=out)
+    path, state = checkpoints.resume_state(args)
+    assert path == os.path.join(out, "checkpoints", "checkpoint_epoch_12.pt") and state["epoch"] == 12
+    checkpoints.prune_checkpoints(out, 3)
+    assert epochs_of(out) == [10, 11, 12]
+    # Epoch 13 cut short: its partial checkpoint is the newest, and epoch 10 the one pruned.
+    fake_checkpoint(os.path.join(out, "checkpoints", "checkpoint_epoch_13_partial.pt"), 125, 13, 5)
+    checkpoints.prune_checkpoints(out, 3)
+    assert epochs_of(out) == [11, 12, 13]
+    assert checkpoints.resume_state(args)[0] == os.path.join(out, "checkpoints", "checkpoint_epoch_13_partial.pt")
+
+
+def test_stray_or_damaged_checkpoint_files_never_stop_the_pruning(tmp_path):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "checkpoints")
+    for epoch in (1, 2, 3):
+        fake_checkpoint(os.path.join(out, "checkpoints", f"checkpoint_epoch_{epoch}.pt"), 10 * epoch, epoch)
+    strays = {"checkpoint_epoch_0.pt": b"",  # cut to nothing
+              "checkpoint_epoch_7.pt": b"PK\x03\x04 not a zip at all" * 3}  # damaged
+    for name, data in strays.items():
+        with open(os.path.join(ckpt, name), "wb") as f:
+            f.write(data)
+    # Tensors and plain values, but not a checkpoint of ours: a state dict saved by hand, a list.
+    torch.save({"weight": torch.zeros(2)}, os.path.join(ckpt, "checkpoint_epoch_5.pt"))
+    torch.save([1, 2, 3], os.path.join(ckpt, "checkpoint_epoch_6.pt"))
+    checkpoints.prune_checkpoints(out, 2)
+    assert sorted(os.listdir(ckpt)) == ["checkpoint_epoch_0.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt",
+                                        "checkpoint_epoch_5.pt", "checkpoint_epoch_6.pt", "checkpoint_epoch_7.pt"]
+    # --resume auto cannot tell which is newest past a file it cannot read: one line naming it.
+    for name in ("checkpoint_epoch_5.pt", "checkpoint_epoch_6.pt", "checkpoint_epoch_7.pt"):
+        with pytest.raises(run_errors.TrainingError) as err:
+            checkpoints.checkpoint_progress(os.path.join(ckpt, name))
+        assert os.path.join(ckpt, name) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_resume_with_another_seed_is_refused():
+    saved = vars(train_vits.parse_args(["--seed", "7"]))
+    checkpoints.check_resumed_flags(saved, train_vits.parse_args(["--seed", "7", "--epochs", "9"]), "c.pt")
+    with pytest.raises(run_errors.TrainingError, match=re.escape("--seed 8 (the run has 7)")):
+        checkpoints.check_resumed_flags(saved, train_vits.parse_args(["--seed", "8"]), "c.pt")
+
+
+def test_a_fall_back_to_fp32_at_the_very_first_step_outlives_a_resume(tiny_model_dir, tmp_path):
+    trainer = tiny_trainer(tiny_model_dir, precision="fp16", steps=10)  # --precision auto
+    trainer.fall_back_to_fp32("20 non-finite fp16 steps in a row at step 0")
+    path = str(tmp_path / "checkpoint_epoch_1_partial.pt")
+    for _ in range(2):  # resumed, and resumed again from the resumed run's checkpoint
+        checkpoints.atomic_torch_save(dict(trainer=trainer.state_dict()), path)
+        trainer = tiny_trainer(tiny_model_dir, precision="fp16", steps=10)
+        trainer.load_state_dict(checkpoints.read_checkpoint(path)["trainer"])
+        assert trainer.precision == "fp32" and not trainer.scaler.is_enabled()
+        assert trainer.autocast().__class__ is not torch.autocast
+        assert trainer.fp32_from_step == 0

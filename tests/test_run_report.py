@@ -151,6 +151,10 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
     with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
         data_dir = json.load(f)["args"]["data_dir"]
     assert f"python train_feedback.py --promote {folder} --data_dir {data_dir}" in text
+    # The verdict, who decided it and every reason.
+    verdict = report["verdict"]
+    assert f"Verdict: {verdict['decision']}" in text and f"decided by the {verdict['decided_by']}" in text
+    assert all(reason in text for reason in verdict["reasons"])
     for row in report["validation_mel"].values():
         assert run_report.number(row["after"]) in text
 

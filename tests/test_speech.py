@@ -1,4 +1,5 @@
-"""speech.py: the prep-to-train contract: text cleaning, token ids, audio loading and trimming, and
+"""speech.py: the prep-to-train contract: text cleaning (a sentence in another script dropped, never
+repaired into Latin; the voice's own letters never repaired), token ids, audio loading and trimming, and
 metadata.csv read alike by every script."""
 
 import collections
@@ -56,7 +57,7 @@ def test_clean_text_gives_text_the_tokenizer_keeps_whole(raw, expected, tiny_mod
 
 
 @pytest.mark.parametrize("raw, reason", [
-    ("Ez 25 salî me.", "digits"),
+    ("Ew $25 e.", "unreadable_number"),
     ("ئەمڕۆ هەوا خۆشە", "other_script"),
     ("Привет", "other_script"),
     ("Müzîk û dar", "unsupported_letter"),
@@ -74,7 +75,7 @@ def test_clean_text_counts_every_repair_of_a_kept_text(tiny_model_dir):
     _, vocab = speech.load_vocab(tiny_model_dir)
     repairs = Counter()
     speech.clean_text("Rīya dīrok û ‘b\u0430vo’ \"ez\"ê", vocab, repairs)
-    speech.clean_text("Dīrok 25", vocab, repairs)  # dropped (digits): its repairs are not counted
+    speech.clean_text("Dīrok $25", vocab, repairs)  # dropped (unreadable_number): its repairs are not counted
     assert repairs == {"ī→î": 2, "а→a (Cyrillic)": 1, "apostrophe used as a quote": 2, "quote before a suffix": 1}
 
 
@@ -219,3 +220,39 @@ def test_metadata_that_is_not_utf8_is_one_line(prepared_dataset, tiny_model_dir,
     assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--feedback_dir", data,
                     "--output_dir", str(tmp_path / "feedback_run")] + QUICK) == 2
     assert "not UTF-8" in one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------- Cyrillic and the voice's own letters
+
+@pytest.fixture
+def vocab(tiny_model_dir):
+    return speech.load_vocab(tiny_model_dir)[1]
+
+
+# Cyrillic letters that each look like a Latin one (с о р е а у х і): alone, they are still Cyrillic.
+@pytest.mark.parametrize("cyrillic", ["\u0441\u043e\u0440\u0435",
+                                      "\u0430\u0441\u0435 \u0443\u0445\u043e \u0456\u0440\u0430",
+                                      "\u0421\u041e\u0420\u0415."])
+def test_a_sentence_of_cyrillic_letters_only_is_dropped_as_another_script(cyrillic, vocab):
+    repairs = collections.Counter()
+    assert speech.clean_text(cyrillic, vocab, repairs) == (None, "other_script")
+    assert not repairs
+
+
+def test_a_cyrillic_look_alike_in_a_latin_sentence_is_repaired(vocab):
+    repairs = collections.Counter()
+    # "Ez çay vedixwim" typed with a Cyrillic а (U+0430) in "çay".
+    # (lowercased: the voice has no capitals)
+    assert speech.clean_text("Ez \u00e7\u0430y vedixwim", vocab, repairs) == ("ez \u00e7ay vedixwim", None)
+    assert repairs == {"\u0430\u2192a (Cyrillic)": 1}
+
+
+def test_a_repair_never_replaces_a_letter_of_the_voices_own_alphabet(vocab):
+    # Turkish ı and ö, a macron ī, and a Cyrillic а: repaired for a voice without them...
+    text = "\u0131 \u00f6 \u012b b\u0430"
+    assert speech.clean_text(text, vocab) == ("i o \u00ee ba", None)
+    # ...kept, letter for letter, by a voice whose alphabet has them.
+    own = vocab | {"\u0131", "\u00f6", "\u012b", "\u0430"}
+    repairs = collections.Counter()
+    assert speech.clean_text(text, own, repairs) == (text, None)
+    assert not repairs

@@ -72,8 +72,8 @@ def test_main_tunes_a_copy_and_reports_before_and_after(trained_voice, feedback_
     assert sorted(report["samples"]["feedback"]) == expected
 
     # Bad clips by reason; every good format was read; validation before and after on both sources.
-    assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "digits": 1}
-    assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "digits.wav"}
+    assert report["feedback"]["skipped"] == {"corrupt_audio": 1, "unreadable_number": 1}
+    assert {s["file"] for s in report["feedback"]["skipped_clips"]} == {"corrupt.wav", "unreadable.wav"}
     assert report["feedback"]["trained"] + report["feedback"]["held_out"] == len(GOOD_FEEDBACK)
     assert report["feedback"]["held_out"] == 1
     assert report["steps"] == 2 and report["stop_reason"] == "max_steps"
@@ -144,11 +144,11 @@ def test_output_dir_on_the_input_model_is_refused(trained_voice, feedback_dir, w
 
 def test_make_session_writes_samples_and_a_template(trained_voice, tmp_path, capsys):
     sentences = tmp_path / "sentences.txt"
-    sentences.write_text(f"{SENTENCES[9]}\n\nEz 25 salî me.\n{SENTENCES[11]}\n", encoding="utf-8")
+    sentences.write_text(f"{SENTENCES[9]}\n\nEw $25 e.\n{SENTENCES[11]}\n", encoding="utf-8")
     out = str(tmp_path / "session")
     assert tf.main(["--model", trained_voice, "--make_session", str(sentences), "--output_dir", out,
                     "--device", "cpu"]) == 0
-    assert "left out (digits): Ez 25 salî me." in capsys.readouterr().out
+    assert "left out (unreadable_number): Ew $25 e." in capsys.readouterr().out
     for name, sentence in (("s001", SENTENCES[9]), ("s002", SENTENCES[11])):
         with open(os.path.join(out, f"{name}.txt"), encoding="utf-8") as f:
             assert f.read() == f"{sentence}\n"
@@ -199,7 +199,7 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     tokenizer = models.load_voice(trained_voice)[1]
     _, vocab = speech.load_vocab(trained_voice)
     clipset, sentences, skipped, listed = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
-                                                           str(tmp_path / "cache"), 1)
+                                                                     str(tmp_path / "cache"), 1)
     assert clipset.names == [GOOD_FEEDBACK[1][0]] and (skipped, listed) == ([], 1)
 
 
@@ -244,3 +244,15 @@ def test_feedback_after_samples_are_the_tuned_voices_speech(tiny_model_dir, tmp_
         assert sr == 16000 and len(after) == len(want) > 0, name
         assert np.abs(after.astype(np.int32) - want).max() <= 2, name
         assert len(before) != len(after) or np.abs(before.astype(np.int32) - after).max() > 100, name
+
+
+def test_a_trimmed_preload_never_takes_an_untrimmed_cache(feedback_dir, tmp_path):
+    entries = [("wav_16k.wav", "roj baş")]
+    cache = str(tmp_path / "cache")
+    whole, _ = clip_data.load_clips(feedback_dir, 16000, cache, 1, audio_subdir="", entries=entries)
+    skipped = []
+    trimmed, _ = clip_data.load_clips(feedback_dir, 16000, cache, 1, audio_subdir="", entries=entries, trim=True,
+                                      skipped=skipped)
+    # The recording has a second of room noise on each side, trimmed only when asked.
+    assert len(trimmed[0][2]) < len(whole[0][2]) - 1.5 * 16000 and skipped == []
+    assert trimmed[0][3].shape[1] == len(trimmed[0][2]) // 256  # its mel is the trimmed audio's

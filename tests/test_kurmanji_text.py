@@ -1,0 +1,100 @@
+"""Kurmanji numbers read as words, against readings written down by others (docs/text.md lists the sources):
+
+- WIKT: ku.wiktionary, Pêvek:Rastnivîsî/Hejmar (the orthography appendix's number list),
+- ESPEAK: espeak-ng's Kurmanji rules (dictsource/ku_list, `espeak-ng -v ku -x`),
+- ZINAR: Zeynelabidîn Zinar, "Di kurdî de hawayê jimartinê" (years with a case suffix),
+- THACKSTON: W. M. Thackston, Kurmanji Kurdish: A Reference Grammar, § 9.1 (ordinals; the forms below are the
+  issue's yekem, duyem, sêyem and WIKT's pêncem, with the same -em/-yem rule),
+- ISSUE: issue 29's own examples.
+"""
+
+import pytest
+
+import kurmanji_text
+from kurmanji_text import normalize
+
+# (written, read, source). Where a source joins the hundreds (WIKT dused, ZINAR Nehsed) the golden string is the
+# source's with the one documented spelling choice applied by hand: hundreds as two words.
+GOLDEN = [
+    ("0", "sifir", "WIKT"),
+    ("1", "yek", "WIKT"), ("2", "du", "WIKT"), ("3", "sê", "WIKT"), ("4", "çar", "WIKT"), ("5", "pênc", "WIKT"),
+    ("6", "şeş", "WIKT"), ("7", "heft", "WIKT"), ("8", "heşt", "WIKT"), ("9", "neh", "WIKT"), ("10", "deh", "WIKT"),
+    ("11", "yazdeh", "WIKT"), ("12", "dazdeh", "WIKT"), ("13", "sêzdeh", "WIKT"), ("14", "çardeh", "WIKT"),
+    ("15", "pazdeh", "WIKT"), ("16", "şazdeh", "WIKT"), ("17", "hevdeh", "WIKT"), ("18", "hejdeh", "WIKT"),
+    ("19", "nozdeh", "WIKT"),
+    ("20", "bîst", "WIKT"), ("21", "bîst û yek", "WIKT"), ("30", "sî", "WIKT"), ("40", "çil", "WIKT"),
+    ("50", "pêncî", "WIKT"), ("60", "şêst", "ESPEAK"), ("70", "heftê", "WIKT"), ("80", "heştê", "WIKT"),
+    ("90", "nod", "WIKT"),
+    ("100", "sed", "WIKT"), ("101", "sed û yek", "WIKT"), ("123", "sed û bîst û sê", "WIKT"),
+    ("110", "sed û deh", "ESPEAK"), ("200", "du sed", "ESPEAK"),
+    ("1000", "hezar", "WIKT"), ("1 234", "hezar û du sed û sî û çar", "WIKT"),
+    ("1001", "hezar û yek", "ESPEAK"), ("2000", "du hezar", "ESPEAK"), ("2003", "du hezar û sê", "ESPEAK"),
+    ("1987", "hezar û neh sed û heştê û heft", "ISSUE, ESPEAK"),
+    ("10000", "deh hezar", "ESPEAK"), ("100000", "sed hezar", "ESPEAK"), ("1 000 000", "milyon", "WIKT"),
+    ("2500000", "du milyon û pênc sed hezar", "ESPEAK"), ("1000000000", "milyar", "WIKT"),
+    # Thousands separators (groups of three) and decimals.
+    ("1.000", "hezar", "WIKT"), ("1,500", "hezar û pênc sed", "ESPEAK"), ("3.25", "sê xal du pênc", "ESPEAK"),
+    # A case suffix on the last spoken word.
+    ("Di sala 1981ê de", "Di sala hezar û neh sed û heştê û yekê de", "ZINAR"),
+    ("Di sala 1984an de", "Di sala hezar û neh sed û heştê û çaran de", "ZINAR"),
+    ("Di sala 1987an de", "Di sala hezar û neh sed û heştê û heftan de", "ZINAR"),
+    ("Di sala 1987'an de", "Di sala hezar û neh sed û heştê û heftan de", "ZINAR"),
+    ("Di sala 1987’an de", "Di sala hezar û neh sed û heştê û heftan de", "ZINAR"),
+    # Ordinals: -em, -yem after a vowel, and -emîn.
+    ("1em", "yekem", "THACKSTON"), ("2yem", "duyem", "THACKSTON"), ("3yem", "sêyem", "THACKSTON"),
+    ("4em", "çarem", "THACKSTON"), ("5em", "pêncem", "WIKT"), ("1emîn", "yekemîn", "THACKSTON"),
+    ("%25", "ji sedî bîst û pênc", "ISSUE"), ("25%", "ji sedî bîst û pênc", "ISSUE"),
+    ("Ez 25 salî me.", "Ez bîst û pênc salî me.", "ISSUE, WIKT"),
+]
+
+
+@pytest.mark.parametrize("written, read, source", GOLDEN)
+def test_numbers_read_as_the_sources_read_them(written, read, source):
+    assert normalize(written) == read
+
+
+@pytest.mark.parametrize("written, what", [
+    ("Germahî -5 e", "-"), ("Ew $25 e", "$"), ("Ew 25 € e", "€"), ("Germahî 5°C e", "°C"), ("Rê 25 km e", "km"),
+    ("Nîv 1/2 e", "/"), ("2 + 2", "+"), ("1000000000000", "larger than the billions"),
+])
+def test_what_has_no_agreed_reading_is_refused_with_the_reason(written, what):
+    with pytest.raises(kurmanji_text.Unreadable, match=what.replace("$", r"\$").replace("+", r"\+")):
+        normalize(written)
+
+
+def test_a_reading_given_for_a_symbol_is_said_after_its_number():
+    assert normalize("$25 û -5 °C", {"$": "dolar", "-": "mînus", "°C": "pileyên celsiusê"}) == \
+        "bîst û pênc dolar û mînus pênc pileyên celsiusê"
+
+
+def test_the_table_is_where_a_reading_is_chosen():
+    """A native speaker who prefers espeak-ng's 12 and joined hundreds changes only READINGS."""
+    readings = {"12": "danzdeh", "900": "nehsed"}
+    assert normalize("1912an", readings) == "hezar û nehsed û danzdehan"
+
+
+def test_text_without_numbers_and_words_already_read_are_left_alone():
+    text = "Ez bîst û pênc salî me, Wan’ê û “bavo”."
+    assert normalize(text) == text
+    assert normalize(normalize("Di sala 1987an de 25% & 3,5")) == normalize("Di sala 1987an de 25% & 3,5")
+
+
+def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
+    """audio_NNN.txt saying "25" trains the voice on bîst û pênc (speech.clean_text reads numbers everywhere)."""
+    import soundfile as sf
+
+    import feedback_run
+    import models
+    import speech
+    from examples.make_release import espeak_clip
+
+    folder = tmp_path / "feedback"
+    folder.mkdir()
+    sf.write(folder / "audio_001.wav", espeak_clip("Ez bîst û pênc salî me.", 16000), 16000)
+    (folder / "audio_001.txt").write_text("Ez 25 salî me.\n", encoding="utf-8")
+    _, tokenizer = models.load_voice(tiny_model_dir)
+    _, vocab = speech.load_vocab(tiny_model_dir)
+    clipset, sentences, skipped, _ = feedback_run.load_feedback(str(folder), tokenizer, vocab, 16000,
+                                                                str(tmp_path / "cache"), 1)
+    assert sentences == [("audio_001.wav", "ez bîst û pênc salî me")] and skipped == []
+    assert list(clipset.tokens[0]) == speech.token_ids(tokenizer, "ez bîst û pênc salî me")

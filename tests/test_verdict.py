@@ -1,0 +1,264 @@
+"""The verdict on a feedback run: each guard judged on held-out clips, each broken on purpose; the paired
+sign test against its closed form; listeners' blind preferences; and the multilingual MMS recogniser with
+its Kurmanji adapter, loaded offline from a Hugging Face cache."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+import run_errors
+import verdict
+import voice_quality
+from test_models import hub_cache, offline_cache  # noqa: F401 - offline_cache is a fixture
+
+
+def figures(before, after):
+    """A held-out set's report.json figures: its mean mel and each clip's (the mean is the clips' mean)."""
+    return (dict(mel=float(np.mean(before)), per_clip=dict(mel=list(before), mcd=list(before), dur_ratio=[1.0])),
+            dict(mel=float(np.mean(after)), per_clip=dict(mel=list(after), mcd=list(after), dur_ratio=[1.0])))
+
+
+def make_report(feedback=((2.0,), (1.8,)), original=((2.0,) * 10, (1.98,) * 10), mcd=(8.0, 8.1), dur=(1.05, 1.02),
+                cer=None, eval_clips=True, **extra):
+    """A finished run's report.json as feedback_run.measure_after writes it, with the given held-out figures."""
+    report = dict(before={}, after={}, validation_mel={}, quality={}, steps=100, skipped_steps=0,
+                  fp32_from_step=None, **extra)
+    for name, clips in (("feedback", feedback), ("original", original)):
+        if clips is None:
+            report["before"][name] = report["after"][name] = None
+            report["validation_mel"][name] = dict(before=None, after=None, change=None)
+            continue
+        report["before"][name], report["after"][name] = figures(*clips)
+        b, a = report["before"][name]["mel"], report["after"][name]["mel"]
+        report["validation_mel"][name] = dict(before=b, after=a, change=a - b)
+    if eval_clips:
+        report["quality"] = dict(mcd=dict(original=dict(before=mcd[0], after=mcd[1], change=mcd[1] - mcd[0])),
+                                 dur_ratio=dict(original=dict(before=dur[0], after=dur[1], change=dur[1] - dur[0])))
+        for when, value in zip(("before", "after"), mcd if original else ()):
+            report[when]["original"]["per_clip"]["mcd"] = [value] * len(report[when]["original"]["per_clip"]["mel"])
+    if cer:
+        report["intelligibility"] = dict(before=cer[0], after=cer[1], sentences=2,
+                                         per_sentence=[dict(text="a", before=cer[0], after=cer[1])] * 2)
+    return report
+
+
+def rejecting(result):
+    return [r for r in result["reasons"] if r.startswith("reject")]
+
+
+def test_a_tune_better_everywhere_is_kept_and_says_how_sure():
+    result = verdict.decide(make_report())
+    assert result["decision"] == "keep" and result["decided_by"] == "guards"
+    assert rejecting(result) == []
+    assert set(result["guards"]) == {"feedback", "original_mel", "original_mcd", "duration"}
+    assert all(g["status"] == "pass" for g in result["guards"].values())
+    assert result["reasons"][0] == ("keep: held-out feedback mel 2.000 -> 1.800 (-10%, must fall): 1 of 1 clips "
+                                    "better (1 clip: too few to be sure)")
+    assert result["confidence"] == "held-out feedback mel: 1 clip: too few to be sure"
+    assert result["tolerances"] == verdict.TOLERANCES
+    line = verdict.summary(result)
+    assert line == ("verdict: KEEP by the guards: every guard passed on held-out clips (feedback mel -10%, "
+                           "original mel -1%, original MCD-DTW +1.2%, original duration ratio 1.05 -> 1.02); how sure: "
+                           "held-out feedback mel: 1 clip: too few to be sure")
+    # Six held-out clips that all got better are sure (p = 2/64).
+    sure = verdict.decide(make_report(feedback=((2.0,) * 6, (1.8,) * 6)))
+    assert sure["confidence"] == "held-out feedback mel: sign test p=0.031: sure"
+
+
+def test_the_issues_example_reason_is_printed_exactly():
+    result = verdict.decide(make_report(original=((1.862,), (2.410,))))
+    assert result["decision"] == "reject"
+    assert rejecting(result) == ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
+                                 "worse on what it knew"]
+    assert verdict.summary(result).startswith("verdict: REJECT by the guards: held-out original mel 1.862 -> 2.410 "
+                                              "(+29%, limit +3%): the voice got worse on what it knew; how sure: ")
+
+
+@pytest.mark.parametrize("after", [1.02, 1.029, 1.031, 1.05, 0.9])
+def test_the_decision_agrees_with_the_figures_it_prints(after):
+    # Mean and clips move together: the verdict is reject exactly when the printed change passes the limit.
+    result = verdict.decide(make_report(original=((1.0,) * 3, (after,) * 3)), max_worse_mel=0.03)
+    guard = result["guards"]["original_mel"]
+    assert guard["change"] == pytest.approx(after - 1.0)
+    assert (guard["status"] == "fail") == (after - 1.0 > 0.03)
+    assert (result["decision"] == "reject") == (after - 1.0 > 0.03)
+    assert f"1.000 -> {after:.3f}" in guard["reason"] and "limit +3%" in guard["reason"]
+
+
+def test_each_guard_broken_on_purpose_rejects_with_its_reason():
+    cases = {
+        # The tune did not help the feedback sentences it did not train on.
+        "feedback": (make_report(feedback=((2.0,), (2.1,))),
+                     "reject: held-out feedback mel 2.000 -> 2.100 (+5%, must fall): the tune did not improve"),
+        # The mean fell thanks to one clip, but two of three got worse.
+        "feedback_clips": (make_report(feedback=((2.0, 2.0, 2.0), (2.05, 2.05, 1.0))),
+                           "only 1 of 3 clips better"),
+        "original_mel": (make_report(original=((2.0,) * 10, (2.2,) * 10)),
+                         "reject: held-out original mel 2.000 -> 2.200 (+10%, limit +3%): the voice got worse"),
+        # Ten of eleven clips 5% worse, one much better: the mean holds, the sign test is sure (p = 2 x 12/2048).
+        "original_majority": (make_report(original=((2.0,) * 11, (2.1,) * 10 + (1.0,))),
+                              "10 of 11 clips got worse by more than 3%, 1 better (sign test p=0.012): the voice got "
+                              "worse on most of what it knew"),
+        "original_mcd": (make_report(mcd=(8.0, 9.0)),
+                         "reject: held-out original MCD-DTW 8.000 -> 9.000 (+12%, limit +3%)"),
+        "duration": (make_report(dur=(1.05, 1.3)),
+                     "reject: held-out original duration ratio 1.05 -> 1.30 (drift +0.25 from 1, limit +0.10): the "
+                     "voice speaks at another pace"),
+        # Slower is a drift as much as faster.
+        "duration_slower": (make_report(dur=(0.95, 0.7)), "0.95 -> 0.70 (drift +0.25 from 1, limit +0.10)"),
+        # A diverged tune's figures are NaN, which no comparison would catch.
+        "diverged": (make_report(original=((2.0,), (math.nan,))),
+                     "reject: held-out original mel 2.000 -> nan (not a number, limit +3%): the tuned voice's "
+                     "figures are not numbers: it diverged"),
+        "intelligibility": (make_report(cer=(0.20, 0.25)),
+                            "reject: CER of held-out and evaluation sentences 0.200 -> 0.250 (+5.0 points, limit "
+                            "+2.0 points): the voice is harder to understand"),
+    }
+    for name, (report, reason) in cases.items():
+        result = verdict.decide(report)
+        assert result["decision"] == "reject", name
+        assert any(reason in r for r in rejecting(result)), (name, result["reasons"])
+        assert len(rejecting(result)) == 1, (name, result["reasons"])
+    # Within their tolerances the same guards pass.
+    assert verdict.decide(make_report(cer=(0.20, 0.21), dur=(1.05, 1.1)))["decision"] == "keep"
+    assert verdict.decide(make_report(mcd=(8.0, 8.2)), max_worse_mcd=0.03)["decision"] == "keep"
+    assert verdict.decide(make_report(mcd=(8.0, 8.2)), max_worse_mcd=0.02)["decision"] == "reject"
+
+
+def test_too_few_held_out_clips_is_said_and_never_a_keep():
+    result = verdict.decide(make_report(feedback=None))
+    assert result["decision"] == "reject" and result["guards"]["feedback"]["status"] == "unjudged"
+    assert rejecting(result)[0].startswith("reject: cannot judge the held-out feedback mel: 0 held-out clips (at "
+                                           "least 1 needed)")
+    assert result["confidence"] == "not judged: too few held-out clips"
+    result = verdict.decide(make_report(original=None))
+    assert rejecting(result)[0].startswith("reject: cannot judge the held-out original mel: 0 held-out clips")
+    result = verdict.decide(make_report(feedback=((2.0, 2.0), (1.5, 1.5))), min_held_out=3)
+    assert rejecting(result)[0].startswith("reject: cannot judge the held-out feedback mel: 2 held-out clips (at "
+                                           "least 3 needed)")
+    # Voice quality not measured at all (--eval_clips 0) is said, and judged on the rest.
+    result = verdict.decide(make_report(eval_clips=False))
+    assert result["decision"] == "keep"
+    assert "note: MCD-DTW and the duration ratio were not measured (--eval_clips 0): not judged" in result["reasons"]
+
+
+def test_fp32_fallback_and_skipped_steps_are_said():
+    result = verdict.decide(make_report() | dict(fp32_from_step=40, skipped_steps=30, steps=70))
+    assert "note: fp16 overflowed and the run went on in fp32 from step 40 (slower; the figures above judge the " \
+           "result)" in result["reasons"]
+    assert "note: 30 of 100 steps were skipped as non-finite (30%): many; the tune trained less than planned" \
+           in result["reasons"]
+
+
+def test_the_sign_test_is_the_binomial_tail():
+    assert verdict.sign_test(10, 0) == 2 / 1024
+    assert verdict.sign_test(0, 10) == 2 / 1024
+    assert verdict.sign_test(8, 2) == pytest.approx(2 * (math.comb(10, 8) + 10 + 1) / 1024)
+    assert verdict.sign_test(5, 5) == 1.0 and verdict.sign_test(0, 0) == 1.0
+
+
+def listened(tuned, given, p, same=0):
+    return dict(pairs=tuned + given + same, tuned_preferred=tuned, input_preferred=given, no_difference=same,
+                p_value=p, per_sentence=[])
+
+
+def test_listeners_who_did_not_prefer_the_tune_reject_it():
+    kept = make_report()
+    for tuned, given in ((3, 3), (2, 5)):
+        result = verdict.decide(kept, listening=listened(tuned, given, 0.5))
+        assert result["decision"] == "reject" and result["decided_by"] == "listeners"
+        assert result["reasons"][0] == (f"reject: listeners preferred the tune in {tuned} of {tuned + given} pairs, "
+                                        f"the input voice in {given} (0 no difference; p=0.5): they did not prefer "
+                                        "the tune")
+    # Preferred, but a guard failed: the guards decide.
+    result = verdict.decide(make_report(original=((2.0,), (3.0,))), listening=listened(8, 1, 0.04))
+    assert (result["decision"], result["decided_by"]) == ("reject", "guards")
+    # Surely preferred where the held-out clips could not judge: the listeners keep it.
+    result = verdict.decide(make_report(feedback=None), listening=listened(9, 0, 0.004))
+    assert (result["decision"], result["decided_by"]) == ("keep", "listeners")
+    # Preferred without being sure, guards unable to judge: still not kept.
+    assert verdict.decide(make_report(feedback=None), listening=listened(4, 2, 0.69))["decision"] == "reject"
+
+
+def test_reconsider_rewrites_the_report_with_the_listeners_verdict(tmp_path):
+    report = make_report(status="done")
+    report["verdict"] = verdict.decide(report, max_worse_mel=0.05)
+    (tmp_path / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    result = verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+    saved = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert saved["verdict"] == result and result["decided_by"] == "listeners" and result["decision"] == "reject"
+    assert saved["listening"]["input_preferred"] == 6
+    assert result["tolerances"]["max_worse_mel"] == 0.05  # judged again as it was judged first
+    assert [f for f in os.listdir(tmp_path)] == ["report.json"]  # no temp file left
+    (tmp_path / "report.json").write_text(json.dumps(make_report()), encoding="utf-8")
+    with pytest.raises(run_errors.TrainingError, match="no verdict to reconsider"):
+        verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The multilingual recogniser: facebook/mms-1b-all's layout in a cache, tiny.
+
+MMS = "facebook/mms-1b-all"
+VOCABS = {"eng": ["<pad>", "<s>", "</s>", "<unk>", "|", "e", "t", "a"],
+          "kmr-script_latin": ["<pad>", "<s>", "</s>", "<unk>", "|", "ê", "ç", "ş", "î", "û", "a"]}
+
+
+def tiny_mms(offline_home):
+    """A Wav2Vec2ForCTC with adapter layers, a nested vocabulary and one adapter file per language, laid out as
+    huggingface_hub caches facebook/mms-1b-all. Returns {lang: adapter weights}."""
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(VOCABS["eng"]), hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=16, conv_dim=(8, 8), conv_stride=(5, 4),
+                            conv_kernel=(10, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+                            pad_token_id=0, adapter_attn_dim=4, do_stable_layer_norm=True, feat_extract_norm="layer")
+    model = Wav2Vec2ForCTC(config)
+    adapters = {}
+    for i, (lang, letters) in enumerate(VOCABS.items()):
+        torch.manual_seed(10 + i)
+        weights = {k: torch.randn_like(v) for k, v in model._get_adapters().items()}
+        weights["lm_head.weight"] = torch.randn(len(letters), 16)
+        weights["lm_head.bias"] = torch.randn(len(letters))
+        adapters[lang] = weights
+    folder = os.path.join(offline_home, "build")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({lang: {ch: i for i, ch in enumerate(letters)} for lang, letters in VOCABS.items()}, f,
+                  ensure_ascii=False)
+    tokenizer = Wav2Vec2CTCTokenizer(os.path.join(folder, "vocab.json"), target_lang="eng")
+    tokenizer.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
+    model.save_pretrained(folder)
+    files = {name: (lambda p, src=os.path.join(folder, name): os.replace(src, p)) for name in os.listdir(folder)}
+    for lang, weights in adapters.items():
+        files[f"adapter.{lang}.safetensors"] = lambda p, w=weights: save_file(w, p)
+    hub_cache(offline_home, MMS, files)
+    return adapters
+
+
+def test_mms_1b_all_transcribes_with_the_kurmanji_adapter_offline(offline_cache, tmp_path):
+    adapters = tiny_mms(offline_cache)
+    voice_quality.load_asr.cache_clear()
+    processor, model = voice_quality.load_asr(MMS, "kmr-script_latin")
+    assert torch.equal(model.lm_head.weight, adapters["kmr-script_latin"]["lm_head.weight"])
+    some_adapter = next(k for k in adapters["eng"] if k.startswith("wav2vec2."))
+    assert torch.equal(model.state_dict()[some_adapter], adapters["kmr-script_latin"][some_adapter])
+    assert processor.tokenizer.convert_ids_to_tokens(7) == "ş"
+    wav = str(tmp_path / "a.wav")
+    sf.write(wav, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000)
+    heard = voice_quality.transcribe([wav], MMS, "kmr-script_latin")[0]
+    assert set(heard) <= set("êçşîûa ")
+    # The shared flag's default is the voice's language; one the recogniser lacks is one line.
+    voice_quality.load_asr.cache_clear()
+    with pytest.raises(run_errors.TrainingError, match="--asr_lang xyz: facebook/mms-1b-all has no vocabulary"):
+        voice_quality.load_asr(MMS, "xyz")
+    voice_quality.load_asr.cache_clear()
+    _, english = voice_quality.load_asr(MMS, "eng")
+    assert torch.equal(english.lm_head.weight, adapters["eng"]["lm_head.weight"])
+    voice_quality.load_asr.cache_clear()

@@ -1,0 +1,361 @@
+"""The voice in use: promote a run's voice to <data_dir>/voice, keep every version, roll back bit for bit,
+refuse what the verdict rejected, never two at once, and a promote killed at any point leaves a whole voice;
+then the whole loop twice over with real feedback runs of the tiny model."""
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import VitsModel
+
+import feedback_run
+import models
+import run_folder
+import train_feedback as tf
+import voices
+from examples.make_release import SENTENCES
+import voice_quality
+from conftest import FEEDBACK_QUICK
+from test_models import offline_cache  # noqa: F401 - a fixture
+from test_verdict import MMS, tiny_mms
+
+
+def tuned_copy(voice, out, seed):
+    """A voice folder like `voice` with other weights: what a feedback run leaves in final_model/."""
+    model, tokenizer = models.load_voice(voice)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    models.prepare_for_training(model)
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
+    return out
+
+
+def fake_run(folder, input_voice, decision, seed):
+    """A finished feedback run of `input_voice` whose verdict is `decision`."""
+    tuned_copy(input_voice, os.path.join(folder, "final_model"), seed)
+    reasons = ["keep: held-out feedback mel 2.000 -> 1.800 (-10%, must fall): 1 of 1 clips better"] if \
+        decision == "keep" else ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
+                                 "worse on what it knew"]
+    report = dict(status="done", model=input_voice, model_sha256=feedback_run.model_fingerprint(input_voice),
+                  before={}, validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
+                                                 original=dict(before=1.862, after=2.41, change=0.548)),
+                  quality={}, verdict=dict(decision=decision, reasons=reasons, guards={}, decided_by="guards"))
+    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def voices_made(trained_voice, tmp_path_factory):
+    """A data folder with the night's final_model, and three finished runs: two of it, one of run A's voice."""
+    root = tmp_path_factory.mktemp("voices")
+    night = shutil.copytree(trained_voice, root / "data" / "final_model")
+    run_a = fake_run(str(root / "run_a"), str(night), "keep", 1)
+    return dict(data=str(root / "data"), run_a=run_a,
+                rejected=fake_run(str(root / "rejected"), str(night), "reject", 2),
+                run_b=fake_run(str(root / "run_b"), os.path.join(run_a, "final_model"), "keep", 3))
+
+
+@pytest.fixture
+def data(voices_made, tmp_path):
+    return str(shutil.copytree(voices_made["data"], tmp_path / "data"))
+
+
+def same(a, b):
+    return voices.fingerprint(a) == voices.fingerprint(b)
+
+
+def history(data_dir):
+    with open(os.path.join(data_dir, "voices.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_bit(voices_made, data, capsys):
+    night = os.path.join(data, "final_model")
+    night_files = voices.fingerprint(night)
+    assert voices.current_voice(data) == voices.Path(night)
+    assert tf.parse_args(["--data_dir", data]).model == night
+
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
+    voice = os.path.join(data, "voice")
+    assert same(voice, os.path.join(voices_made["run_a"], "final_model"))
+    assert voices.fingerprint(os.path.join(data, "voices", "001")) == night_files
+    assert voices.fingerprint(night) == night_files  # the night's output stays where train_vits.py left it
+    assert f"promoted {os.path.join(voices_made['run_a'], 'final_model')} as version 2" in capsys.readouterr().out
+    record = history(data)
+    assert record["current"] == 2 and [v["version"] for v in record["versions"]] == [1, 2]
+    first, second = record["versions"]
+    assert first["source"] == os.path.realpath(night) and first["replaces"] is None
+    assert second["source"] == os.path.abspath(voices_made["run_a"]) and second["replaces"] == 1
+    assert second["verdict"] == "keep" and second["forced"] is False and second["date"]
+    assert second["figures"]["original_mel"]["after"] == 2.41
+    assert [e["action"] for e in record["events"]] == ["promote"]
+    # The current voice is now the default --model of a feedback run, --make_session and --listen.
+    assert voices.current_voice(data) == voices.Path(voice)
+    sentences = os.path.join(data, "s.txt")
+    with open(sentences, "w", encoding="utf-8") as f:
+        f.write("roj baş\n")
+    for extra in ([], ["--make_session", sentences], ["--listen", sentences]):
+        assert tf.parse_args(["--data_dir", data] + extra).model == voice
+    assert VitsModel.from_pretrained(voice).config.sampling_rate == 16000
+
+    # A second promote keeps version 2 in voices/002; a rollback brings it back, the same files.
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 0
+    assert same(voice, os.path.join(voices_made["run_b"], "final_model"))
+    assert same(os.path.join(data, "voices", "002"), os.path.join(voices_made["run_a"], "final_model"))
+    assert tf.main(["--rollback", "--data_dir", data]) == 0
+    assert same(voice, os.path.join(voices_made["run_a"], "final_model"))
+    assert same(os.path.join(data, "voices", "003"), os.path.join(voices_made["run_b"], "final_model"))
+    assert "rolled back: " in capsys.readouterr().out
+    assert tf.main(["--rollback", "--data_dir", data]) == 0
+    assert voices.fingerprint(voice) == night_files
+    record = history(data)
+    assert record["current"] == 1
+    assert [(e["action"], e["version"]) for e in record["events"]] == [("promote", 2), ("promote", 3),
+                                                                       ("rollback", 2), ("rollback", 1)]
+    # Version 1 replaced nothing: no further rollback, and nothing changes.
+    before = voices.fingerprint(data)
+    assert tf.main(["--rollback", "--data_dir", data]) == 2
+    assert "the first; there is no earlier version" in capsys.readouterr().err
+    assert voices.fingerprint(data) == before
+
+
+def test_a_rejected_run_is_refused_with_its_reasons_unless_forced(voices_made, data, capsys):
+    before = voices.fingerprint(data)
+    assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused, nothing changed: its verdict is reject: held-out original mel 1.862 " \
+                                   "-> 2.410 (+29%, limit +3%): the voice got worse on what it knew" in err
+    assert voices.fingerprint(data) == before and not os.path.exists(os.path.join(data, "voice"))
+    # A run of another voice than the current one: its verdict compared it with that other voice.
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
+    assert "not the current voice (version 1)" in capsys.readouterr().err
+    assert voices.fingerprint(data) == before
+
+    assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data, "--force"]) == 0
+    assert ", forced)" in capsys.readouterr().out
+    assert history(data)["versions"][1]["forced"] is True and history(data)["events"][0]["forced"] is True
+    with pytest.raises(SystemExit):
+        tf.parse_args(["--data_dir", data, "--force"])
+    assert "--force goes with --promote" in capsys.readouterr().err
+
+
+def test_two_promotes_never_run_at_once(voices_made, data, capsys):
+    with run_folder.OutputLock(os.path.join(data, "voices")):  # this test process is the other promote
+        assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(data, "voice"))
+
+
+def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, monkeypatch, capsys):
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
+    before = voices.fingerprint(data)
+    real_copy = shutil.copyfile
+
+    def full(src, dst, **kwargs):
+        copied = real_copy(src, dst, **kwargs)
+        if os.fspath(src).endswith("model.safetensors"):  # the disk fills up half-way through the weights
+            os.truncate(dst, os.path.getsize(dst) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copied
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
+    assert "No space left on device; nothing changed" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    assert voices.fingerprint(data) == before  # no copy left behind in voices/ either
+
+    # A copy that comes out different without any error (a writer that swallowed it) is caught too.
+    def silently_short(src, dst, **kwargs):
+        copied = real_copy(src, dst, **kwargs)
+        if os.fspath(src).endswith("model.safetensors"):
+            os.truncate(dst, os.path.getsize(dst) - 1)
+        return copied
+
+    monkeypatch.setattr(shutil, "copyfile", silently_short)
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
+    assert "differs from it; nothing changed" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    assert voices.fingerprint(data) == before
+
+    # Windows refuses to rename a folder a program has open (a server that loaded the voice).
+    real_replace = os.replace
+
+    def held_open(src, dst):
+        if os.fspath(src) == os.path.join(data, "voice"):
+            raise PermissionError(errno.EACCES, "Access is denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", held_open)
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
+    assert "a server that loaded it" in capsys.readouterr().err
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert voices.fingerprint(data) == before
+
+
+def outline(data_dir):
+    """A history without its paths and dates: which versions, what each replaced, which swaps."""
+    record = voices.read_history(data_dir)
+    return (record["current"], [(v["version"], v["replaces"], v["verdict"], v["forced"]) for v in record["versions"]],
+            [(e["action"], e["version"]) for e in record["events"]])
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs, no handler sees it (a KeyboardInterrupt would be caught)."""
+
+
+def kill_at(monkeypatch, data_dir, at):
+    """Die at the `at`-th file copied into, renamed in or removed from data_dir (the lock's own aside);
+    returns the list of those seen (with `at` None: every point a swap passes)."""
+    seen = []
+    real = {"replace": os.replace, "remove": os.remove, "copyfile": shutil.copyfile}
+
+    def hooked(name):
+        def call(*args, **kwargs):
+            path = os.fspath(args[1] if name == "copyfile" else args[0])
+            if run_folder.within(path, data_dir) and run_folder.LOCK_NAME not in path:
+                seen.append((name, os.path.relpath(path, data_dir)))
+                if len(seen) == at:
+                    raise Killed
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(shutil if name == "copyfile" else os, name, hooked(name))
+    return seen
+
+
+@pytest.mark.parametrize("action", ["first promote", "promote", "rollback"])
+def test_a_swap_killed_at_any_point_leaves_a_whole_voice_by_the_next_command(voices_made, data, tmp_path,
+                                                                              monkeypatch, action):
+    def do(folder):
+        if action == "rollback":
+            return voices.rollback(folder)
+        return voices.promote(voices_made["run_b" if action == "promote" else "run_a"], folder, force=True)
+
+    if action != "first promote":
+        voices.promote(voices_made["run_a"], data)
+    if action == "rollback":
+        voices.promote(voices_made["run_b"], data)
+    template = str(tmp_path / "template")
+    shutil.copytree(data, template)
+    old = voices.fingerprint(voices.current_voice(template))
+    with monkeypatch.context() as m:
+        points = kill_at(m, template, None)
+        do(template)
+    new = voices.fingerprint(voices.current_voice(template))
+    assert new != old and len(points) >= 4
+    for at in range(1, len(points) + 1):
+        folder = str(tmp_path / f"killed_{at}")
+        shutil.copytree(data, folder)
+        with monkeypatch.context() as m:
+            kill_at(m, folder, at)
+            with pytest.raises(Killed):
+                do(folder)
+        # The next command finds a whole voice, the old or the new one, and the history agrees with it.
+        current = voices.current_voice(folder)
+        files = voices.fingerprint(current)
+        assert files in (old, new), points[at - 1]
+        assert VitsModel.from_pretrained(current) is not None
+        if files == new:
+            assert outline(folder) == outline(template), points[at - 1]
+        assert not os.path.exists(os.path.join(folder, "voices", voices.JOURNAL))
+        # The next swap goes through (and clears a copy a kill left behind); every version it keeps is whole.
+        if files == old:
+            do(folder)
+            assert voices.fingerprint(voices.current_voice(folder)) == new
+            assert outline(folder) == outline(template)
+        assert [n for n in os.listdir(os.path.join(folder, "voices")) if n.endswith(".tmp")] == []
+        for kept in voices.read_history(folder)["versions"]:
+            if kept["version"] != voices.read_history(folder)["current"]:
+                assert models.voice_missing(str(voices.version_dir(folder, kept["version"]))) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop as a user runs it, twice, with real feedback runs of the tiny model.
+
+def noise_feedback(folder):
+    """Recordings that are only noise, each with a sentence: what a broken microphone hands over."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        sf.write(os.path.join(folder, f"audio_{i:03d}.wav"), (0.3 * rng.standard_normal(24000)).astype(np.float32),
+                 16000)
+        with open(os.path.join(folder, f"audio_{i:03d}.txt"), "w", encoding="utf-8") as f:
+            f.write(SENTENCES[i] + "\n")
+    return folder
+
+
+def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(trained_voice, feedback_dir,
+                                                                         prepared_dataset, offline_cache, tmp_path,
+                                                                         capsys):
+    data = str(tmp_path / "training")
+    shutil.copytree(prepared_dataset, data)
+    shutil.copytree(trained_voice, os.path.join(data, "final_model"))
+    night = voices.fingerprint(os.path.join(data, "final_model"))
+    flags = ["--data_dir", data, "--max_steps", "4", "--eval_clips", "1"] + FEEDBACK_QUICK
+
+    # Session 1: recordings of the sentences as they should sound, replayed with the original clips; heard
+    # by MMS's multilingual recogniser with its Kurmanji adapter (a tiny random one: it cannot hear, so its
+    # guard is given all the room it needs to pass).
+    tiny_mms(offline_cache)
+    voice_quality.load_asr.cache_clear()
+    run1 = str(tmp_path / "run1")
+    assert tf.main(["--feedback_dir", feedback_dir, "--output_dir", run1, "--lr", "2e-4", "--asr_model", MMS,
+                    "--max_worse_cer", "1"] + flags) == 0
+    voice_quality.load_asr.cache_clear()
+    printed = capsys.readouterr().out
+    with open(os.path.join(run1, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["model"] == os.path.join(data, "final_model")
+    assert report["verdict"]["decision"] == "keep", report["verdict"]["reasons"]
+    heard = report["intelligibility"]
+    assert (heard["asr_model"], heard["asr_lang"], heard["sentences"]) == (MMS, "kmr-script_latin", 1 + 4)
+    assert report["verdict"]["guards"]["intelligibility"]["before"] == heard["before"] >= 0
+    assert "verdict: KEEP by the guards: every guard passed on held-out clips" in printed
+    assert f"put it to use with: python train_feedback.py --promote {run1} --data_dir {data}" in printed
+    assert tf.main(["--promote", run1, "--data_dir", data]) == 0
+    promoted = voices.fingerprint(os.path.join(data, "voice"))
+    assert promoted == voices.fingerprint(os.path.join(run1, "final_model"))
+
+    # Session 2 starts from the promoted voice: noise for recordings, no replay, a high learning rate.
+    run2 = str(tmp_path / "run2")
+    assert tf.main(["--feedback_dir", noise_feedback(str(tmp_path / "noise")), "--output_dir", run2,
+                    "--replay_ratio", "0", "--lr", "0.1"] + flags) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(run2, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["model"] == os.path.join(data, "voice")
+    result = report["verdict"]
+    assert result["decision"] == "reject" and result["decided_by"] == "guards"
+    harm = [r for r in result["reasons"] if r.startswith("reject: held-out original")]
+    assert harm, result["reasons"]
+    assert "verdict: REJECT by the guards: " in printed
+    assert all(f"  {reason}\n" in printed for reason in result["reasons"])
+    assert "(refused unless --force: the verdict is reject)" in printed
+
+    # Its promote is refused with that reason and changes nothing; rollback restores the night's voice.
+    assert tf.main(["--promote", run2, "--data_dir", data]) == 2
+    assert harm[0].split(": ", 1)[1] in capsys.readouterr().err
+    assert voices.fingerprint(os.path.join(data, "voice")) == promoted
+    assert tf.main(["--rollback", "--data_dir", data]) == 0
+    assert voices.fingerprint(os.path.join(data, "voice")) == night
+    assert [(e["action"], e["version"]) for e in history(data)["events"]] == [("promote", 2), ("rollback", 1)]
+
+
+def test_a_voice_put_in_place_by_hand_becomes_version_1(voices_made, data):
+    shutil.copytree(os.path.join(voices_made["run_a"], "final_model"), os.path.join(data, "voice"))
+    assert voices.current_voice(data) == voices.Path(data, "voice")
+    voices.promote(voices_made["run_b"], data)  # run_b tuned that voice
+    assert same(os.path.join(data, "voices", "001"), os.path.join(voices_made["run_a"], "final_model"))
+    assert same(os.path.join(data, "voice"), os.path.join(voices_made["run_b"], "final_model"))
+    assert outline(data) == (2, [(1, None, None, False), (2, 1, "keep", False)], [("promote", 2)])
+    voices.rollback(data)
+    assert same(os.path.join(data, "voice"), os.path.join(voices_made["run_a"], "final_model"))
