@@ -409,12 +409,12 @@ def verdict_section(report):
             f"how sure: {verdict['confidence']}" if verdict.get("confidence") else ""]
     reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in verdict.get("reasons") or [])
     guards = verdict.get("guards") if isinstance(verdict.get("guards"), dict) else {}
-    rows = [[html.escape(str(name)), html.escape(str(g.get("status", ""))), html.escape(str(g.get("reason", "")))]
+    rows = [[html.escape(str(name)), html.escape(str(g.get("status", "")))]  # (their reasons are listed above)
             for name, g in guards.items() if isinstance(g, dict)]
     return (f'<h2>Verdict: <span class="decision {html.escape(decision)}">{html.escape(decision)}</span></h2>'
             + (f"<p>{html.escape('; '.join(s for s in said if s))}.</p>" if any(said) else "")
             + (f"<ul>{reasons}</ul>" if reasons else "")
-            + (table(["Guard", "Result", "Why"], rows) if rows else ""))
+            + (table(["Guard", "Result"], rows) if rows else ""))
 
 
 def listening_section(report):
