@@ -21,7 +21,6 @@ import unicodedata
 import kurmanji_text
 import run_errors
 import speech
-import voices
 
 LINES_FILE = "lines.csv"
 
@@ -93,7 +92,10 @@ def parse_args(argv):
         readings[symbol] = words.strip()
     args.readings = readings
     args.model_given = args.model is not None
-    args.model = args.model or str(voices.current_voice(args.data_dir))
+    if args.model is None and not args.onnx:
+        import voices  # brings torch, which an --onnx voice speaks without
+
+        args.model = str(voices.current_voice(args.data_dir))
     return args
 
 
