@@ -37,4 +37,4 @@ for when, r in (("before", epochs[0]), ("after", epochs[-1])):
           + " | ".join(f"{k} {r[k]:.3f}" for k in keys if k in r))
 PY
 
-echo "demo done: voice in example_run/final_model, listening samples in example_run/samples/"
+echo "demo done: voice in example_run/final_model, listening samples in example_run/samples/, the run's page in example_run/report.html"
