@@ -9,6 +9,7 @@ a minute, so a web framework would add a dependency and nothing else. The page (
 cannot decode; the server still takes anything soundfile reads (WAV, FLAC, Ogg Vorbis/Opus, MP3).
 """
 
+import glob
 import io
 import ipaddress
 import json
@@ -533,6 +534,22 @@ def machine_hosts(host, allowed=()):
     return frozenset(n.strip("[]").rstrip(".").lower() for n in names if n)
 
 
+def check_address_args(parser, args):
+    """--host, --allow_remote and --allowed_host of a served page (--listen, --compare): a page is served on
+    this machine unless --allow_remote says otherwise."""
+    if args.host not in LOCAL_HOSTS and not args.allow_remote:
+        parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
+                     "to mean it")
+    if args.allowed_host and not args.allow_remote:
+        parser.error("--allowed_host names the page may be opened under from other machines: it needs "
+                     "--allow_remote (a local page answers only localhost)")
+    for name in args.allowed_host or []:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
+            parser.error(f"--allowed_host {name!r}: give a host name (letters, digits, dots and hyphens; no "
+                         "scheme, port or path)")
+    args.allowed_host = [name.rstrip(".").lower() for name in args.allowed_host or []]
+
+
 def make_server(session, host, port, allowed_hosts=(), handler=Handler):
     """A ThreadingHTTPServer serving `session` with `handler` (a Handler; port 0: any free port); the caller
     runs serve_forever.
@@ -546,6 +563,13 @@ def make_server(session, host, port, allowed_hosts=(), handler=Handler):
     server = server_class((host, port), handler)
     server.url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}/"
     return server
+
+
+def newest_session(sessions_dir):
+    """The folder of the session last written under `sessions_dir` (None when there is none): what --listen
+    alone continues."""
+    sessions = glob.glob(os.path.join(sessions_dir, "*", SESSION_FILE))
+    return os.path.dirname(max(sessions, key=os.path.getmtime)) if sessions else None
 
 
 def listen(args):

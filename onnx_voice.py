@@ -95,7 +95,6 @@ def export(model, tokenizer, out_dir, check=None):
     noise on `check` (default: check_sentences) for every speaker; ExportError, writing nothing, if it
     differs. Written into a temp folder and swapped in whole, so a failed export keeps an earlier one."""
     import onnx
-    import torch
 
     import models
 

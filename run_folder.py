@@ -9,6 +9,7 @@ a lock whose process has ended (killed, crashed, machine rebooted) is stale and 
 """
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -309,3 +310,24 @@ def run_script(output_dir):
         return None
     # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
     return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
+
+
+def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
+    """A new folder name under `parent` stamped with the start time (-2, -3... when two start at once)."""
+    base = os.path.join(parent, time.strftime(stamp_format))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def newest_run_dir(parent):
+    """The latest run with a checkpoint, by the start time new_run_dir put in its name (file dates change
+    when folders are copied)."""
+    def started(run):
+        match = re.fullmatch(r"(\d{8}-\d{6})(?:-(\d+))?", os.path.basename(run))
+        return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
+    runs = [d for d in glob.glob(os.path.join(parent, "*"))
+            if glob.glob(os.path.join(d, "checkpoints", "checkpoint_epoch_*.pt"))]
+    return max(runs, key=started) if runs else None

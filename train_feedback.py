@@ -41,12 +41,9 @@ Examples:
 """
 
 import argparse
-import glob
 import math
 import os
-import re
 import sys
-import time
 
 import blind_compare
 import checkpoints
@@ -170,50 +167,14 @@ def build_parser():
 def check_listen_args(parser, args):
     """--listen's source (a sentence file, a session folder, or the newest session) and a safe address."""
     if args.listen == "":
-        sessions = glob.glob(os.path.join(SESSIONS_DIR, "*", listening.SESSION_FILE))
-        if not sessions:
+        args.listen = listening.newest_session(SESSIONS_DIR)
+        if args.listen is None:
             parser.error(f"--listen: no session under {SESSIONS_DIR} to continue (give a sentence file)")
-        args.listen = os.path.dirname(max(sessions, key=os.path.getmtime))
     elif not os.path.exists(args.listen):
         parser.error(f"--listen: no sentence file or session folder at {args.listen}")
     if os.path.isdir(args.listen):
         args.output_dir = args.listen
-    check_host_args(parser, args)
-
-
-def check_host_args(parser, args):
-    """A page is served on this machine unless --allow_remote says otherwise."""
-    if args.host not in listening.LOCAL_HOSTS and not args.allow_remote:
-        parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
-                     "to mean it")
-    if args.allowed_host and not args.allow_remote:
-        parser.error("--allowed_host names the page may be opened under from other machines: it needs "
-                     "--allow_remote (a local page answers only localhost)")
-    for name in args.allowed_host or []:
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
-            parser.error(f"--allowed_host {name!r}: give a host name (letters, digits, dots and hyphens; no "
-                         "scheme, port or path)")
-    args.allowed_host = [name.rstrip(".").lower() for name in args.allowed_host or []]
-
-
-def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):
-    base = os.path.join(parent, time.strftime(stamp_format))
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
-
-
-def newest_run_dir(parent):
-    """The latest run with a checkpoint, by the start time new_run_dir put in its name (file dates change
-    when folders are copied)."""
-    def started(run):
-        match = re.fullmatch(r"(\d{8}-\d{6})(?:-(\d+))?", os.path.basename(run))
-        return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
-    runs = [d for d in glob.glob(os.path.join(parent, "*"))
-            if glob.glob(os.path.join(d, "checkpoints", "checkpoint_epoch_*.pt"))]
-    return max(runs, key=started) if runs else None
+    listening.check_address_args(parser, args)
 
 
 def parse_args(argv=None):
@@ -247,7 +208,7 @@ def parse_args(argv=None):
         if not os.path.isdir(args.compare):
             parser.error(f"--compare: no run folder at {args.compare}")
         args.output_dir = args.compare
-        check_host_args(parser, args)
+        listening.check_address_args(parser, args)
         training_flags.check_args(parser, args)
         return args  # both voices come from the run's own report.json
     if args.model is None:
@@ -268,9 +229,9 @@ def parse_args(argv=None):
         check_listen_args(parser, args)
     if args.output_dir is None:
         if args.make_session or args.listen:
-            args.output_dir = new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
+            args.output_dir = run_folder.new_run_dir(SESSIONS_DIR, "%Y-%m-%d")
         elif args.resume == "auto":
-            args.output_dir = newest_run_dir(FEEDBACK_MODELS_DIR)
+            args.output_dir = run_folder.newest_run_dir(FEEDBACK_MODELS_DIR)
             if args.output_dir is None:
                 parser.error(f"--resume auto: no feedback run with a checkpoint under {FEEDBACK_MODELS_DIR} "
                              "(pass --output_dir)")
@@ -278,7 +239,7 @@ def parse_args(argv=None):
             # .../<run>/checkpoints/checkpoint_epoch_N.pt continues in <run>
             args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
         else:
-            args.output_dir = new_run_dir(FEEDBACK_MODELS_DIR)
+            args.output_dir = run_folder.new_run_dir(FEEDBACK_MODELS_DIR)
     # The model that already works must never be overwritten: fit() writes final_model/, checkpoints/,
     # samples/ and a cache under output_dir, so the two folders may not overlap either way.
     if os.path.isdir(args.model) and run_folder.overlap(args.output_dir, args.model):
@@ -378,9 +339,7 @@ def main(argv=None):
         feedback_run.write_report(report_path, report)
         run_report.update(args.output_dir)
         feedback_run.print_report(report, report_path)
-        print(verdict.summary(report["verdict"]))
-        for line in report["verdict"]["reasons"]:
-            print(f"  {line}")
+        verdict.print_verdict(report["verdict"])
         print(f"put it to use with: python train_feedback.py --promote {args.output_dir}"
               + (f" --data_dir {args.data_dir}" if args.data_dir != "training" else "")
               + (" (refused unless --force: the verdict is reject)" if report["verdict"]["decision"] == "reject"

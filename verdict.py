@@ -107,7 +107,7 @@ def no_worse_guard(name, measure, before, after, pairs, limit, min_held_out):
     held_out = len(pairs[0]) if pairs else 0
     if before is None or after is None or held_out < min_held_out:
         return unjudged(name, measure, held_out, min_held_out,
-                        f": --data_dir's held-out clips measure it (--val_size); or promote with --force")
+                        ": --data_dir's held-out clips measure it (--val_size); or promote with --force")
     pair = paired(*pairs, tolerance=limit)
     change = after / before - 1
     figures = f"{measure} {before:.3f} -> {after:.3f} ({pct(change)}, limit {pct(limit)})"
@@ -253,6 +253,13 @@ def summary(verdict):
         deciding = [r for r in verdict["reasons"] if r.startswith(verdict["decision"])]
         body = deciding[0].split(": ", 1)[1] + (f" (+{len(deciding) - 1} more)" if len(deciding) > 1 else "")
     return f"{head}: {body}; how sure: {verdict['confidence']}"
+
+
+def print_verdict(verdict):
+    """The summary line, then every reason on a line of its own."""
+    print(summary(verdict))
+    for line in verdict["reasons"]:
+        print(f"  {line}")
 
 
 def reconsider(run_dir, listening):

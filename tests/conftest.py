@@ -8,6 +8,7 @@ import errno
 import multiprocessing
 import os
 
+import huggingface_hub
 import numpy as np
 import pytest
 import soundfile as sf
@@ -329,3 +330,30 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
             "--sample_sentences", os.path.join(os.path.dirname(night_run[0]), "sentences.txt")] + RUN_FLAGS
     assert train_feedback.main(argv) == 0
     return str(home), out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Hub offline: files laid out as huggingface_hub caches them.
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(hf_home, repo, files):
+    """Lay files into HF_HOME/hub as huggingface_hub caches a repo: refs/main naming a snapshot folder."""
+    folder = os.path.join(hf_home, "hub", "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    with open(os.path.join(folder, "refs", "main"), "w") as f:
+        f.write(COMMIT)
+    for name, write in files.items():
+        target = os.path.join(folder, "snapshots", COMMIT, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        write(target)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty HF_HOME used offline, in this process as a child process would see it from the env."""
+    hf_home = str(tmp_path / "hf_home")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", os.path.join(hf_home, "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hf_home

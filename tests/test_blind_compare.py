@@ -15,7 +15,6 @@ import soundfile as sf
 from scipy.stats import binomtest
 
 import blind_compare
-import listening
 import run_report
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request

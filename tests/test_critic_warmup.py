@@ -5,7 +5,6 @@ one line and recorded in run_config.json, so the generator gets real steps."""
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

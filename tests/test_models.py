@@ -24,7 +24,7 @@ import models
 import run_errors
 import speech
 import training_flags
-from conftest import effective_weights, ROOT, tiny_trainer
+from conftest import effective_weights, hub_cache, ROOT, tiny_trainer
 
 
 def test_saved_model_loads_and_synthesises_with_pipeline(tiny_model_dir, tmp_path):
@@ -104,30 +104,6 @@ def test_every_kind_of_critic_file_loads_and_gives_the_same_logits(tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(run_errors.TrainingError, match="missing.*discriminators.0.conv_post.bias"):
         models.load_discriminator(str(tmp_path / "broken.pth"))
-
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def hub_cache(hf_home, repo, files):
-    """Lay files into HF_HOME/hub as huggingface_hub caches a repo: refs/main naming a snapshot folder."""
-    folder = os.path.join(hf_home, "hub", "models--" + repo.replace("/", "--"))
-    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
-    with open(os.path.join(folder, "refs", "main"), "w") as f:
-        f.write(COMMIT)
-    for name, write in files.items():
-        target = os.path.join(folder, "snapshots", COMMIT, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        write(target)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty HF_HOME used offline, in this process as a child process would see it from the env."""
-    hf_home = str(tmp_path / "hf_home")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", os.path.join(hf_home, "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return hf_home
 
 
 def original_mms_file(disc, path):

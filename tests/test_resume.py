@@ -25,6 +25,7 @@ import clip_data
 import models
 import planning
 import run_errors
+import run_folder
 import train_feedback as tf
 import train_vits
 import training_flags
@@ -174,7 +175,7 @@ def test_feedback_resume_auto_takes_the_latest_run_by_its_start_time(tmp_path):
         fake_checkpoint(os.path.join(parent, run, "checkpoints", "checkpoint_epoch_1.pt"), 1, 1)
         os.utime(os.path.join(parent, run, "checkpoints", "checkpoint_epoch_1.pt"), (2e9 - i, 2e9 - i))
     os.makedirs(os.path.join(parent, "20261126-000000"))  # no checkpoint: nothing to resume
-    assert tf.newest_run_dir(parent) == os.path.join(parent, "20261125-090000-10")
+    assert run_folder.newest_run_dir(parent) == os.path.join(parent, "20261125-090000-10")
 
 
 def test_resume_continues_and_keeps_the_before_figures(trained_voice, feedback_dir, prepared_dataset, tmp_path):

@@ -16,7 +16,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureEx
 import run_errors
 import verdict
 import voice_quality
-from test_models import hub_cache, offline_cache  # noqa: F401 - offline_cache is a fixture
+from conftest import hub_cache
 
 
 def figures(before, after):

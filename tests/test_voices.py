@@ -21,7 +21,6 @@ import voices
 from examples.make_release import SENTENCES
 import voice_quality
 from conftest import FEEDBACK_QUICK
-from test_models import offline_cache  # noqa: F401 - a fixture
 from test_verdict import MMS, tiny_mms
 
 
