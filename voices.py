@@ -203,7 +203,9 @@ def promote(run_dir, data_dir, force=False):
     """Make RUN_DIR/final_model the current voice; refused (TrainingError, nothing changed) for a run whose
     verdict is reject, that has none, or that tuned another voice than the current one, unless `force`."""
     p = paths(data_dir)
-    with locked(data_dir):
+    # The run folder too: a blind comparison served from it may still turn its verdict into reject.
+    with locked(p["versions"], "another promote or rollback"), \
+            locked(run_dir, "its blind comparison is being served, or the run is still going: promote it after"):
         recover(data_dir)
         report = feedback_run.read_report(os.path.join(run_dir, feedback_run.REPORT_NAME))
         tuned = os.path.join(run_dir, NIGHT)
@@ -250,7 +252,7 @@ def promote(run_dir, data_dir, force=False):
 def rollback(data_dir):
     """Make the version the current one replaced current again, exactly (the same files); recorded."""
     p = paths(data_dir)
-    with locked(data_dir):
+    with locked(p["versions"], "another promote or rollback"):
         recover(data_dir)
         history = read_history(data_dir)
         current = version(history, history["current"]) if history["current"] else None
@@ -273,13 +275,14 @@ def rollback(data_dir):
 
 
 @contextlib.contextmanager
-def locked(data_dir):
-    """The voices/ folder lock for one promote or rollback; one line when another process holds it."""
-    lock = run_folder.OutputLock(str(paths(data_dir)["versions"]))
+def locked(folder, holder):
+    """`folder`'s lock for one promote or rollback; one line naming the likely `holder` when another process
+    holds it."""
+    lock = run_folder.OutputLock(str(folder))
     try:
         lock.acquire()
     except run_folder.FolderInUse as err:
-        raise run_errors.TrainingError(f"{err} (another promote or rollback)") from None
+        raise run_errors.TrainingError(f"{err} ({holder}); nothing changed") from None
     try:
         yield
     finally:

@@ -153,6 +153,17 @@ def test_two_promotes_never_run_at_once(voices_made, data, capsys):
     assert not os.path.exists(os.path.join(data, "voice"))
 
 
+def test_a_run_whose_comparison_is_being_served_is_not_promoted(voices_made, data, capsys):
+    # --compare holds the run folder while listeners judge: their result may still make the verdict reject.
+    with run_folder.OutputLock(voices_made["run_a"]):  # this test process is the comparison
+        assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its blind comparison is being served" in err and "nothing changed" in err
+    assert not os.path.exists(os.path.join(data, "voice")) and not os.path.exists(os.path.join(data, "voices.json"))
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0  # once it has ended
+    assert not os.path.exists(os.path.join(voices_made["run_a"], run_folder.LOCK_NAME))
+
+
 def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, monkeypatch, capsys):
     assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
     before = voices.fingerprint(data)
