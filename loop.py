@@ -157,7 +157,9 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     log = MetricsLog(output_dir)
     sentences = voice_quality.read_sentences(args.sample_sentences)
     if args.asr_model and distributed.is_main_process():  # only rank 0 runs the end-of-epoch work
-        voice_quality.load_asr(args.asr_model)  # a wrong name fails now, not after the first epoch
+        # A wrong name or language fails now, not after the first epoch; the same (model, language) is
+        # what the epochs transcribe with, so it is loaded once.
+        voice_quality.load_asr(args.asr_model, args.asr_lang)
     plan = run.plan
     reason = "done"
     pace = planning.StepPace(trainer, plan, args, budget, run)

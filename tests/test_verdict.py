@@ -2,6 +2,7 @@
 sign test against its closed form; listeners' blind preferences; and the multilingual MMS recogniser with
 its Kurmanji adapter, loaded offline from a Hugging Face cache."""
 
+import glob
 import json
 import math
 import os
@@ -14,9 +15,11 @@ from safetensors.torch import save_file
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 import run_errors
+import train_vits
 import verdict
+import vits_trainer
 import voice_quality
-from conftest import hub_cache
+from conftest import hub_cache, one_error_line, quick
 
 
 def figures(before, after):
@@ -262,3 +265,18 @@ def test_mms_1b_all_transcribes_with_the_kurmanji_adapter_offline(offline_cache,
     _, english = voice_quality.load_asr(MMS, "eng")
     assert torch.equal(english.lm_head.weight, adapters["eng"]["lm_head.weight"])
     voice_quality.load_asr.cache_clear()
+
+
+def test_a_language_the_recogniser_lacks_stops_the_night_before_it_trains(offline_cache, prepared_dataset,
+                                                                         tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    steps = []
+    monkeypatch.setattr(vits_trainer.VitsTrainer, "train_window", lambda *a, **k: steps.append(1))
+    tiny_mms(offline_cache)
+    voice_quality.load_asr.cache_clear()
+    out = str(tmp_path / "run")
+    assert train_vits.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
+                            "--asr_model", MMS, "--asr_lang", "xyz", "--epochs", "1"] + quick(benchmark_samples=0)) == 2
+    voice_quality.load_asr.cache_clear()
+    assert "--asr_lang xyz: facebook/mms-1b-all has no vocabulary" in one_error_line(capsys.readouterr().err)
+    assert steps == [] and not glob.glob(os.path.join(out, "checkpoints", "checkpoint_epoch_*.pt"))

@@ -328,6 +328,9 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     assert report["verdict"]["decision"] == "keep", report["verdict"]["reasons"]
     heard = report["intelligibility"]
     assert (heard["asr_model"], heard["asr_lang"], heard["sentences"]) == (MMS, "kmr-script_latin", 1 + 4)
+    # Heard with the Kurmanji adapter and vocabulary, not the checkpoint's default language (English).
+    transcripts = "".join(s["heard_before"] + s["heard_after"] for s in heard["per_sentence"])
+    assert transcripts and set(transcripts) <= set("êçşîûa "), transcripts
     assert report["verdict"]["guards"]["intelligibility"]["before"] == heard["before"] >= 0
     assert "verdict: KEEP by the guards: every guard passed on held-out clips" in printed
     assert f"put it to use with: python train_feedback.py --promote {run1} --data_dir {data}" in printed
