@@ -21,7 +21,7 @@ EMBEDDING = "text_encoder.embed_tokens.weight"  # untouched by every critic-only
 
 
 def test_the_solo_warm_up_is_at_most_half_of_the_planned_steps():
-    # The night: 131 steps fit, all inside 200 solo steps; now 65 solo, 66 for the voice.
+    # The night that ended untouched: 131 steps fit, all inside 200 solo steps; now 65 solo, 66 for the voice.
     assert planning.critic_warmup(200, lambda warmup: 131) == 65
     assert planning.critic_warmup(50, lambda warmup: 1) == 0
     # A warm-up that already fits its share is kept, and so is no warm-up.

@@ -83,7 +83,7 @@ def same_audio(a, b):
     assert np.corrcoef(a, b)[0, 1] >= 0.999
 
 
-# Golden readings from the sources of tests/test_kurmanji_text.py (ISSUE, ZINAR, THACKSTON, WIKT), as the voice
+# Golden readings from the sources of tests/test_kurmanji_text.py (USER, ZINAR, THACKSTON, WIKT), as the voice
 # reads them: lowercase, punctuation gone, a longer text split at its sentence ends.
 DRY_RUN = [
     ("Ez 25 salî me.", "ez bîst û pênc salî me"),

@@ -75,7 +75,7 @@ def test_a_tune_better_everywhere_is_kept_and_says_how_sure():
     assert sure["confidence"] == "held-out feedback mel: sign test p=0.031: sure"
 
 
-def test_the_issues_example_reason_is_printed_exactly():
+def test_the_example_reason_is_printed_exactly():
     result = verdict.decide(make_report(original=((1.862,), (2.410,))))
     assert result["decision"] == "reject"
     assert rejecting(result) == ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
