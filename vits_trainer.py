@@ -58,6 +58,10 @@ def set_up_machine(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = distributed.resolve_device(args.device)
+    if args.device == "auto" and device.type == "cpu":
+        # A CPU-only torch (PyPI's Windows wheel is one) would otherwise spend the night on the CPU unnoticed.
+        print(f"warning: torch {torch.__version__} sees no CUDA GPU, so this run trains on the CPU; for the GPU "
+              "install torch's CUDA build (README, Windows), or pass --device cpu to mean it")
     precision, why = resolve_precision(args.precision, device)
     distributed.init_distributed(device)
     print(f"precision {precision} ({why})")

@@ -169,6 +169,18 @@ def test_auto_precision_is_fp16_on_a_turing_card_and_bf16_where_bf16_is_native(m
     assert vits_trainer.resolve_precision("bf16", cuda)[0] == "bf16"  # asked for: as asked
 
 
+def test_a_night_that_would_train_on_the_cpu_unasked_says_so(monkeypatch, capsys):
+    # A CPU-only torch (PyPI's Windows wheel): --device auto finds no GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = training_flags.build_parser("").parse_args([])
+    assert vits_trainer.set_up_machine(args) == (torch.device("cpu"), "fp32")
+    assert "warning: torch " + torch.__version__ + " sees no CUDA GPU, so this run trains on the CPU" \
+        in capsys.readouterr().out
+    args = training_flags.build_parser("").parse_args(["--device", "cpu"])  # asked for: no warning
+    assert vits_trainer.set_up_machine(args)[0] == torch.device("cpu")
+    assert "warning" not in capsys.readouterr().out
+
+
 def weights(trainer):
     return {k: v.clone() for k, v in list(trainer.model.state_dict().items()) + list(trainer.disc.state_dict().items())}
 
