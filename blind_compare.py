@@ -309,12 +309,7 @@ class Handler(listening.Handler):
 
 def serve(run_dir, args, sessions_dir):
     """Hold the run folder, open (or make) its comparison and serve the page until Ctrl-C."""
-    lock = run_folder.OutputLock(run_dir)
-    try:
-        lock.acquire()
-    except run_folder.FolderInUse as err:
-        raise run_errors.TrainingError(str(err)) from None
-    try:
+    with run_folder.OutputLock(run_dir):
         comparison = open_comparison(run_dir, args.device, sessions_dir)
         server = listening.make_server(comparison, args.host, args.port, args.allowed_host or (), Handler)
         listening.warn_remote(server, args.host, f"hear both voices and judge the pairs, writing into {run_dir}")
@@ -326,5 +321,3 @@ def serve(run_dir, args, sessions_dir):
         print(f"{state['judged']} of {state['total']} pairs judged"
               + ("; the result is in report.json" if state["done"] else
                  f"; continue with: python train_feedback.py --compare {run_dir}"))
-    finally:
-        lock.release()

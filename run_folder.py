@@ -28,8 +28,9 @@ UNREADABLE_LOCK_GRACE_S = 60.0
 TEMP_PATTERN = re.compile(r"\..+\.(\d+)\.tmp")
 
 
-class FolderInUse(RuntimeError):
-    """Another live run holds the folder's lock; the message says which and what to do."""
+class FolderInUse(run_errors.TrainingError):
+    """Another live run holds the folder's lock; the message says which and what to do (one line, as every
+    TrainingError ends a command)."""
 
 
 def process_running(pid, started=None):
@@ -273,11 +274,7 @@ def claim_output_dir(args, script):
     another script's run. Under torchrun only rank 0 claims it, for the whole run (None elsewhere)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    lock = OutputLock(args.output_dir)
-    try:
-        lock.acquire()
-    except FolderInUse as err:
-        raise run_errors.TrainingError(str(err)) from None
+    lock = OutputLock(args.output_dir).acquire()
     found = [name for name in RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
              or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
     owner = run_script(args.output_dir)
