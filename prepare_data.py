@@ -50,8 +50,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import run_folder
-import speech
+from voicetune.common import run_folder
+from voicetune.common import speech
 
 DEFAULT_MODEL = "facebook/mms-tts-kmr-script_latin"
 # Bump when decoding or trimming changes, so caches made by older code are not trusted.

@@ -18,9 +18,9 @@ import os
 import sys
 import unicodedata
 
-import kurmanji_text
-import run_errors
-import speech
+from voicetune.common import kurmanji_text
+from voicetune.common import run_errors
+from voicetune.common import speech
 
 LINES_FILE = "lines.csv"
 
@@ -93,7 +93,7 @@ def parse_args(argv):
     args.readings = readings
     args.model_given = args.model is not None
     if args.model is None and not args.onnx:
-        import voices  # brings torch, which an --onnx voice speaks without
+        from voicetune.voice import voices  # brings torch, which an --onnx voice speaks without
 
         args.model = str(voices.current_voice(args.data_dir))
     return args
@@ -161,7 +161,7 @@ class TorchVoice:
     """The transformers voice with the speaking settings set where it reads them."""
 
     def __init__(self, args):
-        import speaking
+        from voicetune.voice import speaking
 
         self.speaking = speaking
         self.model, self.tokenizer = speaking.load(args.model, speaking_rate=args.speaking_rate,
@@ -179,7 +179,7 @@ class OnnxRuntimeVoice:
     """The exported voice on onnxruntime; the same flags as scales of the graph."""
 
     def __init__(self, args):
-        import onnx_voice
+        from voicetune.voice import onnx_voice
 
         path = os.path.join(args.onnx, onnx_voice.MODEL_FILE)
         if not os.path.isfile(path) or not os.path.isfile(os.path.join(args.onnx, onnx_voice.TOKENS_FILE)):
@@ -199,8 +199,8 @@ class OnnxRuntimeVoice:
 
 
 def export(args):
-    import onnx_voice
-    import speaking
+    from voicetune.voice import onnx_voice
+    from voicetune.voice import speaking
 
     model, tokenizer = speaking.load(args.model, speaking_rate=args.speaking_rate, noise_scale=args.noise_scale,
                                      noise_scale_duration=args.noise_scale_duration)

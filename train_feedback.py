@@ -45,24 +45,24 @@ import math
 import os
 import sys
 
-import blind_compare
-import checkpoints
-import distributed
-import feedback_run
-import listening
-import loop
-import models
-import planning
-import run_errors
-import run_folder
-import run_report
-import speakers
-import speech
-import training_flags
-import verdict
-import vits_trainer
-import voice_quality
-import voices
+from voicetune.feedback import blind_compare
+from voicetune.night import checkpoints
+from voicetune.common import distributed
+from voicetune.feedback import feedback_run
+from voicetune.feedback import listening
+from voicetune.night import loop
+from voicetune.voice import models
+from voicetune.night import planning
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.night import run_report
+from voicetune.voice import speakers
+from voicetune.common import speech
+from voicetune.night import training_flags
+from voicetune.feedback import verdict
+from voicetune.night import vits_trainer
+from voicetune.voice import voice_quality
+from voicetune.voice import voices
 
 FEEDBACK_MODELS_DIR = os.path.join("training", "feedback_models")
 SESSIONS_DIR = os.path.join("training", "sessions")

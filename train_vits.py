@@ -26,17 +26,17 @@ Examples:
 import os
 import sys
 
-import checkpoints
-import clip_data
-import distributed
-import loop
-import models
-import planning
-import run_errors
-import run_folder
-import speakers
-import training_flags
-import vits_trainer
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.common import distributed
+from voicetune.night import loop
+from voicetune.voice import models
+from voicetune.night import planning
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.voice import speakers
+from voicetune.night import training_flags
+from voicetune.night import vits_trainer
 
 
 def parse_args(argv=None):

@@ -25,10 +25,10 @@ except ImportError:  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import common
 
-import kurmanji_text  # noqa: E402
-import onnx_voice  # noqa: E402
-import speaking  # noqa: E402
-import speech  # noqa: E402
+from voicetune.common import kurmanji_text  # noqa: E402
+from voicetune.voice import onnx_voice  # noqa: E402
+from voicetune.voice import speaking  # noqa: E402
+from voicetune.common import speech  # noqa: E402
 
 
 def candidate_texts():

@@ -22,7 +22,7 @@ if ROOT not in sys.path:
 
 from examples.make_release import SENTENCES, VOICES, espeak_clip  # noqa: E402
 from examples.tiny_model import KURMANJI_VOCAB, make_tiny_model  # noqa: E402
-from speech import clean_text  # noqa: E402
+from voicetune.common.speech import clean_text  # noqa: E402
 
 DATA_DIR = os.path.join(ROOT, "benchmarks", "data")  # git-ignored
 SAMPLING_RATE = 16000

@@ -14,11 +14,11 @@ import pytest
 import soundfile as sf
 import torch
 
-import clip_data
-import models
+from voicetune.night import clip_data
+from voicetune.voice import models
 import prepare_data
-import training_flags
-import vits_trainer
+from voicetune.night import training_flags
+from voicetune.night import vits_trainer
 from examples.make_release import BAD_KINDS, SENTENCES, espeak_clip, make_release, make_tarball, pad_silence
 from examples.tiny_model import make_tiny_model
 
@@ -236,8 +236,8 @@ def feedback_dir(tmp_path_factory):
 def two_second_steps(monkeypatch):
     """The budget's clock counts 2 s a training step (benchmark steps included) and nothing else, so a
     deadline falls at a known step on any machine, slow or busy. Returns the clock, [seconds]."""
-    import planning
-    import vits_trainer
+    from voicetune.night import planning
+    from voicetune.night import vits_trainer
 
     clock, real_window = [0.0], vits_trainer.VitsTrainer.train_window
 
@@ -270,7 +270,7 @@ RUN_FLAGS = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--dis
 
 def recording_pages(folder, run):
     """Run `run()`; return the progress.json of `folder` at every rewrite of its report.html."""
-    import run_report
+    from voicetune.night import run_report
 
     pages, real = [], run_report.write
 
@@ -306,8 +306,8 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
     """(home, run folder) of a feedback run on the night's voice. home/training/feedback holds the corrections
     (audio_001..004 pairs) of the listening session in home/training/sessions/2026-12-05, which marked one more
     sentence good, one needs work (corrected as audio_002) and left one unheard. Treat as read-only."""
-    import listening
-    import speech
+    from voicetune.feedback import listening
+    from voicetune.common import speech
     import train_feedback
     from examples.make_release import SENTENCES, espeak_clip
 

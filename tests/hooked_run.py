@@ -16,12 +16,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import distributed  # noqa: E402
-import loop  # noqa: E402
-import models  # noqa: E402
+from voicetune.common import distributed  # noqa: E402
+from voicetune.night import loop  # noqa: E402
+from voicetune.voice import models  # noqa: E402
 import train_feedback  # noqa: E402
 import train_vits  # noqa: E402
-import vits_trainer  # noqa: E402
+from voicetune.night import vits_trainer  # noqa: E402
 
 run_fit, run_window = loop.fit, vits_trainer.VitsTrainer.train_window
 in_fit = False

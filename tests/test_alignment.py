@@ -9,8 +9,8 @@ import pytest
 import torch
 from monotonic_alignment_search import maximum_path
 
-import alignment
-import objective
+from voicetune.night import alignment
+from voicetune.night import objective
 
 
 KINDS = ["normal", "integers", "zeros", "constant", "sharp"]

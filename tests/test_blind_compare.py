@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 from scipy.stats import binomtest
 
-import blind_compare
-import run_report
+from voicetune.feedback import blind_compare
+from voicetune.night import run_report
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request
 from tests.test_run_report import screenshot

@@ -12,11 +12,11 @@ import pytest
 import soundfile as sf
 import torch
 
-import clip_data
-import models
-import run_errors
+from voicetune.night import clip_data
+from voicetune.voice import models
+from voicetune.common import run_errors
 import train_vits
-import vits_trainer
+from voicetune.night import vits_trainer
 from conftest import ragged_items
 
 

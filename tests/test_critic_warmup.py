@@ -8,11 +8,11 @@ import os
 import torch
 from safetensors.torch import load_file
 
-import planning
-import speech
+from voicetune.night import planning
+from voicetune.common import speech
 import train_feedback
 import train_vits
-import vits_trainer
+from voicetune.night import vits_trainer
 from conftest import quick
 
 # A fresh critic with the trainers' own solo warm-up (200 and 50 steps); one micro-batch of 2 a step.

@@ -10,7 +10,7 @@ import sys
 import torch
 from transformers import VitsModel
 
-import checkpoints
+from voicetune.night import checkpoints
 import train_vits
 from conftest import quick, ROOT
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import listening
-import speech
+from voicetune.feedback import listening
+from voicetune.common import speech
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
 

@@ -3,15 +3,15 @@ of an epoch (validation, samples) that never eats the time kept for the final sa
 
 import json
 import os
-import planning
+from voicetune.night import planning
 import pytest
 import shutil
 import signal
 
-import clip_data
-import loop
+from voicetune.night import clip_data
+from voicetune.night import loop
 import train_vits
-import training_flags
+from voicetune.night import training_flags
 from conftest import one_error_line, QUICK, quick
 
 

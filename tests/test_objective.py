@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip_data
-import models
-import objective
-import spectrogram
+from voicetune.night import clip_data
+from voicetune.voice import models
+from voicetune.night import objective
+from voicetune.voice import spectrogram
 from conftest import ragged_items, short_batch, tiny_trainer
 
 

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
-import clip_data
-import distributed
-import loop
-import planning
-import run_errors
+from voicetune.night import clip_data
+from voicetune.common import distributed
+from voicetune.night import loop
+from voicetune.night import planning
+from voicetune.common import run_errors
 import train_vits
-import training_flags
+from voicetune.night import training_flags
 from conftest import quick, tiny_trainer
 
 

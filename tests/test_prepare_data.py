@@ -19,8 +19,8 @@ import soundfile as sf
 from tests.conftest import GOOD_CLIPS
 
 import prepare_data
-import run_folder
-import speech
+from voicetune.common import run_folder
+from voicetune.common import speech
 from conftest import ROOT, tree
 from examples.make_release import BAD_KINDS, write_tsv
 

@@ -20,17 +20,17 @@ import pytest
 import soundfile as sf
 import torch
 
-import checkpoints
-import clip_data
-import models
-import planning
-import run_errors
-import run_folder
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.voice import models
+from voicetune.night import planning
+from voicetune.common import run_errors
+from voicetune.common import run_folder
 import train_feedback as tf
 import train_vits
-import training_flags
-import vits_trainer
-import voice_quality
+from voicetune.night import training_flags
+from voicetune.night import vits_trainer
+from voicetune.voice import voice_quality
 from conftest import effective_weights, fake_checkpoint, FEEDBACK_QUICK, one_error_line, QUICK, ROOT, tiny_trainer
 
 

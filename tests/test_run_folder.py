@@ -15,12 +15,12 @@ import psutil
 import pytest
 import torch
 
-import checkpoints
-import clip_data
-import models
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.voice import models
 import prepare_data
-import run_folder
-import speech
+from voicetune.common import run_folder
+from voicetune.common import speech
 import train_feedback as tf
 import train_vits
 from conftest import fake_checkpoint, one_error_line, QUICK, ROOT, tree
@@ -160,7 +160,7 @@ def test_a_claim_left_by_a_killed_process_is_taken_over_too(tmp_path, claim):
 
 WORKER = """
 import os, sys, time
-import run_folder
+from voicetune.common import run_folder
 folder, sync, me, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 def signal(name, text=""):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import run_report
+from voicetune.night import run_report
 from tests.test_listening import chromium
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")

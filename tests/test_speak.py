@@ -13,10 +13,10 @@ import soundfile as sf
 import torch
 from transformers import VitsModel
 
-import onnx_voice
+from voicetune.voice import onnx_voice
 import speak
-import speaking
-import speech
+from voicetune.voice import speaking
+from voicetune.common import speech
 from examples.tiny_model import make_tokenizer, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,19 +14,19 @@ import soundfile as sf
 import torch
 from transformers import pipeline
 
-import clip_data
-import listening
-import models
-import objective
+from voicetune.night import clip_data
+from voicetune.feedback import listening
+from voicetune.voice import models
+from voicetune.night import objective
 import prepare_data
-import run_errors
-import speakers
-import speech
+from voicetune.common import run_errors
+from voicetune.voice import speakers
+from voicetune.common import speech
 import train_feedback
 import train_vits
-import training_flags
-import vits_trainer
-import voice_quality
+from voicetune.night import training_flags
+from voicetune.night import vits_trainer
+from voicetune.voice import voice_quality
 from examples.make_release import client_id, make_release
 from conftest import ROOT
 

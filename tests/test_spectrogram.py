@@ -4,7 +4,7 @@ import librosa
 import numpy as np
 import torch
 
-import spectrogram
+from voicetune.voice import spectrogram
 
 
 def test_spectrograms_match_numpy_librosa_vits_formula():

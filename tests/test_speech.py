@@ -14,17 +14,17 @@ import pytest
 import soundfile as sf
 from transformers import AutoTokenizer, pipeline, VitsTokenizer
 
-import clip_data
-import models
+from voicetune.night import clip_data
+from voicetune.voice import models
 import prepare_data
-import speech
+from voicetune.common import speech
 import train_feedback as tf
 import train_vits
-import voice_quality
+from voicetune.voice import voice_quality
 from conftest import one_error_line, QUICK
 from examples.make_release import espeak_clip
 from examples.tiny_model import KURMANJI_VOCAB
-from speech import load_vocab, token_ids
+from voicetune.common.speech import load_vocab, token_ids
 
 
 @pytest.mark.parametrize("raw, expected", [

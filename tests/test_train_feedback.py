@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline, VitsModel, VitsTokenizer
 
-import clip_data
-import feedback_run
-import models
-import speech
+from voicetune.night import clip_data
+from voicetune.feedback import feedback_run
+from voicetune.voice import models
+from voicetune.common import speech
 import train_feedback
 import train_feedback as tf
-import voice_quality
+from voicetune.voice import voice_quality
 from conftest import FEEDBACK_QUICK, GOOD_FEEDBACK
 from examples.make_release import espeak_clip, SENTENCES
 

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-import run_errors
+from voicetune.common import run_errors
 import train_vits
-import verdict
-import vits_trainer
-import voice_quality
+from voicetune.feedback import verdict
+from voicetune.night import vits_trainer
+from voicetune.voice import voice_quality
 from conftest import hub_cache, one_error_line, quick
 
 

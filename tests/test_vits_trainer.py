@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import clip_data
-import models
-import objective
-import run_errors
-import spectrogram
+from voicetune.night import clip_data
+from voicetune.voice import models
+from voicetune.night import objective
+from voicetune.common import run_errors
+from voicetune.voice import spectrogram
 import train_vits
-import training_flags
-import vits_trainer
+from voicetune.night import training_flags
+from voicetune.night import vits_trainer
 from conftest import short_batch, tiny_trainer
 
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from speechmos import dnsmos
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
 
-import models
-import spectrogram
-import speech
+from voicetune.voice import models
+from voicetune.voice import spectrogram
+from voicetune.common import speech
 import train_vits
-import voice_quality
+from voicetune.voice import voice_quality
 from conftest import quick, tiny_trainer
 from examples.make_release import espeak_clip
 from examples.tiny_model import KURMANJI_VOCAB

@@ -13,13 +13,13 @@ import soundfile as sf
 import torch
 from transformers import VitsModel
 
-import feedback_run
-import models
-import run_folder
+from voicetune.feedback import feedback_run
+from voicetune.voice import models
+from voicetune.common import run_folder
 import train_feedback as tf
-import voices
+from voicetune.voice import voices
 from examples.make_release import SENTENCES
-import voice_quality
+from voicetune.voice import voice_quality
 from conftest import FEEDBACK_QUICK
 from test_verdict import MMS, tiny_mms
 

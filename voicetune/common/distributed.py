@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import run_errors
+from voicetune.common import run_errors
 
 
 def is_distributed():

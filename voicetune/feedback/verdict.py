@@ -16,8 +16,8 @@ import json
 import math
 import os
 
-import feedback_run
-import run_errors
+from voicetune.feedback import feedback_run
+from voicetune.common import run_errors
 
 # The tolerances' defaults: train_feedback.py's verdict flags carry them, report.json records those used.
 TOLERANCES = dict(max_worse_mel=0.03, max_worse_mcd=0.03, max_dur_drift=0.10, max_worse_cer=0.02, min_held_out=1)

@@ -16,8 +16,8 @@ import os
 import time
 from urllib.parse import quote
 
-import run_folder
-import voice_quality
+from voicetune.common import run_folder
+from voicetune.voice import voice_quality
 
 PAGE_NAME = "report.html"
 PROGRESS_NAME = "progress.json"

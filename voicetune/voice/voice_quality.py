@@ -16,9 +16,9 @@ from scipy.spatial.distance import cdist
 from speechmos import dnsmos
 from transformers import AutoModelForCTC, AutoProcessor
 
-import run_errors
-import spectrogram
-import speech
+from voicetune.common import run_errors
+from voicetune.voice import spectrogram
+from voicetune.common import speech
 
 SAMPLE_MAX_SECONDS = 30.0  # longest listening sample: a longer one means the durations diverged
 DEFAULT_SENTENCES = [

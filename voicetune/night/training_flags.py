@@ -6,8 +6,8 @@ import math
 import os
 import re
 
-import planning
-import speakers
+from voicetune.night import planning
+from voicetune.voice import speakers
 
 ASR_LANG = "kmr-script_latin"  # the voice's language, as MMS names it
 

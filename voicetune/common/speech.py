@@ -17,8 +17,8 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-import kurmanji_text
-import run_folder
+from voicetune.common import kurmanji_text
+from voicetune.common import run_folder
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 256  # VITS spectrogram hop at 16 kHz: frames = samples // 256

@@ -17,8 +17,8 @@ import shutil
 
 import numpy as np
 
-import run_folder
-import speech
+from voicetune.common import run_folder
+from voicetune.common import speech
 
 MODEL_FILE = "model.onnx"
 TOKENS_FILE = "tokens.txt"
@@ -96,7 +96,7 @@ def export(model, tokenizer, out_dir, check=None):
     differs. Written into a temp folder and swapped in whole, so a failed export keeps an earlier one."""
     import onnx
 
-    import models
+    from voicetune.voice import models
 
     model = model.float().cpu().eval()
     speakers = max(model.config.num_speakers, 1)

@@ -6,9 +6,9 @@ once, at load; VitsModel.forward reads the attributes, so changing `model.config
 
 import torch
 
-import models
-import run_errors
-import speech
+from voicetune.voice import models
+from voicetune.common import run_errors
+from voicetune.common import speech
 
 SETTINGS = ("speaking_rate", "noise_scale", "noise_scale_duration")
 

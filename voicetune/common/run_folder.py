@@ -20,7 +20,7 @@ import time
 
 import psutil
 
-import run_errors
+from voicetune.common import run_errors
 
 LOCK_NAME = ".run.lock"
 # An empty or unreadable lock younger than this may be one another process is writing right now.

@@ -23,10 +23,10 @@ import shutil
 import time
 from pathlib import Path
 
-import feedback_run
-import models
-import run_errors
-import run_folder
+from voicetune.feedback import feedback_run
+from voicetune.voice import models
+from voicetune.common import run_errors
+from voicetune.common import run_folder
 
 VOICE = "voice"
 VERSIONS = "voices"

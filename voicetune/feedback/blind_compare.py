@@ -30,16 +30,16 @@ from http import HTTPStatus
 import numpy as np
 import soundfile as sf
 
-import distributed
-import feedback_run
-import listening
-import models
-import run_errors
-import run_folder
-import run_report
-import speech
-import verdict
-import voice_quality
+from voicetune.common import distributed
+from voicetune.feedback import feedback_run
+from voicetune.feedback import listening
+from voicetune.voice import models
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.night import run_report
+from voicetune.common import speech
+from voicetune.feedback import verdict
+from voicetune.voice import voice_quality
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.html")
 FOLDER = "compare"  # inside the run folder: everything the comparison writes

@@ -15,12 +15,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-import checkpoints
-import clip_data
-import distributed
-import objective
-import run_errors
-import speakers
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.common import distributed
+from voicetune.night import objective
+from voicetune.common import run_errors
+from voicetune.voice import speakers
 
 
 def native_bf16(device):

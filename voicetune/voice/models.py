@@ -14,11 +14,11 @@ from huggingface_hub import errors as hub_errors
 from torch import nn
 from transformers import VitsModel
 
-import distributed
-import run_errors
-import run_folder
-import speakers
-import speech
+from voicetune.common import distributed
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.voice import speakers
+from voicetune.common import speech
 
 
 def weight_norm(module):
@@ -133,7 +133,7 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
     """
     import errno
 
-    import checkpoints  # atomic_torch_save
+    from voicetune.night import checkpoints  # atomic_torch_save
 
     out_dir = os.path.abspath(out_dir)
     tmp = run_folder.temp_name(out_dir)

@@ -11,8 +11,8 @@ from collections import Counter
 import torch
 from transformers import VitsModel
 
-import run_errors
-import speech
+from voicetune.common import run_errors
+from voicetune.common import speech
 
 EMBEDDING_SIZE = 256  # VITS's gin_channels (train_ms.py, configs/vctk_base.json)
 SPEAKERS_JSON = "speakers.json"

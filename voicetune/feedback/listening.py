@@ -26,13 +26,13 @@ from urllib.parse import parse_qs, urlsplit
 import soundfile as sf
 from transformers import VitsConfig
 
-import distributed
-import models
-import run_errors
-import run_folder
-import speakers
-import speech
-import voice_quality
+from voicetune.common import distributed
+from voicetune.voice import models
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.voice import speakers
+from voicetune.common import speech
+from voicetune.voice import voice_quality
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = "session.json"

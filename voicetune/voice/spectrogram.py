@@ -5,7 +5,7 @@ import librosa
 import torch
 import torch.nn.functional as F
 
-import speech
+from voicetune.common import speech
 
 # The settings MMS was trained on; the hop is the one prepare_data.py checked each clip's frames against.
 N_FFT, WIN, N_MELS, FMIN, FMAX = 1024, 1024, 80, 0.0, 8000.0

@@ -10,9 +10,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import clip_data
-import distributed
-import run_errors
+from voicetune.night import clip_data
+from voicetune.common import distributed
+from voicetune.common import run_errors
 
 AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
 EPOCH_OVERHEAD_S = 10.0  # saving a checkpoint and the listening samples after each epoch, a guess

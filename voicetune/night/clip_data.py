@@ -18,11 +18,11 @@ import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-import run_errors
-import run_folder
-import spectrogram
-import speech
+from voicetune.common import distributed
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.voice import spectrogram
+from voicetune.common import speech
 
 CACHE_VERSION = 1
 

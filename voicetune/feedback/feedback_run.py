@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import soundfile as sf
 
-import checkpoints
-import clip_data
-import loop
-import run_errors
-import run_folder
-import speakers
-import speech
-import voice_quality
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.night import loop
+from voicetune.common import run_errors
+from voicetune.common import run_folder
+from voicetune.voice import speakers
+from voicetune.common import speech
+from voicetune.voice import voice_quality
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 REPORT_NAME = "report.json"

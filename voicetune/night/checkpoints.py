@@ -12,9 +12,9 @@ import zlib
 import numpy as np
 import torch
 
-import distributed
-import run_errors
-import run_folder
+from voicetune.common import distributed
+from voicetune.common import run_errors
+from voicetune.common import run_folder
 
 
 class FileWriter:
