@@ -40,11 +40,7 @@ from voicetune.night import vits_trainer
 
 
 def parse_args(argv=None):
-    parser = training_flags.build_parser(__doc__)
-    training_flags.add_speaker_flags(parser)
-    args = parser.parse_args(argv)
-    training_flags.check_args(parser, args)
-    return args
+    return training_flags.parse(argv, __doc__)
 
 
 def main(argv=None):

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/performance.md in priority order, for one short lease of a GPU machine: each check has its own
-# time limit (together 560 s, inside one 590 s call), so a slow one cannot eat the others' minutes, and
-# its log lands in $OUT.
+# The GPU checks of docs/performance.md in priority order, for a short session on a GPU machine: each check has
+# its own time limit (together 560 s), so a slow one cannot eat the others' minutes; each log lands in $OUT.
 #
-#   here, once (needs the network):  bash benchmarks/gpu_session.sh --prepare [COMMIT]
-#       .whl/      the wheels the bare GPU image lacks (soundfile, librosa, the Cython alignment, speechmos)
-#       .against/  COMMIT's tree (default 327845e, the step before the speed-ups), for bench_train.py --against
-#       benchmarks/data/kmr_200_seed0/  the generated clips (espeak-ng is not on the GPU machine)
-#   there: the device tool's run(command="bash benchmarks/gpu_session.sh",
-#                                carry=[".whl", ".against", "benchmarks/data/kmr_200_seed0"], timeout_s=590)
+#   on a machine with the network, once:  bash benchmarks/gpu_session.sh --prepare [COMMIT]
+#       .whl/      the wheels a bare CUDA image lacks (soundfile, librosa, the Cython alignment, speechmos)
+#       .against/  COMMIT's tree (default 327845e), the training step bench_train.py --against compares with
+#       benchmarks/data/kmr_200_seed0/  the generated clips (espeak-ng need not be on the GPU machine)
+#   on the GPU machine, with those three beside the checkout:  OUT=/tmp/gpu_session bash benchmarks/gpu_session.sh
 #
 # DEVICE=cpu SCALE=smoke runs the same sequence on a CPU at toy sizes (a check of this script itself).
 set -u

@@ -209,11 +209,11 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file_intact(tmp_path, m
     g = torch.Generator().manual_seed(0)
     first = dict(weights=torch.randn(64, 1024, generator=g), step=1, epoch=1)
     second = dict(weights=torch.randn(64, 1024, generator=g), step=2, epoch=2)
-    checkpoints.atomic_torch_save(first, path)
+    models.atomic_torch_save(first, path)
     with monkeypatch.context() as m:
         full_disk_in(m, str(folder), 100_000)  # about a third of the new file
         with pytest.raises(OSError) as err:
-            checkpoints.atomic_torch_save(second, path)
+            models.atomic_torch_save(second, path)
     assert err.value.errno == errno.ENOSPC
     loaded = checkpoints.read_checkpoint(path)
     assert loaded["step"] == 1 and loaded["epoch"] == 1 and torch.equal(loaded["weights"], first["weights"])

@@ -396,7 +396,7 @@ def test_a_fall_back_to_fp32_at_the_very_first_step_outlives_a_resume(tiny_model
     trainer.fall_back_to_fp32("20 non-finite fp16 steps in a row at step 0")
     path = str(tmp_path / "checkpoint_epoch_1_partial.pt")
     for _ in range(2):  # resumed, and resumed again from the resumed run's checkpoint
-        checkpoints.atomic_torch_save(dict(trainer=trainer.state_dict()), path)
+        models.atomic_torch_save(dict(trainer=trainer.state_dict()), path)
         trainer = tiny_trainer(tiny_model_dir, precision="fp16", steps=10)
         trainer.load_state_dict(checkpoints.read_checkpoint(path)["trainer"])
         assert trainer.precision == "fp32" and not trainer.scaler.is_enabled()

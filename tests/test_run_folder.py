@@ -331,7 +331,7 @@ def check_flushed_before_renamed(events):
 
 def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, disk_order):
     path = str(tmp_path / "checkpoint_epoch_1.pt")
-    checkpoints.atomic_torch_save(dict(weights=torch.arange(50_000.0), epoch=1), path)
+    models.atomic_torch_save(dict(weights=torch.arange(50_000.0), epoch=1), path)
     check_flushed_before_renamed(disk_order)
     assert checkpoints.read_checkpoint(path)["epoch"] == 1
 

@@ -1,4 +1,4 @@
-"""Checkpoints and resume: the checkpoint schema written next to its reader, atomic saving, RNG state,
+"""Checkpoints and resume: the checkpoint schema written next to its reader, RNG state,
 which checkpoint --resume means, the checks that a resumed run is the same run, and pruning."""
 
 import dataclasses
@@ -14,35 +14,7 @@ import torch
 
 from voicetune.common import distributed
 from voicetune.common import run_errors
-from voicetune.common import run_folder
-
-
-class FileWriter:
-    """A file for torch.save that keeps the OSError of a failed write: torch reports only "unexpected pos"."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-def atomic_torch_save(obj, path):
-    with run_folder.written_atomically(path) as f:
-        writer = FileWriter(f)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error:
-                raise writer.error from None
-            raise
+from voicetune.voice import models
 
 
 def rng_state():
@@ -125,7 +97,7 @@ def save_checkpoint(output_dir, tag, trainer, run, epoch, batches_done, budget_u
                  world_size=distributed.world_size())
     if distributed.world_size() > 1:
         state["rank_rngs"] = rank_rngs
-    atomic_torch_save(state, os.path.join(output_dir, "checkpoints", f"checkpoint_epoch_{epoch}{tag}.pt"))
+    models.atomic_torch_save(state, os.path.join(output_dir, "checkpoints", f"checkpoint_epoch_{epoch}{tag}.pt"))
     prune_checkpoints(output_dir, args.keep_checkpoints)
 
 

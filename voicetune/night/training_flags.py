@@ -177,9 +177,10 @@ def check_args(parser, args):
         parser.error(f"--best_metric {args.best_metric} needs --eval_clips above 0")
 
 
-def parse(argv=None):
-    """train_vits.py's flags from `argv`, checked (what a library caller such as a benchmark gets)."""
-    parser = build_parser(__doc__)
+def parse(argv=None, description=__doc__):
+    """train_vits.py's flags from `argv`, checked: the command's own parse (with its docstring as the description),
+    and what a library caller such as a benchmark gets."""
+    parser = build_parser(description)
     add_speaker_flags(parser)
     args = parser.parse_args(argv)
     check_args(parser, args)

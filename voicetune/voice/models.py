@@ -1,5 +1,5 @@
 """The voice and its critic: loading the pretrained VitsModel, setting it up for training, exporting it
-in the transformers format, and the HiFi-GAN multi-period + scale discriminator with the file formats it
+in the transformers format, torch files written atomically (a full disk kept as its OSError), and the HiFi-GAN multi-period + scale discriminator with the file formats it
 is read from (original MMS/VITS D_*.pth, finetune-hf-vits, our discriminator.pt)."""
 
 import os
@@ -119,6 +119,34 @@ def voice_missing(folder, files=VOICE_FILES):
     return None
 
 
+class FileWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports only "unexpected pos"."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_torch_save(obj, path):
+    with run_folder.written_atomically(path) as f:
+        writer = FileWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error:
+                raise writer.error from None
+            raise
+
+
 def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
     """save_pretrained (loadable by pipeline('text-to-speech')) + discriminator.pt (+ speakers.json naming
     the speaker ids of a multi-speaker voice, from speakers.choose_speakers's table), atomically.
@@ -129,11 +157,9 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
     naming out_dir and the cause, which the commands print as one line. The writers each report a full disk
     their own way: open()/write() (configs, tokenizer) an OSError without the file's name, safetensors (the
     weights) a SafetensorError "... (os error 28)", torch.save a RuntimeError "unexpected pos" (hence
-    checkpoints.atomic_torch_save, which keeps the OSError).
+    atomic_torch_save, which keeps the OSError).
     """
     import errno
-
-    from voicetune.night import checkpoints  # atomic_torch_save
 
     out_dir = os.path.abspath(out_dir)
     tmp = run_folder.temp_name(out_dir)
@@ -148,7 +174,7 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
         doing = "while writing the tokenizer"
         tokenizer.save_pretrained(tmp)
         doing = "while writing discriminator.pt"
-        checkpoints.atomic_torch_save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
+        atomic_torch_save(discriminator.state_dict(), os.path.join(tmp, "discriminator.pt"))
         if speaker_table:
             doing = "while writing speakers.json"
             speakers.write_table(tmp, speaker_table)
