@@ -18,6 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from voicetune.common import kurmanji_text
+from voicetune.common import run_errors
 from voicetune.common import run_folder
 
 SAMPLE_RATE = 16000
@@ -123,12 +124,38 @@ def to_int16(audio):
     return np.clip(np.round(np.asarray(audio, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # `org/name`, as the Hugging Face Hub names a voice
+
+
+def missing_local_voice(name):
+    """One line when `name` has the shape of a local folder and no folder is there, else None.
+
+    A Hub id is `org/name`; anything else shaped like a path (./, ../, ~, an absolute path or a drive, a
+    backslash, more than two parts, or a first part that is a folder here, as `example_run/final_modl`) names a
+    local folder, and a missing one must not be looked up on the Hub: offline that is minutes of retries and an
+    error about the network, not about the typo.
+    """
+    if os.path.isdir(name):
+        return None
+    first = re.split(r"[\\/]", name)[0]
+    if HUB_ID.fullmatch(name) and not os.path.isdir(first):
+        return None
+    if "/" not in name and "\\" not in name:
+        return None  # a bare name: a Hub id of old (gpt2-style), or a file the caller reports itself
+    where = "a file, not a voice folder" if os.path.exists(name) else "not found"
+    return f"no voice folder at {name} ({where}; a local path is never looked up on the Hub)"
+
+
 def load_tokenizer(model_name_or_dir):
     """The voice's VitsTokenizer, set up to give the exact ids of `token_ids` to whoever calls it.
 
     split_special_tokens is saved with the tokenizer, so a voice exported with it gives the same ids
-    when reloaded by AutoTokenizer or pipeline("text-to-speech").
+    when reloaded by AutoTokenizer or pipeline("text-to-speech"). A local path that is not there is refused
+    before the Hub is asked (run_errors.TrainingError).
     """
+    missing = missing_local_voice(model_name_or_dir)
+    if missing:
+        raise run_errors.TrainingError(missing)
     # Imported here so decoding workers never pay for importing transformers.
     from transformers import VitsTokenizer
 

@@ -8,6 +8,7 @@ import re
 
 from voicetune.night import planning
 from voicetune.voice import speakers
+from voicetune.common import speech
 
 ASR_LANG = "kmr-script_latin"  # the voice's language, as MMS names it
 
@@ -143,6 +144,9 @@ def add_speaker_flags(p):
 
 
 def check_args(parser, args):
+    missing = args.model and speech.missing_local_voice(args.model)
+    if missing:
+        parser.error(f"--model: {missing}")
     for name in ("batch_size", "grad_accum", "segment_frames", "keep_checkpoints", "logging_steps", "epochs",
                  "max_steps", "max_samples"):
         if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:

@@ -26,6 +26,9 @@ def weight_norm(module):
 
 
 def load_voice(name_or_dir):
+    missing = speech.missing_local_voice(name_or_dir)
+    if missing:
+        raise run_errors.TrainingError(f"--model: {missing}")
     try:
         model = VitsModel.from_pretrained(name_or_dir)
         tokenizer = speech.load_tokenizer(name_or_dir)
