@@ -9,7 +9,8 @@ before and after, and the verdict: keep or reject) and listening samples of ever
 before and after, side by side. --promote puts a kept tune to use as <data_dir>/voice.
 
 It trains with the same modules as train_vits.py (the training step, preload, AMP, progress bar,
-checkpoints, resume and time budget); every training flag of train_vits.py means the same here.
+checkpoints, resume and time budget) and takes its training flags, which mean the same here; only
+train_vits.py's --speakers, --min_speaker_clips and --speaker_lr are not taken.
 
 Examples:
 
