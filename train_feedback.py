@@ -8,8 +8,8 @@ with its discriminator, report.json (validation mel loss on held-out original an
 before and after, and the verdict: keep or reject) and listening samples of every feedback sentence,
 before and after, side by side. --promote puts a kept tune to use as <data_dir>/voice.
 
-It trains with the same modules as train_vits.py (the training step, preload, AMP, progress bar,
-checkpoints, resume and time budget); every training flag of train_vits.py means the same here.
+It trains with the same modules as train_vits.py (step, preload, AMP, checkpoints, resume, time budget)
+and takes its training flags, meaning the same; not --speakers, --min_speaker_clips or --speaker_lr.
 
 Examples:
 
