@@ -282,7 +282,7 @@ def test_pool_workers_end_with_a_killed_parent():
     # The parent starts a pool as the scripts do, reports its worker, then kills itself.
     script = ("import os, signal\n"
               "from concurrent.futures import ProcessPoolExecutor\n"
-              "import run_folder\n"
+              "from voicetune.common import run_folder\n"
               "pool = ProcessPoolExecutor(1, **run_folder.worker_setup())\n"
               "print(pool.submit(os.getpid).result(), flush=True)\n"
               "os.kill(os.getpid(), signal.SIGKILL if hasattr(signal, 'SIGKILL') else signal.SIGTERM)\n")
