@@ -21,12 +21,15 @@ from tests.conftest import GOOD_CLIPS
 import prepare_data
 from voicetune.common import run_folder
 from voicetune.common import speech
-from conftest import ROOT, tree
+from voicetune.data import selection
+from voicetune.data import sources
+from voicetune.data import training_set
+from conftest import ROOT, one_error_line, tree
 from examples.make_release import BAD_KINDS, write_tsv
 
 
 def release_rows(release):
-    header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
+    header, rows, _ = sources.read_tsv(os.path.join(release, "validated.tsv"))
     return rows
 
 
@@ -59,6 +62,15 @@ def test_folder_keeps_every_good_clip_and_counts_each_bad_kind(prepared_dataset,
 
 def run(input_path, model, out, *flags):
     return prepare_data.main(["--input", str(input_path), "--model", model, "--output_dir", str(out), *flags])
+
+
+def error_line(capsys, call, *args, code=2):
+    """The one `error:` line (no traceback) of a run that cannot go on, which exits with `code` as every
+    command does: 2, or 130 when interrupted."""
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    assert exit_info.value.code == code
+    return one_error_line(capsys.readouterr().err)
 
 
 def folder_bytes(folder):
@@ -159,7 +171,7 @@ def test_ljspeech_folder_input(prepared_dataset, tiny_model_dir, tmp_path):
     assert report["dropped"] == {"malformed_row": 1}
 
 
-def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
+def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path, capsys):
     good = release_rows(kmr_release)[:GOOD_CLIPS]
     counts = {}
     for row in good:
@@ -176,38 +188,33 @@ def test_speaker_selection(kmr_release, tiny_model_dir, tmp_path):
     assert list(report["hours_per_speaker"]) == [other] and report["kept_clips"] == counts[other]
     assert report["not_selected"]["other_speakers"] > 0
 
-    with pytest.raises(SystemExit, match="none of the --speaker ids"):
-        run(kmr_release, tiny_model_dir, tmp_path / "nobody", "--speaker", "no-such-speaker")
+    assert "none of the --speaker ids" in error_line(capsys, run, kmr_release, tiny_model_dir, tmp_path / "nobody",
+                                                     "--speaker", "no-such-speaker")
 
 
-def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        run(tmp_path / "nowhere", tiny_model_dir, tmp_path / "out")
-    with pytest.raises(SystemExit, match="neither validated.tsv"):
-        run(tmp_path, tiny_model_dir, tmp_path / "out")
+def test_unusable_input_exits_with_one_line(kmr_release, kmr_tarball, tiny_model_dir, tmp_path, capsys):
+    assert "does not exist" in error_line(capsys, run, tmp_path / "nowhere", tiny_model_dir, tmp_path / "out")
+    assert "neither validated.tsv" in error_line(capsys, run, tmp_path, tiny_model_dir, tmp_path / "out")
 
     truncated = tmp_path / "cut.tar.gz"
     truncated.write_bytes(open(kmr_tarball, "rb").read()[:5000])
-    with pytest.raises(SystemExit, match="cut.tar.gz"):
-        run(truncated, tiny_model_dir, tmp_path / "out")
+    assert "cut.tar.gz" in error_line(capsys, run, truncated, tiny_model_dir, tmp_path / "out")
 
     wrong = tmp_path / "wrong"
     os.makedirs(wrong / "clips")
     (wrong / "validated.tsv").write_text("client_id\tpath\ttext\nx\ty.mp3\thello\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="no sentence column"):
-        run(wrong, tiny_model_dir, tmp_path / "out")
+    assert "no sentence column" in error_line(capsys, run, wrong, tiny_model_dir, tmp_path / "out")
 
     # Nothing kept is a failure, but the report still says why.
-    with pytest.raises(SystemExit, match="no clip was kept"):
-        run(kmr_release, tiny_model_dir, tmp_path / "none", "--workers", "1", "--max_clips", "2",
-            "--min_duration", "30", "--max_duration", "40")
+    assert "no clip was kept" in error_line(capsys, run, kmr_release, tiny_model_dir, tmp_path / "none", "--workers",
+                                            "1", "--max_clips", "2", "--min_duration", "30", "--max_duration", "40")
     assert json.load(open(tmp_path / "none" / "prepare_report.json"))["dropped"]["too_short"] == 2
 
 
 def test_vote_filters_select_exactly_the_rows_with_enough_votes(prepared_dataset, kmr_release, tiny_model_dir,
                                                                 tmp_path):
     # The same clips with varied votes; the prepared folder's cache means nothing is decoded again.
-    header, rows, _ = prepare_data.read_tsv(os.path.join(kmr_release, "validated.tsv"))
+    header, rows, _ = sources.read_tsv(os.path.join(kmr_release, "validated.tsv"))
     votes = [("2", "0"), ("1", "0"), ("5", "0"), ("3", "1")]
     for i, row in enumerate(rows):
         row["up_votes"], row["down_votes"] = votes[i % 4]
@@ -268,7 +275,7 @@ def test_parquet_in_common_voice_export_layout_prepares_like_the_folder(prepared
                                                                        tiny_model_dir, tmp_path, monkeypatch,
                                                                        spawn_start_method):
     dataset = write_hub_layout(dataset_table(kmr_release, "cv"), tmp_path / "dataset")
-    monkeypatch.setattr(prepare_data, "DATASET_BATCH_ROWS", 3)  # many batches: row numbers must carry over
+    monkeypatch.setattr(sources, "DATASET_BATCH_ROWS", 3)  # many batches: row numbers must carry over
     report = run(dataset, tiny_model_dir, tmp_path / "out", "--workers", "2")  # decoded in spawned workers
     assert report["input_kind"] == "hf_dataset"
     # The same clips, bytes and texts as from the folder; the malformed TSV row has no dataset equivalent.
@@ -325,9 +332,7 @@ def test_save_to_disk_folder_with_its_own_column_names(prepared_dataset, kmr_rel
             {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}), encoding="utf-8")
     (saved / "dataset_dict.json").write_text('{"splits": ["train", "test"]}', encoding="utf-8")
 
-    with pytest.raises(SystemExit) as err:
-        run(saved, tiny_model_dir, tmp_path / "out", "--workers", "1")
-    message = str(err.value)
+    message = error_line(capsys, run, saved, tiny_model_dir, tmp_path / "out", "--workers", "1")
     assert "\n" not in message and "no audio column" in message and "speech (struct<bytes: binary" in message
     assert "words (string)" in message
 
@@ -349,7 +354,7 @@ def test_tsv_with_unbalanced_quotes_is_read_by_header_name(tmp_path):
              "too\tfew",
              "Dara sêvê li ber malê ye.\t2\td.mp3\ts2"]
     (tmp_path / "validated.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    header, rows, malformed = prepare_data.read_tsv(str(tmp_path / "validated.tsv"))
+    header, rows, malformed = sources.read_tsv(str(tmp_path / "validated.tsv"))
     assert [row["path"] for row in rows] == ["a.mp3", "b.mp3", "c.mp3", "d.mp3"]
     assert rows[0]["sentence"] == '"Ez naçim malê, wî got.' and rows[1]["sentence"] == 'Ew got \\"erê\\".'
     assert malformed == 1
@@ -392,7 +397,7 @@ def test_prepare_rerun_decodes_a_source_replaced_by_audio_of_the_same_size(kmr_r
 def test_tarball_link_members_are_read_from_their_targets(kmr_release, tiny_model_dir, tmp_path):
     release = str(tmp_path / "kmr")
     shutil.copytree(kmr_release, release)
-    header, rows, _ = prepare_data.read_tsv(os.path.join(release, "validated.tsv"))
+    header, rows, _ = sources.read_tsv(os.path.join(release, "validated.tsv"))
     first = rows[0]
     # GNU tar stores a repeated file as a hard link to its first copy, here after it in the archive.
     os.link(os.path.join(release, "clips", first["path"]), os.path.join(release, "clips", "zz_hard.mp3"))
@@ -431,6 +436,25 @@ def test_prepare_data_refuses_an_output_dir_reaching_the_input_through_a_link(pr
     assert tree(data) == before
 
 
+def test_a_bad_input_ends_the_command_in_one_line_and_exit_code_2(tiny_model_dir, tmp_path):
+    """As train_vits.py, train_feedback.py and speak.py end: `error: ...` alone on stderr, exit code 2."""
+    def prepare(input_path):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--input", str(input_path),
+                               "--model", tiny_model_dir, "--output_dir", str(tmp_path / "out")], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    proc = prepare(tmp_path / "nowhere")
+    assert (proc.returncode, proc.stderr) == (2, f"error: --input {tmp_path / 'nowhere'} does not exist\n")
+
+    latin1 = tmp_path / "latin1"  # an LJSpeech folder whose metadata.csv is not UTF-8
+    os.makedirs(latin1 / "wavs")
+    (latin1 / "metadata.csv").write_bytes("a|Ez ê biçim\n".encode("latin-1"))
+    proc = prepare(latin1)
+    assert proc.returncode == 2
+    assert re.fullmatch(r"error: cannot read the clip list of .+latin1: .+metadata\.csv: not UTF-8 text .*\n",
+                        proc.stderr), proc.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="RLIMIT_FSIZE is POSIX")
 def test_prepare_data_stops_in_one_line_when_its_outputs_cannot_be_written(kmr_release, tiny_model_dir, tmp_path):
     import resource
@@ -450,8 +474,8 @@ def test_prepare_data_stops_in_one_line_when_its_outputs_cannot_be_written(kmr_r
     assert [name for name in os.listdir(os.path.join(out, "wavs")) if name.startswith(".")] == []
 
 
-def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tmp_path, monkeypatch):
-    decode = prepare_data.decode_clip
+def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    decode = training_set.decode_clip
     calls = []
 
     def decode_then_sigterm(job):
@@ -460,11 +484,14 @@ def test_sigterm_keeps_what_prepare_data_decoded(kmr_release, tiny_model_dir, tm
             os.kill(os.getpid(), signal.SIGTERM)  # as a shutdown or `kill` would, mid-run
         return decode(job)
 
-    monkeypatch.setattr(prepare_data, "decode_clip", decode_then_sigterm)
+    monkeypatch.setattr(training_set, "decode_clip", decode_then_sigterm)
     out = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match="interrupted"):
-        prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out, "--workers", "1"])
-    with open(os.path.join(out, prepare_data.CACHE_NAME), encoding="utf-8") as f:
+    line = error_line(capsys, prepare_data.main, ["--input", kmr_release, "--model", tiny_model_dir,
+                                                  "--output_dir", out, "--workers", "1"], code=130)
+    assert "interrupted" in line
+    # What to do next is prepare's own: it has no --resume, the same command goes on.
+    assert line == "error: interrupted; the clips decoded so far are remembered: the same command goes on from there"
+    with open(os.path.join(out, training_set.CACHE_NAME), encoding="utf-8") as f:
         assert len(json.load(f)["clips"]) >= 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert not os.path.exists(os.path.join(out, run_folder.LOCK_NAME))
@@ -493,7 +520,7 @@ WRONG = "Ev ne ew hevok e."  # a speakable text that is not what the clips say
 
 
 def first_rows(release, n):
-    return prepare_data.read_tsv(os.path.join(release, "validated.tsv"))[1][:n]
+    return sources.read_tsv(os.path.join(release, "validated.tsv"))[1][:n]
 
 
 def prepared_texts(prepared_dataset, rows):
@@ -508,7 +535,8 @@ def prepare_into(input_path, model, out, *flags):
     return report, speech.read_metadata(os.path.join(out, "metadata.csv"))
 
 
-def test_text_column_and_empty_votes_in_a_common_voice_tsv(kmr_release, prepared_dataset, tiny_model_dir, tmp_path):
+def test_text_column_and_empty_votes_in_a_common_voice_tsv(kmr_release, prepared_dataset, tiny_model_dir, tmp_path,
+                                                          capsys):
     rows = first_rows(kmr_release, 3)
     folder = tmp_path / "cv"
     os.makedirs(folder / "clips")
@@ -525,9 +553,8 @@ def test_text_column_and_empty_votes_in_a_common_voice_tsv(kmr_release, prepared
     assert metadata == prepared_texts(prepared_dataset, rows[:2])
     assert report["not_selected"] == {"too_many_downvotes": 1}
     # A column the TSV does not have is one line, not the `sentence` column instead.
-    with pytest.raises(SystemExit) as err:
-        prepare_into(folder, tiny_model_dir, tmp_path / "out2", "--text_column", "kurmanj")
-    assert "--text_column kurmanj" in str(err.value) and "\n" not in str(err.value)
+    message = error_line(capsys, prepare_into, folder, tiny_model_dir, tmp_path / "out2", "--text_column", "kurmanj")
+    assert "--text_column kurmanj" in message and "\n" not in message
 
 
 def test_text_column_and_empty_votes_in_a_hugging_face_dataset(kmr_release, prepared_dataset, tiny_model_dir,
@@ -550,7 +577,7 @@ def test_text_column_and_empty_votes_in_a_hugging_face_dataset(kmr_release, prep
 def test_an_empty_vote_field_counts_as_no_votes():
     rows = [dict(up_votes="", down_votes=""), dict(up_votes="2", down_votes="1"), dict(up_votes=" ", down_votes=" "),
             dict(up_votes="x", down_votes="x")]  # the last is no number: never selected by a vote filter
-    assert prepare_data.select_by_votes(rows, 1, None) == ([rows[1]], {"too_few_upvotes": 3})
-    assert prepare_data.select_by_votes(rows, 0, None) == (rows[:3], {"too_few_upvotes": 1})
-    assert prepare_data.select_by_votes(rows, None, 0) == ([rows[0], rows[2]], {"too_many_downvotes": 2})
-    assert prepare_data.select_by_votes(rows, None, None) == (rows, {})
+    assert selection.select_by_votes(rows, 1, None) == ([rows[1]], {"too_few_upvotes": 3})
+    assert selection.select_by_votes(rows, 0, None) == (rows[:3], {"too_few_upvotes": 1})
+    assert selection.select_by_votes(rows, None, 0) == ([rows[0], rows[2]], {"too_many_downvotes": 2})
+    assert selection.select_by_votes(rows, None, None) == (rows, {})

@@ -36,8 +36,10 @@ def test_a_live_run_holds_its_folder_against_every_script(prepared_dataset, tiny
         assert tf.main(["--model", tiny_model_dir, "--data_dir", prepared_dataset, "--output_dir", out,
                         "--overwrite"] + QUICK) == 2
         assert "in use by another run" in one_error_line(capsys.readouterr().err)
-        with pytest.raises(SystemExit, match="in use by another run"):
+        with pytest.raises(SystemExit) as exit_info:
             prepare_data.main(["--input", kmr_release, "--model", tiny_model_dir, "--output_dir", out])
+        assert exit_info.value.code == 2
+        assert "in use by another run" in one_error_line(capsys.readouterr().err)
         assert os.listdir(out) == [run_folder.LOCK_NAME]
     assert os.listdir(out) == []  # released
 
