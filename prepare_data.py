@@ -43,7 +43,7 @@ INTERRUPTED = "the clips decoded so far are remembered: the same command goes on
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = run_errors.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
                         help="Common Voice language folder (clips/ + validated.tsv), its release tarball "
                              "(.tar/.tar.gz), an LJSpeech folder (wavs/ + metadata.csv), or a Hugging Face "

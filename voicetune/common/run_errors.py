@@ -1,6 +1,15 @@
-"""How a run ends early: TrainingError carries the one line that says why and what to do."""
+"""How a command ends early: a flag it cannot take, or TrainingError, each in the one line that says why and
+what to do."""
 
+import argparse
 import sys
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose refusals are the one line that matters and a pointer to --help, not the usage block above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class TrainingError(RuntimeError):

@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+from voicetune.common import run_errors
 from voicetune.night import planning
 from voicetune.voice import speakers
 from voicetune.common import speech
@@ -28,7 +29,7 @@ def batch_size_arg(text):
 
 def build_parser(description):
     """All training flags; train_feedback.py builds on the same parser so its flags mean the same."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = run_errors.FlagParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data_dir", default="training", help="Folder with wavs/ and metadata.csv (filename|text).")
     g.add_argument("--model", default="facebook/mms-tts-kmr-script_latin",
