@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from voicetune.night import clip_data
 from voicetune.common import distributed
 from voicetune.common import run_errors
+from voicetune.night import training_flags
 
-AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
 EPOCH_OVERHEAD_S = 10.0  # saving a checkpoint and the listening samples after each epoch, a guess
 
 
@@ -98,19 +98,19 @@ def gpu_memory_bytes(device):
 
 
 def choose_batch_size(trainer, clipset, args, resumed=None):
-    """--batch_size auto -> (micro-batch, grad_accum) with AUTO_CPU_BATCH x --grad_accum clips a step; a
+    """--batch_size auto -> (micro-batch, grad_accum) with training_flags.AUTO_CPU_BATCH x --grad_accum clips a step; a
     resumed run (`resumed`: its checkpoint) keeps the batch it chose when it started."""
     if resumed is not None:
         saved = resumed["args"]
         print(f"batch size auto: {saved['batch_size']} clips x {saved['grad_accum']} accumulated, as the resumed "
               "run had")
         return saved["batch_size"], saved["grad_accum"]
-    effective = AUTO_CPU_BATCH * args.grad_accum
+    effective = training_flags.AUTO_CPU_BATCH * args.grad_accum
     device = trainer.device
     # Under torchrun a trial that runs out of memory on one process would leave the others waiting in its
     # all-reduce: there auto does not search.
     if device.type != "cuda" or distributed.world_size() > 1:
-        batch = AUTO_CPU_BATCH
+        batch = training_flags.AUTO_CPU_BATCH
     else:
         longest = sorted(range(len(clipset)), key=clipset.frames, reverse=True)
 

@@ -7,11 +7,10 @@ import os
 import re
 
 from voicetune.common import run_errors
-from voicetune.night import planning
-from voicetune.voice import speakers
 from voicetune.common import speech
 
 ASR_LANG = "kmr-script_latin"  # the voice's language, as MMS names it
+AUTO_CPU_BATCH = 8  # --batch_size auto on a CPU, where a bigger micro-batch is no faster per sample
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -21,6 +20,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
+
+
+def speakers_arg(text):
+    """--speakers: 'pooled', 'all' or a number of speakers."""
+    if text in ("pooled", "all"):
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not pooled, all or a number of speakers") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: a voice has at least 1 speaker")
+    return count
 
 
 def batch_size_arg(text):
@@ -63,7 +75,7 @@ def build_parser(description):
     g.add_argument("--batch_size", type=batch_size_arg, default="auto",
                    help="Clips per micro-batch, or 'auto': on one GPU the largest that fits with 10%% of its free "
                         f"memory to spare (tried with real steps on the longest clips), on a CPU or under torchrun "
-                        f"{planning.AUTO_CPU_BATCH}; auto keeps {planning.AUTO_CPU_BATCH} x --grad_accum clips per "
+                        f"{AUTO_CPU_BATCH}; auto keeps {AUTO_CPU_BATCH} x --grad_accum clips per "
                         "optimizer step by lowering --grad_accum. A resumed run keeps the batch it had.")
     g.add_argument("--grad_accum", type=int, default=4, help="Micro-batches per optimizer step.")
     g.add_argument("--lr", type=float, default=2e-5,
@@ -127,7 +139,7 @@ def add_speaker_flags(p):
     """train_vits.py's choice of one pooled voice or one voice per speaker (train_feedback.py tunes the voice
     it is given, with all its speakers)."""
     g = p.add_argument_group("speakers")
-    g.add_argument("--speakers", type=speakers.speakers_arg, default="pooled", metavar="pooled|N|all",
+    g.add_argument("--speakers", type=speakers_arg, default="pooled", metavar="pooled|N|all",
                    help="pooled (default): one voice learnt from every clip, as MMS's single voice is. N: a voice of "
                         "the N speakers with the most usable clips, each with its own speaker id (0 has the most "
                         "clips), every one starting as exactly the pretrained voice; all: every speaker with at "

@@ -2,7 +2,6 @@
 single-speaker voice made multi-speaker with its new conditioning at exactly zero, and speakers.json, which
 names each id of an exported voice by its Common Voice client_id."""
 
-import argparse
 import copy
 import json
 import os
@@ -17,19 +16,6 @@ from voicetune.common import speech
 EMBEDDING_SIZE = 256  # VITS's gin_channels (train_ms.py, configs/vctk_base.json)
 SPEAKERS_JSON = "speakers.json"
 MIN_PREFIX = 8  # client_ids are 128 hex digits: a prefix this long names one speaker of any real release
-
-
-def speakers_arg(text):
-    """--speakers: 'pooled', 'all' or a number of speakers."""
-    if text in ("pooled", "all"):
-        return text
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not pooled, all or a number of speakers") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{count}: a voice has at least 1 speaker")
-    return count
 
 
 def unique_prefixes(client_ids):
