@@ -1,5 +1,5 @@
 """train_feedback.py --compare RUN_DIR: a blind A/B listening test of a tuned voice against the voice it was
-tuned from, served as a local page (compare_page.html) by the listening page's own server (page_server.py).
+tuned from, served as a local page (compare_page.html) by the server both pages share (page_server.py).
 
 Each sentence is heard as A and B, the input voice and the tuned voice in a random order per sentence, and
 the listener picks A, B or no difference. Sentences: the run's held-out feedback clips, the sentences marked
