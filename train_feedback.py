@@ -51,6 +51,7 @@ from voicetune.common import distributed
 from voicetune.feedback import feedback_run
 from voicetune.feedback import listening
 from voicetune.night import loop
+from voicetune.feedback import page_server
 from voicetune.voice import models
 from voicetune.night import planning
 from voicetune.common import run_errors
@@ -113,19 +114,7 @@ def build_parser():
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
                         "corrections into --feedback_dir. A sentence file starts a new session (a --make_session "
                         "kit); a kit or session folder continues it; no value: the newest session.")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="Address the page is served on; another than this machine's needs --allow_remote.")
-    g.add_argument("--port", type=int, default=8000, help="Port of the page (0: any free port).")
-    g.add_argument("--allow_remote", action="store_true",
-                   help="Allow a --host other machines can reach. There is no password and the page is plain "
-                        "http: anyone on the network who can reach the port can hear the voice, mark the "
-                        "sentences and save recordings into --feedback_dir. Requests are still answered only "
-                        "when they name this machine (an IP address, localhost, this machine's host names, or "
-                        "an --allowed_host), so a web site cannot reach the page by pointing its own domain "
-                        "name at this machine (DNS rebinding), and other sites' pages cannot post to it.")
-    g.add_argument("--allowed_host", action="append", default=None, metavar="NAME",
-                   help="With --allow_remote: one more name the page may be opened under, such as a DNS name "
-                        "or alias of this machine (repeatable). Requests naming any other host are refused.")
+    page_server.add_address_flags(g)
     g = p.add_argument_group("verdict (on held-out clips only: the tune is kept only if it is better)")
     g.add_argument("--max_worse_mel", type=float, default=verdict.TOLERANCES["max_worse_mel"],
                    help="How much worse the held-out original clips' mel L1 may get, as a share (0.03: 3%%), by "
@@ -174,7 +163,7 @@ def check_listen_args(parser, args):
         parser.error(f"--listen: no sentence file or session folder at {args.listen}")
     if os.path.isdir(args.listen):
         args.output_dir = args.listen
-    listening.check_address_args(parser, args)
+    page_server.check_address_args(parser, args)
 
 
 def parse_args(argv=None):
@@ -208,7 +197,7 @@ def parse_args(argv=None):
         if not os.path.isdir(args.compare):
             parser.error(f"--compare: no run folder at {args.compare}")
         args.output_dir = args.compare
-        listening.check_address_args(parser, args)
+        page_server.check_address_args(parser, args)
         training_flags.check_args(parser, args)
         return args  # both voices come from the run's own report.json
     if args.model is None:

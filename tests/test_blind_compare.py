@@ -15,6 +15,7 @@ import soundfile as sf
 from scipy.stats import binomtest
 
 from voicetune.feedback import blind_compare
+from voicetune.feedback import page_server
 from voicetune.night import run_report
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request
@@ -187,8 +188,7 @@ def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare
     final = [i for i, (line, raw) in enumerate(answers) if line.startswith("POST /api/choose/") and b'"done": true' in raw]
     assert len(final) == 1 and b'"tuned_was"' in answers[final[0]][1]
     before_end = answers[:final[0]]
-    with open(blind_compare.PAGE, "rb") as f:
-        page = f.read()
+    page = page_server.served_page(blind_compare.PAGE)
     audio = {}
     for line, raw in before_end:
         status, headers, body = split_answer(raw)

@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 
 from voicetune.feedback import listening
+from voicetune.feedback import page_server
 from voicetune.common import speech
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
@@ -31,7 +32,7 @@ class Served:
 
     def __init__(self, argv, monkeypatch):
         serving = queue.Queue()
-        real = listening.make_server
+        real = page_server.make_server
 
         def capture(*args):
             server = real(*args)
@@ -39,7 +40,7 @@ class Served:
             server.serve_forever = lambda: serving.put(server) or serve()  # after the start-up lines are printed
             return server
 
-        monkeypatch.setattr(listening, "make_server", capture)
+        monkeypatch.setattr(page_server, "make_server", capture)
         self.code = []
         self.thread = threading.Thread(target=lambda: self.code.append(tf.main(argv)))
         self.thread.start()
@@ -49,7 +50,7 @@ class Served:
                 self.server = serving.get(timeout=1)
             except queue.Empty:
                 assert self.thread.is_alive(), f"main() returned {self.code} instead of serving"
-        monkeypatch.setattr(listening, "make_server", real)
+        monkeypatch.setattr(page_server, "make_server", real)
         self.port = self.server.server_address[1]
 
     def request(self, method, path, body=None, headers=None):
@@ -523,8 +524,8 @@ def test_control_characters_never_reach_the_terminal_or_the_txt(session, capsys)
 
 def test_a_client_that_sends_nothing_is_dropped(session, monkeypatch):
     served, _, _, _ = session
-    assert 10 <= listening.READ_TIMEOUT_S <= 30
-    monkeypatch.setattr(listening, "READ_TIMEOUT_S", 1)
+    assert 10 <= page_server.READ_TIMEOUT_S <= 30
+    monkeypatch.setattr(page_server, "READ_TIMEOUT_S", 1)
     started = time.monotonic()
     # A body announced and never sent: the read times out and the connection is answered and closed.
     answer = raw_bytes(served.port, f"POST /api/mark/0 HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n"
@@ -628,7 +629,7 @@ def silent_flac(channels, rate, seconds):
 def upload_status(data):
     try:
         listening.decode_upload(data, 16000)
-    except listening.UploadError as err:
+    except page_server.UploadError as err:
         return err.status, str(err)
     return 200, ""
 
@@ -646,7 +647,7 @@ def test_a_take_is_capped_by_its_decoded_size_not_its_seconds_alone():
     # A minute of 96 kHz stereo is exactly the cap; one frame more, or one channel more, is past it.
     listening.refuse_long_take(60 * 96_000, 96_000, 2)
     for frames, channels in ((60 * 96_000 + 1, 2), (41 * 96_000, 3)):
-        with pytest.raises(listening.UploadError):
+        with pytest.raises(page_server.UploadError):
             listening.refuse_long_take(frames, 96_000, channels)
 
 
@@ -658,7 +659,7 @@ class Server:
         self.session = listening.Session(str(tmp_path / "session"), str(tmp_path / "feedback"), "voice", rows,
                                          16000, vocab)
         (tmp_path / "session").mkdir(exist_ok=True)
-        self.server = listening.make_server(self.session, host, 0, allowed)
+        self.server = page_server.make_server(listening.Handler, self.session, host, 0, allowed)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -1,5 +1,5 @@
 """train_feedback.py --compare RUN_DIR: a blind A/B listening test of a tuned voice against the voice it was
-tuned from, served as a local page (compare_page.html) by the listening page's own server (listening.py).
+tuned from, served as a local page (compare_page.html) by the server both pages share (page_server.py).
 
 Each sentence is heard as A and B, the input voice and the tuned voice in a random order per sentence, and
 the listener picks A, B or no difference. Sentences: the run's held-out feedback clips, the sentences marked
@@ -22,7 +22,6 @@ import glob
 import json
 import os
 import random
-import re
 import threading
 import time
 from http import HTTPStatus
@@ -33,6 +32,7 @@ import soundfile as sf
 from voicetune.common import distributed
 from voicetune.feedback import feedback_run
 from voicetune.feedback import listening
+from voicetune.feedback import page_server
 from voicetune.voice import models
 from voicetune.common import run_errors
 from voicetune.common import run_folder
@@ -78,7 +78,7 @@ class Comparison:
 
     def pair(self, index):
         if not 0 <= index < len(self.pairs):
-            raise listening.UploadError(HTTPStatus.NOT_FOUND, f"no pair {index}")
+            raise page_server.UploadError(HTTPStatus.NOT_FOUND, f"no pair {index}")
         return self.pairs[index]
 
     def audio(self, index, letter):
@@ -99,10 +99,10 @@ class Comparison:
 
     def choose(self, index, choice):
         if choice not in CHOICES:
-            raise listening.UploadError(HTTPStatus.BAD_REQUEST, f"choice must be one of {', '.join(CHOICES)}")
+            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"choice must be one of {', '.join(CHOICES)}")
         with self.lock:
             if self.finished:
-                raise listening.UploadError(HTTPStatus.CONFLICT, "the comparison is finished: its key is known now")
+                raise page_server.UploadError(HTTPStatus.CONFLICT, "the comparison is finished: its key is known now")
             self.pair(index)["choice"] = choice
             if all(p["choice"] is not None for p in self.pairs):
                 self.finished = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -278,45 +278,34 @@ def make_comparison(run_dir, takes, rng):
 
 
 # ----------------------------------------------------------------------------------------------------
-# HTTP: the listening page's server (its Host/Origin checks, body limits, JSON refusals and headers), with
-# the comparison's routes. Pairs are addressed by number; no path from a request is joined to a folder.
+# The page's routes (page_server.py checks every request and answers every refusal): the state, the takes
+# by pair number and letter, the choices.
 
-class Handler(listening.Handler):
-    def route_get(self, url):
-        if url.path == "/":
-            with open(PAGE, "rb") as f:
-                self.send_bytes(f.read(), "text/html; charset=utf-8")
-        elif url.path == "/api/state":
-            self.send_json(self.session.state())
-        elif m := re.fullmatch(rf"/audio/{listening.ROW}/([AB])", url.path):
-            self.send_file(self.session.audio(int(m.group(1)), m.group(2)))
-        elif re.fullmatch(r"/api/choose/[0-9]+", url.path):
-            raise listening.UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"GET {url.path}: only POST")
-        else:
-            raise listening.UploadError(HTTPStatus.NOT_FOUND, "not found")
+class Handler(page_server.Handler):
+    page = PAGE
 
-    def route_post(self, url):
-        if m := re.fullmatch(rf"/api/choose/{listening.ROW}", url.path):
-            index = int(m.group(1))
-            self.session.pair(index)
-            body = listening.parse_json_object(self.read_body(listening.MAX_JSON_BYTES) or b"{}", '{"choice": ...}')
-            self.send_json(self.session.choose(index, body.get("choice")))
-        elif url.path in ("/", "/api/state") or re.fullmatch(r"/audio/[0-9]+/[AB]", url.path):
-            raise listening.UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"POST {url.path}: only GET")
-        else:
-            raise listening.UploadError(HTTPStatus.NOT_FOUND, "not found")
+    def send_audio(self, row, letter):
+        self.send_file(self.session.audio(row, letter))
+
+    def choose(self, row):
+        self.session.pair(row)
+        self.send_json(self.session.choose(row, self.read_json_object('{"choice": ...}').get("choice")))
+
+    routes = (("GET", "/api/state", page_server.Handler.send_state),
+              ("GET", "/audio/{row}/(?P<letter>[AB])", send_audio),
+              ("POST", "/api/choose/{row}", choose))
 
 
 def serve(run_dir, args, sessions_dir):
     """Hold the run folder, open (or make) its comparison and serve the page until Ctrl-C."""
     with run_folder.OutputLock(run_dir):
         comparison = open_comparison(run_dir, args.device, sessions_dir)
-        server = listening.make_server(comparison, args.host, args.port, args.allowed_host or (), Handler)
-        listening.warn_remote(server, args.host, f"hear both voices and judge the pairs, writing into {run_dir}")
+        server = page_server.make_server(Handler, comparison, args.host, args.port, args.allowed_host or ())
+        page_server.warn_remote(server, args.host, f"hear both voices and judge the pairs, writing into {run_dir}")
         state = comparison.state()
         print(f"blind comparison: {state['total']} pairs in {os.path.join(run_dir, FOLDER)}, {state['judged']} judged"
               + (" (finished)" if state["done"] else ""))
-        listening.serve_until_interrupted(server)
+        page_server.serve_until_interrupted(server)
         state = comparison.state()
         print(f"{state['judged']} of {state['total']} pairs judged"
               + ("; the result is in report.json" if state["done"] else

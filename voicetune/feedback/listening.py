@@ -3,30 +3,27 @@ each sentence and its text), and the page that serves it: hear the voice sentenc
 each one good or needs work, record how it should sound and save it straight into the feedback folder as
 an `audio_NNN.wav` + `audio_NNN.txt` pair, the layout the user's recording app writes.
 
-The server is the standard library's ThreadingHTTPServer: one listener on one machine sends a few requests
-a minute, so a web framework would add a dependency and nothing else. The page (listen_page.html) records
-16-bit PCM WAV with Web Audio rather than MediaRecorder, whose Chromium output (WebM/Opus) libsndfile
-cannot decode; the server still takes anything soundfile reads (WAV, FLAC, Ogg Vorbis/Opus, MP3).
+The page (listen_page.html, served by page_server.py, which checks every request) records 16-bit PCM WAV
+with Web Audio rather than MediaRecorder, whose Chromium output (WebM/Opus) libsndfile cannot decode; the
+session still takes anything soundfile reads (WAV, FLAC, Ogg Vorbis/Opus, MP3).
 """
 
 import glob
 import io
-import ipaddress
 import json
 import os
 import re
-import socket
 import threading
 import time
 import unicodedata
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import soundfile as sf
 from transformers import VitsConfig
 
 from voicetune.common import distributed
+from voicetune.feedback import page_server
 from voicetune.voice import models
 from voicetune.common import run_errors
 from voicetune.common import run_folder
@@ -44,22 +41,10 @@ MAX_TAKE_SAMPLES = MAX_TAKE_SECONDS * 96000 * 2  # a minute of 96 kHz stereo: ~4
 MIN_TAKE_SECONDS = 0.3  # of sound, after trimming silence as train_feedback.py trims its clips
 DECODE_BLOCK_FRAMES = 65536
 MAX_TEXT_CHARS = 1000
-MAX_JSON_BYTES = 1024  # a mark is {"mark": "needs_work"}
-MAX_JSON_DEPTH = 4
-MAX_INDEX_DIGITS = 9  # row numbers in paths, and the digits of a Content-Length
-READ_TIMEOUT_S = 20  # a client that announces a body and sends none is dropped after this long
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-AUDIO_NAME = re.compile(r"audio_([0-9]{1,%d})\.\w+" % MAX_INDEX_DIGITS)  # the recording app's audio_NNN pairs
+# The recording app's audio_NNN pairs, with no more digits than a row number (int() of thousands raises).
+AUDIO_NAME = re.compile(r"audio_([0-9]{1,%d})\.\w+" % page_server.MAX_INDEX_DIGITS)
 MARKS = ("good", "needs_work")
 WEBM_MAGIC = b"\x1a\x45\xdf\xa3"  # EBML header: Chromium's MediaRecorder output
-
-
-class UploadError(ValueError):
-    """A request the session refuses; `status` is the HTTP status it answers with."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,7 +76,7 @@ class Session:
 
     def row(self, index):
         if not 0 <= index < len(self.rows):
-            raise UploadError(HTTPStatus.NOT_FOUND, f"no sentence {index}")
+            raise page_server.UploadError(HTTPStatus.NOT_FOUND, f"no sentence {index}")
         return self.rows[index]
 
     def state(self):
@@ -104,7 +89,7 @@ class Session:
 
     def mark(self, index, mark):
         if mark not in MARKS:
-            raise UploadError(HTTPStatus.BAD_REQUEST, f"mark must be one of {', '.join(MARKS)}")
+            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"mark must be one of {', '.join(MARKS)}")
         with self.lock:
             self.row(index)["mark"] = mark
             self.write()
@@ -114,12 +99,12 @@ class Session:
         row = self.row(index)
         text = plain_text(text)
         if len(text) > MAX_TEXT_CHARS:
-            raise UploadError(HTTPStatus.BAD_REQUEST, f"text longer than {MAX_TEXT_CHARS} characters")
+            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"text longer than {MAX_TEXT_CHARS} characters")
         _, reason = speech.clean_text(text, self.vocab)
         if reason:
-            raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the voice cannot learn this text ({reason}): write "
-                                                               "signs without a Kurmanji reading ($, °C, -5) as words, "
-                                                               "use the Latin alphabet")
+            raise page_server.UploadError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                          f"the voice cannot learn this text ({reason}): write signs without a "
+                                          "Kurmanji reading ($, °C, -5) as words, use the Latin alphabet")
         audio = decode_upload(data, self.sampling_rate)
         with self.lock:
             # A redo replaces this sentence's earlier correction instead of adding a second one.
@@ -145,19 +130,20 @@ class Session:
 def decode_upload(data, sampling_rate):
     """Whatever the browser sent, as float32 mono at the voice's rate; UploadError when it is not usable speech."""
     if data.startswith(WEBM_MAGIC):
-        raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                          "WebM audio cannot be decoded without ffmpeg: send WAV, FLAC, Ogg or MP3")
+        raise page_server.UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                      "WebM audio cannot be decoded without ffmpeg: send WAV, FLAC, Ogg or MP3")
     check_take_length(data)
     try:
         audio = speech.load_audio(io.BytesIO(data), sampling_rate)
     except speech.AudioError as err:
-        raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"not audio soundfile can read ({err})") from None
+        raise page_server.UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                      f"not audio soundfile can read ({err})") from None
     if speech.is_silent(audio):
-        raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, "the recording is silent: check the microphone")
+        raise page_server.UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, "the recording is silent: check the microphone")
     sound = len(speech.trim_silence(audio)) / sampling_rate
     if sound < MIN_TAKE_SECONDS:
-        raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the take holds only {sound:.2f} s of sound (at least "
-                                                           f"{MIN_TAKE_SECONDS} s): record the whole sentence")
+        raise page_server.UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the take holds only {sound:.2f} s of sound "
+                                      f"(at least {MIN_TAKE_SECONDS} s): record the whole sentence")
     return audio
 
 
@@ -173,18 +159,18 @@ def check_take_length(data):
             while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
                 decoded += len(block)
                 refuse_long_take(decoded, f.samplerate, f.channels)
-    except UploadError:
+    except page_server.UploadError:
         raise
     except Exception as err:  # noqa: BLE001 - libsndfile reports corrupt input with several exception types
-        raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                          f"not audio soundfile can read ({str(err).split(': ')[-1].strip()})") from None
+        raise page_server.UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                      f"not audio soundfile can read ({str(err).split(': ')[-1].strip()})") from None
 
 
 def refuse_long_take(frames, samplerate, channels):
     if frames > MAX_TAKE_SECONDS * samplerate or frames * channels > MAX_TAKE_SAMPLES:
-        raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                          f"the take is longer than {MAX_TAKE_SECONDS} s once decoded (or holds more than "
-                          f"{MAX_TAKE_SAMPLES} samples): record one sentence at a time")
+        raise page_server.UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                      f"the take is longer than {MAX_TAKE_SECONDS} s once decoded (or holds more "
+                                      f"than {MAX_TAKE_SAMPLES} samples): record one sentence at a time")
 
 
 def next_number(feedback_dir, after=0):
@@ -341,228 +327,34 @@ def speak(rows_and_texts, folder, args, speaker):
 
 
 # ----------------------------------------------------------------------------------------------------
-# HTTP: the page, the session as JSON, audio by row number, marks and uploads. No path from a request
-# is ever joined to a folder: rows are addressed by number and every file name is the session's own.
-# Whatever a request holds, the answer is JSON (4xx for a bad request), never a traceback.
+# The page's routes (page_server.py checks every request and answers every refusal): the session as JSON,
+# audio by row number, marks and uploads. Every file name is the session's own.
 
-ROW = r"([0-9]{1,%d})" % MAX_INDEX_DIGITS  # longer numbers name no row (and int() of 5000 digits raises)
-SECURITY_HEADERS = {
-    "X-Frame-Options": "DENY",  # no other site may show the page in a frame and click it for the listener
-    "Content-Security-Policy": "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-}
+class Handler(page_server.Handler):
+    page = PAGE
 
+    def send_voice_audio(self, row):
+        self.send_file(self.session.voice_audio(row))
 
-class Handler(BaseHTTPRequestHandler):
-    session = None  # set by make_server
-    local = True  # bound to this machine only: then only a local Host header is answered
-    allowed_hosts = frozenset()  # with --allow_remote: the names a request may give in its Host header
+    def send_recording(self, row):
+        self.send_file(self.session.recording(row))
 
-    def setup(self):
-        self.timeout = READ_TIMEOUT_S  # on every read of the socket: a client that stops sending is dropped
-        super().setup()  # (StreamRequestHandler.setup applies it)
+    def mark(self, row):
+        self.session.row(row)
+        self.session.mark(row, self.read_json_object('{"mark": ...}').get("mark"))
+        self.send_json(self.session.state())
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self.answer(self.route_get)
+    def save(self, row):
+        self.session.row(row)
+        text = parse_qs(self.url.query).get("text", [""])[0]
+        wav = self.session.save_correction(row, self.read_body(MAX_UPLOAD_BYTES), text)
+        self.send_json(dict(self.session.state(), saved=wav))
 
-    def do_POST(self):  # noqa: N802
-        self.answer(self.route_post)
-
-    def answer(self, route):
-        try:
-            self.check_origin()
-            route(urlsplit(self.path))
-        except UploadError as err:
-            self.send_json(dict(error=str(err)), err.status)
-
-    def route_get(self, url):
-        if url.path == "/":
-            with open(PAGE, "rb") as f:
-                self.send_bytes(f.read(), "text/html; charset=utf-8")
-        elif url.path == "/api/session":
-            self.send_json(self.session.state())
-        elif m := re.fullmatch(rf"/audio/{ROW}\.wav", url.path):
-            self.send_file(self.session.voice_audio(int(m.group(1))))
-        elif m := re.fullmatch(rf"/recorded/{ROW}\.wav", url.path):
-            self.send_file(self.session.recording(int(m.group(1))))
-        elif re.fullmatch(r"/api/(mark|save)/[0-9]+", url.path):
-            raise UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"GET {url.path}: only POST")
-        else:
-            raise UploadError(HTTPStatus.NOT_FOUND, "not found")
-
-    def check_origin(self):
-        """Refuse what another web site's page makes the browser send here: cross-origin posts, and requests
-        through a domain name that was re-pointed at this machine (DNS rebinding).
-
-        A rebinding page controls both its Host and Origin headers (they name its own domain), so the Host
-        itself must be one this server knows: a local name when bound to this machine, else an IP address,
-        this machine's names or an --allowed_host. An IP address is safe to answer: a page loaded from a
-        domain name never sends an IP address as its Host, and an address cannot be re-pointed."""
-        host = self.headers.get("Host", "")
-        if not self.host_allowed(host_name(host)):
-            raise UploadError(HTTPStatus.FORBIDDEN, "requests must name this machine (localhost)" if self.local else
-                              "requests must name this machine: its address, its name or an --allowed_host")
-        if self.headers.get("Origin") not in (None, f"http://{host}"):
-            raise UploadError(HTTPStatus.FORBIDDEN, "cross-origin request refused")
-
-    def host_allowed(self, name):
-        if self.local:
-            return name in LOCAL_HOSTS
-        if name in self.allowed_hosts:
-            return True
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            return False
-        return True
-
-    def route_post(self, url):
-        if m := re.fullmatch(rf"/api/mark/{ROW}", url.path):
-            index = int(m.group(1))
-            self.session.row(index)
-            mark = parse_json_object(self.read_body(MAX_JSON_BYTES) or b"{}").get("mark")
-            self.session.mark(index, mark)
-            self.send_json(self.session.state())
-        elif m := re.fullmatch(rf"/api/save/{ROW}", url.path):
-            index = int(m.group(1))
-            self.session.row(index)
-            text = parse_qs(url.query).get("text", [""])[0]
-            wav = self.session.save_correction(index, self.read_body(MAX_UPLOAD_BYTES), text)
-            self.send_json(dict(self.session.state(), saved=wav))
-        elif url.path in ("/", "/api/session") or re.fullmatch(r"/(audio|recorded)/[0-9]+\.wav", url.path):
-            raise UploadError(HTTPStatus.METHOD_NOT_ALLOWED, f"POST {url.path}: only GET")
-        else:
-            raise UploadError(HTTPStatus.NOT_FOUND, "not found")
-
-    def read_body(self, limit):
-        """The request's body: a Content-Length of ASCII digits, at most `limit` bytes, all of it sent."""
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise UploadError(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
-        length = lengths[0].strip(" \t")
-        if len(set(lengths)) > 1 or not re.fullmatch(r"[0-9]+", length):
-            raise UploadError(HTTPStatus.BAD_REQUEST, "Content-Length must be one number of bytes (ASCII digits)")
-        if len(length) > MAX_INDEX_DIGITS or int(length) > limit:
-            raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload larger than {limit // 2**20} MiB"
-                              if limit >= 2**20 else f"body larger than {limit} bytes")
-        try:
-            body = self.rfile.read(int(length))
-        except TimeoutError:
-            self.close_connection = True
-            raise UploadError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") from None
-        if len(body) < int(length):
-            raise UploadError(HTTPStatus.BAD_REQUEST, f"body of {len(body)} bytes, shorter than its Content-Length")
-        return body
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a malformed request line or header, a method without a do_*) as JSON,
-        with the headers of every answer; an unknown method is a 405, not http.server's 501."""
-        if code == HTTPStatus.NOT_IMPLEMENTED:
-            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed: GET or POST"
-        self.close_connection = True
-        self.send_json(dict(error=message or HTTPStatus(code).phrase), code)
-
-    def send_file(self, path):
-        if path is None or not os.path.isfile(path):
-            raise UploadError(HTTPStatus.NOT_FOUND, "no such audio")
-        with open(path, "rb") as f:
-            self.send_bytes(f.read(), "audio/wav")
-
-    def send_json(self, data, status=HTTPStatus.OK):
-        self.send_bytes(json.dumps(data, ensure_ascii=False).encode(), "application/json", status)
-
-    def send_bytes(self, body, content_type, status=HTTPStatus.OK):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")  # a redo must never play the old take
-        for name, value in SECURITY_HEADERS.items():
-            self.send_header(name, value)
-        if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            self.send_header("Allow", "GET, POST")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
-        pass  # saves are printed by the session; one line per request would bury them
-
-
-def host_name(header):
-    """The host of a Host header: lowercased, without its port, IPv6 brackets or a trailing dot; '' if malformed."""
-    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*)(:[0-9]{0,5})?", header.strip())
-    return m.group(1).strip("[]").rstrip(".").lower() if m else ""
-
-
-def parse_json_object(body, shape='{"mark": ...}'):
-    """A small JSON object from a request body: UploadError 400 (naming the `shape` expected) for anything
-    else, deep nesting included."""
-    try:
-        text = body.decode("utf-8")
-        if json_depth(text) > MAX_JSON_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
-        data = json.loads(text)
-    except ValueError as err:
-        raise UploadError(HTTPStatus.BAD_REQUEST, f"body must be JSON {shape} ({err})") from None
-    if not isinstance(data, dict):
-        raise UploadError(HTTPStatus.BAD_REQUEST, f"body must be JSON {shape}")
-    return data
-
-
-def json_depth(text):
-    """How deeply `text` nests JSON arrays and objects (brackets inside strings not counted), without parsing
-    it: the json module recurses once per level and raises RecursionError past about a thousand."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def machine_hosts(host, allowed=()):
-    """The names a request to a server bound to `host` may give in its Host header when --allow_remote is on:
-    localhost, the bound address, this machine's names and each --allowed_host (any IP address also goes)."""
-    names = {*LOCAL_HOSTS, host, socket.gethostname(), socket.getfqdn(), *allowed}
-    return frozenset(n.strip("[]").rstrip(".").lower() for n in names if n)
-
-
-def check_address_args(parser, args):
-    """--host, --allow_remote and --allowed_host of a served page (--listen, --compare): a page is served on
-    this machine unless --allow_remote says otherwise."""
-    if args.host not in LOCAL_HOSTS and not args.allow_remote:
-        parser.error(f"--host {args.host} would let other machines write into --feedback_dir: add --allow_remote "
-                     "to mean it")
-    if args.allowed_host and not args.allow_remote:
-        parser.error("--allowed_host names the page may be opened under from other machines: it needs "
-                     "--allow_remote (a local page answers only localhost)")
-    for name in args.allowed_host or []:
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
-            parser.error(f"--allowed_host {name!r}: give a host name (letters, digits, dots and hyphens; no "
-                         "scheme, port or path)")
-    args.allowed_host = [name.rstrip(".").lower() for name in args.allowed_host or []]
-
-
-def make_server(session, host, port, allowed_hosts=(), handler=Handler):
-    """A ThreadingHTTPServer serving `session` with `handler` (a Handler; port 0: any free port); the caller
-    runs serve_forever.
-
-    Bound to a local address, only local Host names are answered; else `allowed_hosts` and machine_hosts."""
-    local = host in LOCAL_HOSTS
-    handler = type("SessionHandler", (handler,), dict(
-        session=session, local=local, allowed_hosts=frozenset() if local else machine_hosts(host, allowed_hosts)))
-    server_class = type("Server", (ThreadingHTTPServer,), dict(address_family=socket.AF_INET6)) if ":" in host \
-        else ThreadingHTTPServer
-    server = server_class((host, port), handler)
-    server.url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}/"
-    return server
+    routes = (("GET", "/api/session", page_server.Handler.send_state),
+              ("GET", r"/audio/{row}\.wav", send_voice_audio),
+              ("GET", r"/recorded/{row}\.wav", send_recording),
+              ("POST", "/api/mark/{row}", mark),
+              ("POST", "/api/save/{row}", save))
 
 
 def newest_session(sessions_dir):
@@ -583,34 +375,16 @@ def listen(args):
 def serve(folder, args):
     """Open the session in `folder` and serve its page until Ctrl-C; then print what to run next."""
     session = open_session(folder, args)
-    server = make_server(session, args.host, args.port, args.allowed_host or ())
-    warn_remote(server, args.host, f"write into {session.feedback_dir}; browsers only allow the microphone on "
-                                   "localhost or over https")
+    server = page_server.make_server(Handler, session, args.host, args.port, args.allowed_host or ())
+    page_server.warn_remote(server, args.host, f"write into {session.feedback_dir}; browsers only allow the "
+                                               "microphone on localhost or over https")
     print(f"listening session: {len(session.rows)} sentences in {folder} ({session.state()['progress']} so far); "
           f"corrections go to {session.feedback_dir}")
     if os.path.isfile(os.path.join(session.feedback_dir, "metadata.csv")):
         print(f"warning: {session.feedback_dir} holds a metadata.csv, which train_feedback.py reads instead of "
               "the audio_NNN.wav + .txt pairs saved here: use another --feedback_dir")
-    serve_until_interrupted(server)
+    page_server.serve_until_interrupted(server)
     state = session.state()
     print(f"{state['progress']} in {session.feedback_dir}; resume with: python train_feedback.py --listen {folder}")
     print(f"train on them with: {state['command']}")
 
-
-def warn_remote(server, host, what):
-    """The warning a page served beyond this machine prints: who can reach it and `what` they can do there."""
-    if host not in LOCAL_HOSTS:
-        print(f"warning: --host {host} lets other machines on the network open this page and {what}")
-        names = ", ".join(sorted(server.RequestHandlerClass.allowed_hosts))
-        print(f"answering only requests that name this machine by an IP address or as one of: {names} "
-              "(add names with --allowed_host)")
-
-
-def serve_until_interrupted(server):
-    print(f"open {server.url} in a browser (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
