@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ import soundfile as sf
 from scipy.stats import binomtest
 
 from voicetune.feedback import blind_compare
+from voicetune.feedback import listening
 from voicetune.feedback import page_server
 from voicetune.night import run_report
 from tests.conftest import FEEDBACK_TEXTS
@@ -118,6 +120,65 @@ def test_the_result_counts_preferences_and_its_p_value_is_the_exact_binomial_tai
             if wins + losses:
                 assert judged(wins, losses, 0)["p_value"] == pytest.approx(
                     binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-12), (wins, losses)
+
+
+def test_which_side_is_the_tuned_voice_is_drawn_for_every_pair(tmp_path):
+    """Half the pairs have the tuned voice as A (the odd one either way), and which half is drawn anew: no
+    position in the listening order, and no sentence, always has it on the same side."""
+    for n in (6, 7):
+        # Take i: the input voice a constant -0.25, the tuned voice +0.5, of lengths that differ by sentence.
+        takes = [("eval", f"sentence {i}", np.full(200 + 10 * i, -0.25, np.float32),
+                  np.full(150 + 10 * i, 0.5, np.float32), 16000) for i in range(n)]
+        by_position, by_sentence, tuned_as_a = {}, {}, set()
+        for seed in range(40):
+            run = tmp_path / f"run_{n}_{seed}"
+            comparison = blind_compare.make_comparison(str(run), takes, random.Random(seed))
+            assert sorted(p["text"] for p in comparison.pairs) == sorted(t[1] for t in takes)
+            tuned_as_a.add(sum(p["tuned"] == "A" for p in comparison.pairs))
+            for i, pair in enumerate(comparison.pairs):
+                by_position.setdefault(i, set()).add(pair["tuned"])
+                by_sentence.setdefault(pair["text"], set()).add(pair["tuned"])
+                # The key is true: the tuned voice's take is the file served as its letter, both padded alike.
+                a, _ = sf.read(comparison.audio(i, "A"), dtype="float32")
+                b, _ = sf.read(comparison.audio(i, "B"), dtype="float32")
+                assert len(a) == len(b)
+                tuned, given = (a, b) if pair["tuned"] == "A" else (b, a)
+                assert tuned[0] == 0.5 and given[0] == -0.25
+            assert read_key(str(run))["pairs"] == comparison.pairs
+        assert tuned_as_a == {n // 2, (n + 1) // 2}, n
+        assert all(sides == {"A", "B"} for sides in by_position.values()), (n, by_position)
+        assert all(sides == {"A", "B"} for sides in by_sentence.values()), (n, by_sentence)
+
+
+def test_a_sentence_held_out_and_marked_in_the_session_is_compared_once(tiny_model_dir, tmp_path):
+    held_out_text, eval_text = "sibê ez ê biçim bazarê", "ez baş im"
+    feedback = tmp_path / "training" / "feedback"
+    feedback.mkdir(parents=True)
+    run = tmp_path / "training" / "feedback_models" / "run"
+    shutil.copytree(tiny_model_dir, run / "final_model")
+    for where, name, seconds in (("feedback", "audio_002.wav", 0.5), ("eval", "00.wav", 0.3)):
+        for when, level in (("before", -0.25), ("after", 0.5)):
+            (run / "samples" / when / where).mkdir(parents=True, exist_ok=True)
+            sf.write(run / "samples" / when / where / name, np.full(int(16000 * seconds), level), 16000,
+                     subtype="PCM_16")
+    (run / "report.json").write_text(json.dumps(dict(
+        status="done", model=tiny_model_dir, speaker_id=None,
+        samples=dict(feedback={"audio_002.wav": held_out_text}, eval={"00.wav": eval_text}),
+        feedback=dict(dir=str(feedback), held_out_clips=["audio_002.wav"]))), encoding="utf-8")
+    # The session that recorded the corrections marked the held-out sentence needs work, and one more good.
+    sessions = tmp_path / "training" / "sessions"
+    (sessions / "2026-12-05").mkdir(parents=True)
+    rows = [dict(id="s001", text="Sibê ez ê biçim bazarê.", mark="needs_work", saved=str(feedback / "audio_002.wav")),
+            dict(id="s002", text="Roj baş.", mark="good", saved=None)]
+    listening.Session(str(sessions / "2026-12-05"), str(feedback), tiny_model_dir, rows, 16000, None, 2).write()
+
+    comparison = blind_compare.open_comparison(str(run), "cpu", str(sessions), random.Random(0))
+    assert sorted((p["kind"], p["text"]) for p in comparison.pairs) == [
+        ("eval", eval_text), ("good", "Roj baş."), ("held_out", held_out_text)]
+    # The held-out sentence is heard as the run spoke it (its own samples), not spoken again.
+    i = next(i for i, p in enumerate(comparison.pairs) if p["kind"] == "held_out")
+    tuned, _ = sf.read(comparison.audio(i, comparison.pairs[i]["tuned"]), dtype="float32")
+    assert len(tuned) == 8000 and tuned[0] == 0.5
 
 
 def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare_run, answers, serve, tmp_path):

@@ -98,3 +98,44 @@ def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
                                                                 str(tmp_path / "cache"), 1)
     assert sentences == [("audio_001.wav", "ez bîst û pênc salî me")] and skipped == []
     assert list(clipset.tokens[0]) == speech.token_ids(tokenizer, "ez bîst û pênc salî me")
+
+
+# The rules of docs/text.md's table that no source above gives a string for: each expected reading is built
+# from READINGS' words by that rule.
+@pytest.mark.parametrize("written, read", [
+    ("05", "sifir pênc"), ("007", "sifir sifir heft"), ("0532", "sifir pênc sê du"),
+    ("Jimar 0044 e", "Jimar sifir sifir çar çar e"),
+    ("0", "sifir"),  # one digit alone is a number, not a code
+])
+def test_a_leading_zero_is_a_code_read_digit_by_digit_from_two_digits_on(written, read):
+    assert normalize(written) == read
+
+
+@pytest.mark.parametrize("written, read", [
+    # A group of exactly three digits after . , or a space is thousands, whichever the sign.
+    ("1.000", "hezar"), ("1,000", "hezar"), ("1 000", "hezar"), ("1.000.000", "milyon"),
+    # No-break and thin spaces separate thousands as a plain space does (typeset text, ku.wiktionary's 1 000).
+    ("1\u00a0000", "hezar"), ("10\u202f000", "deh hezar"), ("2\u2009500\u2009000", "du milyon û pênc sed hezar"),
+    ("Ez 3\u00a0250 sêv dixwim", "Ez sê hezar û du sed û pêncî sêv dixwim"),
+    # Otherwise the sign is a decimal point: xal, the digits after it one by one.
+    ("3,5", "sê xal pênc"), ("1.2345", "yek xal du sê çar pênc"), ("0,5", "sifir xal pênc"),
+    # Both in one number: the thousands sign, then the other one as the decimal point.
+    ("12.345,67", "dazdeh hezar û sê sed û çil û pênc xal şeş heft"), ("1,000.5", "hezar xal pênc"),
+])
+def test_thousands_are_groups_of_three_after_a_separator_and_otherwise_it_is_a_decimal_point(written, read):
+    assert normalize(written) == read
+
+
+def test_one_sign_both_between_thousands_and_before_decimals_is_refused():
+    with pytest.raises(kurmanji_text.Unreadable, match=r"1,000,5: , used both between thousands and before decimals"):
+        normalize("1,000,5")
+
+
+@pytest.mark.parametrize("written, read", [
+    ("COVID-19", "COVID-nozdeh"), ("A-4", "A-çar"),  # after a letter: part of a name
+    ("Ji 2003-2005", "Ji du hezar û sê du hezar û pênc"),  # after a digit: a range, two numbers
+    ("Ji 2003–2005", "Ji du hezar û sê du hezar û pênc"),  # an en dash as well
+    ("Ew 5-6 sêv in", "Ew pênc şeş sêv in"),
+])
+def test_a_hyphen_after_a_digit_or_a_letter_is_no_minus_and_a_range_is_two_numbers(written, read):
+    assert normalize(written) == read

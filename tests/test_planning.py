@@ -3,6 +3,7 @@ needed, a plan of steps (less than an epoch, a solo phase longer than the run), 
 step, a --max_steps run re-planned from its first real steps, and batch size auto."""
 
 import contextlib
+import dataclasses
 import math
 import os
 
@@ -150,6 +151,28 @@ def test_a_max_steps_run_the_budget_cannot_hold_is_replanned_from_its_first_step
     for _ in range(5):
         pace.stepped(2.0)
     assert plan2.total_steps == 100
+
+
+def test_a_resumed_max_steps_run_is_paced_by_its_steps_after_the_first_against_the_steps_left(tiny_model_dir, capsys):
+    """The first step after a (re)start pays for the start-up (loading, the first kernels): it is no pace. And a
+    resumed run has only its steps left to fit, not all of them."""
+    trainer = tiny_trainer(tiny_model_dir, "--max_steps", "100")
+    state = dict(plan=dataclasses.asdict(planning.Plan(epochs=17, total_steps=100, steps_per_epoch=6)),
+                 args=dict(max_steps=100), d_warmup_steps=0)
+    for left, total, epochs in ((60.0, 100, 17),  # 46 s after the reserve hold the 35 steps left at 1 s
+                                (34.0, 85, 15)):  # 20 s hold 20 of them: the plan ends at step 65 + 20
+        trainer.step = 60
+        trainer.schedule(100)
+        plan = planning.resumed_plan(trainer, state, trainer.args)
+        assert (plan.total_steps, plan.samples_per_s) == (100, None)
+        budget = Left(left)
+        budget.reserve = lambda: 14.0
+        pace = planning.StepPace(trainer, plan, trainer.args, budget, loop.Run(plan))
+        for seconds in (30.0, 1.0, 1.0, 1.0, 1.0):
+            trainer.step += 1
+            pace.stepped(seconds)
+        assert (plan.total_steps, plan.epochs) == (total, epochs), left
+        assert "plan: 1.00 s a step" in capsys.readouterr().out
 
 
 def test_a_one_minute_budget_ends_inside_it_with_a_final_model(prepared_dataset, tiny_model_dir, tmp_path,

@@ -194,3 +194,67 @@ def test_first_best_and_latest_epochs_side_by_side_for_every_speaker(tmp_path):
                 rf'<td><audio controls preload="none" src="samples/epoch_{e}/speaker_{speaker}/0{i}.wav"></audio></td>'
                 for e in (1, 2, 3)), section), (speaker, i)
     assert "Best epoch</th><td>2 (by val_mel" in page
+
+
+def feedback_page(folder, decision, reasons):
+    """report.html of a finished feedback run (only what the page reads of it) whose verdict is `decision`."""
+    folder.mkdir()
+    (folder / "run_config.json").write_text(json.dumps(dict(script="train_feedback", args=dict(
+        data_dir="training"))), encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(dict(status="done", model="training/voice", verdict=dict(
+        decision=decision, decided_by="guards", reasons=reasons, guards={}))), encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_verdicts_reasons_are_shown_as_text_never_as_markup(tmp_path):
+    # A reason quotes what a user wrote (a file name, a sentence): it may hold anything.
+    reason = 'reject: audio_<b>1</b>.wav & "Roj" <script>alert(1)</script>: the voice got worse'
+    page = feedback_page(tmp_path / "run", "reject", [reason])
+    assert ('<li>reject: audio_&lt;b&gt;1&lt;/b&gt;.wav &amp; &quot;Roj&quot; &lt;script&gt;alert(1)&lt;/script&gt;: '
+            "the voice got worse</li>") in page
+    assert "<b>1</b>" not in page and "<script>alert" not in page
+
+
+def test_a_rejected_runs_promote_command_says_it_is_refused_unless_forced(tmp_path):
+    said = ("<li>Put the tuned voice to use; the voice it replaces is kept for --rollback{}"
+            '<div class="command"><code>python train_feedback.py --promote {}</code>')
+    for decision in ("reject", "keep"):
+        folder = tmp_path / decision
+        page = feedback_page(folder, decision, [f"{decision}: held-out feedback mel 2.000 -> 1.800"])
+        refused = " (the verdict is reject: refused unless --force)"
+        assert said.format(refused if decision == "reject" else "", folder) in page, decision
+        if decision == "keep":
+            assert "refused unless --force" not in page
+
+
+def mel_chart_points(page):
+    """(epoch, value) of each point of the page's validation mel chart."""
+    chart = next(svg for svg in page.split('<svg class="chart"')[1:] if 'aria-label="Validation mel loss' in svg)
+    return [(int(e), float(v)) for e, v in re.findall(r'data-epoch="(\d+)" data-value="([^"]+)"', chart)]
+
+
+def test_the_curves_leave_out_the_training_lines(tmp_path):
+    # The training lines as the loop logs them: every logging step, with the losses of the step and its lr.
+    def training_line(step, epoch):
+        return dict(step=step, epoch=epoch, g=30.0, adv=2.5, fm=1.0, mel=9.0 + step, kl=1.5, dur=1.2, lr=2e-4,
+                    samples_per_s=3.0, skipped_steps=0, oom_splits=0)
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    metrics = folder / "metrics.jsonl"
+    metrics.write_text(json.dumps(training_line(1, 1)) + "\n", encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        page = f.read()
+    assert "No epoch has been validated yet." in page and '<svg class="chart"' not in page
+    lines = [training_line(2, 1), dict(step=3, epoch=1, val_mel=2.5), training_line(4, 2),
+             dict(step=6, epoch=2, val_mel=2.25),
+             # Killed after epoch 2's validation, before its checkpoint: the resumed run trains epoch 2 again
+             # and logs its training lines after that validation; then epoch 3 is under way.
+             training_line(5, 2), training_line(7, 3)]
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        page = f.read()
+    assert mel_chart_points(page) == [(1, 2.5), (2, 2.25)]
+    assert "Best epoch</th><td>2 (by val_mel" in page

@@ -249,3 +249,63 @@ def test_onnx_speaks_without_torch(exported, tiny_model_dir, tmp_path):
     fast = quiet(None, "Ez 25 salî me, Wan’ê.", tmp_path, "--onnx", exported, "--speaking_rate", "0.5",
                  "--noise_scale", "0", "--noise_scale_duration", "0")
     same_audio(fast, torch_says(tiny_model_dir, "Ez 25 salî me, Wan’ê.", rate=0.5))
+
+
+def test_a_speaker_id_as_large_as_the_number_of_speakers_is_refused(two_speaker_dir, tmp_path, capsys):
+    # Speakers are numbered from 0: a voice of 2 has 0 and 1.
+    assert run("Roj baş", "--model", two_speaker_dir, "--speaker_id", "2", "--out", tmp_path / "torch.wav") == 2
+    assert "--speaker_id 2: this voice has speakers 0-1" in capsys.readouterr().err
+    assert run("--model", two_speaker_dir, "--export_onnx", tmp_path / "voice") == 0
+    assert run("Roj baş", "--onnx", tmp_path / "voice", "--speaker_id", "2", "--out", tmp_path / "onnx.wav") == 2
+    assert "--speaker_id 2: this voice has speakers 0-1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "torch.wav") and not os.path.exists(tmp_path / "onnx.wav")
+    assert run("Roj baş", "--onnx", tmp_path / "voice", "--speaker_id", "1", "--out", tmp_path / "onnx.wav") == 0
+
+
+def test_lines_csv_never_carries_a_raw_bar(tiny_model_dir, tmp_path):
+    # | separates lines.csv's two fields: a line holding one would read back as another file and text.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Roj baş | ez baş im.\nEz|baş im.\n", encoding="utf-8")
+    assert run("--file", lines, "--model", tiny_model_dir, "--out_dir", tmp_path / "out") == 0
+    written = (tmp_path / "out" / "lines.csv").read_text(encoding="utf-8").splitlines()
+    assert written == ["line_001.wav|Roj baş   ez baş im.", "line_002.wav|Ez baş im."]
+
+
+def test_the_exported_voice_speaks_at_the_rate_it_was_exported_with(tiny_model_dir, tmp_path):
+    # The settings given to --export_onnx are the graph's defaults: a rate of 0.5 is a length scale of 2.
+    out = tmp_path / "slow"
+    assert run("--model", tiny_model_dir, "--export_onnx", out, "--speaking_rate", "0.5", "--noise_scale", "0",
+               "--noise_scale_duration", "0") == 0
+    assert onnx_voice.OnnxVoice(str(out / "model.onnx")).defaults == dict(noise_scale=0.0, noise_scale_w=0.0,
+                                                                          length_scale=2.0)
+    said = quiet(None, EVERY_LETTER[3], tmp_path, "--onnx", out)  # no speaking flags: the export's own
+    same_audio(said, torch_says(tiny_model_dir, EVERY_LETTER[3], rate=0.5))
+
+
+def test_the_exports_check_is_relative_to_the_clips_peak(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A quiet voice's graph may differ by no more than a thousandth of its own peak: an absolute limit would let
+    a quiet voice's graph say something else entirely."""
+    model, tokenizer = speaking.load(tiny_model_dir)
+    with torch.no_grad():
+        model.decoder.conv_post.weight.mul_(1e-3)  # the same voice, far quieter (tanh is linear near 0)
+    voice = str(tmp_path / "quiet")
+    model.save_pretrained(voice)
+    tokenizer.save_pretrained(voice)
+    peak = float(np.abs(torch_says(voice, EVERY_LETTER[3])).max())
+    assert peak < 0.05
+    real_run = onnx_voice.OnnxVoice.run
+
+    def off_by(share):
+        def run_off(self, ids, **scales):
+            got = real_run(self, ids, **scales).copy()
+            loudest = int(np.abs(got).argmax())
+            got[loudest] += np.sign(got[loudest]) * share * onnx_voice.MAX_DIFFERENCE * np.abs(got).max()
+            return got
+        return run_off
+
+    monkeypatch.setattr(onnx_voice.OnnxVoice, "run", off_by(2.0))
+    assert run("--model", voice, "--export_onnx", tmp_path / "voice") == 2
+    assert "differs from the torch voice by 0.002 of the peak" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "voice")
+    monkeypatch.setattr(onnx_voice.OnnxVoice, "run", off_by(0.5))
+    assert run("--model", voice, "--export_onnx", tmp_path / "voice") == 0

@@ -135,6 +135,26 @@ def test_each_guard_broken_on_purpose_rejects_with_its_reason():
     assert verdict.decide(make_report(mcd=(8.0, 8.2)), max_worse_mcd=0.02)["decision"] == "reject"
 
 
+def test_a_held_out_feedback_mel_that_did_not_fall_is_a_fail():
+    # Equal is no improvement: the guard says "must fall", and the clips, none better or worse, cannot save it.
+    for clips in (((2.0,), (2.0,)), ((2.0, 1.5, 3.0), (2.0, 1.5, 3.0))):
+        result = verdict.decide(make_report(feedback=clips))
+        assert result["decision"] == "reject" and result["guards"]["feedback"]["status"] == "fail", clips
+        before = float(np.mean(clips[0]))
+        assert rejecting(result) == [f"reject: held-out feedback mel {before:.3f} -> {before:.3f} (+0%, must fall): "
+                                     "the tune did not improve the sentences it was not trained on"]
+    # The least fall passes.
+    assert verdict.decide(make_report(feedback=((2.0,), (1.999,))))["guards"]["feedback"]["status"] == "pass"
+
+
+def test_a_duration_drift_that_is_not_a_number_fails():
+    for dur in ((1.05, math.nan), (math.nan, 1.0), (1.0, math.inf)):
+        result = verdict.decide(make_report(dur=dur))
+        assert result["decision"] == "reject" and result["guards"]["duration"]["status"] == "fail", dur
+        assert [r.split(" (drift")[0] for r in rejecting(result)] == [
+            f"reject: held-out original duration ratio {dur[0]:.2f} -> {dur[1]:.2f}"], dur
+
+
 def test_too_few_held_out_clips_is_said_and_never_a_keep():
     result = verdict.decide(make_report(feedback=None))
     assert result["decision"] == "reject" and result["guards"]["feedback"]["status"] == "unjudged"
@@ -203,6 +223,37 @@ def test_reconsider_rewrites_the_report_with_the_listeners_verdict(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps(make_report()), encoding="utf-8")
     with pytest.raises(run_errors.TrainingError, match="no verdict to reconsider"):
         verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+
+
+def test_reconsider_writes_report_json_under_a_temporary_name_and_renames_it_in(tmp_path, monkeypatch):
+    """A crash or a full disk while the report is rewritten leaves the old report whole, never half of one."""
+    report = make_report(status="done")
+    report["verdict"] = verdict.decide(report)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report), encoding="utf-8")
+    real_open, real_replace = open, os.replace
+    written, renamed = [], []
+
+    def watching_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            written.append(os.path.abspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def watching_replace(src, dst):
+        if os.path.abspath(dst) == str(path):
+            with real_open(src, encoding="utf-8") as f:
+                renamed.append((os.path.abspath(src), json.load(f)))
+            with real_open(dst, encoding="utf-8") as f:
+                assert json.load(f) == report  # the old report stays whole until the rename
+        return real_replace(src, dst)
+    monkeypatch.setattr("builtins.open", watching_open)
+    monkeypatch.setattr(os, "replace", watching_replace)
+    result = verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+    assert str(path) not in written
+    assert len(renamed) == 1
+    temp, content = renamed[0]
+    assert temp in written and os.path.dirname(temp) == str(tmp_path)  # one folder: a rename, not a copy
+    assert content["verdict"] == result and content["listening"]["input_preferred"] == 6
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -126,6 +126,86 @@ def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_
     assert voices.fingerprint(data) == before
 
 
+def test_rollback_returns_to_the_version_the_current_one_replaced_not_the_number_before_it(voices_made, data):
+    tuned_a, tuned_b = (os.path.join(voices_made[run], "final_model") for run in ("run_a", "run_b"))
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0  # 2, replacing 1
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 0  # 3, replacing 2
+    assert tf.main(["--rollback", "--data_dir", data]) == 0  # back to 2
+    # run_b tuned version 2's voice: promoted again it is version 4, and it replaced 2, not 3.
+    assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 0
+    assert outline(data)[1][-1] == (4, 2, "keep", False)
+    assert tf.main(["--rollback", "--data_dir", data]) == 0
+    assert same(os.path.join(data, "voice"), tuned_a)
+    assert same(os.path.join(data, "voices", "004"), tuned_b)
+    record = history(data)
+    assert record["current"] == 2 and record["events"][-1]["action"] == "rollback"
+    assert (record["events"][-1]["version"], record["events"][-1]["replaced"]) == (2, 4)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_current_voice_that_is_not_whole_is_not_used(voices_made, data, damage, capsys):
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
+    weights = os.path.join(data, "voice", "model.safetensors")
+    if damage == "missing":
+        os.remove(weights)
+    else:
+        os.truncate(weights, os.path.getsize(weights) // 2)
+    capsys.readouterr()
+    night = os.path.join(data, "final_model")
+    assert voices.current_voice(data) == voices.Path(night)
+    assert f"warning: {os.path.join(data, 'voice')} is not a whole voice (model.safetensors " in capsys.readouterr().out
+    assert tf.parse_args(["--data_dir", data]).model == night
+
+
+def test_what_a_promote_renames_in_is_on_disk_first(voices_made, data, monkeypatch):
+    """Every file of the copied voice (and voices.json) is flushed to disk before the rename that makes it
+    the real one: a power cut after the rename must not leave a voice of empty files."""
+    events, names = [], {}  # names: each open file descriptor's path, the latest open of its number
+    real_open, real_builtin_open, real_fsync, real_replace = os.open, open, os.fsync, os.replace
+
+    def watching_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        names[fd] = os.path.abspath(path)
+        return fd
+
+    def watching_builtin_open(file, mode="r", *args, **kwargs):
+        f = real_builtin_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)):
+            names[f.fileno()] = os.path.abspath(file)
+            if any(c in mode for c in "wax+"):
+                events.append(("write", os.path.abspath(file)))
+        return f
+
+    def watching_fsync(fd):
+        real_fsync(fd)
+        events.append(("fsync", names.get(fd)))
+
+    def watching_replace(src, dst):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", watching_open)
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    monkeypatch.setattr(os, "replace", watching_replace)
+    monkeypatch.setattr("builtins.open", watching_builtin_open)
+    voices.promote(voices_made["run_a"], data)
+    monkeypatch.undo()
+
+    def synced_before(i, folder):
+        return {os.path.relpath(e[1], folder) for e in events[:i] if e[0] == "fsync" and e[1]
+                and os.path.dirname(e[1]) == folder}
+
+    voice, first = os.path.join(data, "voice"), os.path.join(data, "voices", "001")
+    for target in (voice, first):  # the tuned voice, and the night's voice kept as version 1
+        i, (_, incoming, _) = next((i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == target)
+        assert synced_before(i, incoming) == set(voices.fingerprint(target)), target
+    # voices.json: written under another name, on disk, then renamed over the old one; never written in place.
+    record = os.path.join(data, "voices.json")
+    assert ("write", record) not in events
+    i, (_, temp, _) = next((i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == record)
+    assert ("fsync", temp) in events[:i]
+
+
 def test_a_rejected_run_is_refused_with_its_reasons_unless_forced(voices_made, data, capsys):
     before = voices.fingerprint(data)
     assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data]) == 2
