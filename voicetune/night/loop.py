@@ -107,6 +107,22 @@ class Run:
     d_warmup_steps: int = 0
 
 
+def run_held(args, script, steps):
+    """The head and tail both trainers share: args.output_dir held for the run (`claim_output_dir`), `steps()`,
+    and however they end: a TrainingError, an OSError (a full disk) or Ctrl-C as one line and its exit code,
+    the folder released and torchrun's group left. Returns steps()'s exit code."""
+    lock = None
+    try:
+        lock = run_folder.claim_output_dir(args, script)
+        return steps()
+    except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
+        return run_errors.report_fatal(err, args.output_dir)
+    finally:
+        if lock:
+            lock.release()
+        distributed.leave_distributed()
+
+
 def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup, resume,
               fixed_flags=checkpoints.RESUME_FIXED):
     """A fresh run (benchmark + plan) or the run of the checkpoint `resume` = (path, state) continues.
