@@ -1,7 +1,9 @@
 """The run folder's contract (run_files.py): the commands that only read a run load no torch, a voice's
 fingerprint is the sha256 of its files, one rule says which voice is current, report.json is never seen half
-written, and the names and command lines every writer and reader share."""
+written, the names and command lines every writer and reader share, and the one way texts are spoken into
+named WAVs."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
+import soundfile as sf
 
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
+from voicetune.voice import speak_lines
 from voicetune.voice import voices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,9 +194,42 @@ def test_the_next_command_lines():
     assert run_files.listen_command("sentences.txt", "r/final_model") == \
         "python train_feedback.py --listen sentences.txt --model r/final_model"
     assert run_files.listen_command("sessions/1") == "python train_feedback.py --listen sessions/1"
-    assert run_files.tune_command("v w", "fb", 0) == 'python train_feedback.py --model "v w" --feedback_dir fb --speaker_id 0'
+    assert run_files.tune_command("v w", "fb", 0) == \
+        'python train_feedback.py --model "v w" --feedback_dir fb --speaker_id 0'
     assert run_files.tune_command("v") == "python train_feedback.py --model v"
     assert run_files.resume_command("train_vits", "m", "out", "training") == \
         "python train_vits.py --model m --data_dir training --output_dir out --resume auto"
     assert run_files.resume_command("train_feedback", "m", "out") == \
         "python train_feedback.py --model m --output_dir out --resume auto"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one way texts are spoken into named WAVs.
+
+class CountingVoice:
+    """A voice that says a sentence as one sample value per letter, and records the seeds it was given."""
+    sampling_rate = 8000
+
+    def __init__(self):
+        self.seeds = []
+
+    def seeded(self, seed):
+        self.seeds.append(seed)
+        return contextlib.nullcontext()
+
+    def say(self, sentence):
+        return np.full(100 * len(sentence), 0.25, dtype=np.float32)
+
+
+def test_texts_are_spoken_into_their_named_wavs_in_one_seeded_pass(tmp_path):
+    voice = CountingVoice()
+    named = [("s001.wav", "ab"), ("line_002.wav", ["a", "abc"])]  # a sentence, and a line of two
+    paths = speak_lines.speak_files(voice, named, str(tmp_path / "out"), seed=7, pause=0.5)
+    assert paths == [str(tmp_path / "out" / "s001.wav"), str(tmp_path / "out" / "line_002.wav")]
+    assert voice.seeds == [7]  # one seed, then the texts in order
+    one, sr = sf.read(paths[0], dtype="float32")
+    assert sr == 8000 and len(one) == 200 and np.allclose(one, 0.25)
+    two, _ = sf.read(paths[1], dtype="float32")
+    np.testing.assert_allclose(two, np.concatenate([np.full(100, 0.25), np.zeros(4000), np.full(300, 0.25)]))
+    assert sf.info(paths[1]).subtype == "PCM_16"
+    assert sorted(os.listdir(tmp_path / "out")) == ["line_002.wav", "s001.wav"]  # no temp file left

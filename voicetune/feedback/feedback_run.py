@@ -257,9 +257,9 @@ def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir, spe
     before and after, so the folders compare side by side."""
     voice = speaking.TorchVoice(model, tokenizer, speaker_id, speaking.SAMPLE_MAX_SECONDS)
     speak_lines.speak_files(voice, [(run_files.sample_name(name), text) for name, text in feedback_sentences],
-                         os.path.join(out_dir, run_files.FEEDBACK_SAMPLES))
+                            os.path.join(out_dir, run_files.FEEDBACK_SAMPLES))
     speak_lines.speak_files(voice, [(run_files.sentence_sample(i), text) for i, text in enumerate(eval_sentences)],
-                         os.path.join(out_dir, run_files.EVAL_SAMPLES))
+                            os.path.join(out_dir, run_files.EVAL_SAMPLES))
 
 
 def write_recordings(clipset, sampling_rate, out_dir):

@@ -234,7 +234,7 @@ def make_session(args):
     out = args.output_dir
     model_dir = os.path.join(out, "model")
     speak_lines.speak_files(speaking.TorchVoice(model, tokenizer, speaker, speaking.SAMPLE_MAX_SECONDS),
-                         [(wav, text) for (wav, _), text in zip(rows, spoken)], model_dir)
+                            [(wav, text) for (wav, _), text in zip(rows, spoken)], model_dir)
     for wav, text in rows:
         with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -325,7 +325,7 @@ def speak(rows_and_texts, folder, args, speaker):
           + (f", speaker {speaker}" if speaker is not None else "") + " ...")
     voice = speaking.TorchVoice.load(args.model, speaker, args.device, speaking.SAMPLE_MAX_SECONDS)
     speak_lines.speak_files(voice, [(f"{row['id']}.wav", text) for row, text in rows_and_texts],
-                         os.path.join(folder, "model"))
+                            os.path.join(folder, "model"))
 
 
 # ----------------------------------------------------------------------------------------------------

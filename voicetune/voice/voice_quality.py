@@ -35,8 +35,8 @@ def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=speakin
     """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear; speaker_id:
     whose voice, in a multi-speaker model."""
     voice = speaking.TorchVoice(model, tokenizer, speaker_id, max_seconds)
-    return speak_lines.speak_files(voice, [(run_files.sentence_sample(i), s) for i, s in enumerate(sentences)], out_dir,
-                              seed)
+    named = [(run_files.sentence_sample(i), sentence) for i, sentence in enumerate(sentences)]
+    return speak_lines.speak_files(voice, named, out_dir, seed)
 
 
 def read_sentences(path):
@@ -108,7 +108,8 @@ def speak_ids(model, ids, max_frames, seed, speaker_id=None):
     """Waveform of token ids by the inference path (duration predictor, flow reversed, decoder), fixed
     noise; at most max_frames frames (speaking.capped_durations)."""
     device = next(model.parameters()).device
-    with speaking.capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with speaking.capped_durations(model, max_frames), forked:
         torch.manual_seed(seed)
         waveform = model(input_ids=torch.as_tensor(ids, device=device)[None], speaker_id=speaker_id).waveform[0]
     return waveform.float().cpu().numpy()
