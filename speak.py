@@ -16,11 +16,14 @@ Examples:
 import argparse
 import os
 import sys
-import unicodedata
 
-from voicetune.common import kurmanji_text
+import soundfile as sf
+
 from voicetune.common import run_errors
 from voicetune.common import speech
+from voicetune.voice import onnx_voice
+from voicetune.voice import speak_lines
+from voicetune.voice import voices
 
 LINES_FILE = "lines.csv"
 
@@ -93,123 +96,8 @@ def parse_args(argv):
     args.readings = readings
     args.model_given = args.model is not None
     if args.model is None and not args.onnx:
-        from voicetune.voice import voices  # brings torch, which an --onnx voice speaks without
-
         args.model = str(voices.current_voice(args.data_dir))
     return args
-
-
-def load_vocab(args):
-    """The letters the --model voice can say; one line naming the voice when it cannot be loaded."""
-    if not args.model_given and not os.path.isdir(args.model):
-        raise run_errors.TrainingError(f"no voice in --data_dir {args.data_dir} (neither voice/ nor final_model/ "
-                                       "there): train one with train_vits.py, or give --model")
-    try:
-        return speech.load_vocab(args.model)[1]
-    except (OSError, ValueError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise run_errors.TrainingError(f"--model {args.model}: cannot load the voice's tokenizer "
-                                       f"({first_line})") from None
-
-
-def unspeakable(sentence, reason, vocab):
-    """Why the voice cannot say `sentence`, in words."""
-    if reason == "other_script":
-        return "it is written in another script; the voice reads the Kurmanji Latin alphabet"
-    if reason == "unsupported_letter":
-        text = sentence.lower()
-        letter = next((ch for ch in text if ch.isalpha() and ch not in vocab and ch not in speech.LETTER_FIXES), "?")
-        return f"the letter {letter!r} ({unicodedata.name(letter, 'unknown')}) is not in the voice's alphabet"
-    if reason == "digits":
-        return "it holds a digit with no Kurmanji reading"
-    return "there is nothing to say in it"
-
-
-def read_lines(args, vocab):
-    """[(line, [cleaned sentences])]; TrainingError naming the first line the voice cannot read, and why."""
-    if args.file:
-        try:
-            with open(args.file, encoding="utf-8-sig") as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise run_errors.TrainingError(f"--file {args.file}: cannot be read as UTF-8 text ({err})") from None
-        if not lines:
-            raise run_errors.TrainingError(f"--file {args.file}: no line to speak")
-    else:
-        lines = [args.text]
-    read = []
-    for number, line in enumerate(lines, 1):
-        where = f"{args.file} line {number}: " if args.file else ""
-        try:
-            words = kurmanji_text.normalize(unicodedata.normalize("NFC", line), args.readings)
-        except kurmanji_text.Unreadable as err:
-            raise run_errors.TrainingError(f"{where}{line!r}: cannot be read: {err}") from None
-        sentences = []
-        for sentence in kurmanji_text.split_sentences(words):
-            text, reason = speech.clean_text(sentence, vocab)
-            if reason:
-                raise run_errors.TrainingError(f"{where}{sentence!r}: cannot be read: "
-                                               f"{unspeakable(sentence, reason, vocab)}")
-            sentences.append(text)
-        if not sentences:
-            raise run_errors.TrainingError(f"{where}{line!r}: cannot be read: there is nothing to say in it")
-        read.append((line, sentences))
-    return read
-
-
-class TorchVoice:
-    """The transformers voice with the speaking settings set where it reads them."""
-
-    def __init__(self, args):
-        from voicetune.voice import speaking
-
-        self.speaking = speaking
-        self.model, self.tokenizer = speaking.load(args.model, speaking_rate=args.speaking_rate,
-                                                   noise_scale=args.noise_scale,
-                                                   noise_scale_duration=args.noise_scale_duration)
-        self.speaker_id = speaking.check_speaker(self.model.config, args.speaker_id)
-        self.sampling_rate = self.model.config.sampling_rate
-        self.seed = args.seed
-
-    def say(self, sentences):
-        return self.speaking.say_all(self.model, self.tokenizer, sentences, self.speaker_id, self.seed)
-
-
-class OnnxRuntimeVoice:
-    """The exported voice on onnxruntime; the same flags as scales of the graph."""
-
-    def __init__(self, args):
-        from voicetune.voice import onnx_voice
-
-        path = os.path.join(args.onnx, onnx_voice.MODEL_FILE)
-        if not os.path.isfile(path) or not os.path.isfile(os.path.join(args.onnx, onnx_voice.TOKENS_FILE)):
-            raise run_errors.TrainingError(f"--onnx {args.onnx}: no {onnx_voice.MODEL_FILE} + "
-                                           f"{onnx_voice.TOKENS_FILE} there (write them with --export_onnx)")
-        self.voice = onnx_voice.OnnxVoice(path)
-        self.vocab, self.sampling_rate = self.voice.vocab, self.voice.sampling_rate
-        speakers = self.voice.speakers
-        if args.speaker_id is not None and not 0 <= args.speaker_id < speakers:
-            raise run_errors.TrainingError(f"--speaker_id {args.speaker_id}: this voice has speakers 0-{speakers - 1}")
-        self.scales = dict(noise_scale=args.noise_scale, noise_scale_w=args.noise_scale_duration,
-                           length_scale=None if args.speaking_rate is None else 1.0 / args.speaking_rate,
-                           speaker_id=args.speaker_id)
-
-    def say(self, sentences):
-        return [self.voice.say(s, **self.scales) for s in sentences]
-
-
-def export(args):
-    from voicetune.voice import onnx_voice
-    from voicetune.voice import speaking
-
-    model, tokenizer = speaking.load(args.model, speaking_rate=args.speaking_rate, noise_scale=args.noise_scale,
-                                     noise_scale_duration=args.noise_scale_duration)
-    try:
-        out = onnx_voice.export(model, tokenizer, args.export_onnx)
-    except onnx_voice.ExportError as err:
-        raise run_errors.TrainingError(f"--export_onnx {args.export_onnx}: {err}") from None
-    print(f"wrote {os.path.join(out, onnx_voice.MODEL_FILE)} + {onnx_voice.TOKENS_FILE} + README.md (the graph "
-          "says what the torch voice says on every letter of its vocabulary)")
 
 
 def main(argv=None):
@@ -217,29 +105,23 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.export_onnx:
-            export(args)
+            onnx_voice.export_folder(args.model, args.export_onnx, **speak_lines.settings(args))
             return 0
-        # 2. What each line will be read as; a line the voice cannot read stops everything before any audio.
-        if args.onnx:
-            voice = OnnxRuntimeVoice(args)
-            vocab = voice.vocab
-        else:
-            vocab = load_vocab(args)
-            voice = None if args.dry_run else TorchVoice(args)
-        lines = read_lines(args, vocab)
+        # 2. The voice, and what each line will be read as; a line it cannot read stops everything before any audio.
+        voice, vocab = speak_lines.open_voice(args)
+        lines = speak_lines.read_lines(args, vocab)
         if args.dry_run:
             for _, sentences in lines:
                 print(" | ".join(sentences))
             return 0
-        # 3. Speak each line, its sentences whole with a pause between them, and write its WAV.
+        # 3. Speak each line into its WAV, its sentences whole with a pause between them, seeded afresh.
         written = []
         for number, (line, sentences) in enumerate(lines, 1):
-            audio = speech.join_sentences(voice.say(sentences), voice.sampling_rate, args.sentence_pause)
             path = os.path.join(args.out_dir, f"line_{number:03d}.wav") if args.file else args.out
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            speech.write_wav(path, audio, voice.sampling_rate)
+            folder, name = os.path.split(os.path.abspath(path))
+            speak_lines.speak_files(voice, [(name, sentences)], folder, args.seed, args.sentence_pause)
             written.append((os.path.basename(path), line.replace("|", " ")))  # | separates lines.csv's fields
-            print(f"{path} ({len(audio) / voice.sampling_rate:.1f} s): {' | '.join(sentences)}")
+            print(f"{path} ({sf.info(path).duration:.1f} s): {' | '.join(sentences)}")
         # 4. Which file says which line.
         if args.file:
             speech.write_metadata(os.path.join(args.out_dir, LINES_FILE), written)

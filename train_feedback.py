@@ -55,6 +55,7 @@ from voicetune.feedback import page_server
 from voicetune.voice import models
 from voicetune.night import planning
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.night import run_report
 from voicetune.voice import speakers
@@ -296,9 +297,8 @@ def main(argv=None):
         feedback_run.save_run_info(args, disc_path, precision, device, sets)
 
         # 5. Before: listening samples and validation of the input voice (kept when resuming).
-        report_path = os.path.join(args.output_dir, feedback_run.REPORT_NAME)
-        report = feedback_run.read_report(report_path) if args.resume else None
-        if report is None and distributed.is_main_process():
+        report = run_files.read_report(args.output_dir) if args.resume else None
+        if (report is None or "before" not in report) and distributed.is_main_process():
             report = feedback_run.measure_before(trainer, tokenizer, sets, eval_sentences, args, speaker, disc_path)
         report = distributed.broadcast_object(report)  # the other ranks wait for it
         # The same work is done again after training: keep time for it.
@@ -325,12 +325,11 @@ def main(argv=None):
 
         # 8. The verdict, on held-out clips only: keep the tune, or reject it and say why.
         report["verdict"] = verdict.decide(report, **{k: getattr(args, k) for k in verdict.TOLERANCES})
-        feedback_run.write_report(report_path, report)
+        run_files.write_report(args.output_dir, report)
         run_report.update(args.output_dir)
-        feedback_run.print_report(report, report_path)
+        feedback_run.print_report(report, os.path.join(args.output_dir, run_files.REPORT))
         verdict.print_verdict(report["verdict"])
-        print(f"put it to use with: python train_feedback.py --promote {args.output_dir}"
-              + (f" --data_dir {args.data_dir}" if args.data_dir != "training" else "")
+        print(f"put it to use with: {run_files.promote_command(args.output_dir, args.data_dir)}"
               + (" (refused unless --force: the verdict is reject)" if report["verdict"]["decision"] == "reject"
                  else ""))
     except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:

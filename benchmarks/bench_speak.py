@@ -45,7 +45,7 @@ def pick_sentences(model, tokenizer, vocab, count, low, high):
         text, reason = speech.clean_text(kurmanji_text.normalize(raw), vocab)
         if reason:
             continue
-        seconds = len(speaking.say_all(model, tokenizer, [text], None, 0)[0]) / model.config.sampling_rate
+        seconds = spoken_seconds(model, tokenizer, text)
         if low <= seconds <= high:
             timed.append((seconds, text))
         if len(timed) == 3 * count:  # enough to spread over the range
@@ -55,6 +55,13 @@ def pick_sentences(model, tokenizer, vocab, count, low, high):
         raise SystemExit(f"no sentence lasts {low}-{high} s with this voice; widen --min_seconds/--max_seconds")
     step = max(len(timed) / count, 1)
     return [timed[int(i * step)][1] for i in range(min(count, len(timed)))]
+
+
+def spoken_seconds(model, tokenizer, text):
+    """How long the voice says `text`, with the noise speak.py's default seed gives."""
+    voice = speaking.TorchVoice(model, tokenizer)
+    with voice.seeded(0):
+        return len(voice.say(text)) / voice.sampling_rate
 
 
 def real_time_factor(say, texts, sampling_rate, repeats):
@@ -108,7 +115,7 @@ def main(argv=None):
     texts = pick_sentences(model, tokenizer, vocab, args.sentences, args.min_seconds, args.max_seconds)
     folder = onnx_voice.export(model, tokenizer, os.path.join(args.out_dir, args.model_size))
     rate = model.config.sampling_rate
-    seconds = [len(speaking.say_all(model, tokenizer, [t], None, 0)[0]) / rate for t in texts]
+    seconds = [spoken_seconds(model, tokenizer, t) for t in texts]
 
     # 2. Each engine at each thread count, on the same sentences.
     rows = []

@@ -270,12 +270,13 @@ RUN_FLAGS = ["--device", "cpu", "--batch_size", "2", "--grad_accum", "2", "--dis
 
 def recording_pages(folder, run):
     """Run `run()`; return the progress.json of `folder` at every rewrite of its report.html."""
+    from voicetune.common import run_files
     from voicetune.night import run_report
 
     pages, real = [], run_report.write
 
     def write(output_dir):
-        pages.append(run_report.read_json(os.path.join(output_dir, run_report.PROGRESS_NAME)))
+        pages.append(run_files.read_progress(output_dir))
         return real(output_dir)
     run_report.write = write
     try:

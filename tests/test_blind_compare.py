@@ -16,9 +16,9 @@ import soundfile as sf
 from scipy.stats import binomtest
 
 from voicetune.feedback import blind_compare
+from voicetune.common import run_files
 from voicetune.feedback import listening
 from voicetune.feedback import page_server
-from voicetune.night import run_report
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request
 from tests.test_run_report import screenshot
@@ -234,7 +234,7 @@ def test_a_comparison_clicked_through_in_chromium_stays_blind_to_its_end(compare
     assert f"The tuned voice was preferred in 0 of {n} sentences, the voice before the tune in {n - 1}" in summary
     assert shown_key == [f"{p['text']} {p['tuned']} " + ("no difference –" if c == "same" else f"{c} input voice")
                          for p, c in zip(key, choices)]
-    with open(os.path.join(run, run_report.PAGE_NAME), encoding="utf-8") as f:
+    with open(os.path.join(run, run_files.PAGE), encoding="utf-8") as f:
         page = f.read()
     assert f"tuned voice preferred in 0, the input voice in {n - 1}, no difference in 1" in page
     # The listeners did not prefer the tune: the verdict is decided again, by them, and rejects it.

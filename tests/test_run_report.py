@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from voicetune.common import run_files
 from voicetune.night import run_report
 from tests.test_listening import chromium
 
@@ -49,7 +50,7 @@ def render(browser, folder, png):
     """Open FOLDER/report.html from disk: (players, charts, the page's text, every URL requested, violations);
     a full-page screenshot to `png` (into docs/ with DOCS_SCREENSHOTS=1)."""
     browser.get_log("performance")  # drop what an earlier page asked for
-    browser.get("file://" + os.path.abspath(os.path.join(folder, run_report.PAGE_NAME)))
+    browser.get("file://" + os.path.abspath(os.path.join(folder, run_files.PAGE)))
     players = browser.execute_async_script(LOAD_PLAYERS)
     charts = browser.execute_script(READ_CHARTS)
     text = browser.find_element("tag name", "body").text
@@ -82,7 +83,7 @@ def check_offline_and_playable(folder, players, requested, violations):
     # Chromium's own media controls draw data: icons; everything else is the page and the run's files.
     outside = [u for u in requested if not u.startswith(root) and not u.startswith("data:")]
     assert not outside and violations == []
-    assert root + run_report.PAGE_NAME in requested
+    assert root + run_files.PAGE in requested
     assert {root + src for src, *_ in players} <= set(requested)
 
 

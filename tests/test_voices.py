@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 from transformers import VitsModel
 
-from voicetune.feedback import feedback_run
 from voicetune.voice import models
+from voicetune.common import run_files
 from voicetune.common import run_folder
 import train_feedback as tf
 from voicetune.voice import voices
@@ -42,7 +42,7 @@ def fake_run(folder, input_voice, decision, seed):
     reasons = ["keep: held-out feedback mel 2.000 -> 1.800 (-10%, must fall): 1 of 1 clips better"] if \
         decision == "keep" else ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
                                  "worse on what it knew"]
-    report = dict(status="done", model=input_voice, model_sha256=feedback_run.model_fingerprint(input_voice),
+    report = dict(status="done", model=input_voice, model_sha256=run_files.model_fingerprint(input_voice),
                   before={}, validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
                                                  original=dict(before=1.862, after=2.41, change=0.548)),
                   quality={}, verdict=dict(decision=decision, reasons=reasons, guards={}, decided_by="guards"))
@@ -68,7 +68,7 @@ def data(voices_made, tmp_path):
 
 
 def same(a, b):
-    return voices.fingerprint(a) == voices.fingerprint(b)
+    return run_files.voice_fingerprint(a) == run_files.voice_fingerprint(b)
 
 
 def history(data_dir):
@@ -78,15 +78,15 @@ def history(data_dir):
 
 def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_bit(voices_made, data, capsys):
     night = os.path.join(data, "final_model")
-    night_files = voices.fingerprint(night)
+    night_files = run_files.voice_fingerprint(night)
     assert voices.current_voice(data) == voices.Path(night)
     assert tf.parse_args(["--data_dir", data]).model == night
 
     assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
     voice = os.path.join(data, "voice")
     assert same(voice, os.path.join(voices_made["run_a"], "final_model"))
-    assert voices.fingerprint(os.path.join(data, "voices", "001")) == night_files
-    assert voices.fingerprint(night) == night_files  # the night's output stays where train_vits.py left it
+    assert run_files.voice_fingerprint(os.path.join(data, "voices", "001")) == night_files
+    assert run_files.voice_fingerprint(night) == night_files  # the night's output stays where train_vits.py left it
     assert f"promoted {os.path.join(voices_made['run_a'], 'final_model')} as version 2" in capsys.readouterr().out
     record = history(data)
     assert record["current"] == 2 and [v["version"] for v in record["versions"]] == [1, 2]
@@ -114,16 +114,16 @@ def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_
     assert same(os.path.join(data, "voices", "003"), os.path.join(voices_made["run_b"], "final_model"))
     assert "rolled back: " in capsys.readouterr().out
     assert tf.main(["--rollback", "--data_dir", data]) == 0
-    assert voices.fingerprint(voice) == night_files
+    assert run_files.voice_fingerprint(voice) == night_files
     record = history(data)
     assert record["current"] == 1
     assert [(e["action"], e["version"]) for e in record["events"]] == [("promote", 2), ("promote", 3),
                                                                        ("rollback", 2), ("rollback", 1)]
     # Version 1 replaced nothing: no further rollback, and nothing changes.
-    before = voices.fingerprint(data)
+    before = run_files.voice_fingerprint(data)
     assert tf.main(["--rollback", "--data_dir", data]) == 2
     assert "the first; there is no earlier version" in capsys.readouterr().err
-    assert voices.fingerprint(data) == before
+    assert run_files.voice_fingerprint(data) == before
 
 
 def test_rollback_returns_to_the_version_the_current_one_replaced_not_the_number_before_it(voices_made, data):
@@ -207,16 +207,16 @@ def test_what_a_promote_renames_in_is_on_disk_first(voices_made, data, monkeypat
 
 
 def test_a_rejected_run_is_refused_with_its_reasons_unless_forced(voices_made, data, capsys):
-    before = voices.fingerprint(data)
+    before = run_files.voice_fingerprint(data)
     assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refused, nothing changed: its verdict is reject: held-out original mel 1.862 " \
                                    "-> 2.410 (+29%, limit +3%): the voice got worse on what it knew" in err
-    assert voices.fingerprint(data) == before and not os.path.exists(os.path.join(data, "voice"))
+    assert run_files.voice_fingerprint(data) == before and not os.path.exists(os.path.join(data, "voice"))
     # A run of another voice than the current one: its verdict compared it with that other voice.
     assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
     assert "not the current voice (version 1)" in capsys.readouterr().err
-    assert voices.fingerprint(data) == before
+    assert run_files.voice_fingerprint(data) == before
 
     assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data, "--force"]) == 0
     assert ", forced)" in capsys.readouterr().out
@@ -246,7 +246,7 @@ def test_a_run_whose_comparison_is_being_served_is_not_promoted(voices_made, dat
 
 def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, monkeypatch, capsys):
     assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
-    before = voices.fingerprint(data)
+    before = run_files.voice_fingerprint(data)
     real_copy = shutil.copyfile
 
     def full(src, dst, **kwargs):
@@ -260,7 +260,7 @@ def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, mon
     assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
     assert "No space left on device; nothing changed" in capsys.readouterr().err
     monkeypatch.setattr(shutil, "copyfile", real_copy)
-    assert voices.fingerprint(data) == before  # no copy left behind in voices/ either
+    assert run_files.voice_fingerprint(data) == before  # no copy left behind in voices/ either
 
     # A copy that comes out different without any error (a writer that swallowed it) is caught too.
     def silently_short(src, dst, **kwargs):
@@ -273,7 +273,7 @@ def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, mon
     assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
     assert "differs from it; nothing changed" in capsys.readouterr().err
     monkeypatch.setattr(shutil, "copyfile", real_copy)
-    assert voices.fingerprint(data) == before
+    assert run_files.voice_fingerprint(data) == before
 
     # Windows refuses to rename a folder a program has open (a server that loaded the voice).
     real_replace = os.replace
@@ -287,7 +287,7 @@ def test_a_full_disk_or_a_voice_held_open_changes_nothing(voices_made, data, mon
     assert tf.main(["--promote", voices_made["run_b"], "--data_dir", data]) == 2
     assert "a server that loaded it" in capsys.readouterr().err
     monkeypatch.setattr(os, "replace", real_replace)
-    assert voices.fingerprint(data) == before
+    assert run_files.voice_fingerprint(data) == before
 
 
 def outline(data_dir):
@@ -336,11 +336,11 @@ def test_a_swap_killed_at_any_point_leaves_a_whole_voice_by_the_next_command(voi
         voices.promote(voices_made["run_b"], data)
     template = str(tmp_path / "template")
     shutil.copytree(data, template)
-    old = voices.fingerprint(voices.current_voice(template))
+    old = run_files.voice_fingerprint(voices.current_voice(template))
     with monkeypatch.context() as m:
         points = kill_at(m, template, None)
         do(template)
-    new = voices.fingerprint(voices.current_voice(template))
+    new = run_files.voice_fingerprint(voices.current_voice(template))
     assert new != old and len(points) >= 4
     for at in range(1, len(points) + 1):
         folder = str(tmp_path / f"killed_{at}")
@@ -351,7 +351,7 @@ def test_a_swap_killed_at_any_point_leaves_a_whole_voice_by_the_next_command(voi
                 do(folder)
         # The next command finds a whole voice, the old or the new one, and the history agrees with it.
         current = voices.current_voice(folder)
-        files = voices.fingerprint(current)
+        files = run_files.voice_fingerprint(current)
         assert files in (old, new), points[at - 1]
         assert VitsModel.from_pretrained(current) is not None
         if files == new:
@@ -360,12 +360,12 @@ def test_a_swap_killed_at_any_point_leaves_a_whole_voice_by_the_next_command(voi
         # The next swap goes through (and clears a copy a kill left behind); every version it keeps is whole.
         if files == old:
             do(folder)
-            assert voices.fingerprint(voices.current_voice(folder)) == new
+            assert run_files.voice_fingerprint(voices.current_voice(folder)) == new
             assert outline(folder) == outline(template)
         assert [n for n in os.listdir(os.path.join(folder, "voices")) if n.endswith(".tmp")] == []
         for kept in voices.read_history(folder)["versions"]:
             if kept["version"] != voices.read_history(folder)["current"]:
-                assert models.voice_missing(str(voices.version_dir(folder, kept["version"]))) is None
+                assert run_files.voice_missing(str(voices.version_dir(folder, kept["version"]))) is None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     data = str(tmp_path / "training")
     shutil.copytree(prepared_dataset, data)
     shutil.copytree(trained_voice, os.path.join(data, "final_model"))
-    night = voices.fingerprint(os.path.join(data, "final_model"))
+    night = run_files.voice_fingerprint(os.path.join(data, "final_model"))
     flags = ["--data_dir", data, "--max_steps", "4", "--eval_clips", "1"] + FEEDBACK_QUICK
 
     # Session 1: recordings of the sentences as they should sound, replayed with the original clips; heard
@@ -415,8 +415,8 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     assert "verdict: KEEP by the guards: every guard passed on held-out clips" in printed
     assert f"put it to use with: python train_feedback.py --promote {run1} --data_dir {data}" in printed
     assert tf.main(["--promote", run1, "--data_dir", data]) == 0
-    promoted = voices.fingerprint(os.path.join(data, "voice"))
-    assert promoted == voices.fingerprint(os.path.join(run1, "final_model"))
+    promoted = run_files.voice_fingerprint(os.path.join(data, "voice"))
+    assert promoted == run_files.voice_fingerprint(os.path.join(run1, "final_model"))
 
     # Session 2 starts from the promoted voice: noise for recordings, no replay, a high learning rate.
     run2 = str(tmp_path / "run2")
@@ -437,9 +437,9 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     # Its promote is refused with that reason and changes nothing; rollback restores the night's voice.
     assert tf.main(["--promote", run2, "--data_dir", data]) == 2
     assert harm[0].split(": ", 1)[1] in capsys.readouterr().err
-    assert voices.fingerprint(os.path.join(data, "voice")) == promoted
+    assert run_files.voice_fingerprint(os.path.join(data, "voice")) == promoted
     assert tf.main(["--rollback", "--data_dir", data]) == 0
-    assert voices.fingerprint(os.path.join(data, "voice")) == night
+    assert run_files.voice_fingerprint(os.path.join(data, "voice")) == night
     assert [(e["action"], e["version"]) for e in history(data)["events"]] == [("promote", 2), ("rollback", 1)]
 
 

@@ -2,9 +2,9 @@
 named by the process that writes them, so cleaning up never removes a live process's file; and worker
 processes that end with the run that started them.
 
-Used by prepare_data.py, train_vits.py and train_feedback.py; also what a run leaves in its folder and
-which script a folder belongs to. It behaves the same on Windows and Linux:
-the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
+Used by prepare_data.py, train_vits.py and train_feedback.py, and the claim of a run's output folder (what
+a run leaves there and which script it belongs to are run_files.py's). It behaves the same on Windows and
+Linux: the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
 a lock whose process has ended (killed, crashed, machine rebooted) is stale and taken over.
 """
 
@@ -21,6 +21,9 @@ import time
 import psutil
 
 from voicetune.common import run_errors
+# run_files writes with this module's atomic writers; here only claim_output_dir reads its names (at call
+# time, so either module may be imported first).
+from voicetune.common import run_files
 
 LOCK_NAME = ".run.lock"
 # An empty or unreadable lock younger than this may be one another process is writing right now.
@@ -262,12 +265,6 @@ def remove_stale_temps(folder):
                 os.remove(path)
 
 
-# What a run leaves in its output_dir; the first three mean a run was started there.
-RUN_MARKERS = ("run_config.json", "checkpoints", "final_model")
-RUN_OUTPUTS = RUN_MARKERS + ("samples", "metrics.jsonl", "tensorboard", "report.json", "progress.json", "report.html",
-                            "compare")
-
-
 def claim_output_dir(args, script):
     """Lock args.output_dir for this run. A fresh run refuses a folder holding an earlier run unless
     --overwrite (which deletes that run's outputs, never the data or the cache); nothing ever writes into
@@ -275,9 +272,9 @@ def claim_output_dir(args, script):
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     lock = OutputLock(args.output_dir).acquire()
-    found = [name for name in RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
+    found = [name for name in run_files.RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
              or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
-    owner = run_script(args.output_dir)
+    owner = run_files.run_script(args.output_dir)
     if owner not in (None, script):
         lock.release()
         raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never "
@@ -288,7 +285,7 @@ def claim_output_dir(args, script):
             raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): "
                                            "continue it with --resume auto, start it over with --overwrite, or "
                                            "choose another folder")
-        for name in RUN_OUTPUTS:
+        for name in run_files.RUN_OUTPUTS:
             path = os.path.join(args.output_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -296,17 +293,6 @@ def claim_output_dir(args, script):
                 os.remove(path)
         print(f"--overwrite: deleted the earlier run in {args.output_dir} ({', '.join(found)})")
     return lock
-
-
-def run_script(output_dir):
-    """Which script's run `output_dir` holds, from its run_config.json (None when there is none)."""
-    try:
-        with open(os.path.join(output_dir, "run_config.json"), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
-    return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
 
 
 def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):

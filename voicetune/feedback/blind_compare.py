@@ -29,20 +29,19 @@ from http import HTTPStatus
 import numpy as np
 import soundfile as sf
 
-from voicetune.common import distributed
-from voicetune.feedback import feedback_run
 from voicetune.feedback import listening
 from voicetune.feedback import page_server
-from voicetune.voice import models
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.night import run_report
 from voicetune.common import speech
+from voicetune.voice import speaking
+from voicetune.voice import speak_lines
 from voicetune.feedback import verdict
-from voicetune.voice import voice_quality
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.html")
-FOLDER = "compare"  # inside the run folder: everything the comparison writes
+FOLDER = run_files.COMPARE  # inside the run folder: everything the comparison writes
 STATE_FILE = "comparison.json"
 CHOICES = ("A", "B", "same")
 KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "good": "marked good",
@@ -94,7 +93,7 @@ class Comparison:
 
     def result(self):
         listened = listening_result(self.pairs)
-        report = run_report.read_json(os.path.join(self.run_dir, feedback_run.REPORT_NAME)) or {}
+        report = run_files.read_report(self.run_dir) or {}
         return dict(listened, verdict=report.get("verdict"))
 
     def choose(self, index, choice):
@@ -126,7 +125,7 @@ def record_result(run_dir, result):
     run_report.update(run_dir)
     print(f"blind comparison: tuned voice preferred {result['tuned_preferred']}, input voice "
           f"{result['input_preferred']}, no difference {result['no_difference']} (p = {result['p_value']:.3g}); "
-          f"written to {os.path.join(run_dir, feedback_run.REPORT_NAME)}")
+          f"written to {os.path.join(run_dir, run_files.REPORT)}")
     print(verdict.summary(decided))
 
 
@@ -134,11 +133,11 @@ def record_result(run_dir, result):
 # Opening a comparison: from comparison.json when there is one, else made from the run.
 
 def finished_report(run_dir):
-    report = run_report.read_json(os.path.join(run_dir, feedback_run.REPORT_NAME))
+    report = run_files.read_report(run_dir)
     if report is None or report.get("status") != "done":
         raise run_errors.TrainingError(f"--compare {run_dir}: no finished feedback run there (report.json with "
                                        "status done): compare once train_feedback.py has finished")
-    if not os.path.isdir(os.path.join(run_dir, "final_model")):
+    if not os.path.isdir(os.path.join(run_dir, run_files.FINAL_MODEL)):
         raise run_errors.TrainingError(f"--compare {run_dir}: its tuned voice (final_model/) is missing")
     return report
 
@@ -174,17 +173,20 @@ def gather_sentences(run_dir, report, sessions_dir):
     sentences as the run spoke them before and after; the session's marked sentences, to be spoken."""
     samples = report.get("samples") or {}
     feedback = report.get("feedback") or {}
+
+    def spoken(kind, name):
+        return tuple(os.path.join(run_dir, run_files.SAMPLES, when, kind, name)
+                     for when in (run_files.BEFORE, run_files.AFTER))
+
     out = []
     for clip in feedback.get("held_out_clips") or []:
-        name = os.path.splitext(clip.replace(os.sep, "_"))[0] + ".wav"
+        name = run_files.sample_name(clip)
         if name in (samples.get("feedback") or {}):
-            out.append(("held_out", samples["feedback"][name], os.path.join(run_dir, "samples", "before", "feedback", name),
-                        os.path.join(run_dir, "samples", "after", "feedback", name)))
+            out.append(("held_out", samples["feedback"][name], *spoken(run_files.FEEDBACK_SAMPLES, name)))
     for row in session_rows(feedback.get("dir"), sessions_dir):
         out.append((row["mark"], row["text"], None, None))
     for name, text in (samples.get("eval") or {}).items():
-        out.append(("eval", text, os.path.join(run_dir, "samples", "before", "eval", name),
-                    os.path.join(run_dir, "samples", "after", "eval", name)))
+        out.append(("eval", text, *spoken(run_files.EVAL_SAMPLES, name)))
     return out
 
 
@@ -198,7 +200,7 @@ def session_rows(feedback_dir, sessions_dir):
         candidates += glob.glob(os.path.join(sessions_dir, "*", listening.SESSION_FILE))
     found = []
     for path in candidates:
-        data = run_report.read_json(path)
+        data = run_files.read_json(path)
         if data and isinstance(data.get("feedback_dir"), str) and \
                 os.path.realpath(data["feedback_dir"]) == os.path.realpath(feedback_dir):
             found.append((os.path.getmtime(path), path, data))
@@ -214,7 +216,7 @@ def session_rows(feedback_dir, sessions_dir):
 def speak_pairs(run_dir, report, sentences, device):
     """[(kind, text, input audio, tuned audio)]: the run's own samples, and the rest spoken now by both voices
     with the same noise. A sentence twice (a held-out clip also marked in the session) is kept once."""
-    tuned_dir = os.path.join(run_dir, "final_model")
+    tuned_dir = os.path.join(run_dir, run_files.FINAL_MODEL)
     _, vocab = speech.load_vocab(tuned_dir)
     seen, kept, to_speak = set(), [], []
     for kind, text, before, after in sentences:
@@ -231,17 +233,16 @@ def speak_pairs(run_dir, report, sentences, device):
             to_speak.append((len(kept) - 1, cleaned))
     if to_speak:
         spoken = os.path.join(run_dir, FOLDER, "spoken")
-        for which, voice in (("input", report.get("model")), ("tuned", tuned_dir)):
+        for which, folder in (("input", report.get("model")), ("tuned", tuned_dir)):
             try:
-                model, tokenizer = models.load_voice(voice)
+                voice = speaking.TorchVoice.load(folder, report.get("speaker_id"), device, speaking.SAMPLE_MAX_SECONDS)
             except (OSError, ValueError) as err:
-                print(f"the input voice {voice} cannot be loaded ({err}): the session's sentences are left out")
+                print(f"the input voice {folder} cannot be loaded ({err}): the session's sentences are left out")
                 kept = [k for k in kept if k[2] is not None]
                 break
-            model.to(distributed.resolve_device(device))
-            print(f"speaking {len(to_speak)} sentences with the {which} voice {voice} ...")
-            paths = voice_quality.synthesise(model, tokenizer, [t for _, t in to_speak], os.path.join(spoken, which),
-                                             speaker_id=report.get("speaker_id"))
+            print(f"speaking {len(to_speak)} sentences with the {which} voice {folder} ...")
+            named = [(run_files.sentence_sample(n), text) for n, (_, text) in enumerate(to_speak)]
+            paths = speak_lines.speak_files(voice, named, os.path.join(spoken, which))
             for (i, _), wav in zip(to_speak, paths):
                 kept[i][2 if which == "input" else 3] = wav
     if not kept:

@@ -2,8 +2,6 @@
 original set to replay and hold out), the batches that mix them, the voice's samples and figures before and
 after, and report.json."""
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -16,18 +14,19 @@ from voicetune.night import checkpoints
 from voicetune.night import clip_data
 from voicetune.night import loop
 from voicetune.common import run_errors
-from voicetune.common import run_folder
+from voicetune.common import run_files
 from voicetune.voice import speakers
 from voicetune.common import speech
+from voicetune.voice import speaking
+from voicetune.voice import speak_lines
 from voicetune.voice import voice_quality
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
-REPORT_NAME = "report.json"
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
-# Voice-quality measures compared before/after in report.json (see voice_quality.evaluate_quality).
-QUALITY_KEYS = {"mcd": "MCD-DTW, dB (lower is better)", "dur_ratio": "duration ratio, spoken / recorded (1 is right)",
-                "dnsmos_ovrl": "DNSMOS OVRL (higher is better)"}
+# How print_report titles run_files.QUALITY_MEASURES.
+QUALITY_TITLES = {"mcd": "MCD-DTW, dB (lower is better)", "dur_ratio": "duration ratio, spoken / recorded (1 is right)",
+                  "dnsmos_ovrl": "DNSMOS OVRL (higher is better)"}
 # Flags a resumed feedback run keeps besides train_vits.py's: they decide which clips make up each batch.
 RESUME_FIXED = checkpoints.RESUME_FIXED + ("replay_ratio", "feedback_weight")
 
@@ -256,26 +255,19 @@ def items_per_epoch(make_batches, feedback):
 def speak_all(model, tokenizer, feedback_sentences, eval_sentences, out_dir, speaker_id):
     """feedback/<clip>.wav for each feedback sentence, eval/NN.wav for the fixed ones; the same names
     before and after, so the folders compare side by side."""
-    paths = voice_quality.synthesise(model, tokenizer, [text for _, text in feedback_sentences],
-                                     os.path.join(out_dir, "feedback"), speaker_id=speaker_id)
-    for path, (name, _) in zip(paths, feedback_sentences):
-        os.replace(path, os.path.join(out_dir, "feedback", sample_name(name)))
-    voice_quality.synthesise(model, tokenizer, eval_sentences, os.path.join(out_dir, "eval"), speaker_id=speaker_id)
-
-
-def sample_name(clip_name):
-    return os.path.splitext(clip_name.replace(os.sep, "_"))[0] + ".wav"
+    voice = speaking.TorchVoice(model, tokenizer, speaker_id, speaking.SAMPLE_MAX_SECONDS)
+    speak_lines.speak_files(voice, [(run_files.sample_name(name), text) for name, text in feedback_sentences],
+                            os.path.join(out_dir, run_files.FEEDBACK_SAMPLES))
+    speak_lines.speak_files(voice, [(run_files.sentence_sample(i), text) for i, text in enumerate(eval_sentences)],
+                            os.path.join(out_dir, run_files.EVAL_SAMPLES))
 
 
 def write_recordings(clipset, sampling_rate, out_dir):
     """The recordings themselves at the model's rate, under the same names as the samples."""
     os.makedirs(out_dir, exist_ok=True)
     for name, pcm in zip(clipset.names, clipset.audio):
-        speech.write_wav(os.path.join(out_dir, sample_name(name)), pcm.astype(np.float32) / 32768.0, sampling_rate)
-
-
-# The sets never trained on: the verdict judges the tune on these alone.
-HELD_OUT = ("feedback", "original")
+        speech.write_wav(os.path.join(out_dir, run_files.sample_name(name)), pcm.astype(np.float32) / 32768.0,
+                         sampling_rate)
 
 
 def report_sets(sets):
@@ -300,35 +292,23 @@ def evaluate_all(trainer, val_sets, args):
             continue
         per_clip = voice_quality.quality_per_clip(trainer.model, cs, args.eval_clips)
         figures[name] = dict(trainer.evaluate(cs, args.batch_size), **voice_quality.summarise_quality(per_clip))
-        if name in HELD_OUT:
+        if name in run_files.HELD_OUT:
             figures[name]["per_clip"] = dict(mel=[trainer.evaluate(cs.subset([i]), 1)["mel"] for i in range(len(cs))],
                                              mcd=per_clip["mcd"], dur_ratio=per_clip["dur_ratio"])
     return figures
-
-
-def model_fingerprint(model_dir):
-    """sha256 of a voice folder's model.safetensors (None for a Hub name): which voice a run tuned."""
-    path = os.path.join(model_dir, "model.safetensors")
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def measure_before(trainer, tokenizer, sets, eval_sentences, args, speaker, disc_path):
     """The input voice's samples and figures: report.json's first version (kept by a resumed run)."""
     start = time.time()
     before = evaluate_all(trainer, report_sets(sets), args)
-    speak_all(trainer.model, tokenizer, sets.sentences, eval_sentences,
-              os.path.join(args.output_dir, "samples", "before"), speaker)
-    write_recordings(sets.fb_all, trainer.model.config.sampling_rate,
-                     os.path.join(args.output_dir, "samples", "recorded"))
-    report = dict(status="training", model=args.model, model_sha256=model_fingerprint(args.model),
+    samples = os.path.join(args.output_dir, run_files.SAMPLES)
+    speak_all(trainer.model, tokenizer, sets.sentences, eval_sentences, os.path.join(samples, run_files.BEFORE),
+              speaker)
+    write_recordings(sets.fb_all, trainer.model.config.sampling_rate, os.path.join(samples, run_files.RECORDED))
+    report = dict(status="training", model=args.model, model_sha256=run_files.model_fingerprint(args.model),
                   discriminator=disc_path, before=before, before_seconds=time.time() - start)
-    write_report(os.path.join(args.output_dir, REPORT_NAME), report)
+    run_files.write_report(args.output_dir, report)
     return report
 
 
@@ -337,11 +317,14 @@ def measure_after(report, trainer, tokenizer, sets, eval_sentences, args, speake
     """The tuned voice's samples and figures, compared with the input's in `report` (updated in place)."""
     after = evaluate_all(trainer, report_sets(sets), args)
     out = args.output_dir
-    speak_all(trainer.model, tokenizer, sets.sentences, eval_sentences, os.path.join(out, "samples", "after"), speaker)
+    samples = os.path.join(out, run_files.SAMPLES)
+    speak_all(trainer.model, tokenizer, sets.sentences, eval_sentences, os.path.join(samples, run_files.AFTER), speaker)
     report.update(
-        status="done", stop_reason=stop_reason, final_model=os.path.join(out, "final_model"), speaker_id=speaker,
+        status="done", stop_reason=stop_reason, final_model=os.path.join(out, run_files.FINAL_MODEL),
+        speaker_id=speaker,
         validation_mel=compare(report["before"], after),
-        quality={key: compare(report["before"], after, key) for key in QUALITY_KEYS} if args.eval_clips else {},
+        quality={key: compare(report["before"], after, key) for key in run_files.QUALITY_MEASURES}
+        if args.eval_clips else {},
         after=after, steps=trainer.step, skipped_steps=trainer.skipped_steps, minutes=minutes,
         precision=trainer.precision, fp32_from_step=trainer.fp32_from_step,
         feedback=dict(dir=args.feedback_dir, listed=sets.listed, trained=len(sets.fb_train),
@@ -350,22 +333,22 @@ def measure_after(report, trainer, tokenizer, sets, eval_sentences, args, speake
         original=dict(dir=args.data_dir, replayed_from=len(sets.orig_train or []), held_out=len(sets.orig_val or []),
                       unreadable=len(sets.orig_errors), replay_ratio=args.replay_ratio if sets.orig_train else 0.0),
         feedback_weight=args.feedback_weight, items_per_epoch=items,
-        samples=dict(before=os.path.join(out, "samples", "before"), after=os.path.join(out, "samples", "after"),
-                     recorded=os.path.join(out, "samples", "recorded"),
-                     feedback={sample_name(n): t for n, t in sets.sentences},
-                     eval={f"{i:02d}.wav": t for i, t in enumerate(eval_sentences)}))
+        samples=dict(before=os.path.join(samples, run_files.BEFORE), after=os.path.join(samples, run_files.AFTER),
+                     recorded=os.path.join(samples, run_files.RECORDED),
+                     feedback={run_files.sample_name(n): t for n, t in sets.sentences},
+                     eval={run_files.sentence_sample(i): t for i, t in enumerate(eval_sentences)}))
     return report
 
 
 def intelligibility(sets, eval_sentences, args):
     """--asr_model's character error rate of the sentences never trained on (the held-out feedback clips'
     and the evaluation sentences), as the voice spoke them before and after: in all and per sentence."""
-    samples = os.path.join(args.output_dir, "samples")
-    names = [os.path.join("feedback", sample_name(n)) for n in sets.fb_val.names] + [
-        os.path.join("eval", f"{i:02d}.wav") for i in range(len(eval_sentences))]
+    samples = os.path.join(args.output_dir, run_files.SAMPLES)
+    names = [os.path.join(run_files.FEEDBACK_SAMPLES, run_files.sample_name(n)) for n in sets.fb_val.names] + [
+        os.path.join(run_files.EVAL_SAMPLES, run_files.sentence_sample(i)) for i in range(len(eval_sentences))]
     texts = list(sets.fb_val.texts) + list(eval_sentences)
     heard = {when: voice_quality.transcribe([os.path.join(samples, when, n) for n in names], args.asr_model,
-                                            args.asr_lang) for when in ("before", "after")}
+                                            args.asr_lang) for when in (run_files.BEFORE, run_files.AFTER)}
     return dict(asr_model=args.asr_model, asr_lang=args.asr_lang, sentences=len(texts),
                 before=voice_quality.character_error_rate(texts, heard["before"]),
                 after=voice_quality.character_error_rate(texts, heard["after"]),
@@ -373,20 +356,6 @@ def intelligibility(sets, eval_sentences, args):
                                    before=voice_quality.character_error_rate([t], [b]),
                                    after=voice_quality.character_error_rate([t], [a]))
                               for t, b, a in zip(texts, heard["before"], heard["after"])])
-
-
-def write_report(path, report):
-    run_folder.write_atomically(path, json.dumps(report, indent=2, ensure_ascii=False), durable=False)
-
-
-def read_report(path):
-    """A report.json with its "before" figures (a resumed run keeps them), or None."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return report if "before" in report else None
 
 
 def compare(before, after, key="mel"):
@@ -410,7 +379,7 @@ def print_comparison(table, title="validation mel loss (lower is better)"):
 
 def print_report(report, report_path):
     print_comparison(report["validation_mel"])
-    for key, title in QUALITY_KEYS.items():
+    for key, title in QUALITY_TITLES.items():
         if key in report["quality"]:
             print_comparison(report["quality"][key], title)
     print(f"tuned voice: {report['final_model']} ({report['stop_reason']}, {report['steps']} steps, "

@@ -24,12 +24,13 @@ from transformers import VitsConfig
 
 from voicetune.common import distributed
 from voicetune.feedback import page_server
-from voicetune.voice import models
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.voice import speakers
 from voicetune.common import speech
-from voicetune.voice import voice_quality
+from voicetune.voice import speaking
+from voicetune.voice import speak_lines
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = "session.json"
@@ -85,7 +86,7 @@ class Session:
         return dict(rows=self.rows, heard=heard, total=len(self.rows), corrections=corrections,
                     progress=f"{heard} of {len(self.rows)} heard, {corrections} correction{'s' * (corrections != 1)}",
                     feedback_dir=self.feedback_dir,
-                    command=train_command(self.voice, self.feedback_dir, self.speaker_id))
+                    command=run_files.tune_command(self.voice, self.feedback_dir, self.speaker_id))
 
     def mark(self, index, mark):
         if mark not in MARKS:
@@ -193,12 +194,6 @@ def plain_text(text):
     return " ".join(kept.split())
 
 
-def train_command(voice, feedback_dir, speaker_id=None):
-    quoted = [f'"{a}"' if " " in a else a for a in (voice, feedback_dir)]
-    return (f"python train_feedback.py --model {quoted[0]} --feedback_dir {quoted[1]}"
-            + (f" --speaker_id {speaker_id}" if speaker_id is not None else ""))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The session kit (--make_session): the voice's audio and the text of each sentence, read back below.
 
@@ -207,7 +202,7 @@ def make_session(args):
     sNNN.txt: recordings saved as sNNN.wav beside them make the folder a feedback folder as it is."""
     with open(args.make_session, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
-    model, tokenizer = models.load_voice(args.model)
+    model, tokenizer = speaking.load(args.model)
     _, vocab = speech.load_vocab(args.model)
     speaker = speakers.feedback_speaker(model.config, speakers.read_table(args.model), args.speaker_id)
     model.to(distributed.resolve_device(args.device))
@@ -224,9 +219,8 @@ def make_session(args):
         raise run_errors.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
     out = args.output_dir
     model_dir = os.path.join(out, "model")
-    os.makedirs(model_dir, exist_ok=True)
-    for path, (wav, _) in zip(voice_quality.synthesise(model, tokenizer, spoken, model_dir, speaker_id=speaker), rows):
-        os.replace(path, os.path.join(model_dir, wav))
+    speak_lines.speak_files(speaking.TorchVoice(model, tokenizer, speaker, speaking.SAMPLE_MAX_SECONDS),
+                            [(wav, text) for (wav, _), text in zip(rows, spoken)], model_dir)
     for wav, text in rows:
         with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -238,8 +232,7 @@ def make_session(args):
             "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
             "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
             "   fine). Sentences you do not record are left out.\n"
-            f"3. python train_feedback.py --model {args.model} --feedback_dir {out}"
-            + (f" --speaker_id {speaker}" if speaker is not None else "") + "\n")
+            f"3. {run_files.tune_command(args.model, out, speaker)}\n")
     for line, reason in unspeakable:
         print(f"left out ({reason}): {line}")
     print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "
@@ -316,14 +309,9 @@ def speak(rows_and_texts, folder, args, speaker):
     """The voice (its speaker `speaker`) speaks each sentence once into FOLDER/model/<id>.wav (the page's cache)."""
     print(f"speaking {len(rows_and_texts)} sentences with {args.model}"
           + (f", speaker {speaker}" if speaker is not None else "") + " ...")
-    model, tokenizer = models.load_voice(args.model)
-    model.to(distributed.resolve_device(args.device))
-    model_dir = os.path.join(folder, "model")
-    paths = voice_quality.synthesise(model, tokenizer, [t for _, t in rows_and_texts], os.path.join(model_dir, ".new"),
-                                     speaker_id=speaker)
-    for path, (row, _) in zip(paths, rows_and_texts):
-        os.replace(path, os.path.join(model_dir, f"{row['id']}.wav"))
-    os.rmdir(os.path.join(model_dir, ".new"))
+    voice = speaking.TorchVoice.load(args.model, speaker, args.device, speaking.SAMPLE_MAX_SECONDS)
+    speak_lines.speak_files(voice, [(f"{row['id']}.wav", text) for row, text in rows_and_texts],
+                            os.path.join(folder, "model"))
 
 
 # ----------------------------------------------------------------------------------------------------

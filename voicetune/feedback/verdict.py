@@ -12,12 +12,11 @@ A core guard (feedback, original mel) with too few held-out clips cannot be judg
 as such. How sure each guard is comes from the paired comparison of its clips.
 """
 
-import json
 import math
 import os
 
-from voicetune.feedback import feedback_run
 from voicetune.common import run_errors
+from voicetune.common import run_files
 
 # The tolerances' defaults: train_feedback.py's verdict flags carry them, report.json records those used.
 TOLERANCES = dict(max_worse_mel=0.03, max_worse_mcd=0.03, max_dur_drift=0.10, max_worse_cer=0.02, min_held_out=1)
@@ -265,15 +264,13 @@ def print_verdict(verdict):
 def reconsider(run_dir, listening):
     """Decide a finished run again with a blind listening result, with the tolerances it was judged with,
     and rewrite its report.json (atomically) with the new verdict and the listening result; return it."""
-    path = os.path.join(run_dir, feedback_run.REPORT_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (OSError, ValueError) as err:
-        raise run_errors.TrainingError(f"{path}: cannot read the run's report ({err})") from None
+    path = os.path.join(run_dir, run_files.REPORT)
+    report = run_files.read_report(run_dir)
+    if report is None:
+        raise run_errors.TrainingError(f"{path}: cannot read the run's report (missing, or not a JSON object)")
     if "verdict" not in report:
         raise run_errors.TrainingError(f"{path}: no verdict to reconsider (the run has not finished)")
     report["verdict"] = decide(report, **report["verdict"]["tolerances"], listening=listening)
     report["listening"] = listening
-    feedback_run.write_report(path, report)
+    run_files.write_report(run_dir, report)
     return report["verdict"]

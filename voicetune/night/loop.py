@@ -19,6 +19,7 @@ from voicetune.common import distributed
 from voicetune.voice import models
 from voicetune.night import planning
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.night import run_report
 from voicetune.voice import voice_quality
@@ -28,22 +29,20 @@ class MetricsLog:
     """metrics.jsonl lines, plus TensorBoard scalars and audio when tensorboard is installed."""
 
     def __init__(self, output_dir):
-        self.path, self.tb = os.path.join(output_dir, "metrics.jsonl"), None
+        self.output_dir, self.tb = output_dir, None
         if not distributed.is_main_process():
-            self.path = None  # under torchrun only rank 0 logs
+            self.output_dir = None  # under torchrun only rank 0 logs
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(output_dir, run_files.TENSORBOARD))
         except ImportError:
             self.tb = None
 
     def write(self, record):
-        if self.path is None:
+        if self.output_dir is None:
             return
-        # One write call per line, so a killed run never leaves half a record.
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        run_files.append_metrics(self.output_dir, record)
         if self.tb:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
@@ -166,7 +165,7 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
     Returns "done", "deadline", "max_steps" or "interrupted".
     """
     output_dir = args.output_dir
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    ckpt_dir = os.path.join(output_dir, run_files.CHECKPOINTS)
     os.makedirs(ckpt_dir, exist_ok=True)
     for folder in (output_dir, ckpt_dir):
         run_folder.remove_stale_temps(folder)  # left by a run killed while saving
@@ -252,14 +251,14 @@ def fit(trainer, tokenizer, train_sets, make_batches, val_sets, args, budget, ru
                 break
     if reason != "interrupted" and distributed.is_main_process():
         try:
-            models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, "final_model"),
+            models.export_voice(trainer.model, tokenizer, trainer.disc, os.path.join(output_dir, run_files.FINAL_MODEL),
                                 speaker_table)
         except torch.OutOfMemoryError:
             # Never lose the final model to the GPU: write it from the CPU.
             trainer.free_gpu_memory()
             models.export_voice(trainer.model.cpu(), tokenizer, trainer.disc.cpu(),
-                                os.path.join(output_dir, "final_model"), speaker_table)
-        print(f"final model: {os.path.join(output_dir, 'final_model')} ({reason}, step {trainer.step}, "
+                                os.path.join(output_dir, run_files.FINAL_MODEL), speaker_table)
+        print(f"final model: {os.path.join(output_dir, run_files.FINAL_MODEL)} ({reason}, step {trainer.step}, "
               f"{budget.used() / 3600:.2f} h used)")
     progress(run.epoch - 1, reason)
     log.close()
@@ -287,14 +286,15 @@ def end_of_epoch(trainer, tokenizer, val_sets, sentences, epoch, args, run, log,
         record.update({f"{name}_{k}": v for k, v in terms.items()})
         if args.eval_clips:
             quality = voice_quality.evaluate_quality(trainer.model, val_sets[name], args.eval_clips)
-            record.update({f"{voice_quality.quality_prefix(name)}_{k}": v for k, v in quality.items()})
-    samples_dir = os.path.join(args.output_dir, "samples", f"epoch_{epoch}")
+            record.update({run_files.metric_key(name, k): v for k, v in quality.items()})
+    samples_dir = os.path.join(args.output_dir, run_files.SAMPLES, run_files.epoch_samples(epoch))
     if speaker_table:
         paths = []
         for row in speaker_table[:SAMPLE_SPEAKERS]:
             spoken = voice_quality.synthesise(trainer.model, tokenizer, sentences,
-                                              os.path.join(samples_dir, f"speaker_{row['id']}"), speaker_id=row["id"])
-            log.audio(f"epoch_{epoch}/speaker_{row['id']}", spoken, trainer.step)
+                                              os.path.join(samples_dir, run_files.speaker_samples(row["id"])),
+                                              speaker_id=row["id"])
+            log.audio(f"epoch_{epoch}/{run_files.speaker_samples(row['id'])}", spoken, trainer.step)
             paths += spoken
     else:
         paths = voice_quality.synthesise(trainer.model, tokenizer, sentences, samples_dir)
@@ -325,15 +325,14 @@ def save_run_info(args, extra):
                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         pass
-    run_folder.write_atomically(os.path.join(args.output_dir, "run_config.json"),
-                                json.dumps(info, indent=2, default=str), durable=False)
+    run_files.write_run_config(args.output_dir, info)
 
 
 def add_run_info(args, facts):
     """Add `facts` (the plan's) to the run_config.json save_run_info wrote (rank 0)."""
     if not distributed.is_main_process():
         return
-    path = os.path.join(args.output_dir, "run_config.json")
+    path = os.path.join(args.output_dir, run_files.RUN_CONFIG)
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
-    run_folder.write_atomically(path, json.dumps(dict(info, **facts), indent=2, default=str), durable=False)
+    run_files.write_run_config(args.output_dir, dict(info, **facts))

@@ -10,19 +10,15 @@ and at the end of a run, and again when a blind comparison (blind_compare.py) ad
 """
 
 import html
-import json
 import math
 import os
 import time
 from urllib.parse import quote
 
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.voice import voice_quality
 
-PAGE_NAME = "report.html"
-PROGRESS_NAME = "progress.json"
-# A feedback run's report: feedback_run.REPORT_NAME, not imported (feedback_run imports loop, which imports this).
-REPORT_NAME = "report.json"
 # Nothing but this folder's audio: no script, style, font or image from anywhere, no request by a script.
 CSP = "default-src 'none'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 COLORS = ("#1f6fb4", "#d0452f", "#2a9a3a", "#8a56b8")
@@ -49,10 +45,9 @@ def record_progress(output_dir, args, plan, epoch, step, hours_used, ended=None)
                     batch_size=args.batch_size, grad_accum=args.grad_accum, ended=ended,
                     updated=time.strftime("%Y-%m-%d %H:%M:%S"))
     try:
-        run_folder.write_atomically(os.path.join(output_dir, PROGRESS_NAME), json.dumps(progress, indent=2),
-                                    durable=False)
+        run_files.write_progress(output_dir, progress)
     except OSError as err:
-        print(f"warning: {os.path.join(output_dir, PROGRESS_NAME)} not written ({err})")
+        print(f"warning: {os.path.join(output_dir, run_files.PROGRESS)} not written ({err})")
     update(output_dir)
 
 
@@ -61,54 +56,17 @@ def update(output_dir):
     try:
         write(output_dir)
     except Exception as err:  # noqa: BLE001 - the page is a view: nothing about it may lose a night
-        print(f"warning: {os.path.join(output_dir, PAGE_NAME)} not written ({type(err).__name__}: {err})")
+        print(f"warning: {os.path.join(output_dir, run_files.PAGE)} not written ({type(err).__name__}: {err})")
 
 
 def write(output_dir):
-    path = os.path.join(output_dir, PAGE_NAME)
+    path = os.path.join(output_dir, run_files.PAGE)
     run_folder.write_atomically(path, build(output_dir), durable=False)
     return path
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading the run folder.
-
-def read_json(path):
-    """The JSON object in `path`, or None when it is missing or not (yet) readable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def validation_records(output_dir):
-    """{epoch: the last validation line of that epoch} from metrics.jsonl (training lines carry an lr)."""
-    records = {}
-    try:
-        with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a full disk
-                if isinstance(record, dict) and "lr" not in record and isinstance(record.get("epoch"), int):
-                    records[record["epoch"]] = record
-    except OSError:
-        pass
-    return dict(sorted(records.items()))
-
-
-def set_names(records):
-    """The validation sets of the run in their order (the first one chooses the best model)."""
-    names = []
-    for record in records.values():
-        for key in record:
-            if key.endswith("_mel") and "_eval_" not in key and key[:-4] not in names:
-                names.append(key[:-4])
-    return names
-
+# Reading the run folder (its files are read by run_files).
 
 def best_epoch(records, sets, metric):
     """The epoch whose checkpoints/best_model the loop kept: the first lowest selection score."""
@@ -133,11 +91,11 @@ def sample_sentences(config):
 
 def epoch_sample_dirs(output_dir):
     """{epoch: samples/epoch_N} of every epoch that left listening samples."""
-    folder = os.path.join(output_dir, "samples")
+    folder = os.path.join(output_dir, run_files.SAMPLES)
     found = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith("epoch_") and name[6:].isdigit():
-            found[int(name[6:])] = f"samples/{name}"
+        if run_files.epoch_of(name) is not None:
+            found[run_files.epoch_of(name)] = f"{run_files.SAMPLES}/{name}"
     return dict(sorted(found.items()))
 
 
@@ -217,20 +175,15 @@ def table(header, rows, cls=""):
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def command_line(*words):
-    """A command to copy: words holding spaces in double quotes (as both cmd.exe and a POSIX shell read them)."""
-    return " ".join(f'"{w}"' if " " in w else w for w in map(str, words))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The page's sections.
 
 def build(output_dir):
-    config = read_json(os.path.join(output_dir, "run_config.json")) or {}
-    progress = read_json(os.path.join(output_dir, PROGRESS_NAME))
-    report = read_json(os.path.join(output_dir, REPORT_NAME))
-    records = validation_records(output_dir)
-    sets = set_names(records)
+    config = run_files.read_run_config(output_dir) or {}
+    progress = run_files.read_progress(output_dir)
+    report = run_files.read_report(output_dir)
+    records = run_files.validation_records(output_dir)
+    sets = run_files.validated_sets(records)
     args = config.get("args", {})
     best = best_epoch(records, sets, args.get("best_metric", "val_mel"))
     feedback = config.get("script") == "train_feedback" or report is not None
@@ -296,13 +249,9 @@ def run_state(output_dir, progress, report):
     text = f"{ended} at step {step}, after {used * 60:.1f} min"
     if report and report.get("status") != "done" and progress["ended"] != "interrupted":
         text += "; the tuned voice's samples and report are being made"
-    elif os.path.isdir(os.path.join(output_dir, "final_model")) and progress["ended"] != "interrupted":
+    elif os.path.isdir(os.path.join(output_dir, run_files.FINAL_MODEL)) and progress["ended"] != "interrupted":
         text += "; the voice is in final_model/"
     return text
-
-
-def metric_key(set_name, measure):
-    return f"{set_name}_mel" if measure == "mel" else f"{voice_quality.quality_prefix(set_name)}_{measure}"
 
 
 def charts(records, sets, best, before=None):
@@ -312,7 +261,7 @@ def charts(records, sets, best, before=None):
     drawn = []
     for title, measure, reference in MEASURES:
         series = [(SET_NAMES.get(s, s), {**({0: (before.get(s) or {}).get(measure)} if before else {}),
-                                        **{e: r.get(metric_key(s, measure)) for e, r in records.items()}})
+                                        **{e: r.get(run_files.metric_key(s, measure)) for e, r in records.items()}})
                   for s in sets]
         drawn.append(line_chart(title, series, best, reference))
     drawn.append(line_chart("ASR character error rate (lower is better)",
@@ -343,8 +292,9 @@ def epoch_players(output_dir, config, best):
     for sub, names in sorted(groups.items()):
         rows = []
         for name in names:
-            i = int(name[:-4]) if name[:-4].isdigit() else -1
-            text = sentences[i] if sentences and 0 <= i < len(sentences) else f"sentence {name[:-4]}"
+            i = run_files.sentence_index(name)
+            said = sentences and i is not None and i < len(sentences)
+            text = sentences[i] if said else f"sentence {name[:-4]}"
             rows.append([html.escape(text)] + [player(output_dir, f"{found[e]}/{sub}{name}") for _, e in chosen])
         header = ["Sentence"] + [f"{label} (epoch {e}{', best' if e == best and label != 'best' else ''})"
                                  for label, e in chosen]
@@ -374,7 +324,7 @@ def feedback_players(output_dir, report):
     fixed evaluation sentences before and after, and the clips that were left out."""
     samples = report.get("samples") or {}
     fb = report.get("feedback") or {}
-    held_out = {n.replace(os.sep, "_").rsplit(".", 1)[0] + ".wav" for n in fb.get("held_out_clips", [])}
+    held_out = {run_files.sample_name(n) for n in fb.get("held_out_clips", [])}
     rows = []
     for name, text in (samples.get("feedback") or {}).items():
         role = "held out" if name in held_out else "trained on" if os.path.isfile(
@@ -433,35 +383,31 @@ def listening_section(report):
 def next_steps(output_dir, config, progress, report):
     args = config.get("args", {})
     ended = (progress or {}).get("ended")
-    final = os.path.join(output_dir, "final_model")
+    final = os.path.join(output_dir, run_files.FINAL_MODEL)
     steps = []
     if report is not None:
         if report.get("status") == "done":
             if "listening" not in report:
                 steps.append(("Compare the tuned voice with the input voice, blind",
-                              command_line("python", "train_feedback.py", "--compare", output_dir)))
+                              run_files.compare_command(output_dir)))
             rejected = (report.get("verdict") or {}).get("decision") == "reject"
-            data_dir = args.get("data_dir", "training")
             steps.append(("Put the tuned voice to use; the voice it replaces is kept for --rollback"
                           + (" (the verdict is reject: refused unless --force)" if rejected else ""),
-                          command_line("python", "train_feedback.py", "--promote", output_dir,
-                                       *(["--data_dir", data_dir] if data_dir != "training" else []))))
+                          run_files.promote_command(output_dir, args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
             steps.append(("Listen to the tuned voice and record what it still says badly",
-                          command_line("python", "train_feedback.py", "--listen", "sentences.txt", "--model", final)))
+                          run_files.listen_command("sentences.txt", final)))
         else:
             steps.append(("Continue the run" + (" if it stops before its end" if ended is None else ""),
-                          command_line("python", "train_feedback.py", "--model", report.get("model", "MODEL"),
-                                       "--output_dir", output_dir, "--resume", "auto")))
+                          run_files.resume_command("train_feedback", report.get("model", "MODEL"), output_dir)))
     elif ended in (None, "interrupted") or not os.path.isdir(final):
         steps.append(("Continue the run if it stops before its end (the same --model and --data_dir)"
                       if ended is None else "Continue the run (the same --model and --data_dir)",
-                      command_line("python", "train_vits.py", "--model", args.get("model", "MODEL"), "--data_dir",
-                                   args.get("data_dir", "training"), "--output_dir", output_dir, "--resume", "auto")))
+                      run_files.resume_command("train_vits", args.get("model", "MODEL"), output_dir,
+                                               args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
     else:
         steps.append(("Hear the voice sentence by sentence and record what it says badly",
-                      command_line("python", "train_feedback.py", "--listen", "sentences.txt", "--model", final)))
-        steps.append(("Tune it on those recordings",
-                      command_line("python", "train_feedback.py", "--model", final)))
+                      run_files.listen_command("sentences.txt", final)))
+        steps.append(("Tune it on those recordings", run_files.tune_command(final)))
     items = "".join(f'<li>{html.escape(what)}<div class="command"><code>{html.escape(cmd)}</code>'
                     '<button class="copy" type="button">copy</button></div></li>' for what, cmd in steps)
     return f"<h2>What to run next</h2><ol class=\"next\">{items}</ol>"

@@ -16,6 +16,7 @@ from transformers import VitsModel
 
 from voicetune.common import distributed
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.voice import speakers
 from voicetune.common import speech
@@ -105,23 +106,6 @@ def replace_dir(tmp_dir, final_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# The files that make a voice folder VitsModel.from_pretrained and its tokenizer load.
-VOICE_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json")
-
-
-def voice_missing(folder, files=VOICE_FILES):
-    """What keeps `folder` from being a whole voice ("model.safetensors was not written", ...), or None."""
-    for name in files:
-        if not os.path.isfile(os.path.join(folder, name)) or not os.path.getsize(os.path.join(folder, name)):
-            return f"{name} was not written"
-    try:
-        with safetensors.safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
-            weights.keys()
-    except Exception as err:  # SafetensorError: the file was cut short
-        return f"model.safetensors came out incomplete ({err})"
-    return None
-
-
 class FileWriter:
     """A file for torch.save that keeps the OSError of a failed write: torch reports only "unexpected pos"."""
 
@@ -182,7 +166,7 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
             doing = "while writing speakers.json"
             speakers.write_table(tmp, speaker_table)
         doing = "after writing the new model"  # a writer that swallowed its error must not replace a good model
-        missing = voice_missing(tmp, VOICE_FILES + ("discriminator.pt",))
+        missing = run_files.voice_missing(tmp, run_files.VOICE_FILES + ("discriminator.pt",))
         if missing:
             raise OSError(errno.EIO, missing)
         doing = "while flushing the new model to disk"

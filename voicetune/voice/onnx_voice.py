@@ -12,11 +12,13 @@ torch, transformers and onnx are imported only by the export: a server that spea
 onnxruntime and numpy (plus speech.py's own soundfile and librosa), not torch.
 """
 
+import contextlib
 import os
 import shutil
 
 import numpy as np
 
+from voicetune.common import run_errors
 from voicetune.common import run_folder
 from voicetune.common import speech
 
@@ -121,6 +123,20 @@ def export(model, tokenizer, out_dir, check=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def export_folder(model_dir, out_dir, **settings):
+    """speak.py --export_onnx: the voice in `model_dir` with its speaking settings (speaking.SETTINGS; they
+    become the exported voice's defaults) exported to `out_dir`; one line saying why when it differs."""
+    from voicetune.voice import speaking
+
+    model, tokenizer = speaking.load(model_dir, **settings)
+    try:
+        out = export(model, tokenizer, out_dir)
+    except ExportError as err:
+        raise run_errors.TrainingError(f"--export_onnx {out_dir}: {err}") from None
+    print(f"wrote {os.path.join(out, MODEL_FILE)} + {TOKENS_FILE} + README.md (the graph says what the torch voice "
+          "says on every letter of its vocabulary)")
 
 
 def relative_embeddings(attention, embeddings, length):
@@ -238,10 +254,25 @@ dependencies), or speak with `python speak.py --onnx THIS_FOLDER "Ez 25 salî me
 """
 
 
-class OnnxVoice:
-    """The exported voice run by onnxruntime (no torch)."""
+def open_voice(folder, speaker_id=None, **settings):
+    """The exported voice in `folder` (--onnx) with speak.py's speaking settings; one line saying what is
+    wrong when it is not there or has no such speaker."""
+    path = os.path.join(folder, MODEL_FILE)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, TOKENS_FILE)):
+        raise run_errors.TrainingError(f"--onnx {folder}: no {MODEL_FILE} + {TOKENS_FILE} there (write them with "
+                                       "--export_onnx)")
+    voice = OnnxVoice(path, speaker_id=speaker_id, **settings)
+    if speaker_id is not None and not 0 <= speaker_id < voice.speakers:
+        raise run_errors.TrainingError(f"--speaker_id {speaker_id}: this voice has speakers 0-{voice.speakers - 1}")
+    return voice
 
-    def __init__(self, path, threads=None):
+
+class OnnxVoice:
+    """The exported voice run by onnxruntime (no torch); what speak_lines.speak_files speaks with, as a TorchVoice.
+    The settings (None: the voice's own) are speak.py's, as scales of the graph."""
+
+    def __init__(self, path, threads=None, speaker_id=None, speaking_rate=None, noise_scale=None,
+                 noise_scale_duration=None):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -259,6 +290,8 @@ class OnnxVoice:
         self.tokens, letters = read_tokens(tokens) if os.path.isfile(tokens) else ({}, set())
         # The letters our text cleaning may keep, as speech.load_vocab gives them for the torch voice.
         self.vocab = {ch for ch in letters if ch != "|" and not (self.tokens[ch] == self.blank and not ch.isalpha())}
+        self.scales = dict(noise_scale=noise_scale, noise_scale_w=noise_scale_duration, speaker_id=speaker_id,
+                           length_scale=None if speaking_rate is None else 1.0 / speaking_rate)
 
     def run(self, ids, noise_scale=None, length_scale=None, noise_scale_w=None, speaker_id=None):
         """Audio for one sequence of ids (blanks included); unset scales are the voice's own."""
@@ -271,5 +304,9 @@ class OnnxVoice:
         return self.session.run(["y"], feed)[0].reshape(-1)
 
     def say(self, sentence, **scales):
-        """One cleaned sentence (every character in self.vocab) as float32 audio."""
-        return self.run(with_blanks([self.tokens[ch] for ch in sentence], self.blank), **scales)
+        """One cleaned sentence (every character in self.vocab) as float32 audio; `scales` override the voice's."""
+        return self.run(with_blanks([self.tokens[ch] for ch in sentence], self.blank), **{**self.scales, **scales})
+
+    def seeded(self, seed):
+        """onnxruntime's noise cannot be seeded: each take differs (unless the noise scales are 0)."""
+        return contextlib.nullcontext()

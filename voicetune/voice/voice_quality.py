@@ -1,7 +1,7 @@
-"""Hearing and measuring the voice: listening samples with one duration cap, and held-out clips spoken
-from their text alone compared with their recordings (MCD-DTW, duration ratio, DNSMOS, CER)."""
+"""Hearing and measuring the voice: numbered listening samples (spoken by speak_lines.speak_files, durations
+capped), and held-out clips spoken from their text alone compared with their recordings (MCD-DTW, duration
+ratio, DNSMOS, CER)."""
 
-import contextlib
 import functools
 import math
 import os
@@ -17,10 +17,12 @@ from speechmos import dnsmos
 from transformers import AutoModelForCTC, AutoProcessor
 
 from voicetune.common import run_errors
-from voicetune.voice import spectrogram
+from voicetune.common import run_files
 from voicetune.common import speech
+from voicetune.voice import speaking
+from voicetune.voice import spectrogram
+from voicetune.voice import speak_lines
 
-SAMPLE_MAX_SECONDS = 30.0  # longest listening sample: a longer one means the durations diverged
 DEFAULT_SENTENCES = [
     "Ez bi kurdî diaxivim.",
     "Roj baş, tu çawa yî?",
@@ -29,46 +31,12 @@ DEFAULT_SENTENCES = [
 ]
 
 
-@torch.no_grad()
-def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=SAMPLE_MAX_SECONDS, speaker_id=None):
+def synthesise(model, tokenizer, sentences, out_dir, seed=0, max_seconds=speaking.SAMPLE_MAX_SECONDS, speaker_id=None):
     """Speak each sentence to out_dir/NN.wav with fixed noise, so epochs can be compared by ear; speaker_id:
     whose voice, in a multi-speaker model."""
-    os.makedirs(out_dir, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    paths = []
-    max_frames = int(max_seconds * model.config.sampling_rate / spectrogram.HOP)
-    with capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i, sentence in enumerate(sentences):
-            ids = torch.tensor([speech.token_ids(tokenizer, sentence)], device=device)
-            audio = model(input_ids=ids, speaker_id=speaker_id).waveform[0].float().cpu().numpy()
-            paths.append(os.path.join(out_dir, f"{i:02d}.wav"))
-            speech.write_wav(paths[-1], audio, model.config.sampling_rate)
-    model.train(was_training)
-    return paths
-
-
-@contextlib.contextmanager
-def capped_durations(model, max_frames):
-    """Inside the block the voice speaks each sentence in at most `max_frames` frames: durations that ask
-    for more are scaled down together (NaN ones count as one frame), by a hook on the duration predictor.
-
-    A diverging model can predict hours of audio for one sentence (or NaN durations), and decoding them
-    takes gigabytes and minutes; the listening sample of such a model is worthless anyway.
-    """
-    def hook(module, inputs, log_duration):
-        log_duration = torch.nan_to_num(log_duration, nan=0.0, posinf=math.log(max_frames), neginf=0.0)
-        # frames = sum(exp(log_duration)) / speaking_rate, as VitsModel turns log-durations into frames
-        excess = torch.logsumexp(log_duration.flatten(1), dim=1) - math.log(max_frames * model.speaking_rate)
-        return log_duration - excess.clamp(min=0)[:, None, None]
-
-    handle = model.duration_predictor.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    voice = speaking.TorchVoice(model, tokenizer, speaker_id, max_seconds)
+    named = [(run_files.sentence_sample(i), sentence) for i, sentence in enumerate(sentences)]
+    return speak_lines.speak_files(voice, named, out_dir, seed)
 
 
 def read_sentences(path):
@@ -138,9 +106,10 @@ def dnsmos_scores(audio, sampling_rate):
 @torch.no_grad()
 def speak_ids(model, ids, max_frames, seed, speaker_id=None):
     """Waveform of token ids by the inference path (duration predictor, flow reversed, decoder), fixed
-    noise; at most max_frames frames (capped_durations)."""
+    noise; at most max_frames frames (speaking.capped_durations)."""
     device = next(model.parameters()).device
-    with capped_durations(model, max_frames), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with speaking.capped_durations(model, max_frames), forked:
         torch.manual_seed(seed)
         waveform = model(input_ids=torch.as_tensor(ids, device=device)[None], speaker_id=speaker_id).waveform[0]
     return waveform.float().cpu().numpy()
@@ -189,18 +158,13 @@ def quality_per_clip(model, clipset, n_clips):
     return clips
 
 
-def quality_prefix(set_name):
-    """eval_mcd, ... for train_vits.py's validation set; feedback_eval_mcd, ... for train_feedback.py's."""
-    return "eval" if set_name == "val" else f"{set_name}_eval"
-
-
 def selection_score(record, set_name, metric):
     """What checkpoints/best_model/ minimises (--best_metric): validation mel, MCD, or minus DNSMOS OVRL."""
     if metric == "val_mel":
-        return record[f"{set_name}_mel"]
+        return record[run_files.metric_key(set_name, "mel")]
     if metric == "mcd":
-        return record[f"{quality_prefix(set_name)}_mcd"]
-    return -record[f"{quality_prefix(set_name)}_dnsmos_ovrl"]
+        return record[run_files.metric_key(set_name, "mcd")]
+    return -record[run_files.metric_key(set_name, "dnsmos_ovrl")]
 
 
 @functools.lru_cache(maxsize=1)

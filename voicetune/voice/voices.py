@@ -16,23 +16,21 @@ had changed). The folder lock on voices/ keeps two of them from swapping at once
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from voicetune.feedback import feedback_run
-from voicetune.voice import models
 from voicetune.common import run_errors
+from voicetune.common import run_files
 from voicetune.common import run_folder
 
-VOICE = "voice"
+VOICE = run_files.PROMOTED
 VERSIONS = "voices"
 HISTORY = "voices.json"
 JOURNAL = "swap.json"
-NIGHT = "final_model"
+NIGHT = run_files.FINAL_MODEL
 
 
 def paths(data_dir):
@@ -46,9 +44,9 @@ def version_dir(data_dir, number):
 
 
 def current_voice(data_dir):
-    """The voice in use: `<data_dir>/voice` once a promote made it and it is whole, else `<data_dir>/final_model`.
-
-    A swap that a crash left half done is mended first (when no other process is swapping right now)."""
+    """The voice in use (run_files.current_voice: `<data_dir>/voice` once a promote made it and it is whole,
+    else `<data_dir>/final_model`), after a swap that a crash left half done is mended (when no other
+    process is swapping right now)."""
     p = paths(data_dir)
     if p["journal"].is_file():
         try:
@@ -56,12 +54,7 @@ def current_voice(data_dir):
                 recover(data_dir)
         except run_folder.FolderInUse:
             pass  # a promote is under way: voice/ is whole before and after its renames
-    if p["voice"].is_dir():
-        missing = models.voice_missing(str(p["voice"]))
-        if missing is None:
-            return p["voice"]
-        print(f"warning: {p['voice']} is not a whole voice ({missing}): using {p['night']}")
-    return p["night"]
+    return run_files.current_voice(data_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,20 +83,6 @@ def write_history(data_dir, history):
 
 def version(history, number):
     return next((v for v in history["versions"] if v["version"] == number), None)
-
-
-def fingerprint(folder):
-    """sha256 of every file of a voice folder, by name: what "the same voice, bit for bit" means."""
-    hashes = {}
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(2**20), b""):
-                    digest.update(block)
-            hashes[os.path.relpath(path, folder).replace(os.sep, "/")] = digest.hexdigest()
-    return hashes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +163,7 @@ def copy_voice(source, data_dir):
     try:
         shutil.copytree(source, tmp)
         run_folder.sync_files(tmp)
-        if fingerprint(tmp) != fingerprint(source):
+        if run_files.voice_fingerprint(tmp) != run_files.voice_fingerprint(source):
             raise OSError(errno.EIO, f"the copy of {source} differs from it")
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,12 +186,12 @@ def promote(run_dir, data_dir, force=False):
     with locked(p["versions"], "another promote or rollback"), \
             locked(run_dir, "its blind comparison is being served, or the run is still going: promote it after"):
         recover(data_dir)
-        report = feedback_run.read_report(os.path.join(run_dir, feedback_run.REPORT_NAME))
+        report = run_files.read_report(run_dir)
         tuned = os.path.join(run_dir, NIGHT)
         if report is None or report.get("status") != "done":
             raise run_errors.TrainingError(f"--promote {run_dir}: not a finished feedback run (no report.json "
                                            "with status done)")
-        missing = models.voice_missing(tuned)
+        missing = run_files.voice_missing(tuned)
         if missing:
             raise run_errors.TrainingError(f"--promote {run_dir}: {tuned} is not a whole voice ({missing})")
         history = read_history(data_dir)
@@ -228,7 +207,7 @@ def promote(run_dir, data_dir, force=False):
                            verdict=verdict.get("decision"), decided_by=verdict.get("decided_by"),
                            reasons=verdict.get("reasons", []), figures=key_figures(report), forced=bool(refusals),
                            replaces=None if current is None else current["version"],
-                           model_sha256=feedback_run.model_fingerprint(tuned))
+                           model_sha256=run_files.model_fingerprint(tuned))
         first = []
         if current is not None and history["current"] is None:  # the first promote records version 1
             first = [{k: v for k, v in current.items() if k != "folder"}]
@@ -263,7 +242,7 @@ def rollback(data_dir):
             raise run_errors.TrainingError(f"--rollback: {p['voice']} is version {current['version']}, the first; "
                                            "there is no earlier version")
         folder = version_dir(data_dir, target)
-        missing = models.voice_missing(str(folder)) if folder.is_dir() else f"{folder} is gone"
+        missing = run_files.voice_missing(str(folder)) if folder.is_dir() else f"{folder} is gone"
         if missing:
             raise run_errors.TrainingError(f"--rollback: version {target} is not whole ({missing})")
         date = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -290,18 +269,24 @@ def locked(folder, holder):
 
 
 def voice_in_use(data_dir, history):
-    """The current version's record and its "folder" (before the first promote: version 1, voice/ put there
-    by hand or else the night's final_model), or None when there is no local voice at all."""
+    """The current version's record and its "folder": once promoted, the history's; before the first promote,
+    the voice run_files.current_voice picks (voice/ put there by hand, else the night's final_model) as
+    version 1, or None when there is no whole local voice at all."""
     p = paths(data_dir)
     if history["current"] is not None:
         return dict(version(history, history["current"]), folder=str(p["voice"]))
-    if p["voice"].is_dir():  # put there by hand before any promote: it becomes version 1 as it is
-        return dict(version=1, source=str(p["voice"]), date=None, verdict=None, figures={}, forced=False,
-                    replaces=None, model_sha256=feedback_run.model_fingerprint(str(p["voice"])), folder=str(p["voice"]))
-    if models.voice_missing(str(p["night"])) is None:
-        return dict(version=1, source=str(p["night"].resolve()), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    folder = run_files.current_voice(data_dir)
+    if p["voice"].is_dir() and folder != p["voice"]:
+        # The swap would keep the broken folder as version 1.
+        raise run_errors.TrainingError(f"{p['voice']}, put there by hand, is not a whole voice: move it away "
+                                       "first; nothing changed")
+    if folder == p["voice"]:  # put there by hand before any promote: it becomes version 1 as it is
+        return dict(version=1, source=str(folder), date=None, verdict=None, figures={}, forced=False,
+                    replaces=None, model_sha256=run_files.model_fingerprint(str(folder)), folder=str(folder))
+    if run_files.voice_missing(str(folder)) is None:
+        return dict(version=1, source=str(folder.resolve()), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                     verdict=None, figures={}, forced=False, replaces=None,
-                    model_sha256=feedback_run.model_fingerprint(str(p["night"])), folder=str(p["night"]))
+                    model_sha256=run_files.model_fingerprint(str(folder)), folder=str(folder))
     return None
 
 
@@ -323,7 +308,7 @@ def promote_refusals(report, current):
 
 def key_figures(report):
     """What voices.json keeps of a run's report: the held-out figures before and after."""
-    figures = {f"{name}_mel": report["validation_mel"].get(name) for name in feedback_run.HELD_OUT}
+    figures = {f"{name}_mel": report["validation_mel"].get(name) for name in run_files.HELD_OUT}
     for key in ("mcd", "dur_ratio"):
         if key in (report.get("quality") or {}):
             figures[f"original_{key}"] = report["quality"][key].get("original")

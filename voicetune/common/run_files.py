@@ -1,0 +1,279 @@
+"""The contract of a run folder's files, as speech.py is the contract between prepare and train: what
+train_vits.py and train_feedback.py write into their output folder and everything that reads it afterwards
+(the report page, the verdict, promote and rollback, the blind comparison, speak.py) agree on here.
+
+It holds each name once: the files and folders of a run, the listening samples' names, the measures in
+metrics.jsonl and report.json; their readers and atomic writers (run_folder.write_atomically); what makes a
+voice folder whole and its fingerprint; the rule for which voice of a training folder is current; and the
+command lines printed to say what to run next. No torch: a command that only reads a run (speak.py
+--onnx, a promote) loads none of the training code.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import safetensors
+
+from voicetune.common import run_folder
+
+# ----------------------------------------------------------------------------------------------------
+# The files and folders of a run folder.
+
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "final_model"
+SAMPLES = "samples"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+REPORT = "report.json"  # a feedback run's before/after figures and its verdict
+PROGRESS = "progress.json"
+PAGE = "report.html"
+COMPARE = "compare"  # a blind comparison's folder
+
+# What a run leaves in its output_dir; the first three mean a run was started there.
+RUN_MARKERS = (RUN_CONFIG, CHECKPOINTS, FINAL_MODEL)
+RUN_OUTPUTS = RUN_MARKERS + (SAMPLES, METRICS, TENSORBOARD, REPORT, PROGRESS, PAGE, COMPARE)
+
+# A feedback run's samples: samples/<BEFORE|AFTER>/<FEEDBACK_SAMPLES|EVAL_SAMPLES>/, the recordings in
+# samples/RECORDED/ under the same names as the feedback samples.
+BEFORE, AFTER, RECORDED = "before", "after", "recorded"
+FEEDBACK_SAMPLES, EVAL_SAMPLES = "feedback", "eval"
+
+# ----------------------------------------------------------------------------------------------------
+# The measures: metrics.jsonl's keys and report.json's sets.
+
+# The voice-quality measures (voice_quality.summarise_quality), compared before/after in report.json.
+QUALITY_MEASURES = ("mcd", "dur_ratio", "dnsmos_ovrl")
+# A feedback run's sets never trained on: the verdict judges the tune on these alone.
+HELD_OUT = ("feedback", "original")
+
+
+def quality_prefix(set_name):
+    """eval_mcd, ... for train_vits.py's validation set; feedback_eval_mcd, ... for train_feedback.py's."""
+    return "eval" if set_name == "val" else f"{set_name}_eval"
+
+
+def metric_key(set_name, measure):
+    """A validation set's measure as metrics.jsonl names it: <set>_mel, or <quality prefix>_<measure>."""
+    return f"{set_name}_mel" if measure == "mel" else f"{quality_prefix(set_name)}_{measure}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The listening samples' names.
+
+def epoch_samples(epoch):
+    """The folder under samples/ of an epoch's listening samples."""
+    return f"epoch_{epoch}"
+
+
+def epoch_of(folder_name):
+    """The epoch of an epoch_samples folder name, or None for another name."""
+    return int(folder_name[6:]) if folder_name.startswith("epoch_") and folder_name[6:].isdigit() else None
+
+
+def speaker_samples(speaker_id):
+    """The sub-folder of a multi-speaker voice's samples for one speaker."""
+    return f"speaker_{speaker_id}"
+
+
+def sentence_sample(index):
+    """The WAV of the index-th listening or evaluation sentence: 00.wav, 01.wav, ..."""
+    return f"{index:02d}.wav"
+
+
+def sentence_index(name):
+    """The sentence number of a sentence_sample name, or None for another name."""
+    stem, ext = os.path.splitext(name)
+    return int(stem) if ext == ".wav" and stem.isdigit() else None
+
+
+def sample_name(clip_name):
+    """The WAV of a feedback clip's samples and recording: its path in the feedback folder made one name."""
+    return os.path.splitext(clip_name.replace(os.sep, "_"))[0] + ".wav"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and writing the files (atomically: a reader never sees half a file).
+
+def read_json(path):
+    """The JSON object in `path`, or None when it is missing or not (yet) readable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path, data):
+    run_folder.write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False, default=str), durable=False)
+
+
+def read_report(run_dir):
+    return read_json(os.path.join(run_dir, REPORT))
+
+
+def write_report(run_dir, report):
+    write_json(os.path.join(run_dir, REPORT), report)
+
+
+def read_progress(run_dir):
+    return read_json(os.path.join(run_dir, PROGRESS))
+
+
+def write_progress(run_dir, progress):
+    write_json(os.path.join(run_dir, PROGRESS), progress)
+
+
+def read_run_config(run_dir):
+    return read_json(os.path.join(run_dir, RUN_CONFIG))
+
+
+def write_run_config(run_dir, info):
+    write_json(os.path.join(run_dir, RUN_CONFIG), info)
+
+
+def run_script(run_dir):
+    """Which script's run `run_dir` holds, from its run_config.json (None when there is none)."""
+    info = read_run_config(run_dir)
+    if info is None:
+        return None
+    # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
+    return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
+
+
+def append_metrics(run_dir, record):
+    # One write call per line, so a killed run never leaves half a record.
+    with open(os.path.join(run_dir, METRICS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def validation_records(run_dir):
+    """{epoch: the last validation line of that epoch} from metrics.jsonl (training lines carry an lr)."""
+    records = {}
+    try:
+        with open(os.path.join(run_dir, METRICS), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a full disk
+                if isinstance(record, dict) and "lr" not in record and isinstance(record.get("epoch"), int):
+                    records[record["epoch"]] = record
+    except OSError:
+        pass
+    return dict(sorted(records.items()))
+
+
+def validated_sets(records):
+    """The validation sets of the run in their order (the first one chooses the best model)."""
+    names = []
+    for record in records.values():
+        for key in record:
+            if key.endswith("_mel") and "_eval_" not in key and key[:-4] not in names:
+                names.append(key[:-4])
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# A voice folder: whole or not, and its fingerprint.
+
+VOICE_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json")
+WEIGHTS = "model.safetensors"
+
+
+def voice_missing(folder, files=VOICE_FILES):
+    """What keeps `folder` from being a whole voice ("model.safetensors was not written", ...), or None."""
+    for name in files:
+        if not os.path.isfile(os.path.join(folder, name)) or not os.path.getsize(os.path.join(folder, name)):
+            return f"{name} was not written"
+    try:
+        # Read as numpy: the header check needs no torch.
+        with safetensors.safe_open(os.path.join(folder, WEIGHTS), "numpy") as weights:
+            weights.keys()
+    except Exception as err:  # SafetensorError: the file was cut short
+        return f"{WEIGHTS} came out incomplete ({err})"
+    return None
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def voice_fingerprint(folder):
+    """{relative path: sha256} of every file of a voice folder: what "the same voice, bit for bit" means."""
+    hashes = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            hashes[os.path.relpath(path, folder).replace(os.sep, "/")] = file_sha256(path)
+    return hashes
+
+
+def model_fingerprint(folder):
+    """sha256 of a voice folder's weights (None for a Hub name): which voice a run tuned (report.json and
+    voices.json's model_sha256)."""
+    path = os.path.join(folder, WEIGHTS)
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The current voice of a training folder.
+
+PROMOTED = "voice"  # <data_dir>/voice: the voice a promote put to use
+
+
+def current_voice(data_dir):
+    """The voice in use: `<data_dir>/voice` when it is there and whole, else the night's `<data_dir>/final_model`.
+    (voices.current_voice mends a half-done promote first, then asks this.)"""
+    promoted, night = Path(data_dir) / PROMOTED, Path(data_dir) / FINAL_MODEL
+    if promoted.is_dir():
+        missing = voice_missing(str(promoted))
+        if missing is None:
+            return promoted
+        print(f"warning: {promoted} is not a whole voice ({missing}): using {night}")
+    return night
+
+
+# ----------------------------------------------------------------------------------------------------
+# What to run next: the command lines printed and shown on the pages.
+
+DEFAULT_DATA_DIR = "training"
+
+
+def command_line(*words):
+    """A command to copy: words holding spaces in double quotes (as both cmd.exe and a POSIX shell read them)."""
+    return " ".join(f'"{w}"' if " " in w else w for w in map(str, words))
+
+
+def compare_command(run_dir):
+    return command_line("python", "train_feedback.py", "--compare", run_dir)
+
+
+def promote_command(run_dir, data_dir=DEFAULT_DATA_DIR):
+    return command_line("python", "train_feedback.py", "--promote", run_dir,
+                        *(["--data_dir", data_dir] if data_dir != DEFAULT_DATA_DIR else []))
+
+
+def listen_command(sentences_or_session, model=None):
+    return command_line("python", "train_feedback.py", "--listen", sentences_or_session,
+                        *(["--model", model] if model is not None else []))
+
+
+def tune_command(model, feedback_dir=None, speaker_id=None):
+    return command_line("python", "train_feedback.py", "--model", model,
+                        *(["--feedback_dir", feedback_dir] if feedback_dir is not None else []),
+                        *(["--speaker_id", speaker_id] if speaker_id is not None else []))
+
+
+def resume_command(script, model, output_dir, data_dir=None):
+    """Continue a train_vits.py run (its --data_dir given) or a train_feedback.py run in `output_dir`."""
+    return command_line("python", f"{script}.py", "--model", model,
+                        *(["--data_dir", data_dir] if data_dir is not None else []),
+                        "--output_dir", output_dir, "--resume", "auto")
