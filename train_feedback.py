@@ -258,7 +258,7 @@ def main(argv=None):
         if args.rollback:
             voices.rollback(args.data_dir)
             return 0
-        lock = run_folder.claim_output_dir(args, "train_feedback")
+        lock = run_files.claim_output_dir(args, "train_feedback")
         if args.make_session:
             listening.make_session(args)
             return 0

@@ -85,3 +85,22 @@ def test_commands_stay_thin_and_no_module_outgrows_a_room():
         assert line_count(os.path.join(ROOT, f"{command}.py")) <= 350, f"{command}.py is over 350 lines"
     for relative, path in package_files():
         assert line_count(path) <= 600, f"{relative} is over 600 lines"
+
+
+def test_no_two_rooms_import_each_other_even_in_a_circle():
+    graph = {f"{PACKAGE}.{rel[:-3].replace('/', '.')}": imports(path, top_level_only=True)
+             for rel, path in package_files()}
+    graph = {module: {m for m in found if m in graph and m != module} for module, found in graph.items()}
+    done, path = set(), []
+
+    def visit(module):
+        assert module not in path, "import circle: " + " -> ".join(path[path.index(module):] + [module])
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+    for module in sorted(graph):
+        visit(module)

@@ -19,6 +19,7 @@ from voicetune.night import checkpoints
 from voicetune.night import clip_data
 from voicetune.voice import models
 import prepare_data
+from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.common import speech
 import train_feedback as tf
@@ -252,7 +253,7 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_unless_told(tmp_path, capsys
     assert tree(out) == sorted(before + ["metadata.csv"])
 
     args = train_vits.parse_args(["--output_dir", out, "--overwrite"] + QUICK)
-    with run_folder.claim_output_dir(args, "train_vits"):
+    with run_files.claim_output_dir(args, "train_vits"):
         assert sorted(os.listdir(out)) == [run_folder.LOCK_NAME, "metadata.csv"]
     with pytest.raises(SystemExit):
         train_vits.parse_args(["--output_dir", out, "--overwrite", "--resume", "auto"])

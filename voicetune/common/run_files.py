@@ -12,10 +12,12 @@ command lines printed to say what to run next. No torch: a command that only rea
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import safetensors
 
+from voicetune.common import run_errors
 from voicetune.common import run_folder
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,6 +144,37 @@ def run_script(run_dir):
         return None
     # Runs from before `script` was recorded: only feedback runs have --feedback_dir.
     return info.get("script") or ("train_feedback" if "feedback_dir" in info.get("args", {}) else "train_vits")
+
+
+
+def claim_output_dir(args, script):
+    """Lock args.output_dir for this run. A fresh run refuses a folder holding an earlier run unless
+    --overwrite (which deletes that run's outputs, never the data or the cache); nothing ever writes into
+    another script's run. Under torchrun only rank 0 claims it, for the whole run (None elsewhere)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = run_folder.OutputLock(args.output_dir).acquire()
+    found = [name for name in RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
+             or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
+    owner = run_script(args.output_dir)
+    if owner not in (None, script):
+        lock.release()
+        raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never "
+                                       "writes into it: choose another folder")
+    if found and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): "
+                                           "continue it with --resume auto, start it over with --overwrite, or "
+                                           "choose another folder")
+        for name in RUN_OUTPUTS:
+            path = os.path.join(args.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"--overwrite: deleted the earlier run in {args.output_dir} ({', '.join(found)})")
+    return lock
 
 
 def append_metrics(run_dir, record):

@@ -2,8 +2,8 @@
 named by the process that writes them, so cleaning up never removes a live process's file; and worker
 processes that end with the run that started them.
 
-Used by prepare_data.py, train_vits.py and train_feedback.py, and the claim of a run's output folder (what
-a run leaves there and which script it belongs to are run_files.py's). It behaves the same on Windows and
+Used by prepare_data.py, train_vits.py and train_feedback.py, and by run_files.py, which claims a run's
+output folder with this lock and writes a run's files with these writers. It behaves the same on Windows and
 Linux: the lock is a file created exclusively (os.O_EXCL) that names its owner (PID, process start time, host);
 a lock whose process has ended (killed, crashed, machine rebooted) is stale and taken over.
 """
@@ -21,9 +21,6 @@ import time
 import psutil
 
 from voicetune.common import run_errors
-# run_files writes with this module's atomic writers; here only claim_output_dir reads its names (at call
-# time, so either module may be imported first).
-from voicetune.common import run_files
 
 LOCK_NAME = ".run.lock"
 # An empty or unreadable lock younger than this may be one another process is writing right now.
@@ -263,36 +260,6 @@ def remove_stale_temps(folder):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.remove(path)
-
-
-def claim_output_dir(args, script):
-    """Lock args.output_dir for this run. A fresh run refuses a folder holding an earlier run unless
-    --overwrite (which deletes that run's outputs, never the data or the cache); nothing ever writes into
-    another script's run. Under torchrun only rank 0 claims it, for the whole run (None elsewhere)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    lock = OutputLock(args.output_dir).acquire()
-    found = [name for name in run_files.RUN_MARKERS if os.path.isfile(os.path.join(args.output_dir, name))
-             or os.path.isdir(os.path.join(args.output_dir, name)) and os.listdir(os.path.join(args.output_dir, name))]
-    owner = run_files.run_script(args.output_dir)
-    if owner not in (None, script):
-        lock.release()
-        raise run_errors.TrainingError(f"--output_dir {args.output_dir} holds a {owner}.py run; {script}.py never "
-                                       "writes into it: choose another folder")
-    if found and not args.resume:
-        if not args.overwrite:
-            lock.release()
-            raise run_errors.TrainingError(f"--output_dir {args.output_dir} already holds a run ({', '.join(found)}): "
-                                           "continue it with --resume auto, start it over with --overwrite, or "
-                                           "choose another folder")
-        for name in run_files.RUN_OUTPUTS:
-            path = os.path.join(args.output_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        print(f"--overwrite: deleted the earlier run in {args.output_dir} ({', '.join(found)})")
-    return lock
 
 
 def new_run_dir(parent, stamp_format="%Y%m%d-%H%M%S"):

@@ -107,12 +107,12 @@ class Run:
 
 
 def run_held(args, script, steps):
-    """The head and tail both trainers share: args.output_dir held for the run (`claim_output_dir`), `steps()`,
+    """The head and tail both trainers share: args.output_dir held for the run (`run_files.claim_output_dir`), `steps()`,
     and however they end: a TrainingError, an OSError (a full disk) or Ctrl-C as one line and its exit code,
     the folder released and torchrun's group left. Returns steps()'s exit code."""
     lock = None
     try:
-        lock = run_folder.claim_output_dir(args, script)
+        lock = run_files.claim_output_dir(args, script)
         return steps()
     except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
         return run_errors.report_fatal(err, args.output_dir)
