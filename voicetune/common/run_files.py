@@ -9,6 +9,7 @@ command lines printed to say what to run next. No torch: a command that only rea
 --onnx, a promote) loads none of the training code.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -257,9 +258,43 @@ def model_fingerprint(folder):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The current voice of a training folder.
+# The training folder (--data_dir): the night's data and run, and what the mornings after keep beside them.
 
+DEFAULT_DATA_DIR = "training"
 PROMOTED = "voice"  # <data_dir>/voice: the voice a promote put to use
+VERSIONS = "voices"  # <data_dir>/voices/NNN: every voice that was in use, and voices.json its history
+FEEDBACK = "feedback"  # the listening page's recordings, the tune's --feedback_dir
+SESSIONS = "sessions"  # listening sessions, a folder a day
+FEEDBACK_MODELS = "feedback_models"  # feedback runs, a folder each, named by its start
+
+
+SESSION = "session.json"  # a listening session's state, in its folder under sessions/
+
+
+def newest_session(sessions_dir):
+    """The folder of the session last written under `sessions_dir` (None when there is none): what --listen
+    alone continues."""
+    sessions = glob.glob(os.path.join(sessions_dir, "*", SESSION))
+    return os.path.dirname(max(sessions, key=os.path.getmtime)) if sessions else None
+
+
+def night_data_dir(voice):
+    """The training folder the voice in folder `voice` belongs to, or None where nothing records one: a voice in
+    use lives in it (<data_dir>/voice, <data_dir>/voices/NNN); a run's voice (final_model/, or
+    checkpoints/best_model/) has its run's run_config.json, which names the --data_dir it trained on."""
+    folder = os.path.abspath(voice)
+    parent = os.path.dirname(folder)
+    if os.path.basename(folder) == PROMOTED:
+        return parent
+    if os.path.basename(parent) == VERSIONS:
+        return os.path.dirname(parent)
+    for run_dir in (parent, os.path.dirname(parent)):
+        config = read_run_config(run_dir) or {}
+        data_dir = config.get("args", {}).get("data_dir") if isinstance(config.get("args"), dict) else None
+        if isinstance(data_dir, str) and data_dir:
+            return data_dir
+    return None
+
 
 
 def current_voice(data_dir):
@@ -276,8 +311,6 @@ def current_voice(data_dir):
 
 # ----------------------------------------------------------------------------------------------------
 # What to run next: the command lines printed and shown on the pages.
-
-DEFAULT_DATA_DIR = "training"
 
 
 def command_line(*words):

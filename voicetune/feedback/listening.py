@@ -8,7 +8,6 @@ with Web Audio rather than MediaRecorder, whose Chromium output (WebM/Opus) libs
 session still takes anything soundfile reads (WAV, FLAC, Ogg Vorbis/Opus, MP3).
 """
 
-import glob
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from voicetune.voice import speaking
 from voicetune.voice import speak_lines
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
-SESSION_FILE = "session.json"
+SESSION_FILE = run_files.SESSION
 MAX_UPLOAD_BYTES = 20 * 2**20  # ~3.5 minutes of 48 kHz 16-bit mono: far longer than any sentence
 # The decoded take, whatever its upload size: a compressed file (FLAC of silence, an 8-bit 100 Hz WAV) can
 # hold hours. Checked from the file's header before decoding, and again block by block while decoding.
@@ -343,13 +342,6 @@ class Handler(page_server.Handler):
               ("GET", r"/recorded/{row}\.wav", send_recording),
               ("POST", "/api/mark/{row}", mark),
               ("POST", "/api/save/{row}", save))
-
-
-def newest_session(sessions_dir):
-    """The folder of the session last written under `sessions_dir` (None when there is none): what --listen
-    alone continues."""
-    sessions = glob.glob(os.path.join(sessions_dir, "*", SESSION_FILE))
-    return os.path.dirname(max(sessions, key=os.path.getmtime)) if sessions else None
 
 
 def listen(args):

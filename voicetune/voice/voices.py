@@ -27,7 +27,7 @@ from voicetune.common import run_files
 from voicetune.common import run_folder
 
 VOICE = run_files.PROMOTED
-VERSIONS = "voices"
+VERSIONS = run_files.VERSIONS
 HISTORY = "voices.json"
 JOURNAL = "swap.json"
 NIGHT = run_files.FINAL_MODEL
