@@ -75,7 +75,7 @@ SESSIONS_DIR = os.path.join("training", "sessions")
 def build_parser():
     p = training_flags.build_parser(__doc__)
     p.set_defaults(model=None, lr=1e-5, warmup_steps=20, output_dir=None,
-                   target_hours=None, val_size=100, benchmark_samples=50)
+                   target_hours=None, val_size=feedback_run.VAL_SIZE, benchmark_samples=50)
     g = p.add_argument_group("feedback")
     g.add_argument("--feedback_dir", default=feedback_run.DEFAULT_FEEDBACK_DIR,
                    help="Folder with the recorded clips (WAV, FLAC, OGG, MP3; any rate, mono or stereo), each "

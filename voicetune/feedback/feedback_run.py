@@ -23,6 +23,7 @@ from voicetune.voice import voice_quality
 
 DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 REPORT_NAME = "report.json"
+VAL_SIZE = 100  # train_feedback.py's --val_size: the held-out clips' cap (the listening page counts with it)
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
 # Voice-quality measures compared before/after in report.json (see voice_quality.evaluate_quality).
