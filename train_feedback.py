@@ -106,9 +106,10 @@ def build_parser():
                    help="Only serve a blind A/B listening test of the feedback run in RUN_DIR: each sentence (its "
                         "held-out feedback clips, the sentences marked in the listening session its feedback came "
                         "from, the evaluation sentences) spoken by the input voice and the tuned voice as A and B "
-                        "in a random order; which is which is shown once every pair is judged. The result goes "
-                        "into RUN_DIR/report.json and the verdict. Served like --listen (--host, --port, "
-                        "--allow_remote); running it again continues.")
+                        "in a random order, to as many listeners as come, each with their own choices; which is "
+                        "which is shown to each once they have judged every pair. The finished listeners' "
+                        "choices, pooled, go into RUN_DIR/report.json and the verdict. Served like --listen "
+                        "(--host, --port, --allow_remote); running it again continues.")
     g = p.add_argument_group("listening session")
     g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
