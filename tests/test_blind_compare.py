@@ -503,6 +503,19 @@ def test_a_comparison_of_one_listener_from_before_continues_as_listener_1(compar
     resumed.stop()
 
 
+def test_listeners_draw_balanced_letters_of_their_own_and_are_at_most_a_hundred(tmp_path):
+    pairs = [dict(text=f"t{i}", kind="eval", tuned="A") for i in range(7)]
+    (tmp_path / blind_compare.FOLDER).mkdir()
+    comparison = blind_compare.Comparison(str(tmp_path), pairs)
+    drawn = [comparison.add_listener(f"L{i}")["listener"] for i in range(blind_compare.MAX_LISTENERS)]
+    letters = [comparison.listener(who)["tuned"] for who in drawn]
+    assert all(sum(t == "A" for t in one) in (3, 4) for one in letters)  # half, the odd one either way
+    assert len({tuple(one) for one in letters}) > 1 and len(set(drawn)) == len(drawn)  # each their own
+    with pytest.raises(page_server.UploadError) as refused:
+        comparison.add_listener("one more")
+    assert refused.value.status == 409 and len(read_key(str(tmp_path))["listeners"]) == blind_compare.MAX_LISTENERS
+
+
 def test_compare_refuses_a_run_that_has_not_finished(feedback_run, tmp_path, capsys):
     import train_feedback
 
