@@ -106,6 +106,11 @@ def test_page_and_voice_audio_are_served(session, capsys):
     state = json.loads(data)
     assert [r["text"] for r in state["rows"]] == [LISTENED[0], LISTENED[2]]
     assert (state["heard"], state["total"], state["corrections"]) == (0, 2, 0)
+    # The app's audio_007 is in the feedback folder already: the run would train on it, and hold none out.
+    assert state["outlook"] == ("1 recorded: none held out to judge the tune, so the verdict cannot judge it and "
+                                "would reject it: record 3 more to have 1 held out (one recording in ten is, at "
+                                "least one from 4); to be sure (p < 0.05) it needs 6 held-out clips that agree: 59 "
+                                "more recordings")
     assert state["command"] == f"python train_feedback.py --model {served_model(folder)} --feedback_dir {feedback}"
     for i, row in enumerate(state["rows"]):
         status, audio = served.request("GET", f"/audio/{i}.wav")
@@ -174,6 +179,15 @@ def test_recordings_are_saved_as_16k_pcm_pairs_and_a_redo_replaces_its_take(sess
     status, audio = served.request("GET", "/recorded/0.wav")
     with open(wav, "rb") as f:
         assert status == 200 and audio == f.read()
+    assert state["outlook"].startswith("3 recorded: none held out to judge the tune")
+    # A fourth pair, from the recording app: one is held out now, and the page says how little it can tell.
+    with open(os.path.join(feedback, "audio_010.wav"), "wb") as f:
+        f.write(wav_bytes(redo, 16000))
+    with open(os.path.join(feedback, "audio_010.txt"), "w", encoding="utf-8") as f:
+        f.write(SENTENCES[3] + "\n")
+    assert json.loads(served.request("GET", "/api/session")[1])["outlook"] == (
+        "4 recorded: 1 held out to judge the tune; with 1 clip the verdict can at best be p = 1; to be sure "
+        "(p < 0.05) it needs 6 held-out clips that agree: 56 more recordings")
 
 
 def test_bad_uploads_and_requests_are_refused(session, monkeypatch):
@@ -603,6 +617,10 @@ def test_a_take_recorded_in_headless_chromium_lands_as_a_pair(session, tmp_path)
         wait.until(lambda b: status.text.startswith("saved as") or "error" in status.text)
         assert status.text == "saved as audio_008.wav"
         assert browser.find_element(By.ID, "progress").text == "1 of 2 heard, 1 correction"
+        assert browser.find_element(By.ID, "outlook").text == (
+            "2 recorded: none held out to judge the tune, so the verdict cannot judge it and would reject it: record "
+            "2 more to have 1 held out (one recording in ten is, at least one from 4); to be sure (p < 0.05) it "
+            "needs 6 held-out clips that agree: 58 more recordings")
     finally:
         browser.quit()
     info = sf.info(os.path.join(feedback, "audio_008.wav"))

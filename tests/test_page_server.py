@@ -32,6 +32,9 @@ class Page:
         return raw_request(self.port, method, path, [("Host", host or self.host), *headers, *length], body)
 
 
+LISTENER = "0123456789abcdef"  # the comparison's one listener
+
+
 @pytest.fixture
 def pages(tmp_path):
     """{"listen": a two-sentence listening session's page, "compare": a two-pair comparison's page}."""
@@ -42,12 +45,13 @@ def pages(tmp_path):
     (tmp_path / "run" / blind_compare.FOLDER / "audio").mkdir(parents=True)
     speech.write_wav(str(tmp_path / "run" / blind_compare.FOLDER / "audio" / "000A.wav"), np.zeros(800, np.float32),
                      16000)
-    pairs = [dict(text="Roj baş.", kind="eval", tuned=letter, choice=None) for letter in "AB"]
-    comparison = blind_compare.Comparison(str(tmp_path / "run"), pairs)
+    pairs = [dict(text="Roj baş.", kind="eval", tuned=letter) for letter in "AB"]
+    listener = dict(id=LISTENER, name="Ava", tuned=["A", "B"], choices=[None, None], finished=None)
+    comparison = blind_compare.Comparison(str(tmp_path / "run"), pairs, [listener])
     served = {"listen": Page(listening.Handler, session, "/api/mark/0", b'{"mark": "good"}',
                              lambda: session.rows[0]["mark"] is not None),
-              "compare": Page(blind_compare.Handler, comparison, "/api/choose/0", b'{"choice": "A"}',
-                              lambda: comparison.pairs[0]["choice"] is not None)}
+              "compare": Page(blind_compare.Handler, comparison, f"/api/choose/{LISTENER}/0", b'{"choice": "A"}',
+                              lambda: listener["choices"][0] is not None)}
     yield served
     for page in served.values():
         page.server.shutdown()
@@ -97,13 +101,13 @@ def test_each_route_answers_its_own_method_and_row_numbers_of_nine_digits_at_mos
                    ("GET", "/audio/1234567890.wav", 404, "not found"),
                    ("POST", "/api/mark/" + "7" * 5000, 404, "not found"),
                    ("GET", "/api/session/", 404, "not found")],
-        "compare": [("GET", "/api/choose/0", 405, "GET /api/choose/0: only POST"),
+        "compare": [("GET", f"/api/choose/{LISTENER}/0", 405, f"GET /api/choose/{LISTENER}/0: only POST"),
                     ("POST", "/api/state", 405, "POST /api/state: only GET"),
-                    ("POST", "/audio/0/B", 405, "POST /audio/0/B: only GET"),
+                    ("POST", f"/audio/{LISTENER}/0/B", 405, f"POST /audio/{LISTENER}/0/B: only GET"),
                     ("POST", "/", 405, "POST /: only GET"),
-                    ("GET", "/audio/123456789/A", 404, "no pair 123456789"),
-                    ("GET", "/audio/1234567890/A", 404, "not found"),
-                    ("GET", "/audio/0/C", 404, "not found"),
+                    ("GET", f"/audio/{LISTENER}/123456789/A", 404, "no pair 123456789"),
+                    ("GET", f"/audio/{LISTENER}/1234567890/A", 404, "not found"),
+                    ("GET", f"/audio/{LISTENER}/0/C", 404, "not found"),
                     ("GET", "/api/session", 404, "not found")],
     }
     for name, page in pages.items():
@@ -116,8 +120,8 @@ def test_each_route_answers_its_own_method_and_row_numbers_of_nine_digits_at_mos
         assert status == 405 and answer["error"].endswith(": only POST"), name
     with open(pages["listen"].session.voice_audio(0), "rb") as f:
         assert pages["listen"].ask("GET", "/audio/0.wav")[::2] == (200, f.read())
-    with open(pages["compare"].session.audio(0, "A"), "rb") as f:
-        assert pages["compare"].ask("GET", "/audio/0/A")[::2] == (200, f.read())
+    with open(pages["compare"].session.audio(LISTENER, 0, "A"), "rb") as f:
+        assert pages["compare"].ask("GET", f"/audio/{LISTENER}/0/A")[::2] == (200, f.read())
 
 
 def test_both_pages_are_served_with_the_head_they_share(pages):

@@ -187,42 +187,132 @@ def test_the_sign_test_is_the_binomial_tail():
     assert verdict.sign_test(5, 5) == 1.0 and verdict.sign_test(0, 0) == 1.0
 
 
-def listened(tuned, given, p, same=0):
+def listened(tuned, given, p=None, same=0):
+    """A listening result; its p-value the sign test's unless given."""
     return dict(pairs=tuned + given + same, tuned_preferred=tuned, input_preferred=given, no_difference=same,
-                p_value=p, per_sentence=[])
+                p_value=verdict.sign_test(tuned, given) if p is None else p, per_sentence=[])
 
 
-def test_listeners_who_did_not_prefer_the_tune_reject_it():
+def test_listeners_decide_only_where_they_are_sure_and_a_tie_is_no_decision():
     kept = make_report()
-    for tuned, given in ((3, 3), (2, 5)):
-        result = verdict.decide(kept, listening=listened(tuned, given, 0.5))
-        assert result["decision"] == "reject" and result["decided_by"] == "listeners"
-        assert result["reasons"][0] == (f"reject: listeners preferred the tune in {tuned} of {tuned + given} pairs, "
-                                        f"the input voice in {given} (0 no difference; p=0.5): they did not prefer "
-                                        "the tune")
+    guards = verdict.decide(kept)
+    assert (guards["decision"], guards["decided_by"]) == ("keep", "guards")
+    # One listener's 3:3 tie after the guards' keep: no decision by the listeners, the guards' keep stands.
+    result = verdict.decide(kept, listening=listened(3, 3))
+    assert (result["decision"], result["decided_by"]) == ("keep", "guards")
+    assert result["reasons"] == guards["reasons"] + [
+        "keep: listeners preferred the tune in 3 of 6 pairs, the input voice in 3 (0 no difference; p=1): a tie, no "
+        "decision by the listeners: the guards decide"]
+    assert result["confidence"] == guards["confidence"]
+    # Against the tune, but not surely (2 of 7: p = 0.45): no decision either.
+    result = verdict.decide(kept, listening=listened(2, 5))
+    assert (result["decision"], result["decided_by"]) == ("keep", "guards")
+    assert result["reasons"][-1] == ("keep: listeners preferred the tune in 2 of 7 pairs, the input voice in 5 (0 no "
+                                     "difference; p=0.45): no sure preference, no decision by the listeners: the "
+                                     "guards decide")
+    # Surely against (0 of 6: p = 2/64): the listeners reject it, whatever the guards said.
+    for report in (kept, make_report(original=((2.0,), (3.0,)))):
+        result = verdict.decide(report, listening=listened(0, 6, same=1))
+        assert (result["decision"], result["decided_by"]) == ("reject", "listeners")
+        assert result["reasons"][0] == ("reject: listeners preferred the tune in 0 of 7 pairs, the input voice in 6 "
+                                        "(1 no difference; p=0.031): they surely preferred the input voice")
+        assert result["confidence"] == "listeners, p=0.031: sure"
+    # Surely for (6 of 6), the guards keeping it: kept, by the guards, the listeners' line among the reasons.
+    result = verdict.decide(kept, listening=listened(6, 0))
+    assert (result["decision"], result["decided_by"]) == ("keep", "guards")
+    assert result["reasons"][-1] == ("keep: listeners preferred the tune in 6 of 6 pairs, the input voice in 0 (0 no "
+                                     "difference; p=0.031)")
     # Preferred, but a guard failed: the guards decide.
     result = verdict.decide(make_report(original=((2.0,), (3.0,))), listening=listened(8, 1, 0.04))
     assert (result["decision"], result["decided_by"]) == ("reject", "guards")
     # Surely preferred where the held-out clips could not judge: the listeners keep it.
     result = verdict.decide(make_report(feedback=None), listening=listened(9, 0, 0.004))
     assert (result["decision"], result["decided_by"]) == ("keep", "listeners")
-    # Preferred without being sure, guards unable to judge: still not kept.
+    # Preferred without being sure, or a tie, guards unable to judge: still not kept.
     assert verdict.decide(make_report(feedback=None), listening=listened(4, 2, 0.69))["decision"] == "reject"
+    assert (verdict.decide(make_report(feedback=None), listening=listened(3, 3))["decided_by"]) == "guards"
+    # Pooled from several listeners: the line says how many.
+    several = dict(listened(0, 9, same=1), listeners=[dict(name="Ava"), dict(name="Bo")])
+    assert verdict.decide(kept, listening=several)["reasons"][0] == (
+        "reject: listeners preferred the tune in 0 of 10 pairs, the input voice in 9 (1 no difference; p=0.0039; "
+        "2 listeners): they surely preferred the input voice")
+
+
+def plain_outlook(n, val_size):
+    """The listening page's figures, worked out plainly: one recording in ten held out (one from four on),
+    at most val_size; all k clips agreeing is 2 / 2**k likely; sure below 0.05."""
+    def held(m):
+        return min(val_size, m // 10 if m // 10 >= 1 else 1 if m >= 4 else 0)
+    k = held(n)
+    best = min(1.0, 2 / 2 ** k)
+    more_to_judge = next(m for m in range(0, 1000) if held(n + m) >= 1) if val_size >= 1 else None
+    more_to_be_sure = next(m for m in range(0, 1000) if held(n + m) >= 6) if val_size >= 6 else None
+    return k, best, more_to_judge, more_to_be_sure
+
+
+def test_the_listening_page_says_how_many_recordings_are_held_out_and_how_sure_they_can_be():
+    for val_size in (100, 7, 6, 5, 1, 0):
+        for n in range(0, 130):
+            said = verdict.outlook(n, val_size)
+            assert (said["held_out"], said["best_p"], said["to_judge"], said["to_be_sure"]) == \
+                plain_outlook(n, val_size), (n, val_size)
+            assert said["sure"] == (said["best_p"] < 0.05)
+    # The held-out count is the run's own split (clip_data.split_validation on a feedback set).
+    from voicetune.night import clip_data
+
+    class Clips:
+        def __init__(self, names):
+            self.names = names
+
+        def __len__(self):
+            return len(self.names)
+
+        def subset(self, indices):
+            return Clips([self.names[i] for i in indices])
+    for val_size in (100, 3):
+        for n in range(0, 70):
+            held = clip_data.split_validation(Clips([f"audio_{i:03d}.wav" for i in range(n)]), val_size,
+                                              at_least_one=True)[1]
+            assert len(held) == verdict.outlook(n, val_size)["held_out"], (n, val_size)
+    # In words.
+    assert verdict.outlook(3, 100)["line"] == (
+        "3 recorded: none held out to judge the tune, so the verdict cannot judge it and would reject it: record 1 "
+        "more to have 1 held out (one recording in ten is, at least one from 4); to be sure (p < 0.05) it needs 6 "
+        "held-out clips that agree: 57 more recordings")
+    assert verdict.outlook(12, 100)["line"] == (
+        "12 recorded: 1 held out to judge the tune; with 1 clip the verdict can at best be p = 1; to be sure "
+        "(p < 0.05) it needs 6 held-out clips that agree: 48 more recordings")
+    assert verdict.outlook(59, 100)["line"] == (
+        "59 recorded: 5 held out to judge the tune; with 5 clips the verdict can at best be p = 0.062; to be sure "
+        "(p < 0.05) it needs 6 held-out clips that agree: 1 more recording")
+    assert verdict.outlook(60, 100)["line"] == (
+        "60 recorded: 6 held out to judge the tune; with 6 clips the verdict can at best be p = 0.031: sure if they "
+        "agree (p < 0.05)")
+    assert verdict.outlook(90, 0)["line"] == (
+        "90 recorded: none held out to judge the tune, so the verdict cannot judge it and would reject it: "
+        "--val_size 0 holds none out; to be sure (p < 0.05) it needs 6 held-out clips that agree: more than "
+        "--val_size 0 holds out")
+    assert verdict.outlook(90, 5)["line"].endswith("it needs 6 held-out clips that agree: more than --val_size 5 "
+                                                   "holds out")
+    # The guards' own word for it: below 6 clips a sign test is never sure.
+    assert verdict.SURE_CLIPS == 6
+    assert verdict.sureness(dict(clips=5, p_value=0.0625)) == "5 clips: too few to be sure"
+    assert verdict.sureness(dict(clips=6, p_value=0.03125)) == "sign test p=0.031: sure"
 
 
 def test_reconsider_rewrites_the_report_with_the_listeners_verdict(tmp_path):
     report = make_report(status="done")
     report["verdict"] = verdict.decide(report, max_worse_mel=0.05)
     (tmp_path / "report.json").write_text(json.dumps(report), encoding="utf-8")
-    result = verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+    result = verdict.reconsider(str(tmp_path), listened(0, 7))
     saved = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert saved["verdict"] == result and result["decided_by"] == "listeners" and result["decision"] == "reject"
-    assert saved["listening"]["input_preferred"] == 6
+    assert saved["listening"]["input_preferred"] == 7
     assert result["tolerances"]["max_worse_mel"] == 0.05  # judged again as it was judged first
     assert [f for f in os.listdir(tmp_path)] == ["report.json"]  # no temp file left
     (tmp_path / "report.json").write_text(json.dumps(make_report()), encoding="utf-8")
     with pytest.raises(run_errors.TrainingError, match="no verdict to reconsider"):
-        verdict.reconsider(str(tmp_path), listened(1, 6, 0.12))
+        verdict.reconsider(str(tmp_path), listened(0, 7))
 
 
 def test_reconsider_writes_report_json_under_a_temporary_name_and_renames_it_in(tmp_path, monkeypatch):

@@ -1,20 +1,28 @@
 """train_feedback.py --compare RUN_DIR: a blind A/B listening test of a tuned voice against the voice it was
-tuned from, served as a local page (compare_page.html) by the server both pages share (page_server.py).
+tuned from, served as a local page (compare_page.html) by the server both pages share (page_server.py), to
+as many listeners as come, each with their own choices.
 
 Each sentence is heard as A and B, the input voice and the tuned voice in a random order per sentence, and
 the listener picks A, B or no difference. Sentences: the run's held-out feedback clips, the sentences marked
 needs work and good in the listening session its feedback came from (to catch what got worse), and the
 fixed evaluation sentences.
 
-Blind: before the last pair is judged, nothing the page receives tells which voice is which. Both takes of a
-pair are padded with silence to one length and written as compare/audio/<pair><A|B>.wav (16-bit PCM, one
-header layout), served under opaque URLs (/audio/<pair>/<A|B>) with identical headers; the state the page
-gets holds only the texts and the listener's own choices; half the pairs (rounded at random) have the
-tuned voice as A. The key lives in compare/comparison.json, which the server never sends; it is revealed
-with the result, once every pair is judged. Every choice is saved at once, so reopening continues.
+Listeners: each starts on the page with a name and gets an id the page keeps (POST /api/listeners); their
+choices are theirs alone, and every address of theirs carries the id. Each listener hears the pairs with
+letters of their own draw (half the pairs, rounded at random, have the tuned voice as A), so the key one
+listener sees at their end says nothing of another's.
 
-At the end report.json gets "listening" (two-sided exact sign test over the pairs with a preference), the
-verdict is decided again with it (verdict.reconsider: a tune the listeners did not prefer is rejected), and
+Blind: before a listener's last pair is judged, nothing their page receives tells which voice is which.
+Both takes of a pair are padded with silence to one length and written as compare/audio/<pair><A|B>.wav
+(16-bit PCM, one header layout), served under opaque URLs (/audio/<listener>/<pair>/<A|B>) with identical
+headers; the state a page gets holds only the texts, the listener's own choices and the others' names and
+progress. The keys live in compare/comparison.json, which the server never sends; a listener's key is
+revealed with their result, once they have judged every pair. Every choice is saved at once, so reopening
+continues.
+
+Each time a listener finishes, report.json gets "listening": every finished listener's judgements pooled
+in one two-sided exact sign test over the pairs with a preference, with each listener's own counts; the
+verdict is decided again with it (verdict.reconsider: listeners decide only where they are sure), and
 report.html is rewritten.
 """
 
@@ -22,6 +30,8 @@ import glob
 import json
 import os
 import random
+import re
+import secrets
 import threading
 import time
 from http import HTTPStatus
@@ -44,15 +54,18 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.ht
 FOLDER = run_files.COMPARE  # inside the run folder: everything the comparison writes
 STATE_FILE = "comparison.json"
 CHOICES = ("A", "B", "same")
+LISTENER_ID = "[0-9a-f]{16}"  # secrets.token_hex(8): a page keeps its own, another's is not guessed
+MAX_LISTENERS = 100  # a room of listeners, not a script starting listeners in a loop
+MAX_NAME_CHARS = 60
 KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "good": "marked good",
          "eval": "evaluation sentence"}
 
 
 # ----------------------------------------------------------------------------------------------------
-# The result: counts and the sign test (verdict.sign_test).
+# The result: counts and the sign test (verdict.sign_test), of one listener and of all of them pooled.
 
 def listening_result(pairs):
-    """report.json's "listening" of judged pairs [{text, kind, tuned, choice}]."""
+    """The counts, sign test and rows of judged pairs [{text, kind, tuned, choice}]."""
     per_sentence = []
     for p in pairs:
         preferred = "none" if p["choice"] == "same" else "tuned" if p["choice"] == p["tuned"] else "input"
@@ -64,14 +77,39 @@ def listening_result(pairs):
                 per_sentence=per_sentence)
 
 
+def pooled_result(listeners):
+    """report.json's "listening" of the finished listeners [(name, finished, judged pairs)]: every judgement
+    pooled in one sign test, each row naming its listener, and each listener's own counts in "listeners"."""
+    pooled = listening_result([p for _, _, pairs in listeners for p in pairs])
+    names = [name for name, _, pairs in listeners for _ in pairs]
+    pooled["per_sentence"] = [dict(listener=name, **row) for name, row in zip(names, pooled["per_sentence"])]
+    own = [(name, finished, listening_result(pairs)) for name, finished, pairs in listeners]
+    pooled["listeners"] = [dict(name=name, finished=finished, **{k: r[k] for k in (
+        "pairs", "tuned_preferred", "input_preferred", "no_difference", "p_value")}) for name, finished, r in own]
+    return pooled
+
+
+def balanced_letters(n, rng):
+    """Which letter is the tuned voice in each of n pairs: A in half of them (the odd one at random), shuffled."""
+    tuned_is_a = [i < n // 2 for i in range(n)]
+    if n % 2:
+        tuned_is_a[-1] = rng.random() < 0.5
+    rng.shuffle(tuned_is_a)
+    return ["A" if a else "B" for a in tuned_is_a]
+
+
 # ----------------------------------------------------------------------------------------------------
-# The comparison: its pairs, their audio, the listener's choices, kept in compare/comparison.json.
+# The comparison: its pairs, their audio, each listener's letters and choices, kept in compare/comparison.json.
 
 class Comparison:
-    """Pairs of {text, kind, tuned: "A"|"B", choice}; the audio of pair i in compare/audio/NNNA.wav and NNNB.wav."""
+    """Pairs of {text, kind, tuned}: the takes of pair i in compare/audio/NNNA.wav and NNNB.wav, `tuned` the
+    file letter of the tuned voice. Listeners of {id, name, tuned, choices, finished}: `tuned` the letter the
+    tuned voice has for them in each pair (their own draw), `choices` theirs, `finished` when they judged the
+    last pair (their key is known to them from then on)."""
 
-    def __init__(self, run_dir, pairs, finished=None):
-        self.run_dir, self.pairs, self.finished = run_dir, pairs, finished
+    def __init__(self, run_dir, pairs, listeners=(), rng=None):
+        self.run_dir, self.pairs, self.listeners = run_dir, pairs, list(listeners)
+        self.rng = rng or random.SystemRandom()
         self.folder = os.path.join(run_dir, FOLDER)
         self.lock = threading.Lock()
 
@@ -80,52 +118,103 @@ class Comparison:
             raise page_server.UploadError(HTTPStatus.NOT_FOUND, f"no pair {index}")
         return self.pairs[index]
 
-    def audio(self, index, letter):
-        self.pair(index)
-        return os.path.join(self.folder, "audio", f"{index:03d}{letter}.wav")
+    def listener(self, listener_id):
+        for listener in self.listeners:
+            if listener["id"] == listener_id:
+                return listener
+        raise page_server.UploadError(HTTPStatus.NOT_FOUND, "no such listener: start as a new one")
+
+    def audio(self, listener_id, index, letter):
+        """The file of the take `listener_id` hears as `letter` in pair `index`."""
+        listener, pair = self.listener(listener_id), self.pair(index)
+        on_disk = letter if listener["tuned"][index] == pair["tuned"] else {"A": "B", "B": "A"}[letter]
+        return os.path.join(self.folder, "audio", f"{index:03d}{on_disk}.wav")
 
     def state(self):
-        """What the page may know: texts and the listener's choices; the key and result only once finished."""
-        judged = sum(p["choice"] is not None for p in self.pairs)
-        return dict(pairs=[dict(index=i, text=p["text"], choice=p["choice"]) for i, p in enumerate(self.pairs)],
-                    judged=judged, total=len(self.pairs), done=self.finished is not None,
-                    result=self.result() if self.finished else None)
+        """What any page may know: how many pairs, and each listener's name and progress; the id of those who
+        have not finished, to continue as one of them (their key is not known yet)."""
+        return dict(total=len(self.pairs), listeners=[
+            dict(name=one["name"], judged=judged_count(one), done=one["finished"] is not None,
+                 listener=None if one["finished"] else one["id"]) for one in self.listeners])
 
-    def result(self):
-        listened = listening_result(self.pairs)
+    def listener_state(self, listener_id):
+        """What one listener's page may know: the texts and their own choices; their key and the result only
+        once they have finished."""
+        listener = self.listener(listener_id)
+        done = listener["finished"] is not None
+        return dict(listener=listener["id"], name=listener["name"], judged=judged_count(listener), total=len(self.pairs),
+                    pairs=[dict(index=i, text=p["text"], choice=c)
+                           for i, (p, c) in enumerate(zip(self.pairs, listener["choices"]))],
+                    done=done, result=self.result(listener) if done else None)
+
+    def result(self, listener):
+        """The listener's own result and key, the pooled result of every finished listener and the verdict."""
         report = run_files.read_report(self.run_dir) or {}
-        return dict(listened, verdict=report.get("verdict"))
+        pooled = report.get("listening") or {}
+        return dict(listening_result(self.judged(listener)), verdict=report.get("verdict"),
+                    pooled={k: pooled.get(k) for k in ("pairs", "tuned_preferred", "input_preferred", "no_difference",
+                                                      "p_value", "listeners")})
 
-    def choose(self, index, choice):
+    def judged(self, listener):
+        return [dict(text=p["text"], kind=p["kind"], tuned=tuned, choice=choice)
+                for p, tuned, choice in zip(self.pairs, listener["tuned"], listener["choices"])]
+
+    def add_listener(self, name):
+        """A new listener, with the letters of their own draw; their state."""
+        name = listening.plain_text(name if isinstance(name, str) else "")
+        if len(name) > MAX_NAME_CHARS:
+            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"a name of at most {MAX_NAME_CHARS} characters")
+        with self.lock:
+            if len(self.listeners) >= MAX_LISTENERS:
+                raise page_server.UploadError(HTTPStatus.CONFLICT, f"{MAX_LISTENERS} listeners already: enough")
+            listener = dict(id=secrets.token_hex(8), name=name or f"listener {len(self.listeners) + 1}",
+                            tuned=balanced_letters(len(self.pairs), self.rng), choices=[None] * len(self.pairs),
+                            finished=None)
+            self.listeners.append(listener)
+            self.write()
+        print(f"blind comparison: {listener['name']} starts listening")
+        return self.listener_state(listener["id"])
+
+    def choose(self, listener_id, index, choice):
+        """One listener's choice, saved at once; their last one pools every finished listener's judgements into
+        report.json and decides the verdict again."""
         if choice not in CHOICES:
             raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"choice must be one of {', '.join(CHOICES)}")
         with self.lock:
-            if self.finished:
-                raise page_server.UploadError(HTTPStatus.CONFLICT, "the comparison is finished: its key is known now")
-            self.pair(index)["choice"] = choice
-            if all(p["choice"] is not None for p in self.pairs):
-                self.finished = time.strftime("%Y-%m-%d %H:%M:%S")
+            listener = self.listener(listener_id)
+            if listener["finished"]:
+                raise page_server.UploadError(HTTPStatus.CONFLICT, "you have judged every pair: your key is known now")
+            self.pair(index)
+            listener["choices"][index] = choice
+            if None not in listener["choices"]:
+                listener["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
                 self.write()
-                record_result(self.run_dir, listening_result(self.pairs))
+                record_result(self.run_dir, pooled_result([(one["name"], one["finished"], self.judged(one))
+                                                           for one in self.listeners if one["finished"]]))
             else:
                 self.write()
-        return self.state()
+        return self.listener_state(listener_id)
 
     def write(self):
-        data = dict(created_for=os.path.basename(os.path.abspath(self.run_dir)), finished=self.finished,
-                    pairs=self.pairs)
+        data = dict(created_for=os.path.basename(os.path.abspath(self.run_dir)), pairs=self.pairs,
+                    listeners=self.listeners)
         run_folder.write_atomically(os.path.join(self.folder, STATE_FILE),
                                     json.dumps(data, indent=2, ensure_ascii=False), durable=False)
 
 
+def judged_count(listener):
+    return sum(c is not None for c in listener["choices"])
+
+
 def record_result(run_dir, result):
-    """The verdict decided again with the listening result (verdict.reconsider writes both into report.json),
-    and report.html shows them."""
+    """The verdict decided again with the pooled listening result (verdict.reconsider writes both into
+    report.json), and report.html shows them."""
     decided = verdict.reconsider(run_dir, result)
     run_report.update(run_dir)
-    print(f"blind comparison: tuned voice preferred {result['tuned_preferred']}, input voice "
-          f"{result['input_preferred']}, no difference {result['no_difference']} (p = {result['p_value']:.3g}); "
-          f"written to {os.path.join(run_dir, run_files.REPORT)}")
+    print(f"blind comparison, {len(result['listeners'])} listener{'s' * (len(result['listeners']) != 1)} pooled: "
+          f"tuned voice preferred {result['tuned_preferred']}, input voice {result['input_preferred']}, no difference "
+          f"{result['no_difference']} (p = {result['p_value']:.3g}); written to "
+          f"{os.path.join(run_dir, run_files.REPORT)}")
     print(verdict.summary(decided))
 
 
@@ -150,15 +239,15 @@ def open_comparison(run_dir, device="cpu", sessions_dir=None, rng=None):
         try:
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            pairs = [dict(text=str(p["text"]), kind=str(p["kind"]), tuned=p["tuned"], choice=p["choice"])
-                     for p in saved["pairs"]]
-            if not pairs or any(p["tuned"] not in ("A", "B") or p["choice"] not in CHOICES + (None,) for p in pairs):
-                raise ValueError("a pair without its key or with another choice")
-            comparison = Comparison(run_dir, pairs, saved.get("finished"))
-            for i in range(len(pairs)):
+            comparison = Comparison(run_dir, *saved_pairs(saved))
+            for i in range(len(comparison.pairs)):
                 for letter in "AB":
-                    if not os.path.isfile(comparison.audio(i, letter)):
-                        raise ValueError(f"{comparison.audio(i, letter)} is missing")
+                    on_disk = os.path.join(comparison.folder, "audio", f"{i:03d}{letter}.wav")
+                    if not os.path.isfile(on_disk):
+                        raise ValueError(f"{on_disk} is missing")
+            if "listeners" not in saved:  # its one listener's id, kept from now on
+                with comparison.lock:
+                    comparison.write()
             return comparison
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise run_errors.TrainingError(f"{path}: not a comparison ({err}); move {os.path.join(run_dir, FOLDER)} "
@@ -166,6 +255,26 @@ def open_comparison(run_dir, device="cpu", sessions_dir=None, rng=None):
     sentences = gather_sentences(run_dir, report, sessions_dir)
     takes = speak_pairs(run_dir, report, sentences, device)
     return make_comparison(run_dir, takes, rng or random.SystemRandom())
+
+
+def saved_pairs(saved):
+    """(pairs, listeners) of a comparison.json; ValueError for anything else. A file from before there were
+    several listeners (each pair with its one choice) is its one listener's, "listener 1"."""
+    pairs = [dict(text=str(p["text"]), kind=str(p["kind"]), tuned=p["tuned"]) for p in saved["pairs"]]
+    listeners = saved.get("listeners")
+    if listeners is None:
+        listeners = [dict(id=secrets.token_hex(8), name="listener 1", tuned=[p["tuned"] for p in pairs],
+                          choices=[p["choice"] for p in saved["pairs"]], finished=saved.get("finished"))]
+    listeners = [dict(id=one["id"], name=str(one["name"]), tuned=list(one["tuned"]), choices=list(one["choices"]),
+                      finished=one["finished"]) for one in listeners]
+    if not pairs or any(p["tuned"] not in ("A", "B") for p in pairs):
+        raise ValueError("a pair without its key")
+    for one in listeners:
+        if not (isinstance(one["id"], str) and re.fullmatch(LISTENER_ID, one["id"])) or \
+                len(one["tuned"]) != len(pairs) or len(one["choices"]) != len(pairs) or \
+                any(t not in ("A", "B") for t in one["tuned"]) or any(c not in CHOICES + (None,) for c in one["choices"]):
+            raise ValueError(f"listener {one['name']!r} without an id, their letters or their choices")
+    return pairs, listeners
 
 
 def gather_sentences(run_dir, report, sessions_dir):
@@ -253,48 +362,63 @@ def speak_pairs(run_dir, report, sentences, device):
 
 
 def make_comparison(run_dir, takes, rng):
-    """Pairs in a random order, the tuned voice as A in half of them (the odd one at random), both takes of
-    a pair padded with silence to one length and written alike."""
+    """Pairs in a random order, each written as two takes of one length (padded with silence) under the
+    letters of balanced_letters; no listener yet."""
     order = list(range(len(takes)))
     rng.shuffle(order)
-    tuned_is_a = [i < len(takes) // 2 for i in range(len(takes))]
-    if len(takes) % 2:
-        tuned_is_a[-1] = rng.random() < 0.5
-    rng.shuffle(tuned_is_a)
     audio_dir = os.path.join(run_dir, FOLDER, "audio")
     os.makedirs(audio_dir, exist_ok=True)
     pairs = []
-    for index, (source, a_is_tuned) in enumerate(zip(order, tuned_is_a)):
+    for index, (source, tuned) in enumerate(zip(order, balanced_letters(len(takes), rng))):
         kind, text, input_audio, tuned_audio, sr = takes[source]
         length = max(len(input_audio), len(tuned_audio))
-        a, b = (tuned_audio, input_audio) if a_is_tuned else (input_audio, tuned_audio)
+        a, b = (tuned_audio, input_audio) if tuned == "A" else (input_audio, tuned_audio)
         for letter, audio in (("A", a), ("B", b)):
             speech.write_wav(os.path.join(audio_dir, f"{index:03d}{letter}.wav"),
                              np.pad(audio, (0, length - len(audio))), sr)
-        pairs.append(dict(text=text, kind=kind, tuned="A" if a_is_tuned else "B", choice=None))
-    comparison = Comparison(run_dir, pairs)
+        pairs.append(dict(text=text, kind=kind, tuned=tuned))
+    comparison = Comparison(run_dir, pairs, rng=rng)
     with comparison.lock:
         comparison.write()
     return comparison
 
 
 # ----------------------------------------------------------------------------------------------------
-# The page's routes (page_server.py checks every request and answers every refusal): the state, the takes
-# by pair number and letter, the choices.
+# The page's routes (page_server.py checks every request and answers every refusal): the listeners, one
+# listener's state, their takes by pair number and letter, their choices.
 
 class Handler(page_server.Handler):
     page = PAGE
 
-    def send_audio(self, row, letter):
-        self.send_file(self.session.audio(row, letter))
+    def start_listener(self):
+        self.send_json(self.session.add_listener(self.read_json_object('{"name": ...}').get("name")))
 
-    def choose(self, row):
+    def send_listener_state(self, listener):
+        self.send_json(self.session.listener_state(listener))
+
+    def send_audio(self, listener, row, letter):
+        self.send_file(self.session.audio(listener, row, letter))
+
+    def choose(self, listener, row):
+        self.session.listener(listener)
         self.session.pair(row)
-        self.send_json(self.session.choose(row, self.read_json_object('{"choice": ...}').get("choice")))
+        self.send_json(self.session.choose(listener, row, self.read_json_object('{"choice": ...}').get("choice")))
 
     routes = (("GET", "/api/state", page_server.Handler.send_state),
-              ("GET", "/audio/{row}/(?P<letter>[AB])", send_audio),
-              ("POST", "/api/choose/{row}", choose))
+              ("POST", "/api/listeners", start_listener),
+              ("GET", f"/api/listener/(?P<listener>{LISTENER_ID})", send_listener_state),
+              ("GET", f"/audio/(?P<listener>{LISTENER_ID})/{{row}}/(?P<letter>[AB])", send_audio),
+              ("POST", f"/api/choose/(?P<listener>{LISTENER_ID})/{{row}}", choose))
+
+
+def progress(comparison):
+    """How far the listeners are, in one line."""
+    state = comparison.state()
+    listeners = state["listeners"]
+    return (f"{state['total']} pairs, {len(listeners)} listener{'s' * (len(listeners) != 1)}"
+            + "".join(f"{'; ' if i else ': '}{one['name']} " + ("finished" if one["done"] else
+                                                               f"{one['judged']} judged")
+                      for i, one in enumerate(listeners)))
 
 
 def serve(run_dir, args, sessions_dir):
@@ -303,11 +427,8 @@ def serve(run_dir, args, sessions_dir):
         comparison = open_comparison(run_dir, args.device, sessions_dir)
         server = page_server.make_server(Handler, comparison, args.host, args.port, args.allowed_host or ())
         page_server.warn_remote(server, args.host, f"hear both voices and judge the pairs, writing into {run_dir}")
-        state = comparison.state()
-        print(f"blind comparison: {state['total']} pairs in {os.path.join(run_dir, FOLDER)}, {state['judged']} judged"
-              + (" (finished)" if state["done"] else ""))
+        print(f"blind comparison in {os.path.join(run_dir, FOLDER)}: {progress(comparison)}")
         page_server.serve_until_interrupted(server)
-        state = comparison.state()
-        print(f"{state['judged']} of {state['total']} pairs judged"
-              + ("; the result is in report.json" if state["done"] else
-                 f"; continue with: python train_feedback.py --compare {run_dir}"))
+        print(f"blind comparison: {progress(comparison)}; a finished listener's result is pooled into report.json; "
+              f"more listeners, or one who has not finished, continue with: python train_feedback.py --compare "
+              f"{run_dir}")

@@ -15,12 +15,14 @@ from voicetune.feedback import verdict
 from voicetune.night import training_flags
 from voicetune.voice import voices
 
+VAL_SIZE = 100  # --val_size here: the held-out clips' cap (the listening page counts with it)
+
 
 
 def build_parser(description):
     p = training_flags.build_parser(description)
     p.set_defaults(model=None, data_dir=None, lr=1e-5, warmup_steps=20, output_dir=None,
-                   target_hours=None, val_size=100, benchmark_samples=50)
+                   target_hours=None, val_size=VAL_SIZE, benchmark_samples=50)
     g = p.add_argument_group("feedback")
     g.add_argument("--feedback_dir", default=None,
                    help="Folder with the recorded clips (WAV, FLAC, OGG, MP3; any rate, mono or stereo), each "
@@ -55,9 +57,10 @@ def build_parser(description):
                    help="Only serve a blind A/B listening test of the feedback run in RUN_DIR: each sentence (its "
                         "held-out feedback clips, the sentences marked in the listening session its feedback came "
                         "from, the evaluation sentences) spoken by the input voice and the tuned voice as A and B "
-                        "in a random order; which is which is shown once every pair is judged. The result goes "
-                        "into RUN_DIR/report.json and the verdict. Served like --listen (--host, --port, "
-                        "--allow_remote); running it again continues.")
+                        "in a random order, to as many listeners as come, each with their own choices; which is "
+                        "which is shown to each once they have judged every pair. The finished listeners' "
+                        "choices, pooled, go into RUN_DIR/report.json and the verdict. Served like --listen "
+                        "(--host, --port, --allow_remote); running it again continues.")
     g = p.add_argument_group("listening session")
     g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "

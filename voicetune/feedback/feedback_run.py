@@ -21,7 +21,6 @@ from voicetune.voice import speaking
 from voicetune.voice import speak_lines
 from voicetune.voice import voice_quality
 
-DEFAULT_FEEDBACK_DIR = os.path.join("training", "feedback")
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".opus", ".oga", ".aif"}
 # How print_report titles run_files.QUALITY_MEASURES.

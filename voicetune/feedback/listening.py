@@ -22,6 +22,8 @@ import soundfile as sf
 from transformers import VitsConfig
 
 from voicetune.common import distributed
+from voicetune.feedback import feedback_flags
+from voicetune.feedback import feedback_run
 from voicetune.feedback import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
@@ -30,6 +32,7 @@ from voicetune.voice import speakers
 from voicetune.common import speech
 from voicetune.voice import speaking
 from voicetune.voice import speak_lines
+from voicetune.feedback import verdict
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = run_files.SESSION
@@ -80,11 +83,14 @@ class Session:
         return self.rows[index]
 
     def state(self):
+        """The rows, the progress, and what the verdict can say of the recordings in the feedback folder so far
+        (the run trains on all of them, this session's and any before)."""
         heard = sum(r["mark"] is not None for r in self.rows)
         corrections = sum(r["saved"] is not None for r in self.rows)
+        recorded = len(feedback_run.read_pairs(self.feedback_dir)[0]) if os.path.isdir(self.feedback_dir) else 0
         return dict(rows=self.rows, heard=heard, total=len(self.rows), corrections=corrections,
                     progress=f"{heard} of {len(self.rows)} heard, {corrections} correction{'s' * (corrections != 1)}",
-                    feedback_dir=self.feedback_dir,
+                    outlook=verdict.outlook(recorded, feedback_flags.VAL_SIZE)["line"], feedback_dir=self.feedback_dir,
                     command=run_files.tune_command(self.voice, self.feedback_dir, self.speaker_id))
 
     def mark(self, index, mark):

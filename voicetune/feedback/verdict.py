@@ -9,7 +9,8 @@ Guards (report.json's figures, `feedback_run.measure_after`):
 - duration: the duration ratio (spoken / recorded) of the held-out original clips must not drift from 1;
 - intelligibility (with --asr_model): the character error rate must not rise beyond a tolerance.
 A core guard (feedback, original mel) with too few held-out clips cannot be judged: that is a reject, said
-as such. How sure each guard is comes from the paired comparison of its clips.
+as such. How sure each guard is comes from the paired comparison of its clips; how sure it can be with so
+many recordings is what the listening page shows while they are recorded (`outlook`).
 """
 
 import math
@@ -17,6 +18,7 @@ import os
 
 from voicetune.common import run_errors
 from voicetune.common import run_files
+from voicetune.night import training_flags
 
 # The tolerances' defaults: train_feedback.py's verdict flags carry them, report.json records those used.
 TOLERANCES = dict(max_worse_mel=0.03, max_worse_mcd=0.03, max_dur_drift=0.10, max_worse_cer=0.02, min_held_out=1)
@@ -31,6 +33,10 @@ def sign_test(wins, losses):
         return 1.0
     tail = sum(math.comb(n, k) for k in range(max(wins, losses), n + 1)) / 2 ** n
     return min(1.0, 2 * tail)
+
+
+# The fewest clips whose sign test can be sure: 5 clips that all agree still happen by chance 1 time in 16.
+SURE_CLIPS = next(k for k in range(1, 64) if sign_test(k, 0) < SURE_P)
 
 
 def paired(before, after, tolerance=0.0):
@@ -61,7 +67,7 @@ def pct(share):
 
 
 def sureness(pair):
-    if pair["clips"] < 6:  # 5 clips that all agree still happen by chance 1 time in 16
+    if pair["clips"] < SURE_CLIPS:
         return f"{pair['clips']} clip{'s' * (pair['clips'] != 1)}: too few to be sure"
     p = pair["p_value"]
     return f"sign test p={p:.2g}: " + ("sure" if p < SURE_P else "not sure")
@@ -71,6 +77,39 @@ def unjudged(name, measure, held_out, min_held_out, hint):
     return dict(name=name, measure=measure, status="unjudged", clips=held_out,
                 reason=f"reject: cannot judge the {measure}: {held_out} held-out clip{'s' * (held_out != 1)} "
                        f"(at least {min_held_out} needed){hint}")
+
+
+def outlook(recorded, val_size, min_held_out=TOLERANCES["min_held_out"]):
+    """What the verdict can say of a feedback run on `recorded` recordings, before it runs: how many are held
+    out to judge the tune (the run's own split, training_flags.held_out_count), the smallest p-value a sign
+    test on that many clips can reach, and how many more recordings it takes to be judged at all and to be
+    sure (None: --val_size never holds out that many); `line` says it in words, for the listening page."""
+    held_out = training_flags.held_out_count(recorded, val_size, at_least_one=True)
+    best_p = sign_test(held_out, 0)
+
+    def more_for(clips):
+        if val_size < clips:
+            return None
+        n = recorded
+        while training_flags.held_out_count(n, val_size, at_least_one=True) < clips:
+            n += 1
+        return n - recorded
+    to_judge, to_be_sure = more_for(min_held_out), more_for(SURE_CLIPS)
+    line = f"{recorded} recorded: {held_out or 'none'} held out to judge the tune"
+    if held_out < min_held_out:
+        line += ", so the verdict cannot judge it and would reject it: " + (
+            f"record {to_judge} more to have {min_held_out} held out (one recording in ten is, at least one from 4)"
+            if to_judge is not None else f"--val_size {val_size} holds none out")
+    else:
+        line += f"; with {held_out} clip{'s' * (held_out != 1)} the verdict can at best be p = {best_p:.2g}"
+    if best_p < SURE_P:
+        line += f": sure if they agree (p < {SURE_P:g})"
+    else:
+        line += (f"; to be sure (p < {SURE_P:g}) it needs {SURE_CLIPS} held-out clips that agree: "
+                 + (f"{to_be_sure} more recording{'s' * (to_be_sure != 1)}" if to_be_sure is not None
+                    else f"more than --val_size {val_size} holds out"))
+    return dict(recorded=recorded, held_out=held_out, best_p=best_p, sure=best_p < SURE_P, to_judge=to_judge,
+                to_be_sure=to_be_sure, line=line)
 
 
 def feedback_guard(report, tol):
@@ -175,8 +214,10 @@ def training_notes(report):
 
 def listening_line(listening):
     tuned, given = listening["tuned_preferred"], listening["input_preferred"]
+    people = len(listening.get("listeners") or ())
     return (f"listeners preferred the tune in {tuned} of {listening['pairs']} pairs, the input voice in {given} "
-            f"({listening['no_difference']} no difference; p={listening['p_value']:.2g})")
+            f"({listening['no_difference']} no difference; p={listening['p_value']:.2g}"
+            + (f"; {people} listener{'s' * (people != 1)})" if people else ")"))
 
 
 def decide(report, *, max_worse_mel=TOLERANCES["max_worse_mel"], max_worse_mcd=TOLERANCES["max_worse_mcd"],
@@ -186,9 +227,10 @@ def decide(report, *, max_worse_mel=TOLERANCES["max_worse_mel"], max_worse_mcd=T
     "tolerances"} of a finished run's report.json.
 
     listening: a blind A/B result {"pairs", "tuned_preferred", "input_preferred", "no_difference", "p_value",
-    "per_sentence"}. A tune the listeners did not prefer (the input voice preferred as often or more) is
-    rejected by them, whatever the guards say; one they surely preferred (p < 0.05) is kept where the guards
-    only could not judge; otherwise the guards decide.
+    "per_sentence"} (blind_compare.pooled_result: every listener's judgements, pooled). The listeners decide
+    only where they are sure (p < 0.05): a tune they surely did not prefer is rejected by them, whatever the
+    guards say; one they surely preferred is kept where the guards only could not judge. A tie, or any split
+    that is not sure, is no decision by the listeners: the guards decide.
     """
     tol = dict(max_worse_mel=max_worse_mel, max_worse_mcd=max_worse_mcd, max_dur_drift=max_dur_drift,
                max_worse_cer=max_worse_cer, min_held_out=min_held_out)
@@ -215,14 +257,19 @@ def decide(report, *, max_worse_mel=TOLERANCES["max_worse_mel"], max_worse_mcd=T
     reasons = [g["reason"] for g in failed + cannot] + [g["reason"] for g in guards if g["status"] == "pass"]
     if listening and listening.get("pairs"):
         line = listening_line(listening)
-        if listening["input_preferred"] >= listening["tuned_preferred"]:
+        sure = listening["p_value"] < SURE_P
+        if sure and listening["input_preferred"] > listening["tuned_preferred"]:
             decision, decided_by = "reject", "listeners"
-            reasons.insert(0, f"reject: {line}: they did not prefer the tune")
-        elif listening["p_value"] < SURE_P and cannot and not failed:
+            reasons.insert(0, f"reject: {line}: they surely preferred the input voice")
+        elif sure and cannot and not failed:
             decision, decided_by = "keep", "listeners"
             reasons.insert(0, f"keep: {line}: the listeners judged what the held-out clips could not")
-        else:
+        elif sure:
             reasons.append(f"{decision}: {line}")
+        else:
+            tie = listening["input_preferred"] == listening["tuned_preferred"]
+            reasons.append(f"{decision}: {line}: {'a tie' if tie else 'no sure preference'}, no decision by the "
+                           "listeners: the guards decide")
     reasons += notes
     return dict(decision=decision, reasons=reasons, guards={g["name"]: g for g in guards}, decided_by=decided_by,
                 confidence=confidence(guards, failed or cannot, decided_by, listening), tolerances=tol)
@@ -230,9 +277,8 @@ def decide(report, *, max_worse_mel=TOLERANCES["max_worse_mel"], max_worse_mcd=T
 
 def confidence(guards, deciding, decided_by, listening):
     """One sentence on how sure the decision is: the paired comparison of the guards that decided it."""
-    if decided_by == "listeners":
-        p = listening["p_value"]
-        return f"listeners, p={p:.2g}: " + ("sure" if p < SURE_P else "not sure (too few pairs, or close)")
+    if decided_by == "listeners":  # which they do only when sure
+        return f"listeners, p={listening['p_value']:.2g}: sure"
     if any(g["status"] == "unjudged" for g in deciding):
         return "not judged: too few held-out clips"
     deciding = deciding or [g for g in guards if g["name"] == "feedback"]

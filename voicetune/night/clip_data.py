@@ -23,6 +23,7 @@ from voicetune.common import run_errors
 from voicetune.common import run_folder
 from voicetune.voice import spectrogram
 from voicetune.common import speech
+from voicetune.night import training_flags
 
 CACHE_VERSION = 1
 
@@ -273,14 +274,9 @@ class ClipSet:
 
 
 def split_validation(clips, val_size, at_least_one=False):
-    """(train, held-out) ClipSets: at most val_size and a tenth of the clips held out, chosen by a hash of
-    their names, so the split is the same on every run and resume.
-
-    at_least_one: once there are four clips, hold one out even below ten (feedback sets are small and
-    their report needs a held-out figure).
-    """
-    n = len(clips)
-    val_size = min(val_size, max(1, n // 10) if at_least_one and n >= 4 else n // 10)
+    """(train, held-out) ClipSets: as many held out as training_flags.held_out_count says, chosen by a hash
+    of their names, so the split is the same on every run and resume."""
+    val_size = training_flags.held_out_count(len(clips), val_size, at_least_one)
     order = sorted(range(len(clips)), key=lambda i: hashlib.sha1(clips.names[i].encode()).hexdigest())
     val = sorted(order[:val_size])
     held = set(val)

@@ -35,6 +35,13 @@ def speakers_arg(text):
     return count
 
 
+def held_out_count(clips, val_size, at_least_one=False):
+    """How many of `clips` --val_size holds out (clip_data.split_validation draws them): at most val_size
+    and a tenth of the clips; at_least_one: one even below ten, once there are four (a feedback set is
+    small and its verdict needs a held-out clip)."""
+    return min(val_size, max(1, clips // 10) if at_least_one and clips >= 4 else clips // 10)
+
+
 def batch_size_arg(text):
     return text if text == "auto" else int(text)
 
