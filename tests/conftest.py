@@ -7,6 +7,7 @@ import builtins
 import errno
 import multiprocessing
 import os
+import shutil
 
 import huggingface_hub
 import numpy as np
@@ -304,7 +305,8 @@ def night_run(prepared_dataset, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def feedback_run(night_run, prepared_dataset, tmp_path_factory):
-    """(home, run folder) of a feedback run on the night's voice. home/training/feedback holds the corrections
+    """(home, run folder) of a feedback run on the night's voice, home/training its training folder (the night's
+    data, as prepare_data.py wrote it). home/training/feedback holds the corrections
     (audio_001..004 pairs) of the listening session in home/training/sessions/2026-12-05, which marked one more
     sentence good, one needs work (corrected as audio_002) and left one unheard. Treat as read-only."""
     from voicetune.feedback import listening
@@ -313,6 +315,7 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
     from examples.make_release import SENTENCES, espeak_clip
 
     home = tmp_path_factory.mktemp("morning")
+    shutil.copytree(prepared_dataset, home / "training")  # one home: the night's data, then the mornings after
     feedback = home / "training" / "feedback"
     feedback.mkdir(parents=True)
     for i, text in enumerate(FEEDBACK_TEXTS, 1):
@@ -326,7 +329,7 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
     session_dir.mkdir(parents=True)
     listening.Session(str(session_dir), str(feedback), voice, rows, 16000, None, 4).write()
     out = str(home / "training" / "feedback_models" / "20261205-070000")
-    argv = ["--model", voice, "--data_dir", prepared_dataset, "--feedback_dir", str(feedback), "--output_dir", out,
+    argv = ["--model", voice, "--data_dir", str(home / "training"), "--feedback_dir", str(feedback), "--output_dir", out,
             "--max_steps", "2", "--feedback_weight", "1", "--d_warmup_steps", "0",
             "--sample_sentences", os.path.join(os.path.dirname(night_run[0]), "sentences.txt")] + RUN_FLAGS
     assert train_feedback.main(argv) == 0

@@ -135,7 +135,8 @@ def test_output_dir_on_the_input_model_is_refused(trained_voice, feedback_dir, w
     before = tree_hashes(trained_voice)
     out = trained_voice if where == "same" else os.path.join(trained_voice, "tuned")
     with pytest.raises(SystemExit) as exit_info:
-        tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--output_dir", out, "--max_steps", "1"]
+        tf.main(["--model", trained_voice, "--feedback_dir", feedback_dir, "--feedback_only", "--output_dir", out,
+                 "--max_steps", "1"]
                 + FEEDBACK_QUICK)
     assert exit_info.value.code == 2
     assert "overlaps --model" in capsys.readouterr().err
@@ -176,7 +177,7 @@ def test_a_folder_of_wav_and_txt_pairs_tunes_the_voice_alone_without_original_da
     (folder / "README.txt").write_text("not a clip\n", encoding="utf-8")
     sf.write(folder / "model" / "s001.wav", espeak_clip(SENTENCES[22], 16000), 16000)  # subfolders are not read
     out = str(tmp_path / "run")
-    code = tf.main(["--model", trained_voice, "--data_dir", str(tmp_path / "nothing"), "--feedback_dir",
+    code = tf.main(["--model", trained_voice, "--feedback_only", "--feedback_dir",
                     str(folder), "--output_dir", out, "--max_steps", "1"] + FEEDBACK_QUICK)
     assert code == 0
     assert "no original training data" in capsys.readouterr().out
@@ -217,7 +218,7 @@ def test_feedback_after_samples_are_the_tuned_voices_speech(tiny_model_dir, tmp_
         rows.append(f"fb_{k}.wav|{text}")
     (feedback / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = str(tmp_path / "run")
-    code = train_feedback.main(["--model", voice, "--data_dir", str(tmp_path / "no_data"),
+    code = train_feedback.main(["--model", voice, "--feedback_only",
                                 "--feedback_dir", str(feedback), "--output_dir", out, "--max_steps", "2",
                                 "--eval_clips", "0", "--device", "cpu", "--batch_size", "2", "--grad_accum", "1",
                                 "--disc_channels", "64", "--benchmark_samples", "0", "--num_workers", "1",

@@ -80,7 +80,7 @@ def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_
     night = os.path.join(data, "final_model")
     night_files = run_files.voice_fingerprint(night)
     assert voices.current_voice(data) == voices.Path(night)
-    assert tf.parse_args(["--data_dir", data]).model == night
+    assert tf.parse_args(["--data_dir", data, "--feedback_only"]).model == night
 
     assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
     voice = os.path.join(data, "voice")
@@ -102,7 +102,7 @@ def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_
     with open(sentences, "w", encoding="utf-8") as f:
         f.write("roj baş\n")
     for extra in ([], ["--make_session", sentences], ["--listen", sentences]):
-        assert tf.parse_args(["--data_dir", data] + extra).model == voice
+        assert tf.parse_args(["--data_dir", data, "--feedback_only"] + extra).model == voice
     assert VitsModel.from_pretrained(voice).config.sampling_rate == 16000
 
     # A second promote keeps version 2 in voices/002; a rollback brings it back, the same files.
@@ -154,7 +154,7 @@ def test_a_current_voice_that_is_not_whole_is_not_used(voices_made, data, damage
     night = os.path.join(data, "final_model")
     assert voices.current_voice(data) == voices.Path(night)
     assert f"warning: {os.path.join(data, 'voice')} is not a whole voice (model.safetensors " in capsys.readouterr().out
-    assert tf.parse_args(["--data_dir", data]).model == night
+    assert tf.parse_args(["--data_dir", data, "--feedback_only"]).model == night
 
 
 def test_what_a_promote_renames_in_is_on_disk_first(voices_made, data, monkeypatch):
@@ -198,7 +198,7 @@ def test_what_a_promote_renames_in_is_on_disk_first(voices_made, data, monkeypat
     voice, first = os.path.join(data, "voice"), os.path.join(data, "voices", "001")
     for target in (voice, first):  # the tuned voice, and the night's voice kept as version 1
         i, (_, incoming, _) = next((i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == target)
-        assert synced_before(i, incoming) == set(voices.fingerprint(target)), target
+        assert synced_before(i, incoming) == set(run_files.voice_fingerprint(target)), target
     # voices.json: written under another name, on disk, then renamed over the old one; never written in place.
     record = os.path.join(data, "voices.json")
     assert ("write", record) not in events

@@ -133,8 +133,8 @@ def check_data_dir(parser, args):
         if not os.path.isdir(args.data_dir) and args.data_dir != run_files.DEFAULT_DATA_DIR:
             parser.error(f"--data_dir: the training folder {args.data_dir} that {voice} names in its run record is "
                          "not here (give --data_dir)")
-    if not os.path.isdir(args.data_dir) and not (args.rollback or args.feedback_only):
-        parser.error(f"--data_dir {args.data_dir}: no such folder (the folder train_vits.py trained on)")
+    if args.promote and not os.path.isdir(args.data_dir):
+        parser.error(f"--data_dir {args.data_dir}: no such folder (the training folder whose voice it becomes)")
     if args.feedback_dir is None:
         args.feedback_dir = os.path.join(args.data_dir, run_files.FEEDBACK)
 
@@ -190,7 +190,8 @@ def parse(argv=None, description=None):
     runs_dir = os.path.join(args.data_dir, run_files.FEEDBACK_MODELS)
     tuning = not (args.make_session or args.listen is not None)
     if tuning and not args.feedback_only and not os.path.isfile(os.path.join(args.data_dir, "metadata.csv")):
-        parser.error(f"--data_dir {args.data_dir}: no metadata.csv, so nothing to replay or hold out (give the folder "
+        found = "no metadata.csv" if os.path.isdir(args.data_dir) else "no such folder"
+        parser.error(f"--data_dir {args.data_dir}: {found}, so nothing to replay or hold out (give the folder "
                      "train_vits.py trained on, or --feedback_only to train on the recordings alone)")
     if not 0 <= args.replay_ratio < 1:
         parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "

@@ -27,7 +27,7 @@ AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".op
 QUALITY_TITLES = {"mcd": "MCD-DTW, dB (lower is better)", "dur_ratio": "duration ratio, spoken / recorded (1 is right)",
                   "dnsmos_ovrl": "DNSMOS OVRL (higher is better)"}
 # Flags a resumed feedback run keeps besides train_vits.py's: they decide which clips make up each batch.
-RESUME_FIXED = checkpoints.RESUME_FIXED + ("replay_ratio", "feedback_weight")
+RESUME_FIXED = checkpoints.RESUME_FIXED + ("replay_ratio", "feedback_weight", "feedback_only")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def load_original(args, sampling_rate, tokenizer, model, speaker_table):
     """(train, held-out) ClipSets of the original training set, or (None, None) when there is none; for a
     multi-speaker voice each clip with its speaker's id, the clips of other speakers left out."""
     metadata = os.path.join(args.data_dir, "metadata.csv")
-    if not os.path.isfile(metadata):
+    if args.feedback_only or not os.path.isfile(metadata):
         return None, None, []
     # Reuse train_vits.py's preload cache when it holds exactly these clips (read only: a cache that
     # does not match is never replaced there); otherwise decode into this run's own cache.
@@ -148,8 +148,9 @@ def load_sets(args, tokenizer, vocab, model, speaker_table, speaker):
     orig_train, orig_val, orig_errors = load_original(args, model.config.sampling_rate, tokenizer, model,
                                                       speaker_table)
     if orig_train is None or len(orig_train) == 0:
-        print(f"no original training data in {args.data_dir} (no metadata.csv or no usable clip): training "
-              "on feedback alone, nothing is replayed and the voice may drift on other sentences")
+        print(("--feedback_only: no original training data" if args.feedback_only else
+               f"no original training data in {args.data_dir} (no usable clip)")
+              + ": training on feedback alone, nothing is replayed and the voice may drift on other sentences")
     elif args.replay_ratio == 0:
         print("--replay_ratio 0: training on feedback alone; the original clips are only used to validate")
     print(f"feedback: {len(fb_train)} clips to train on, {len(fb_val)} held out, {len(skipped)} skipped "
