@@ -29,7 +29,7 @@ LINES_FILE = "lines.csv"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = run_errors.FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", nargs="?", help="The text to speak (or --file).")
     parser.add_argument("--file", help="A UTF-8 text file: each non-empty line spoken into a WAV of its own.")
     parser.add_argument("--out", default="speech.wav", help="The WAV for TEXT. (default: %(default)s)")

@@ -26,16 +26,9 @@ Examples:
 import os
 import sys
 
-from voicetune.night import checkpoints
-from voicetune.night import clip_data
-from voicetune.common import distributed
-from voicetune.night import loop
-from voicetune.voice import models
-from voicetune.night import planning
-from voicetune.common import run_errors
-from voicetune.voice import speakers
+# The flags load no torch, so --help and every refusal answer at once; the training stack (seconds to
+# import) is loaded once the flags are good.
 from voicetune.night import training_flags
-from voicetune.night import vits_trainer
 
 
 def parse_args(argv=None):
@@ -44,11 +37,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from voicetune.night import loop
     return loop.run_held(args, "train_vits", lambda: train(args))
 
 
 def train(args):
     """The night in numbered steps, in the output folder main holds; the exit code."""
+    from voicetune.common import distributed
+    from voicetune.common import run_errors
+    from voicetune.night import checkpoints
+    from voicetune.night import clip_data
+    from voicetune.night import loop
+    from voicetune.night import planning
+    from voicetune.night import vits_trainer
+    from voicetune.voice import models
+    from voicetune.voice import speakers
+
     budget = planning.Budget(args.target_hours * 3600)
     # 1. Machine and precision; the run to continue, if --resume names one.
     device, precision = vits_trainer.set_up_machine(args)

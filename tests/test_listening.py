@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from voicetune.feedback import feedback_flags
 from voicetune.feedback import listening
 from voicetune.feedback import page_server
 from voicetune.common import speech
@@ -413,7 +414,7 @@ def test_remote_mode_answers_only_names_of_this_machine(session, monkeypatch, ti
         with pytest.raises(SystemExit):
             tf.parse_args(["--listen", folder, "--model", tiny_model_dir] + extra)
         assert error in capsys.readouterr().err
-    helps = {a.dest: a.help for a in tf.build_parser()._actions}
+    helps = {a.dest: a.help for a in feedback_flags.build_parser(tf.__doc__)._actions}
     assert "DNS rebinding" in helps["allow_remote"] and "no password" in helps["allow_remote"]
 
 

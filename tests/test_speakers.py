@@ -15,6 +15,7 @@ import torch
 from transformers import pipeline
 
 from voicetune.night import clip_data
+from voicetune.night import loop
 from voicetune.feedback import listening
 from voicetune.voice import models
 from voicetune.night import objective
@@ -242,13 +243,13 @@ def test_feedback_trains_the_chosen_speaker_and_keeps_all(three_speaker_run, fou
         (feedback / name).with_suffix(".txt").write_text(text, encoding="utf-8")
     out = str(tmp_path / "tuned")
     seen = []
-    real_fit = train_feedback.loop.fit
+    real_fit = loop.fit
 
     def fit(trainer, tokenizer, train_sets, *args, **kwargs):
         seen.extend((cs.names, cs.speaker_ids) for cs in train_sets)
         return real_fit(trainer, tokenizer, train_sets, *args, **kwargs)
 
-    monkeypatch.setattr(train_feedback.loop, "fit", fit)
+    monkeypatch.setattr(loop, "fit", fit)
     flags = ["--model", final, "--feedback_dir", str(feedback), "--data_dir", four_speakers, "--device", "cpu",
              "--batch_size", "2", "--grad_accum", "1", "--max_steps", "2", "--eval_clips", "0", "--num_workers", "1",
              "--feedback_weight", "1", "--replay_ratio", "0.5"]
