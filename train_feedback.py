@@ -13,12 +13,13 @@ and takes its training flags, meaning the same; not --speakers, --min_speaker_cl
 
 Examples:
 
-    # 1. a listening-session kit: the current voice speaks each sentence, sNNN.txt holds what to record
-    python train_feedback.py --make_session sentences.txt            # -> training/sessions/<date>/
+    # 1. a listening-session kit: the current voice speaks each sentence of a sentence file (UTF-8 text, one
+    #    sentence a line; examples/sentences.txt holds Kurmanji ones to start with), sNNN.txt what to record
+    python train_feedback.py --make_session examples/sentences.txt   # -> training/sessions/<date>/
 
     # or the same in a local web page: hear each sentence, mark it, record corrections straight into
     # training/feedback (open the printed http://127.0.0.1:8000/ address; --listen alone continues)
-    python train_feedback.py --listen sentences.txt
+    python train_feedback.py --listen examples/sentences.txt
 
     # 2. after recording corrections into training/feedback (NAME.wav + NAME.txt pairs, as a recording
     #    app saves them, or any audio + metadata.csv of filename|text rows, which wins when both exist):
@@ -99,7 +100,9 @@ def build_parser():
                         "client_ids are in speakers.json beside --model. (default: the speaker with the most "
                         "clips)")
     g.add_argument("--make_session", default=None, metavar="SENTENCES.txt",
-                   help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
+                   help="Only make a listening-session kit: speak each sentence of the file (UTF-8 text, one "
+                        "sentence a line; digits are read as Kurmanji numbers; examples/sentences.txt to start "
+                        "with) with --model into "
                         "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
                         "then exit.")
     g = p.add_argument_group("blind comparison")
@@ -113,8 +116,9 @@ def build_parser():
     g = p.add_argument_group("listening session")
     g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
-                        "corrections into --feedback_dir. A sentence file starts a new session (a --make_session "
-                        "kit); a kit or session folder continues it; no value: the newest session.")
+                        "corrections into --feedback_dir. A sentence file (UTF-8 text, one sentence a line, as "
+                        "examples/sentences.txt) starts a new session (a --make_session kit); a kit or session "
+                        "folder continues it; no value: the newest session.")
     page_server.add_address_flags(g)
     g = p.add_argument_group("verdict (on held-out clips only: the tune is kept only if it is better)")
     g.add_argument("--max_worse_mel", type=float, default=verdict.TOLERANCES["max_worse_mel"],

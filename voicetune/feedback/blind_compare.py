@@ -44,8 +44,6 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.ht
 FOLDER = run_files.COMPARE  # inside the run folder: everything the comparison writes
 STATE_FILE = "comparison.json"
 CHOICES = ("A", "B", "same")
-KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "good": "marked good",
-         "eval": "evaluation sentence"}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ def next_steps(output_dir, config, progress, report):
                           + (" (the verdict is reject: refused unless --force)" if rejected else ""),
                           run_files.promote_command(output_dir, args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
             steps.append(("Listen to the tuned voice and record what it still says badly",
-                          run_files.listen_command("sentences.txt", final)))
+                          run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
         else:
             steps.append(("Continue the run" + (" if it stops before its end" if ended is None else ""),
                           run_files.resume_command("train_feedback", report.get("model", "MODEL"), output_dir)))
@@ -406,7 +406,7 @@ def next_steps(output_dir, config, progress, report):
                                                args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
     else:
         steps.append(("Hear the voice sentence by sentence and record what it says badly",
-                      run_files.listen_command("sentences.txt", final)))
+                      run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
         steps.append(("Tune it on those recordings", run_files.tune_command(final)))
     items = "".join(f'<li>{html.escape(what)}<div class="command"><code>{html.escape(cmd)}</code>'
                     '<button class="copy" type="button">copy</button></div></li>' for what, cmd in steps)
