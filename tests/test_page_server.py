@@ -187,8 +187,8 @@ def test_a_page_served_on_an_ipv6_address_is_announced_in_brackets(pages):
 def test_a_port_in_use_ends_in_one_line_naming_it_before_any_sentence_is_spoken(tiny_model_dir, tmp_path, capsys):
     busy = socket.create_server(("127.0.0.1", 0))
     port = busy.getsockname()[1]
-    said = f"error: cannot serve the page on 127.0.0.1:{port} ({os.strerror(errno.EADDRINUSE)}): give another --port, " \
-           "or --port 0 for any free one\n"
+    said = (f"error: cannot serve the page on 127.0.0.1:{port} ({os.strerror(errno.EADDRINUSE)}): give another "
+            "--port, or --port 0 for any free one\n")
     try:
         with pytest.raises(run_errors.TrainingError) as refused:
             page_server.make_server(blind_compare.Handler, None, "127.0.0.1", port)
