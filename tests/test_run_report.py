@@ -10,6 +10,8 @@ import pytest
 import soundfile as sf
 
 from voicetune.common import run_files
+from voicetune.feedback import blind_compare
+from voicetune.feedback import verdict
 from voicetune.night import run_report
 from tests.test_listening import chromium
 
@@ -124,7 +126,9 @@ def test_the_report_of_a_night(browser, night_run, tmp_path):
     assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2, steps as asked" in text
     assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
     final = os.path.join(folder, "final_model")
-    assert f"python train_feedback.py --listen sentences.txt --model {final}" in text
+    sentences = os.path.join("examples", "sentences.txt")  # the file that ships: the command runs as it is
+    assert os.path.isfile(os.path.join(os.path.dirname(DOCS), sentences))
+    assert f"python train_feedback.py --listen {sentences} --model {final}" in text
     assert f"python train_feedback.py --model {final}" in text
 
 
@@ -259,3 +263,55 @@ def test_the_curves_leave_out_the_training_lines(tmp_path):
         page = f.read()
     assert mel_chart_points(page) == [(1, 2.5), (2, 2.25)]
     assert "Best epoch</th><td>2 (by val_mel" in page
+
+
+def judged_page(folder, preferred):
+    """report.html of a feedback run every guard passed, then compared blind: one pair of each kind, the voice
+    `preferred` ("input" or "tuned") chosen in three of them, no difference heard in the fourth."""
+    report = dict(status="done", model="training/voice",
+                  validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
+                                      original=dict(before=1.5, after=1.5123, change=0.0123)),
+                  before=dict(feedback=dict(per_clip=dict(mel=[2.0])), original=dict(per_clip=dict(mel=[1.5]))),
+                  after=dict(feedback=dict(per_clip=dict(mel=[1.8])), original=dict(per_clip=dict(mel=[1.5123]))))
+    pairs = [dict(text=f"Hevok {i}.", kind=kind, tuned="A", choice=choice) for i, (kind, choice) in enumerate(
+        zip(["held_out", "needs_work", "good", "eval"], ["A" if preferred == "tuned" else "B"] * 3 + ["same"]))]
+    report["listening"] = blind_compare.listening_result(pairs)
+    report["verdict"] = verdict.decide(report, listening=report["listening"])
+    folder.mkdir()
+    (folder / "run_config.json").write_text(json.dumps(dict(script="train_feedback", args=dict(data_dir="training"))),
+                                            encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_a_verdict_of_the_listeners_is_a_row_of_its_guard_table_and_every_code_is_said_in_words(tmp_path):
+    guards = ("<thead><tr><th>Guard</th><th>Result</th></tr></thead><tbody><tr><td>held-out feedback mel</td>"
+              "<td>pass</td></tr><tr><td>held-out original mel</td><td>pass</td></tr>"
+              "<tr><td>listeners (blind comparison)</td><td>{}</td></tr></tbody>")
+    # The input voice preferred: a reject above a table of passes says who rejected it.
+    page = judged_page(tmp_path / "rejected", "input")
+    assert '<h2>Verdict: <span class="decision reject">reject</span></h2>' in page
+    assert guards.format("fail (decides the verdict)") in page
+    row = "<tr><td>validation mel</td><td>held-out {}</td><td>{}</td><td>{}</td><td>{}</td></tr>"
+    assert row.format("feedback", "2", "1.8", "-10.0 %") in page
+    assert row.format("original", "1.5", "1.512", "+0.8 %") in page
+    for kind, preferred in (("held-out feedback", "input voice"), ("marked needs work", "input voice"),
+                            ("marked good", "input voice"), ("evaluation sentence", "no difference")):
+        assert f"<td>{kind}</td><td>{preferred}</td></tr>" in page
+    assert not {"held_out", "needs_work", "original_mel", "unjudged"} & set(re.findall(r"[a-z_]+", page))
+    # The tune preferred: the guards decide, the listeners' row a pass.
+    page = judged_page(tmp_path / "kept", "tuned")
+    assert '<h2>Verdict: <span class="decision keep">keep</span></h2>' in page
+    assert guards.format("pass") in page
+    assert "<td>held-out feedback</td><td>tuned voice</td></tr>" in page
+
+
+def test_a_guard_that_could_not_judge_says_so_in_words(tmp_path):
+    folder = tmp_path / "run"
+    feedback_page(folder, "reject", ["reject: cannot judge the held-out feedback mel: 0 held-out clips"])
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    report["verdict"]["guards"] = dict(feedback=dict(measure="held-out feedback mel", status="unjudged"))
+    (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        assert "<tr><td>held-out feedback mel</td><td>cannot judge</td></tr>" in f.read()
