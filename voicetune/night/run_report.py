@@ -115,10 +115,12 @@ def number(value):
 
 
 def change(before, after):
-    """How far `after` moved from `before`, in percent of it with its sign: "+3.2 %", "-0.1 %", "+0.0 %"."""
+    """How far `after` moved from `before`, in percent of it with its sign: "+3.2 %", "-0.1 %"; "0.0 %" for a
+    change that rounds to none."""
     if not (finite(before) and finite(after)) or before == 0:
         return "–"
-    return f"{100 * (after / before - 1):+.1f} %"
+    percent = round(100 * (after / before - 1), 1)
+    return f"{percent:+.1f} %" if percent else "0.0 %"
 
 
 def words(names, code):
