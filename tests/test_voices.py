@@ -212,7 +212,7 @@ def test_what_a_promote_renames_in_is_on_disk_first(voices_made, data, monkeypat
     voice, first = os.path.join(data, "voice"), os.path.join(data, "voices", "001")
     for target in (voice, first):  # the tuned voice, and the night's voice kept as version 1
         i, (_, incoming, _) = next((i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == target)
-        assert synced_before(i, incoming) == set(voices.fingerprint(target)), target
+        assert synced_before(i, incoming) == set(run_files.voice_fingerprint(target)), target
     # voices.json: written under another name, on disk, then renamed over the old one; never written in place.
     record = os.path.join(data, "voices.json")
     assert ("write", record) not in events
