@@ -6,7 +6,7 @@ heftan); a text longer than one sentence is split only at sentence ends and each
 Examples:
 
     python speak.py "Ez 25 salî me." --out hello.wav               # the current voice of training/
-    python speak.py --file sentences.txt --out_dir spoken           # one WAV a line + lines.csv
+    python speak.py --file examples/sentences.txt --out_dir spoken  # one WAV a line + lines.csv
     python speak.py "Ez 25 salî me." --dry_run                      # what the voice will read, nothing spoken
     python speak.py "Roj baş." --speaking_rate 0.8 --noise_scale 0.5 --seed 3 --out slow.wav
     python speak.py --model training/voice --export_onnx voice_onnx # model.onnx + tokens.txt for sherpa-onnx

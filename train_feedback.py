@@ -13,12 +13,12 @@ and takes its training flags, meaning the same; not --speakers, --min_speaker_cl
 
 Examples:
 
-    # 1. a listening-session kit: the current voice speaks each sentence, sNNN.txt holds what to record
-    python train_feedback.py --make_session sentences.txt            # -> training/sessions/<date>/
+    # 1. a listening-session kit: the current voice speaks each line of a UTF-8 file, sNNN.txt holds what to record
+    python train_feedback.py --make_session examples/sentences.txt   # -> training/sessions/<date>/
 
     # or the same in a local web page: hear each sentence, mark it, record corrections straight into
     # training/feedback (open the printed http://127.0.0.1:8000/ address; --listen alone continues)
-    python train_feedback.py --listen sentences.txt
+    python train_feedback.py --listen examples/sentences.txt
 
     # 2. after recording corrections into training/feedback (NAME.wav + NAME.txt pairs, as a recording
     #    app saves them, or any audio + metadata.csv of filename|text rows, which wins when both exist):

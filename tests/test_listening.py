@@ -21,10 +21,12 @@ import soundfile as sf
 from voicetune.feedback import feedback_flags
 from voicetune.feedback import listening
 from voicetune.feedback import page_server
+from voicetune.common import run_files
 from voicetune.common import speech
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 LISTENED = [SENTENCES[0], "Ew $25 e.", SENTENCES[1]]  # the line with a sign it has no reading for is left out
 
 
@@ -144,6 +146,38 @@ def test_a_sentence_with_digits_is_spoken_and_the_page_shows_its_words(tiny_mode
 def served_model(folder):
     with open(os.path.join(folder, listening.SESSION_FILE), encoding="utf-8") as f:
         return json.load(f)["voice"]
+
+
+def test_the_kits_readme_names_the_folder_the_page_saves_into(session, capsys):
+    served, folder, feedback, _ = session
+    state = json.loads(served.request("GET", "/api/session")[1])
+    served.stop()
+    with open(os.path.join(folder, "README.txt"), encoding="utf-8") as f:
+        readme = f.read()
+    model = served_model(folder)
+    assert state["feedback_dir"] == feedback
+    assert (f"With the listening page, which saves each correction into {feedback}:\n"
+            f"1. python train_feedback.py --listen {folder} --model {model} --feedback_dir {feedback}\n") in readme
+    assert f"\n2. {state['command']}\n\nOr by hand, with any recording app, into this folder:\n" in readme
+    assert readme.endswith(f"\n3. python train_feedback.py --model {model} --feedback_dir {folder}\n")
+    assert (f"session kit: 2 sentences in {folder} (README.txt says how to record: with the listening page into "
+            f"{feedback}, or by hand into {folder})\n") in capsys.readouterr().out
+
+
+def test_the_shipped_sentence_file_is_spoken_whole_and_holds_every_kurmanji_letter(tiny_model_dir, tmp_path, capsys):
+    """examples/sentences.txt, what a first --listen is offered: every line a sentence the voice can say (its
+    numbers read as words), every letter of the Kurmanji alphabet in it."""
+    path = os.path.join(ROOT, run_files.EXAMPLE_SENTENCES)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kit = str(tmp_path / "kit")
+    assert tf.main(["--make_session", path, "--model", tiny_model_dir, "--output_dir", kit, "--device", "cpu"]) == 0
+    assert "left out" not in capsys.readouterr().out
+    assert listening.kit_sentences(kit) == [(f"s{i:03d}", line) for i, line in enumerate(lines, 1)]
+    assert set("abcçdeêfghiîjklmnopqrsştuûvwxyz") <= set(" ".join(lines).lower())
+    _, vocab = speech.load_vocab(tiny_model_dir)
+    numbers = [speech.clean_text(line, vocab)[0] for line in lines if any(ch.isdigit() for ch in line)]
+    assert numbers and not any(ch.isdigit() for text in numbers for ch in text)
 
 
 def test_recordings_are_saved_as_16k_pcm_pairs_and_a_redo_replaces_its_take(session):

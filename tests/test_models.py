@@ -53,6 +53,20 @@ def test_exported_models_have_ordinary_permissions(trained_voice):
     assert os.stat(trained_voice).st_mode & 0o777 == 0o777 & ~umask
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no modes for group and others")
+def test_every_file_of_an_exported_voice_gets_the_mode_the_umask_gives(tiny_model_dir, tmp_path):
+    """model.safetensors too, which safetensors writes readable by its owner alone: a server running as another
+    user loads the voice."""
+    model, tokenizer = models.load_voice(tiny_model_dir)
+    umask = os.umask(0o027)
+    try:
+        models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), str(tmp_path / "voice"))
+    finally:
+        os.umask(umask)
+    modes = {name: oct(os.stat(tmp_path / "voice" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "voice")}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o640"}, modes
+
+
 def test_a_damaged_model_file_is_one_line(tiny_model_dir, tmp_path):
     model = str(tmp_path / "model")
     shutil.copytree(tiny_model_dir, model)

@@ -2,13 +2,17 @@
 checks (another site's Host or Origin, a body over its limit), the same route table (a path of another
 method, a row number too long to be one), the same head, the same address flags, and stop on Ctrl-C."""
 
+import errno
+import os
 import socket
+import sys
 import threading
 
 import numpy as np
 import pytest
 
 import train_feedback as tf
+from voicetune.common import run_errors
 from voicetune.common import speech
 from voicetune.feedback import blind_compare
 from voicetune.feedback import listening
@@ -182,3 +186,45 @@ def test_a_page_served_on_an_ipv6_address_is_announced_in_brackets(pages):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_port_in_use_ends_in_one_line_naming_it_before_any_sentence_is_spoken(tiny_model_dir, tmp_path, capsys):
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    said = (f"error: cannot serve the page on 127.0.0.1:{port} ({os.strerror(errno.EADDRINUSE)}): give another "
+            "--port, or --port 0 for any free one\n")
+    try:
+        with pytest.raises(run_errors.TrainingError) as refused:
+            page_server.make_server(blind_compare.Handler, None, "127.0.0.1", port)
+        assert f"error: {refused.value}\n" == said
+        sentences = tmp_path / "sentences.txt"
+        sentences.write_text("Roj baş.\n", encoding="utf-8")
+        kit = tmp_path / "kit"
+        assert tf.main(["--listen", str(sentences), "--model", tiny_model_dir, "--output_dir", str(kit),
+                        "--port", str(port), "--device", "cpu"]) == 2
+    finally:
+        busy.close()
+    assert capsys.readouterr().err == said  # one line, no traceback
+    assert not kit.exists()  # refused before the voice spoke the kit
+
+
+def test_a_browser_that_leaves_mid_answer_prints_nothing(pages, capsys, monkeypatch):
+    """Closing the page while audio is being sent breaks the connection: the server carries on, silent."""
+    page = pages["listen"]
+    speech.write_wav(page.session.voice_audio(0), np.zeros(8_000_000, np.float32), 16000)  # 16 MB: never buffered
+    done, errors = threading.Event(), []
+    handle_error, shutdown_request = page.server.handle_error, page.server.shutdown_request
+
+    def recorded(request, address):
+        errors.append(sys.exc_info()[1])
+        handle_error(request, address)
+
+    monkeypatch.setattr(page.server, "handle_error", recorded)
+    monkeypatch.setattr(page.server, "shutdown_request", lambda request: shutdown_request(request) or done.set())
+    with socket.create_connection(("127.0.0.1", page.port), timeout=30) as sock:
+        sock.sendall(f"GET /audio/0.wav HTTP/1.1\r\nHost: {page.host}\r\n\r\n".encode())
+        sock.recv(1024)  # the answer has begun
+    assert done.wait(30)
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionError)  # the write did break
+    assert capsys.readouterr().err == ""
+    assert page.ask("GET", "/api/session")[0] == 200  # and the page is still served

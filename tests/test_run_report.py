@@ -4,12 +4,15 @@ plays its file, the curves are the metrics, the best epoch is marked, nothing is
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from voicetune.common import run_files
+from voicetune.feedback import blind_compare
+from voicetune.feedback import verdict
 from voicetune.night import run_report
 from tests.test_listening import chromium
 
@@ -46,9 +49,9 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def render(browser, folder, png):
+def render(browser, folder, png=None):
     """Open FOLDER/report.html from disk: (players, charts, the page's text, every URL requested, violations);
-    a full-page screenshot to `png` (into docs/ with DOCS_SCREENSHOTS=1)."""
+    with `png`, a full-page screenshot to it (into docs/ with DOCS_SCREENSHOTS=1)."""
     browser.get_log("performance")  # drop what an earlier page asked for
     browser.get("file://" + os.path.abspath(os.path.join(folder, run_files.PAGE)))
     players = browser.execute_async_script(LOAD_PLAYERS)
@@ -57,7 +60,8 @@ def render(browser, folder, png):
     requested = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
     requested = [m["params"]["request"]["url"] for m in requested if m["method"] == "Network.requestWillBeSent"]
     violations = browser.execute_script("return window.violations")
-    screenshot(browser, png)
+    if png:
+        screenshot(browser, png)
     return players, charts, text, requested, violations
 
 
@@ -68,6 +72,23 @@ def screenshot(browser, path):
     browser.save_screenshot(path if os.environ.get("DOCS_SCREENSHOTS") != "1"
                             else os.path.join(DOCS, os.path.basename(path)))
     browser.set_window_size(1000, 760)
+
+
+def as_a_user_sees_it(browser, folder, home, run, png, args, model=None):
+    """The page of a copy of the run `folder` at HOME/RUN, built from HOME as the working folder, as a user
+    who ran the command there with the default paths sees it: RUN names the run, and the paths the run
+    recorded of what lies outside it (run_config.json's `args`; report.json's `model`) are that user's.
+    A full-page screenshot to `png` (the one in docs/ with DOCS_SCREENSHOTS=1); the page's text."""
+    copy = os.path.join(home, run)
+    shutil.copytree(folder, copy)
+    config = run_files.read_run_config(copy)
+    config["args"].update(args)
+    run_files.write_run_config(copy, config)
+    if model:
+        run_files.write_report(copy, dict(run_files.read_report(copy), model=model))
+    os.chdir(home)
+    run_report.write(run)
+    return render(browser, copy, png)[2]
 
 
 def check_offline_and_playable(folder, players, requested, violations):
@@ -108,11 +129,11 @@ def check_charts(charts, lines, sets, prefixes, best, before=None):
         assert all(a[2] < b[2] for a in points for b in points if a[1] > b[1]), title
 
 
-def test_the_report_of_a_night(browser, night_run, tmp_path):
+def test_the_report_of_a_night(browser, night_run, tmp_path, monkeypatch):
     folder, pages = night_run
     # Written at the start, after each epoch and at the end, as progress.json stood each time.
     assert [(p["epoch"], p["ended"]) for p in pages] == [(0, None), (1, None), (2, None), (2, "done")]
-    players, charts, text, requested, violations = render(browser, folder, str(tmp_path / "report_night.png"))
+    players, charts, text, requested, violations = render(browser, folder)
     check_offline_and_playable(folder, players, requested, violations)
     assert sorted(src for src, *_ in players) == [f"samples/epoch_{e}/0{i}.wav" for e in (1, 2) for i in (0, 1)]
 
@@ -124,13 +145,23 @@ def test_the_report_of_a_night(browser, night_run, tmp_path):
     assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2, steps as asked" in text
     assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
     final = os.path.join(folder, "final_model")
-    assert f"python train_feedback.py --listen sentences.txt --model {final}" in text
+    sentences = os.path.join("examples", "sentences.txt")  # the file that ships: the command runs as it is
+    assert os.path.isfile(os.path.join(os.path.dirname(DOCS), sentences))
+    assert f"python train_feedback.py --listen {sentences} --model {final}" in text
     assert f"python train_feedback.py --model {final}" in text
 
+    monkeypatch.chdir(tmp_path)  # (as_a_user_sees_it moves into its home)
+    shown = as_a_user_sees_it(browser, folder, str(tmp_path / "home"), "training", str(tmp_path / "report_night.png"),
+                              dict(model="facebook/mms-tts-kmr-script_latin", data_dir="training"))
+    assert "Voice trained from facebook/mms-tts-kmr-script_latin" in shown
+    final = os.path.join("training", "final_model")
+    assert f"python train_feedback.py --listen {sentences} --model {final}" in shown
+    assert str(tmp_path) not in shown and os.path.dirname(folder) not in shown
 
-def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
-    _, folder = feedback_run
-    players, charts, text, requested, violations = render(browser, folder, str(tmp_path / "report_feedback.png"))
+
+def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path, monkeypatch):
+    home, folder = feedback_run
+    players, charts, text, requested, violations = render(browser, folder)
     check_offline_and_playable(folder, players, requested, violations)
     with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
@@ -158,6 +189,15 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
     assert all(reason in text for reason in verdict["reasons"])
     for row in report["validation_mel"].values():
         assert run_report.number(row["after"]) in text
+
+    monkeypatch.chdir(tmp_path)  # (as_a_user_sees_it moves into its home)
+    voice, run = os.path.join("training", "final_model"), os.path.join("training", "feedback_models", "20261205-070000")
+    shown = as_a_user_sees_it(browser, folder, str(tmp_path / "home"), run, str(tmp_path / "report_feedback.png"),
+                              dict(model=voice, data_dir="training"), model=voice)
+    assert f"Input voice {voice}" in shown
+    assert f"python train_feedback.py --compare {run}" in shown
+    assert f"python train_feedback.py --promote {run}\n" in shown  # the default --data_dir: not spelled out
+    assert str(tmp_path) not in shown and home not in shown and os.path.dirname(report["model"]) not in shown
 
 
 def test_a_page_that_cannot_be_written_never_stops_the_run(tmp_path, monkeypatch, capsys):
@@ -259,3 +299,57 @@ def test_the_curves_leave_out_the_training_lines(tmp_path):
         page = f.read()
     assert mel_chart_points(page) == [(1, 2.5), (2, 2.25)]
     assert "Best epoch</th><td>2 (by val_mel" in page
+
+
+def judged_page(folder, preferred):
+    """report.html of a feedback run every guard passed, then compared blind: one pair of each kind, the voice
+    `preferred` ("input" or "tuned") chosen in three of them, no difference heard in the fourth."""
+    report = dict(status="done", model="training/voice",
+                  validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
+                                      original=dict(before=1.5, after=1.5123, change=0.0123)),
+                  before=dict(feedback=dict(per_clip=dict(mel=[2.0])), original=dict(per_clip=dict(mel=[1.5]))),
+                  after=dict(feedback=dict(per_clip=dict(mel=[1.8])), original=dict(per_clip=dict(mel=[1.5123]))))
+    pairs = [dict(text=f"Hevok {i}.", kind=kind, tuned="A", choice=choice) for i, (kind, choice) in enumerate(
+        zip(["held_out", "needs_work", "good", "eval"], ["A" if preferred == "tuned" else "B"] * 3 + ["same"]))]
+    report["listening"] = blind_compare.listening_result(pairs)
+    report["verdict"] = verdict.decide(report, listening=report["listening"])
+    folder.mkdir()
+    (folder / "run_config.json").write_text(json.dumps(dict(script="train_feedback", args=dict(data_dir="training"))),
+                                            encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_a_verdict_of_the_listeners_is_a_row_of_its_guard_table_and_every_code_is_said_in_words(tmp_path):
+    guards = ("<thead><tr><th>Guard</th><th>Result</th></tr></thead><tbody><tr><td>held-out feedback mel</td>"
+              "<td>pass</td></tr><tr><td>held-out original mel</td><td>pass</td></tr>"
+              "<tr><td>listeners (blind comparison)</td><td>{}</td></tr></tbody>")
+    # The input voice preferred: a reject above a table of passes says who rejected it.
+    page = judged_page(tmp_path / "rejected", "input")
+    assert '<h2>Verdict: <span class="decision reject">reject</span></h2>' in page
+    assert guards.format("fail (decides the verdict)") in page
+    row = "<tr><td>validation mel</td><td>held-out {}</td><td>{}</td><td>{}</td><td>{}</td></tr>"
+    assert row.format("feedback", "2", "1.8", "-10.0 %") in page
+    assert row.format("original", "1.5", "1.512", "+0.8 %") in page
+    assert [run_report.change(*pair) for pair in ((1.5, 1.49999), (1.5, 1.5), (0.0, 1.0), (1.0, float("nan")))] == \
+        ["0.0 %", "0.0 %", "–", "–"]
+    for kind, preferred in (("held-out feedback", "input voice"), ("marked needs work", "input voice"),
+                            ("marked good", "input voice"), ("evaluation sentence", "no difference")):
+        assert f"<td>{kind}</td><td>{preferred}</td></tr>" in page
+    assert not {"held_out", "needs_work", "original_mel", "unjudged"} & set(re.findall(r"[a-z_]+", page))
+    # The tune preferred: the guards decide, the listeners' row a pass.
+    page = judged_page(tmp_path / "kept", "tuned")
+    assert '<h2>Verdict: <span class="decision keep">keep</span></h2>' in page
+    assert guards.format("pass") in page
+    assert "<td>held-out feedback</td><td>tuned voice</td></tr>" in page
+
+
+def test_a_guard_that_could_not_judge_says_so_in_words(tmp_path):
+    folder = tmp_path / "run"
+    feedback_page(folder, "reject", ["reject: cannot judge the held-out feedback mel: 0 held-out clips"])
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    report["verdict"]["guards"] = dict(feedback=dict(measure="held-out feedback mel", status="unjudged"))
+    (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with open(run_report.write(str(folder)), encoding="utf-8") as f:
+        assert "<tr><td>held-out feedback mel</td><td>cannot judge</td></tr>" in f.read()

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -309,3 +310,15 @@ def test_the_exports_check_is_relative_to_the_clips_peak(tiny_model_dir, tmp_pat
     assert not os.path.exists(tmp_path / "voice")
     monkeypatch.setattr(onnx_voice.OnnxVoice, "run", off_by(0.5))
     assert run("--model", voice, "--export_onnx", tmp_path / "voice") == 0
+
+
+def test_the_export_says_its_own_line_without_the_tracers_warnings(tiny_model_dir, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run("--model", tiny_model_dir, "--export_onnx", tmp_path / "voice") == 0
+        warnings.warn("after the export", torch.jit.TracerWarning)  # silenced during the export only
+    said = [(w.category.__name__, str(w.message).split(".")[0]) for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning) or "Constant folding" in str(w.message)]
+    assert said == [("TracerWarning", "after the export")]
+    assert capsys.readouterr().out == (f"wrote {tmp_path / 'voice' / 'model.onnx'} + tokens.txt + README.md (the graph "
+                                       "says what the torch voice says on every letter of its vocabulary)\n")

@@ -126,6 +126,20 @@ def test_promote_keeps_every_version_and_rollback_restores_the_previous_bit_for_
     assert run_files.voice_fingerprint(data) == before
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no modes for group and others")
+def test_a_promoted_voice_is_readable_by_a_server_running_as_another_user(voices_made, data, tmp_path):
+    run = shutil.copytree(voices_made["run_a"], tmp_path / "run")
+    os.chmod(run / "final_model" / "model.safetensors", 0o600)  # as safetensors saved it before its modes were set
+    umask = os.umask(0o022)
+    try:
+        voices.promote(str(run), data)
+    finally:
+        os.umask(umask)
+    voice = os.path.join(data, "voice")
+    modes = {name: oct(os.stat(os.path.join(voice, name)).st_mode & 0o777) for name in os.listdir(voice)}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
 def test_rollback_returns_to_the_version_the_current_one_replaced_not_the_number_before_it(voices_made, data):
     tuned_a, tuned_b = (os.path.join(voices_made[run], "final_model") for run in ("run_a", "run_b"))
     assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0  # 2, replacing 1

@@ -51,6 +51,9 @@ FEEDBACK_SAMPLES, EVAL_SAMPLES = "feedback", "eval"
 QUALITY_MEASURES = ("mcd", "dur_ratio", "dnsmos_ovrl")
 # A feedback run's sets never trained on: the verdict judges the tune on these alone.
 HELD_OUT = ("feedback", "original")
+# Where each sentence of a blind comparison comes from (report.json's listening "kind"), in words.
+SENTENCE_KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "good": "marked good",
+                  "eval": "evaluation sentence"}
 
 
 def quality_prefix(set_name):
@@ -312,6 +315,9 @@ def current_voice(data_dir):
 # ----------------------------------------------------------------------------------------------------
 # What to run next: the command lines printed and shown on the pages.
 
+# The sentence file that ships (one Kurmanji sentence a line): what a first --listen is offered.
+EXAMPLE_SENTENCES = os.path.join("examples", "sentences.txt")
+
 
 def command_line(*words):
     """A command to copy: words holding spaces in double quotes (as both cmd.exe and a POSIX shell read them)."""
@@ -327,9 +333,11 @@ def promote_command(run_dir, data_dir=DEFAULT_DATA_DIR):
                         *(["--data_dir", data_dir] if data_dir != DEFAULT_DATA_DIR else []))
 
 
-def listen_command(sentences_or_session, model=None):
+def listen_command(sentences_or_session, model=None, feedback_dir=None, speaker_id=None):
     return command_line("python", "train_feedback.py", "--listen", sentences_or_session,
-                        *(["--model", model] if model is not None else []))
+                        *(["--model", model] if model is not None else []),
+                        *(["--feedback_dir", feedback_dir] if feedback_dir is not None else []),
+                        *(["--speaker_id", speaker_id] if speaker_id is not None else []))
 
 
 def tune_command(model, feedback_dir=None, speaker_id=None):

@@ -236,6 +236,24 @@ def write_atomically(path, data, durable=True):
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def open_modes(folder):
+    """Give every file directly in `folder` the mode open() gives a new file (0o666 less the umask).
+
+    safetensors writes model.safetensors readable by its owner alone (0600): a server running as another
+    user could then not load the voice. Windows has no such modes (a file is read-only or not)."""
+    if os.name == "nt":
+        return
+    umask = os.umask(0o077)  # only read: the narrowest umask for the instant it takes to put it back
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.chmod(path, 0o666 & ~umask)
+            except OSError:
+                pass  # a file system without modes (FAT, some network shares) keeps its own: the file is whole
+
+
 def sync_files(folder):
     """Flush every file directly in `folder` to disk (before a rename makes the folder the real one)."""
     for name in os.listdir(folder):

@@ -57,8 +57,6 @@ CHOICES = ("A", "B", "same")
 LISTENER_ID = "[0-9a-f]{16}"  # secrets.token_hex(8): a page keeps its own, another's is not guessed
 MAX_LISTENERS = 100  # a room of listeners, not a script starting listeners in a loop
 MAX_NAME_CHARS = 60
-KINDS = {"held_out": "held-out feedback", "needs_work": "marked needs work", "good": "marked good",
-         "eval": "evaluation sentence"}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ def build_parser(description):
                         "client_ids are in speakers.json beside --model. (default: the speaker with the most "
                         "clips)")
     g.add_argument("--make_session", default=None, metavar="SENTENCES.txt",
-                   help="Only make a listening-session kit: speak each sentence (one a line) with --model into "
-                        "--output_dir (default training/sessions/<date>/) with sNNN.txt, the text of each, "
-                        "then exit.")
+                   help="Only make a listening-session kit: speak each sentence of the file (UTF-8 text, one a "
+                        "line, as examples/sentences.txt) with --model into --output_dir (default "
+                        "<data_dir>/sessions/<date>/) with sNNN.txt, the text of each, then exit.")
     g = p.add_argument_group("blind comparison")
     g.add_argument("--compare", default=None, metavar="RUN_DIR",
                    help="Only serve a blind A/B listening test of the feedback run in RUN_DIR: each sentence (its "
@@ -64,8 +64,9 @@ def build_parser(description):
     g = p.add_argument_group("listening session")
     g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
-                        "corrections into --feedback_dir. A sentence file starts a new session (a --make_session "
-                        "kit); a kit or session folder continues it; no value: the newest session.")
+                        "corrections into --feedback_dir. A sentence file (UTF-8, one a line: examples/sentences.txt) "
+                        "starts a new session (a --make_session kit); a kit or session folder continues it; no "
+                        "value: the newest session.")
     page_server.add_address_flags(g)
     g = p.add_argument_group("verdict (on held-out clips only: the tune is kept only if it is better)")
     g.add_argument("--max_worse_mel", type=float, default=verdict.TOLERANCES["max_worse_mel"],

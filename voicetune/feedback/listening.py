@@ -230,19 +230,30 @@ def make_session(args):
         with open(os.path.join(out, os.path.splitext(wav)[0] + ".txt"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
     with open(os.path.join(out, "README.txt"), "w", encoding="utf-8") as f:
-        f.write(
-            f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}"
+        f.write(kit_readme(args, out, speaker))
+    for line, reason in unspeakable:
+        print(f"left out ({reason}): {line}")
+    print(f"session kit: {len(rows)} sentences in {out} (README.txt says how to record: with the listening page "
+          f"into {args.feedback_dir}, or by hand into {out})")
+    return out
+
+
+def kit_readme(args, out, speaker):
+    """The kit's README.txt: the two ways to record, each naming the folder its recordings go to and the
+    command that tunes on them (the page saves into --feedback_dir, a recording app into the kit)."""
+    return (f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}"
             + (f", speaker {speaker}" if speaker is not None else "") + ".\n\n"
+            f"With the listening page, which saves each correction into {args.feedback_dir}:\n"
+            f"1. {run_files.listen_command(out, args.model, args.feedback_dir, speaker)}\n"
+            "   then open the address it prints: hear each sentence, mark it, and record and save the ones the\n"
+            "   voice says badly.\n"
+            f"2. {run_files.tune_command(args.model, args.feedback_dir, speaker)}\n\n"
+            "Or by hand, with any recording app, into this folder:\n"
             "1. Listen to model/sNNN.wav; sNNN.txt holds what each one should say.\n"
             "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
             "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
             "   fine). Sentences you do not record are left out.\n"
             f"3. {run_files.tune_command(args.model, out, speaker)}\n")
-    for line, reason in unspeakable:
-        print(f"left out ({reason}): {line}")
-    print(f"session kit: {len(rows)} sentences in {out} (listen to {model_dir}, record into {out}, "
-          "see README.txt)")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,6 +364,8 @@ class Handler(page_server.Handler):
 def listen(args):
     """--listen: a new kit from a sentence file (as --make_session makes it), then the page on the session."""
     if os.path.isfile(args.listen):
+        # The address tried first: a port in use is said before the voice has spoken every sentence.
+        page_server.make_server(Handler, None, args.host, args.port).server_close()
         args.make_session = args.listen
         args.listen = make_session(args)
     serve(args.listen, args)

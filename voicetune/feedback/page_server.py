@@ -12,14 +12,18 @@ security headers of every answer. No path from a request is ever joined to a fol
 number.
 """
 
+import errno
 import ipaddress
 import json
 import os
 import re
 import socket
+import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from voicetune.common import run_errors
 
 HEAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page_head.html")
 HEAD_MARK = b"<!-- page_head.html -->"  # where a page's <head> takes the shared head
@@ -28,6 +32,7 @@ MAX_JSON_DEPTH = 4
 MAX_INDEX_DIGITS = 9  # row numbers in paths, and the digits of a Content-Length
 READ_TIMEOUT_S = 20  # a client that announces a body and sends none is dropped after this long
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PORT_ERRORS = {errno.EADDRINUSE, errno.EACCES, getattr(errno, "WSAEACCES", errno.EACCES)}
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",  # no other site may show the page in a frame and click it for the listener
     "Content-Security-Policy": "frame-ancestors 'none'",
@@ -280,18 +285,38 @@ def machine_hosts(host, allowed=()):
     return frozenset(n.strip("[]").rstrip(".").lower() for n in names if n)
 
 
+class Server(ThreadingHTTPServer):
+    """The standard server, but a browser that goes away mid-answer (the page closed or reloaded while audio
+    was being sent) is no error: nothing is lost, so nothing is printed."""
+
+    allow_reuse_address = os.name != "nt"  # Windows' SO_REUSEADDR would let a second page take a port in use
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):  # BrokenPipe, ConnectionReset, ConnectionAborted
+            return
+        super().handle_error(request, client_address)
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
 def make_server(handler, session, host, port, allowed_hosts=()):
-    """A ThreadingHTTPServer serving `session` with `handler` (a page's Handler; port 0: any free port); the
-    caller runs serve_forever.
+    """A Server serving `session` with `handler` (a page's Handler; port 0: any free port); the caller runs
+    serve_forever. An address that cannot be served (the port in use) is a TrainingError naming it.
 
     Bound to a local address, only local Host names are answered; else `allowed_hosts` and machine_hosts."""
     local = host in LOCAL_HOSTS
     handler = type("SessionHandler", (handler,), dict(
         session=session, local=local, allowed_hosts=frozenset() if local else machine_hosts(host, allowed_hosts)))
-    server_class = type("Server", (ThreadingHTTPServer,), dict(address_family=socket.AF_INET6)) if ":" in host \
-        else ThreadingHTTPServer
-    server = server_class((host, port), handler)
-    server.url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}/"
+    address = f"{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        server = (Server6 if ":" in host else Server)((host, port), handler)
+    except OSError as err:
+        # In use, or a port this user may not open (below 1024; one Windows reserves): another port will do.
+        hint = "give another --port, or --port 0 for any free one" if err.errno in PORT_ERRORS else "check --host"
+        raise run_errors.TrainingError(f"cannot serve the page on {address} ({err.strerror or err}): {hint}") from None
+    server.url = f"http://{address.rsplit(':', 1)[0]}:{server.server_address[1]}/"
     return server
 
 

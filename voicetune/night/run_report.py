@@ -31,6 +31,8 @@ MEASURES = (
     ("DNSMOS OVRL (higher is better)", "dnsmos_ovrl", None),
 )
 SET_NAMES = {"val": "validation clips", "feedback": "held-out feedback", "original": "held-out original"}
+GUARD_RESULTS = {"pass": "pass", "fail": "fail", "unjudged": "cannot judge"}
+PREFERRED = {"tuned": "tuned voice", "input": "input voice", "none": "no difference"}
 ENDINGS = {"done": "finished its plan", "deadline": "stopped at the deadline (the budget was spent)",
            "max_steps": "stopped at --max_steps", "interrupted": "was interrupted (Ctrl-C or a signal)"}
 
@@ -102,10 +104,29 @@ def epoch_sample_dirs(output_dir):
 # ----------------------------------------------------------------------------------------------------
 # Drawing: inline SVG line charts and audio players.
 
+def finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def number(value):
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite(value):
         return "–"
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def change(before, after):
+    """How far `after` moved from `before`, in percent of it with its sign: "+3.2 %", "-0.1 %"; "0.0 %" for a
+    change that rounds to none."""
+    if not (finite(before) and finite(after)) or before == 0:
+        return "–"
+    percent = round(100 * (after / before - 1), 1)
+    return f"{percent:+.1f} %" if percent else "0.0 %"
+
+
+def words(names, code):
+    """A code of report.json (a guard's status, a sentence's kind) as the page says it: its name in `names`,
+    else the code itself; escaped."""
+    return html.escape(str(names.get(code, code) if isinstance(code, str) else code))
 
 
 def line_chart(title, series, best=None, reference=None, width=440, height=210):
@@ -313,7 +334,8 @@ def before_after_tables(report):
         for name, row in by_set.items():
             if isinstance(row, dict):
                 rows.append([html.escape(title), html.escape(SET_NAMES.get(name, name.replace("_", " "))),
-                             number(row.get("before")), number(row.get("after")), number(row.get("change"))])
+                             number(row.get("before")), number(row.get("after")),
+                             change(row.get("before"), row.get("after"))])
     if not rows:
         return ""
     return "<h2>Before and after the tune</h2>" + table(["Measure", "Clips", "Before", "After", "Change"], rows)
@@ -344,7 +366,7 @@ def feedback_players(output_dir, report):
     skipped = fb.get("skipped_clips") or []
     if skipped:
         out += "<h3>Recordings left out</h3><ul>" + "".join(
-            f"<li>{html.escape(str(s.get('file')))}: {html.escape(str(s.get('reason')))} "
+            f"<li>{html.escape(str(s.get('file')))}: {html.escape(str(s.get('reason')).replace('_', ' '))} "
             f"({html.escape(str(s.get('detail')))})</li>" for s in skipped) + "</ul>"
     return out
 
@@ -359,8 +381,14 @@ def verdict_section(report):
             f"how sure: {verdict['confidence']}" if verdict.get("confidence") else ""]
     reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in verdict.get("reasons") or [])
     guards = verdict.get("guards") if isinstance(verdict.get("guards"), dict) else {}
-    rows = [[html.escape(str(name)), html.escape(str(g.get("status", "")))]  # (their reasons are listed above)
-            for name, g in guards.items() if isinstance(g, dict)]
+    rows = [[html.escape(str(g.get("measure", name))), words(GUARD_RESULTS, g.get("status"))]
+            for name, g in guards.items() if isinstance(g, dict)]  # (their reasons are listed above)
+    listening = report.get("listening")
+    if isinstance(listening, dict) and listening.get("pairs"):
+        # Listeners who did not decide preferred the tune (verdict.decide: else they reject it).
+        deciding = verdict.get("decided_by") == "listeners"
+        result = ("fail" if decision == "reject" else "pass") if deciding else "pass"
+        rows.append(["listeners (blind comparison)", result + (" (decides the verdict)" if deciding else "")])
     return (f'<h2>Verdict: <span class="decision {html.escape(decision)}">{html.escape(decision)}</span></h2>'
             + (f"<p>{html.escape('; '.join(s for s in said if s))}.</p>" if any(said) else "")
             + (f"<ul>{reasons}</ul>" if reasons else "")
@@ -371,8 +399,8 @@ def listening_section(report):
     result = report.get("listening")
     if not isinstance(result, dict):
         return ""
-    rows = [[html.escape(str(s.get("text"))), html.escape(str(s.get("kind", ""))),
-             html.escape(str(s.get("preferred")))] for s in result.get("per_sentence") or []]
+    rows = [[html.escape(str(s.get("text"))), words(run_files.SENTENCE_KINDS, s.get("kind")),
+             words(PREFERRED, s.get("preferred"))] for s in result.get("per_sentence") or []]
     return ("<h2>Blind comparison</h2>"
             f"<p>{result.get('pairs')} pairs heard: the tuned voice preferred in {result.get('tuned_preferred')}, "
             f"the input voice in {result.get('input_preferred')}, no difference in {result.get('no_difference')} "
@@ -395,7 +423,7 @@ def next_steps(output_dir, config, progress, report):
                           + (" (the verdict is reject: refused unless --force)" if rejected else ""),
                           run_files.promote_command(output_dir, args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
             steps.append(("Listen to the tuned voice and record what it still says badly",
-                          run_files.listen_command("sentences.txt", final)))
+                          run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
         else:
             steps.append(("Continue the run" + (" if it stops before its end" if ended is None else ""),
                           run_files.resume_command("train_feedback", report.get("model", "MODEL"), output_dir)))
@@ -406,7 +434,7 @@ def next_steps(output_dir, config, progress, report):
                                                args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
     else:
         steps.append(("Hear the voice sentence by sentence and record what it says badly",
-                      run_files.listen_command("sentences.txt", final)))
+                      run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
         steps.append(("Tune it on those recordings", run_files.tune_command(final)))
     items = "".join(f'<li>{html.escape(what)}<div class="command"><code>{html.escape(cmd)}</code>'
                     '<button class="copy" type="button">copy</button></div></li>' for what, cmd in steps)

@@ -170,6 +170,7 @@ def export_voice(model, tokenizer, discriminator, out_dir, speaker_table=None):
         if missing:
             raise OSError(errno.EIO, missing)
         doing = "while flushing the new model to disk"
+        run_folder.open_modes(tmp)
         run_folder.sync_files(tmp)
         doing = "while putting the new model in place"
         replace_dir(tmp, out_dir)

@@ -15,6 +15,7 @@ onnxruntime and numpy (plus speech.py's own soundfile and librosa), not torch.
 import contextlib
 import os
 import shutil
+import warnings
 
 import numpy as np
 
@@ -177,7 +178,11 @@ def trace(model, path, multi_speaker):
     if multi_speaker:
         args += (torch.tensor([0]),)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # What the tracer says of transformers' Python branches (checked by verify, which runs the graph
+            # against the voice) and of constant folding: lines of warnings that would bury the export's own line.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(Graph().eval(), args, path, input_names=names, output_names=["y"], opset_version=OPSET,
                               dynamic_axes={"x": {1: "tokens"}, "y": {2: "samples"}}, dynamo=False)
     finally:

@@ -162,6 +162,7 @@ def copy_voice(source, data_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shutil.copytree(source, tmp)
+        run_folder.open_modes(tmp)  # copytree keeps a voice's modes: one saved readable by its owner alone too
         run_folder.sync_files(tmp)
         if run_files.voice_fingerprint(tmp) != run_files.voice_fingerprint(source):
             raise OSError(errno.EIO, f"the copy of {source} differs from it")
