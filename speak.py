@@ -12,6 +12,7 @@ Examples:
     python speak.py "Roj baş." --speaking_rate 0.8 --noise_scale 0.5 --seed 3 --out slow.wav
     python speak.py --model training/voice --export_onnx voice_onnx # model.onnx + tokens.txt for sherpa-onnx
     python speak.py --onnx voice_onnx "Ez 25 salî me." --out hello.wav   # onnxruntime only, no torch
+    python speak.py --serve --data_dir training --wyoming_port 10200  # OpenAI API + Wyoming, follows --promote
     python speak.py --export_piper piper_voices --voice_name dilan  # ku_TR-dilan-low.onnx(.json) for piper
 """
 
@@ -65,6 +66,22 @@ def parse_args(argv):
     parser.add_argument("--data_licence", default="Mozilla Common Voice, CC0-1.0",
                         help="The training data's source and licence, written in the piper voice's model card "
                              "beside the base voice's (MMS, CC-BY-NC-4.0). (default: %(default)s)")
+    parser.add_argument("--serve", action="store_true",
+                        help="Serve the current voice of --data_dir to apps: OpenAI's POST /v1/audio/speech, GET "
+                             "/v1/models and /v1/audio/voices, numbers read as words; a --promote or --rollback "
+                             "is followed without a restart. With --onnx DIR the voice is exported into DIR and "
+                             "spoken on onnxruntime. See docs/serving.md.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="--serve's address; another than this machine's lets every machine that reaches it use "
+                             "the voice (no password). (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="--serve's port (0: any free port). (default: %(default)s)")
+    parser.add_argument("--wyoming_port", type=int, default=None,
+                        help="Also serve the voice over Wyoming on this port, for Home Assistant (10200 is the "
+                             "usual). (default: none)")
+    parser.add_argument("--max_concurrent", type=int, default=2,
+                        help="--serve: how many texts are spoken at once; more wait their turn. (default: "
+                             "%(default)s)")
     parser.add_argument("--speaking_rate", type=float, default=None,
                         help="Faster above 1, slower below: every sound lasts 1/rate as long. (default: the "
                              "voice's own, 1.0 for MMS)")
@@ -96,6 +113,11 @@ def parse_args(argv):
     if export:
         if args.text or args.file or args.onnx:
             parser.error(f"{export} writes the --model voice and speaks nothing: give no text, --file or --onnx")
+    elif args.serve:
+        if args.text or args.file or args.model:
+            parser.error("--serve speaks the current voice of --data_dir to apps: give no text, --file or --model")
+        if args.max_concurrent < 1:
+            parser.error("--max_concurrent must be at least 1")
     elif bool(args.text) == bool(args.file):
         parser.error("give the text to speak, or --file (one of them)")
     if args.speaking_rate is not None and args.speaking_rate <= 0:
@@ -113,13 +135,13 @@ def parse_args(argv):
     args.model_given = args.model is not None
     if args.voice_name is None:
         args.voice_name = os.path.basename(os.path.normpath(args.model if args.model_given else args.data_dir))
-    if args.model is None and not args.onnx:
+    if args.model is None and not args.onnx and not args.serve:
         args.model = str(voices.current_voice(args.data_dir))
     return args
 
 
 def main(argv=None):
-    # 1. Flags; an export speaks nothing.
+    # 1. Flags; an export speaks nothing; a server speaks what apps send it.
     args = parse_args(argv)
     try:
         if args.export_onnx:
@@ -128,6 +150,11 @@ def main(argv=None):
         if args.export_piper:
             piper_voice.export_folder(args.model, args.export_piper, args.voice_name, args.data_licence,
                                       **speak_lines.settings(args))
+            return 0
+        if args.serve:
+            from voicetune.feedback import voice_server  # the server and its hardening live with the served pages
+
+            voice_server.serve(args)
             return 0
         # 2. The voice, and what each line will be read as; a line it cannot read stops everything before any audio.
         voice, vocab = speak_lines.open_voice(args)
