@@ -28,7 +28,7 @@ except ImportError:  # run as a script
     from benchmarks import common
 
 import speak  # noqa: E402
-from voicetune.feedback import voice_server  # noqa: E402
+from voicetune.voice import voice_server  # noqa: E402
 
 TEXTS = ["Ez 25 salî me.", "Roj li pişt çiyayan ava dibe.", "Îro hewa xweş e, germahî 18 pile ye."]
 

@@ -18,7 +18,7 @@ from scipy.stats import binomtest
 from voicetune.feedback import blind_compare
 from voicetune.common import run_files
 from voicetune.feedback import listening
-from voicetune.feedback import page_server
+from voicetune.common import page_server
 from tests.conftest import FEEDBACK_TEXTS
 from tests.test_listening import Served, chromium, raw_request
 from tests.test_run_report import screenshot

@@ -20,7 +20,7 @@ import soundfile as sf
 
 from voicetune.feedback import feedback_flags
 from voicetune.feedback import listening
-from voicetune.feedback import page_server
+from voicetune.common import page_server
 from voicetune.common import run_files
 from voicetune.common import speech
 import train_feedback as tf

@@ -16,7 +16,7 @@ from voicetune.common import run_errors
 from voicetune.common import speech
 from voicetune.feedback import blind_compare
 from voicetune.feedback import listening
-from voicetune.feedback import page_server
+from voicetune.common import page_server
 from tests.test_listening import raw_request
 
 

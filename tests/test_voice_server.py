@@ -21,7 +21,7 @@ import speak
 import train_feedback as tf
 from test_piper import free_port, wyoming_talk
 from test_voices import fake_run
-from voicetune.feedback import voice_server
+from voicetune.voice import voice_server
 
 
 def start(data_dir, *flags):

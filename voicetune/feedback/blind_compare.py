@@ -40,7 +40,7 @@ import numpy as np
 import soundfile as sf
 
 from voicetune.feedback import listening
-from voicetune.feedback import page_server
+from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder

@@ -24,7 +24,7 @@ from transformers import VitsConfig
 from voicetune.common import distributed
 from voicetune.feedback import feedback_flags
 from voicetune.feedback import feedback_run
-from voicetune.feedback import page_server
+from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
