@@ -329,8 +329,12 @@ def warn_remote(server, host, what):
               "(add names with --allowed_host)")
 
 
-def serve_until_interrupted(server):
-    print(f"open {server.url} in a browser (Ctrl-C to stop)")
+def serve_until_interrupted(server, announce=None):
+    """Serve until Ctrl-C, then close the port; `announce()` says where first (default: the page to open)."""
+    if announce is None:
+        print(f"open {server.url} in a browser (Ctrl-C to stop)")
+    else:
+        announce()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -322,12 +322,9 @@ def serve(args, ready=None):
     if args.wyoming_port is not None:
         wyoming_port = start_wyoming(speaker, args.host, args.wyoming_port)[1]
         print(f"Wyoming (Home Assistant): tcp://{args.host}:{wyoming_port}")
-    print(server.url.rstrip("/"), flush=True)
-    if ready:
-        ready(server, wyoming_port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+
+    def announce():
+        print(server.url.rstrip("/"), flush=True)
+        if ready:
+            ready(server, wyoming_port)
+    page_server.serve_until_interrupted(server, announce)
