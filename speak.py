@@ -152,7 +152,7 @@ def main(argv=None):
                                       **speak_lines.settings(args))
             return 0
         if args.serve:
-            from voicetune.voice import voice_server  # the server and its hardening live with the served pages
+            from voicetune.voice import voice_server  # the HTTP and Wyoming server: only --serve needs it
 
             voice_server.serve(args)
             return 0
