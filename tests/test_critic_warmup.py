@@ -94,8 +94,8 @@ def test_train_feedback_short_budget_with_a_fresh_critic_trains_the_voice(prepar
     one_clip_a_second(monkeypatch)
     steps = trained_steps(monkeypatch)
     out = str(tmp_path / "tuned")
-    code = train_feedback.main(["--model", tiny_model_dir, "--feedback_dir", str(feedback), "--data_dir",
-                                str(tmp_path / "no_data"), "--output_dir", out, "--target_hours", str(60 / 3600),
+    code = train_feedback.main(["--model", tiny_model_dir, "--feedback_dir", str(feedback), "--feedback_only",
+                                "--output_dir", out, "--target_hours", str(60 / 3600),
                                 "--val_size", "1", "--feedback_weight", "1"] + FRESH_CRITIC)
     assert code == 0
     check_the_voice_trained(out, steps, tiny_model_dir, capsys.readouterr().out)
