@@ -263,7 +263,7 @@ def test_train_feedback_never_writes_into_a_train_vits_run(trained_voice, tmp_pa
     vits_run = str(tmp_path / "training")
     before = a_finished_run(vits_run, "train_vits")
     for extra in ([], ["--overwrite"], ["--resume", "auto"]):
-        assert tf.main(["--model", trained_voice, "--output_dir", vits_run] + extra + QUICK) == 2
+        assert tf.main(["--model", trained_voice, "--feedback_only", "--output_dir", vits_run] + extra + QUICK) == 2
         assert "holds a train_vits.py run" in one_error_line(capsys.readouterr().err)
         assert tree(vits_run) == before
 
