@@ -101,24 +101,15 @@ def sample_name(clip_name):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading and writing the files (atomically: a reader never sees half a file).
-
-def read_json(path):
-    """The JSON object in `path`, or None when it is missing or not (yet) readable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
+# Reading and writing the files (atomically: a reader never sees half a file; run_folder.read_json reads
+# any of them, None while one is missing or half written).
 
 def write_json(path, data):
     run_folder.write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False, default=str), durable=False)
 
 
 def read_report(run_dir):
-    return read_json(os.path.join(run_dir, REPORT))
+    return run_folder.read_json(os.path.join(run_dir, REPORT))
 
 
 def write_report(run_dir, report):
@@ -126,7 +117,7 @@ def write_report(run_dir, report):
 
 
 def read_progress(run_dir):
-    return read_json(os.path.join(run_dir, PROGRESS))
+    return run_folder.read_json(os.path.join(run_dir, PROGRESS))
 
 
 def write_progress(run_dir, progress):
@@ -134,7 +125,7 @@ def write_progress(run_dir, progress):
 
 
 def read_run_config(run_dir):
-    return read_json(os.path.join(run_dir, RUN_CONFIG))
+    return run_folder.read_json(os.path.join(run_dir, RUN_CONFIG))
 
 
 def write_run_config(run_dir, info):

@@ -155,13 +155,19 @@ class OutputLock:
         self.held = False
 
 
-def read_lock(path):
+def read_json(path):
+    """The JSON object in `path`, or None when it is missing or not (yet) readable."""
     try:
         with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return None
-    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    return data if isinstance(data, dict) else None
+
+
+def read_lock(path):
+    holder = read_json(path)
+    return holder if holder is not None and isinstance(holder.get("pid"), int) else None
 
 
 def lock_identity(path):

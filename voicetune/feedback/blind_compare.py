@@ -307,7 +307,7 @@ def session_rows(feedback_dir, sessions_dir):
         candidates += glob.glob(os.path.join(sessions_dir, "*", listening.SESSION_FILE))
     found = []
     for path in candidates:
-        data = run_files.read_json(path)
+        data = run_folder.read_json(path)
         if data and isinstance(data.get("feedback_dir"), str) and \
                 os.path.realpath(data["feedback_dir"]) == os.path.realpath(feedback_dir):
             found.append((os.path.getmtime(path), path, data))
