@@ -84,19 +84,6 @@ def init_model(out_dir, size):
 # ----------------------------------------------------------------------------------------------------
 # Data: one espeak-ng voice per folder, held-out sentences never inside a training clip.
 
-class Names:
-    """Just enough of a ClipSet for clip_data.split_validation: which names will it hold out?"""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __len__(self):
-        return len(self.names)
-
-    def subset(self, indices):
-        return Names([self.names[i] for i in indices])
-
-
 def sentence_split(held_out):
     vocab = set(KURMANJI_VOCAB[1:])
     sentences = [speech.clean_text(s, vocab)[0] for s in SENTENCES]
@@ -116,9 +103,9 @@ def make_voice_data(out_dir, voice, n_clips, held_out, seed=0):
                 return out_dir
     evaluation, training = sentence_split(held_out)
     names = [f"clip_{i:04d}.wav" for i in range(n_clips)]
-    _, val = clip_data.split_validation(Names(names), held_out)
+    held = [names[i] for i in clip_data.held_out_indices(names, held_out)]
     rng = random.Random(seed)
-    texts = {name: evaluation[k] for k, name in enumerate(val.names)}
+    texts = {name: evaluation[k] for k, name in enumerate(held)}
     for name in names:
         texts.setdefault(name, " ".join(rng.sample(training, rng.randint(1, 3))))
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
@@ -257,9 +244,10 @@ def two_speaker_data(out_dir, voice_dirs, held_out):
     rows, labels = [], []
     for voice, data_dir in voice_dirs.items():
         entries = speech.read_metadata(os.path.join(data_dir, "metadata.csv"))
-        _, val = clip_data.split_validation(Names([name for name, _ in entries]), held_out)
+        names = [name for name, _ in entries]
+        held = {names[i] for i in clip_data.held_out_indices(names, held_out)}
         for name, text in entries:
-            if name not in val.names:
+            if name not in held:
                 shutil.copy(os.path.join(data_dir, "wavs", name), os.path.join(out_dir, "wavs", f"{voice}_{name}"))
                 rows.append((f"{voice}_{name}", text))
                 labels.append((f"{voice}_{name}", SPEAKER_IDS[voice]))

@@ -257,22 +257,12 @@ def test_the_listening_page_says_how_many_recordings_are_held_out_and_how_sure_t
             assert (said["held_out"], said["best_p"], said["to_judge"], said["to_be_sure"]) == \
                 plain_outlook(n, val_size), (n, val_size)
             assert said["sure"] == (said["best_p"] < 0.05)
-    # The held-out count is the run's own split (clip_data.split_validation on a feedback set).
+    # The held-out count is the run's own split (clip_data.held_out_indices, which split_validation holds out).
     from voicetune.night import clip_data
 
-    class Clips:
-        def __init__(self, names):
-            self.names = names
-
-        def __len__(self):
-            return len(self.names)
-
-        def subset(self, indices):
-            return Clips([self.names[i] for i in indices])
     for val_size in (100, 3):
         for n in range(0, 70):
-            held = clip_data.split_validation(Clips([f"audio_{i:03d}.wav" for i in range(n)]), val_size,
-                                              at_least_one=True)[1]
+            held = clip_data.held_out_indices([f"audio_{i:03d}.wav" for i in range(n)], val_size, at_least_one=True)
             assert len(held) == verdict.outlook(n, val_size)["held_out"], (n, val_size)
     # In words.
     assert verdict.outlook(3, 100)["line"] == (

@@ -273,12 +273,16 @@ class ClipSet:
         return other
 
 
+def held_out_indices(names, val_size, at_least_one=False):
+    """Which of the clips `names` are held out, in order: as many as training_flags.held_out_count says,
+    chosen by a hash of their names, so the split is the same on every run and resume."""
+    count = training_flags.held_out_count(len(names), val_size, at_least_one)
+    return sorted(sorted(range(len(names)), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())[:count])
+
+
 def split_validation(clips, val_size, at_least_one=False):
-    """(train, held-out) ClipSets: as many held out as training_flags.held_out_count says, chosen by a hash
-    of their names, so the split is the same on every run and resume."""
-    val_size = training_flags.held_out_count(len(clips), val_size, at_least_one)
-    order = sorted(range(len(clips)), key=lambda i: hashlib.sha1(clips.names[i].encode()).hexdigest())
-    val = sorted(order[:val_size])
+    """(train, held-out) ClipSets, as held_out_indices splits them."""
+    val = held_out_indices(clips.names, val_size, at_least_one)
     held = set(val)
     return clips.subset([i for i in range(len(clips)) if i not in held]), clips.subset(val)
 
