@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from voicetune.common import run_files
 from voicetune.feedback import listening
 from voicetune.feedback import page_server
 from voicetune.common import speech
@@ -111,7 +112,8 @@ def test_page_and_voice_audio_are_served(session, capsys):
                                 "would reject it: record 3 more to have 1 held out (one recording in ten is, at "
                                 "least one from 4); to be sure (p < 0.05) it needs 6 held-out clips that agree: 59 "
                                 "more recordings")
-    assert state["command"] == f"python train_feedback.py --model {served_model(folder)} --feedback_dir {feedback}"
+    assert state["command"] == (f"{run_files.interpreter()} train_feedback.py --model {served_model(folder)} "
+                                f"--feedback_dir {feedback}")
     for i, row in enumerate(state["rows"]):
         status, audio = served.request("GET", f"/audio/{i}.wav")
         with open(os.path.join(folder, "model", f"{row['id']}.wav"), "rb") as f:

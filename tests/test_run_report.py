@@ -13,6 +13,8 @@ from voicetune.common import run_files
 from voicetune.night import run_report
 from tests.test_listening import chromium
 
+PY = run_files.interpreter()  # what the next-step commands start with (test_run_files pins the rule)
+
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # Every violation of the page's Content-Security-Policy, recorded from before the page's first byte.
 WATCH_VIOLATIONS = ("window.violations = [];"
@@ -124,8 +126,10 @@ def test_the_report_of_a_night(browser, night_run, tmp_path):
     assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2, steps as asked" in text
     assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
     final = os.path.join(folder, "final_model")
-    assert f"python train_feedback.py --listen sentences.txt --model {final}" in text
-    assert f"python train_feedback.py --model {final}" in text
+    # (night_run trained on prepared_dataset, a folder other than the default: every hint names it)
+    data_dir = run_files.read_run_config(folder)["args"]["data_dir"]
+    assert f"{PY} train_feedback.py --listen {run_files.SENTENCES} --model {final} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --model {final} --data_dir {data_dir}" in text
 
 
 def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
@@ -148,10 +152,10 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path):
     lines = validation_lines(folder)
     best = min(lines, key=lambda r: r["feedback_mel"])["epoch"]
     check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best, report["before"])
-    assert f"python train_feedback.py --compare {folder}" in text
     with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
         data_dir = json.load(f)["args"]["data_dir"]
-    assert f"python train_feedback.py --promote {folder} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --compare {folder} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --promote {folder} --data_dir {data_dir}" in text
     # The verdict, who decided it and every reason.
     verdict = report["verdict"]
     assert f"Verdict: {verdict['decision']}" in text and f"decided by the {verdict['decided_by']}" in text
@@ -219,7 +223,7 @@ def test_the_verdicts_reasons_are_shown_as_text_never_as_markup(tmp_path):
 
 def test_a_rejected_runs_promote_command_says_it_is_refused_unless_forced(tmp_path):
     said = ("<li>Put the tuned voice to use; the voice it replaces is kept for --rollback{}"
-            '<div class="command"><code>python train_feedback.py --promote {}</code>')
+            '<div class="command"><code>' + PY + ' train_feedback.py --promote {}</code>')
     for decision in ("reject", "keep"):
         folder = tmp_path / decision
         page = feedback_page(folder, decision, [f"{decision}: held-out feedback mel 2.000 -> 1.800"])
