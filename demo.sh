@@ -3,7 +3,9 @@
 # A tiny random-initialised voice stands in for MMS so nothing is downloaded. It trains a fixed number of
 # steps (not a time budget, so it learns even on a slow or busy machine; validation and voice-quality
 # measures run after each of its 25 epochs) and ends with example_run/final_model, listening samples in
-# example_run/samples/ and the voice-quality measures of its first and last epoch.
+# example_run/samples/ and the voice-quality measures of its first and last epoch. example_run/ is laid out as
+# the README's real night lays out training/: the prepared data and the night's run in one folder, the home
+# of everything the mornings after add (the listening sessions, the feedback, the tunes, the voice in use).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,11 +18,11 @@ fi
 
 .venv/bin/python examples/tiny_model.py --output_dir example_run/tiny_model
 .venv/bin/python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \
-    --output_dir example_run/data
+    --output_dir example_run
 # One thread: a 0.2M-parameter voice gains nothing from a second one, and on a machine that is busy with
 # anything else two threads wait on each other in every op (150 steps: 4.5 min with two, 1.8 min with one,
 # measured while another process kept one core busy).
-OMP_NUM_THREADS=1 .venv/bin/python train_vits.py --model example_run/tiny_model --data_dir example_run/data \
+OMP_NUM_THREADS=1 .venv/bin/python train_vits.py --model example_run/tiny_model --data_dir example_run \
     --output_dir example_run --overwrite --max_steps 150 --benchmark_samples 0 --device cpu --batch_size 4 --grad_accum 1 \
     --disc_channels 64 --lr 1e-3 --warmup_steps 20 --d_warmup_steps 20 --eval_clips 2 "$@"
 
@@ -37,4 +39,16 @@ for when, r in (("before", epochs[0]), ("after", epochs[-1])):
           + " | ".join(f"{k} {r[k]:.3f}" for k in keys if k in r))
 PY
 
-echo "demo done: voice in example_run/final_model, listening samples in example_run/samples/, the run's page in example_run/report.html"
+# What to run next, each line as it runs here (run_files writes every printed command).
+.venv/bin/python - <<'PY'
+from voicetune.common import run_files
+voice, home = "example_run/final_model", "example_run"
+print("demo done: voice in example_run/final_model, listening samples in example_run/samples/, the run's page in "
+      "example_run/report.html. The morning after, in this folder:")
+print(f"  1. hear it sentence by sentence, record corrections: "
+      f"{run_files.listen_command(run_files.sentences_file(), voice, home)}")
+print(f"  2. tune it on them: {run_files.tune_command(voice, home)}")
+print("  3. the tune ends with its blind comparison (--compare) and promote (--promote) lines for its folder "
+      "example_run/feedback_models/<date-time>")
+print(f"  4. after a promote, the voice before it again: {run_files.rollback_command(home)}")
+PY

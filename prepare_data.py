@@ -19,7 +19,7 @@ counted by reason. Re-running only decodes what is new.
 
     # tiny CPU run on the committed sample (see README)
     python prepare_data.py --input examples/cv-kmr-sample --model example_run/tiny_model \\
-        --output_dir example_run/data
+        --output_dir example_run
 
 Output: DIR/wavs/<clip>.wav, DIR/metadata.csv (`<clip>.wav|text`, no header, no quoting),
 DIR/speakers.csv (`<clip>.wav|client_id`, for train_vits.py --speakers; none for an input without speakers),

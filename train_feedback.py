@@ -35,7 +35,7 @@ Examples:
     python train_feedback.py --resume auto
 
     # a tiny CPU smoke run: train_vits.py's tiny run, then NAME.wav + NAME.txt pairs in example_run/feedback
-    python train_feedback.py --model example_run/final_model --data_dir example_run/data \\
+    python train_feedback.py --model example_run/final_model --data_dir example_run \\
         --feedback_dir example_run/feedback --output_dir example_run/feedback_run --max_steps 4 \\
         --device cpu --batch_size 2 --grad_accum 1 --feedback_weight 1 --disc_channels 64
 """
@@ -170,6 +170,7 @@ def tune(args):
     run_report.update(args.output_dir)
     feedback_run.print_report(report, os.path.join(args.output_dir, run_files.REPORT))
     verdict.print_verdict(report["verdict"])
+    print(f"hear it against {args.model}, blind, with: {run_files.compare_command(args.output_dir, args.data_dir)}")
     print(f"put it to use with: {run_files.promote_command(args.output_dir, args.data_dir)}"
           + (" (refused unless --force: the verdict is reject)" if report["verdict"]["decision"] == "reject"
              else ""))

@@ -19,7 +19,7 @@ Examples:
     torchrun --standalone --nproc_per_node 4 train_vits.py --data_dir training --output_dir training
 
     # a tiny CPU smoke run (see examples/tiny_model.py and demo.sh)
-    python train_vits.py --model example_run/tiny_model --data_dir example_run/data \\
+    python train_vits.py --model example_run/tiny_model --data_dir example_run \\
         --output_dir example_run --target_hours 0.03 --device cpu --batch_size 4 --grad_accum 1
 """
 
@@ -49,6 +49,7 @@ def train(args):
     from voicetune.night import clip_data
     from voicetune.night import loop
     from voicetune.night import planning
+    from voicetune.night import run_report
     from voicetune.night import vits_trainer
     from voicetune.voice import models
     from voicetune.voice import speakers
@@ -94,6 +95,8 @@ def train(args):
     # 5. Train.
     reason = loop.fit(trainer, tokenizer, [train_set], make_batches, val_sets, args, budget, run, data_key,
                       speaker_table)
+    if distributed.is_main_process():
+        run_report.print_next(args.output_dir)
     return 130 if reason == "interrupted" else 0
 
 

@@ -538,7 +538,8 @@ def test_every_choice_is_saved_at_once_reopening_continues_and_bad_requests_are_
     assert request(resumed.port, "GET", "/api/state")[1]["listeners"][0] == dict(name="Ava", judged=n, done=True,
                                                                                  listener=None)
     resumed.stop()
-    assert "continue with: python train_feedback.py --compare" in capsys.readouterr().out
+    data_dir = run_files.read_run_config(run)["args"]["data_dir"]  # (the run's own record names it)
+    assert f"continue with: {run_files.compare_command(run, data_dir)}\n" in capsys.readouterr().out
 
     # Nothing was written anywhere but the run folder.
     assert {f: h for f, h in tree(os.path.dirname(run)).items() if not f.startswith("run" + os.sep)} == outside

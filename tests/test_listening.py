@@ -19,9 +19,9 @@ import pytest
 import soundfile as sf
 
 from voicetune.feedback import feedback_flags
+from voicetune.common import run_files
 from voicetune.feedback import listening
 from voicetune.common import page_server
-from voicetune.common import run_files
 from voicetune.common import speech
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
@@ -114,7 +114,8 @@ def test_page_and_voice_audio_are_served(session, capsys):
                                 "would reject it: record 3 more to have 1 held out (one recording in ten is, at "
                                 "least one from 4); to be sure (p < 0.05) it needs 6 held-out clips that agree: 59 "
                                 "more recordings")
-    assert state["command"] == f"python train_feedback.py --model {served_model(folder)} --feedback_dir {feedback}"
+    assert state["command"] == (f"{run_files.interpreter()} train_feedback.py --model {served_model(folder)} "
+                                f"--feedback_dir {feedback}")
     for i, row in enumerate(state["rows"]):
         status, audio = served.request("GET", f"/audio/{i}.wav")
         with open(os.path.join(folder, "model", f"{row['id']}.wav"), "rb") as f:
@@ -167,7 +168,7 @@ def test_the_kits_readme_names_the_folder_the_page_saves_into(session, capsys):
 def test_the_shipped_sentence_file_is_spoken_whole_and_holds_every_kurmanji_letter(tiny_model_dir, tmp_path, capsys):
     """examples/sentences.txt, what a first --listen is offered: every line a sentence the voice can say (its
     numbers read as words), every letter of the Kurmanji alphabet in it."""
-    path = os.path.join(ROOT, run_files.EXAMPLE_SENTENCES)
+    path = os.path.join(ROOT, run_files.SENTENCES)
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     kit = str(tmp_path / "kit")

@@ -187,14 +187,16 @@ def test_sample_and_metric_names():
         ["val_mel", "eval_mcd", "feedback_eval_dnsmos_ovrl"]
 
 
-def test_the_next_command_lines():
+def test_the_next_command_lines(monkeypatch):
+    monkeypatch.setattr(run_files, "interpreter", lambda: "python")  # (the interpreter: the test below)
+    monkeypatch.chdir(run_files.REPOSITORY)
     assert run_files.promote_command("runs/a b") == 'python train_feedback.py --promote "runs/a b"'
     assert run_files.promote_command("r", "my data") == 'python train_feedback.py --promote r --data_dir "my data"'
     assert run_files.compare_command("r") == "python train_feedback.py --compare r"
     assert run_files.listen_command("sentences.txt", "r/final_model") == \
         "python train_feedback.py --listen sentences.txt --model r/final_model"
     assert run_files.listen_command("sessions/1") == "python train_feedback.py --listen sessions/1"
-    assert run_files.tune_command("v w", "fb", 0) == \
+    assert run_files.tune_command("v w", feedback_dir="fb", speaker_id=0) == \
         'python train_feedback.py --model "v w" --feedback_dir fb --speaker_id 0'
     assert run_files.tune_command("v") == "python train_feedback.py --model v"
     assert run_files.resume_command("train_vits", "m", "out", "training") == \
@@ -233,3 +235,54 @@ def test_texts_are_spoken_into_their_named_wavs_in_one_seeded_pass(tmp_path):
     np.testing.assert_allclose(two, np.concatenate([np.full(100, 0.25), np.zeros(4000), np.full(300, 0.25)]))
     assert sf.info(paths[1]).subtype == "PCM_16"
     assert sorted(os.listdir(tmp_path / "out")) == ["line_002.wav", "s001.wav"]  # no temp file left
+
+
+def test_the_hints_name_the_python_that_ran_as_the_user_types_it(monkeypatch, tmp_path):
+    venv = tmp_path / "my work" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my work")
+    monkeypatch.setenv("PATH", "")
+    # A virtual environment under the current folder, run without activating it: as typed, relative.
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    assert run_files.interpreter() == os.path.join(".venv", "bin", "python")
+    script = os.path.join(run_files.REPOSITORY, "train_feedback.py")
+    assert run_files.rollback_command("home") == f"{os.path.join('.venv', 'bin', 'python')} {script} --rollback " \
+                                                 "--data_dir home"
+    # A Python elsewhere: `python` when it is the one the PATH finds first, else its full path (quoted).
+    elsewhere = tmp_path / "py thon" / "bin"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "python").write_text("")
+    (elsewhere / "python").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(elsewhere / "python"))
+    assert run_files.interpreter() == str(elsewhere / "python")
+    assert run_files.compare_command("r").startswith(f'"{elsewhere / "python"}" {script} --compare r')
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert run_files.interpreter() == "python"
+    # From the repository root, the command is its own name.
+    monkeypatch.chdir(run_files.REPOSITORY)
+    assert run_files.compare_command("r") == "python train_feedback.py --compare r"
+
+
+def test_the_hints_name_the_training_folder_unless_the_command_finds_it_by_itself(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_files, "interpreter", lambda: "python")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train_feedback.py").write_text("")  # (the command as the repository's root reaches it)
+    monkeypatch.setattr(run_files, "REPOSITORY", str(tmp_path))
+    night = tmp_path / "example_run"
+    (night / "final_model").mkdir(parents=True)
+    run_files.write_run_config(str(night), dict(script="train_vits", args=dict(data_dir="example_run")))
+    voice = os.path.join("example_run", "final_model")
+    # Another folder than the default is always named; the default only where the voice's record names another.
+    assert run_files.tune_command(voice, "example_run") == \
+        f"python train_feedback.py --model {voice} --data_dir example_run"
+    assert run_files.tune_command(voice, "training") == f"python train_feedback.py --model {voice} --data_dir training"
+    assert run_files.tune_command("hub/mms", "training") == "python train_feedback.py --model hub/mms"
+    # The feedback folder only where it is not the training folder's own.
+    assert run_files.tune_command(voice, "example_run", os.path.join("example_run", "feedback")) == \
+        f"python train_feedback.py --model {voice} --data_dir example_run"
+    assert run_files.listen_command("s.txt", voice, "example_run", "fb") == \
+        f"python train_feedback.py --listen s.txt --model {voice} --data_dir example_run --feedback_dir fb"
+    assert run_files.promote_command("example_run", "example_run") == \
+        "python train_feedback.py --promote example_run --data_dir example_run"
+    assert run_files.rollback_command("training") == "python train_feedback.py --rollback"
+    assert run_files.sentences_file() == run_files.SENTENCES

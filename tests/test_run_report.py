@@ -3,6 +3,7 @@ plays its file, the curves are the metrics, the best epoch is marked, nothing is
 
 import json
 import os
+import sys
 import re
 import shutil
 
@@ -15,6 +16,8 @@ from voicetune.feedback import blind_compare
 from voicetune.feedback import verdict
 from voicetune.night import run_report
 from tests.test_listening import chromium
+
+PY = run_files.interpreter()  # what the next-step commands start with (test_run_files pins the rule)
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # Every violation of the page's Content-Security-Policy, recorded from before the page's first byte.
@@ -74,11 +77,14 @@ def screenshot(browser, path):
     browser.set_window_size(1000, 760)
 
 
-def as_a_user_sees_it(browser, folder, home, run, png, args, model=None):
+def as_a_user_sees_it(browser, folder, home, run, png, args, monkeypatch, model=None):
     """The page of a copy of the run `folder` at HOME/RUN, built from HOME as the working folder, as a user
-    who ran the command there with the default paths sees it: RUN names the run, and the paths the run
-    recorded of what lies outside it (run_config.json's `args`; report.json's `model`) are that user's.
-    A full-page screenshot to `png` (the one in docs/ with DOCS_SCREENSHOTS=1); the page's text."""
+    who ran the command there with the default paths sees it: HOME is their checkout of the repository with
+    its .venv, RUN names the run, and the paths the run recorded of what lies outside it (run_config.json's
+    `args`; report.json's `model`) are that user's. A full-page screenshot to `png` (the one in docs/ with
+    DOCS_SCREENSHOTS=1); the page's text."""
+    monkeypatch.setattr(run_files, "REPOSITORY", home)
+    monkeypatch.setattr(sys, "executable", os.path.join(home, ".venv", "bin", "python"))
     copy = os.path.join(home, run)
     shutil.copytree(folder, copy)
     config = run_files.read_run_config(copy)
@@ -145,17 +151,18 @@ def test_the_report_of_a_night(browser, night_run, tmp_path, monkeypatch):
     assert f"{progress['plan']['total_steps']} steps = 2 epochs of 3, batch 2 × 2, steps as asked" in text
     assert f"Best epoch\n{best} (by val_mel" in text or f"Best epoch {best} (by val_mel" in text
     final = os.path.join(folder, "final_model")
-    sentences = os.path.join("examples", "sentences.txt")  # the file that ships: the command runs as it is
-    assert os.path.isfile(os.path.join(os.path.dirname(DOCS), sentences))
-    assert f"python train_feedback.py --listen {sentences} --model {final}" in text
-    assert f"python train_feedback.py --model {final}" in text
+    assert os.path.isfile(os.path.join(os.path.dirname(DOCS), run_files.SENTENCES))  # the file that ships
+    # (night_run trained on prepared_dataset, a folder other than the default: every hint names it)
+    data_dir = run_files.read_run_config(folder)["args"]["data_dir"]
+    assert f"{PY} train_feedback.py --listen {run_files.SENTENCES} --model {final} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --model {final} --data_dir {data_dir}" in text
 
     monkeypatch.chdir(tmp_path)  # (as_a_user_sees_it moves into its home)
     shown = as_a_user_sees_it(browser, folder, str(tmp_path / "home"), "training", str(tmp_path / "report_night.png"),
-                              dict(model="facebook/mms-tts-kmr-script_latin", data_dir="training"))
+                              dict(model="facebook/mms-tts-kmr-script_latin", data_dir="training"), monkeypatch)
     assert "Voice trained from facebook/mms-tts-kmr-script_latin" in shown
     final = os.path.join("training", "final_model")
-    assert f"python train_feedback.py --listen {sentences} --model {final}" in shown
+    assert f".venv/bin/python train_feedback.py --listen {run_files.SENTENCES} --model {final}\n" in shown
     assert str(tmp_path) not in shown and os.path.dirname(folder) not in shown
 
 
@@ -179,10 +186,10 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path, monkeypat
     lines = validation_lines(folder)
     best = min(lines, key=lambda r: r["feedback_mel"])["epoch"]
     check_charts(charts, lines, ["feedback", "original"], ["feedback_eval", "original_eval"], best, report["before"])
-    assert f"python train_feedback.py --compare {folder}" in text
     with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
         data_dir = json.load(f)["args"]["data_dir"]
-    assert f"python train_feedback.py --promote {folder} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --compare {folder} --data_dir {data_dir}" in text
+    assert f"{PY} train_feedback.py --promote {folder} --data_dir {data_dir}" in text
     # The verdict, who decided it and every reason.
     verdict = report["verdict"]
     assert f"Verdict: {verdict['decision']}" in text and f"decided by the {verdict['decided_by']}" in text
@@ -193,10 +200,10 @@ def test_the_report_of_a_feedback_run(browser, feedback_run, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # (as_a_user_sees_it moves into its home)
     voice, run = os.path.join("training", "final_model"), os.path.join("training", "feedback_models", "20261205-070000")
     shown = as_a_user_sees_it(browser, folder, str(tmp_path / "home"), run, str(tmp_path / "report_feedback.png"),
-                              dict(model=voice, data_dir="training"), model=voice)
+                              dict(model=voice, data_dir="training"), monkeypatch, model=voice)
     assert f"Input voice {voice}" in shown
-    assert f"python train_feedback.py --compare {run}" in shown
-    assert f"python train_feedback.py --promote {run}\n" in shown  # the default --data_dir: not spelled out
+    assert f".venv/bin/python train_feedback.py --compare {run}\n" in shown
+    assert f".venv/bin/python train_feedback.py --promote {run}\n" in shown  # the default --data_dir: not spelled out
     assert str(tmp_path) not in shown and home not in shown and os.path.dirname(report["model"]) not in shown
 
 
@@ -259,7 +266,7 @@ def test_the_verdicts_reasons_are_shown_as_text_never_as_markup(tmp_path):
 
 def test_a_rejected_runs_promote_command_says_it_is_refused_unless_forced(tmp_path):
     said = ("<li>Put the tuned voice to use; the voice it replaces is kept for --rollback{}"
-            '<div class="command"><code>python train_feedback.py --promote {}</code>')
+            '<div class="command"><code>' + PY + ' train_feedback.py --promote {}</code>')
     for decision in ("reject", "keep"):
         folder = tmp_path / decision
         page = feedback_page(folder, decision, [f"{decision}: held-out feedback mel 2.000 -> 1.800"])

@@ -257,3 +257,12 @@ def test_a_trimmed_preload_never_takes_an_untrimmed_cache(feedback_dir, tmp_path
     # The recording has a second of room noise on each side, trimmed only when asked.
     assert len(trimmed[0][2]) < len(whole[0][2]) - 1.5 * 16000 and skipped == []
     assert trimmed[0][3].shape[1] == len(trimmed[0][2]) // 256  # its mel is the trimmed audio's
+
+
+def test_a_tune_refused_before_it_wrote_anything_leaves_no_run_folder(trained_voice, prepared_dataset, tmp_path,
+                                                                      capsys):
+    data = shutil.copytree(prepared_dataset, tmp_path / "training")
+    (data / "feedback").mkdir()  # the listening page saved nothing yet
+    assert tf.main(["--model", trained_voice, "--data_dir", str(data)] + FEEDBACK_QUICK) == 2
+    assert f"error: --feedback_dir {data / 'feedback'}: no recordings listed" in capsys.readouterr().err
+    assert not (data / "feedback_models").exists()

@@ -427,7 +427,8 @@ def test_two_sessions_keep_a_good_tune_reject_a_harmful_one_and_roll_back(traine
     assert transcripts and set(transcripts) <= set("êçşîûa "), transcripts
     assert report["verdict"]["guards"]["intelligibility"]["before"] == heard["before"] >= 0
     assert "verdict: KEEP by the guards: every guard passed on held-out clips" in printed
-    assert f"put it to use with: python train_feedback.py --promote {run1} --data_dir {data}" in printed
+    assert f"put it to use with: {run_files.interpreter()} train_feedback.py --promote {run1} --data_dir {data}" in \
+        printed
     assert tf.main(["--promote", run1, "--data_dir", data]) == 0
     promoted = run_files.voice_fingerprint(os.path.join(data, "voice"))
     assert promoted == run_files.voice_fingerprint(os.path.join(run1, "final_model"))
@@ -466,3 +467,44 @@ def test_a_voice_put_in_place_by_hand_becomes_version_1(voices_made, data):
     assert outline(data) == (2, [(1, None, None, False), (2, 1, "keep", False)], [("promote", 2)])
     voices.rollback(data)
     assert same(os.path.join(data, "voice"), os.path.join(voices_made["run_a"], "final_model"))
+
+
+def test_promoting_the_current_voice_again_says_so_and_changes_nothing(voices_made, data, capsys):
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data]) == 0
+    before = run_files.voice_fingerprint(data)
+    capsys.readouterr()
+    for force in ([], ["--force"]):
+        assert tf.main(["--promote", voices_made["run_a"], "--data_dir", data] + force) == 0
+        assert capsys.readouterr().out == (f"--promote {voices_made['run_a']}: already the current voice (version 2); "
+                                           "nothing changed\n")
+        assert run_files.voice_fingerprint(data) == before
+        assert sorted(os.listdir(os.path.join(data, "voices"))) == ["001"]
+
+
+def test_a_refused_promote_or_rollback_leaves_no_folder_behind(voices_made, data, tmp_path, capsys):
+    # Refused by the verdict, before any promote: no voices/ appears beside the night.
+    assert tf.main(["--promote", voices_made["rejected"], "--data_dir", data]) == 2
+    assert sorted(os.listdir(data)) == ["final_model"]
+    assert tf.main(["--rollback", "--data_dir", data]) == 2
+    assert "nothing to roll back" in capsys.readouterr().err
+    assert sorted(os.listdir(data)) == ["final_model"]
+    # A rollback into a training folder that is not there makes none.
+    nowhere = tmp_path / "no_such_home"
+    assert tf.main(["--rollback", "--data_dir", str(nowhere)]) == 2
+    assert not nowhere.exists()
+
+
+def test_the_first_promote_keeps_the_voice_the_tune_started_from_where_the_training_folder_has_none(voices_made,
+                                                                                                   tmp_path, capsys):
+    # The demo's old layout: the data in one folder, the night (and the voice the tune started from) in another.
+    data = tmp_path / "data"
+    data.mkdir()
+    night = os.path.join(voices_made["data"], "final_model")
+    assert tf.main(["--promote", voices_made["run_a"], "--data_dir", str(data)]) == 0
+    assert f"back to version 1 with: {run_files.interpreter()} " in capsys.readouterr().out
+    record = history(data)
+    assert [(v["version"], v["replaces"], v["source"]) for v in record["versions"]] == [
+        (1, None, os.path.abspath(night)), (2, 1, os.path.abspath(voices_made["run_a"]))]
+    assert run_files.voice_fingerprint(data / "voices" / "001") == run_files.voice_fingerprint(night)
+    assert tf.main(["--rollback", "--data_dir", str(data)]) == 0
+    assert run_files.voice_fingerprint(data / "voice") == run_files.voice_fingerprint(night)

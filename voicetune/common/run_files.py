@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import safetensors
@@ -304,10 +305,42 @@ def current_voice(data_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# What to run next: the command lines printed and shown on the pages.
+# What to run next: the command lines printed and shown on the pages. Each runs as printed, from the folder
+# the command that printed it was run in: the Python the user ran, and every folder the command would not find
+# by itself (the training folder, a feedback folder elsewhere, the session, the voice).
 
-# The sentence file that ships (one Kurmanji sentence a line): what a first --listen is offered.
-EXAMPLE_SENTENCES = os.path.join("examples", "sentences.txt")
+SENTENCES = os.path.join("examples", "sentences.txt")  # the sentences the hints give the listening page
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def as_typed(path):
+    """`path` as a user types it in the current folder: relative when it lies under it, else absolute."""
+    path, here = os.path.abspath(path), os.getcwd()
+    try:
+        under = os.path.commonpath([os.path.normcase(path), os.path.normcase(here)]) == os.path.normcase(here)
+    except ValueError:  # another drive (Windows)
+        under = False
+    return os.path.relpath(path, here) if under else path
+
+
+def interpreter():
+    """The Python that runs this command, as the user would type it: relative when it lies under the current
+    folder (.venv/bin/python, .venv\\Scripts\\python.exe), `python` when that is the one the PATH finds first,
+    else its full path. Never resolved through links: a virtual environment's python is a link to another."""
+    exe = sys.executable or "python"
+    typed = as_typed(exe)
+    if not os.path.isabs(typed):
+        # A bare name would be looked up on the PATH (POSIX shells), not in the current folder.
+        return typed if os.path.dirname(typed) else os.path.join(os.curdir, typed)
+    found = shutil.which("python")
+    if found and os.path.normcase(os.path.abspath(found)) == os.path.normcase(os.path.abspath(exe)):
+        return "python"
+    return exe
+
+
+def sentences_file():
+    """The repository's sentence file as the current folder reaches it (the hints' --listen)."""
+    return as_typed(os.path.join(REPOSITORY, SENTENCES))
 
 
 def command_line(*words):
@@ -315,30 +348,63 @@ def command_line(*words):
     return " ".join(f'"{w}"' if " " in w else w for w in map(str, words))
 
 
-def compare_command(run_dir):
-    return command_line("python", "train_feedback.py", "--compare", run_dir)
+def same_folder(a, b):
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
-def promote_command(run_dir, data_dir=DEFAULT_DATA_DIR):
-    return command_line("python", "train_feedback.py", "--promote", run_dir,
-                        *(["--data_dir", data_dir] if data_dir != DEFAULT_DATA_DIR else []))
+def data_dir_flag(data_dir, voice=None):
+    """--data_dir DATA_DIR for a printed train_feedback.py command, left out only when it is the default and the
+    command would find the default by itself (`voice`'s run record names no other folder)."""
+    if data_dir is None:
+        return []
+    found = (voice and night_data_dir(voice)) or DEFAULT_DATA_DIR
+    if same_folder(data_dir, DEFAULT_DATA_DIR) and same_folder(found, DEFAULT_DATA_DIR):
+        return []
+    return ["--data_dir", data_dir]
 
 
-def listen_command(sentences_or_session, model=None, feedback_dir=None, speaker_id=None):
-    return command_line("python", "train_feedback.py", "--listen", sentences_or_session,
-                        *(["--model", model] if model is not None else []),
-                        *(["--feedback_dir", feedback_dir] if feedback_dir is not None else []),
-                        *(["--speaker_id", speaker_id] if speaker_id is not None else []))
+def feedback_dir_flag(feedback_dir, data_dir):
+    """--feedback_dir FOLDER unless it is the default under the training folder."""
+    default = os.path.join(data_dir or DEFAULT_DATA_DIR, FEEDBACK)
+    return [] if feedback_dir is None or same_folder(feedback_dir, default) else ["--feedback_dir", feedback_dir]
 
 
-def tune_command(model, feedback_dir=None, speaker_id=None):
-    return command_line("python", "train_feedback.py", "--model", model,
-                        *(["--feedback_dir", feedback_dir] if feedback_dir is not None else []),
-                        *(["--speaker_id", speaker_id] if speaker_id is not None else []))
+def script(name):
+    """A command of the repository (train_feedback.py, ...) as the current folder reaches it."""
+    return as_typed(os.path.join(REPOSITORY, name))
 
 
-def resume_command(script, model, output_dir, data_dir=None):
+def feedback_command(*words):
+    return command_line(interpreter(), script("train_feedback.py"), *words)
+
+
+def compare_command(run_dir, data_dir=None):
+    return feedback_command("--compare", run_dir, *data_dir_flag(data_dir, os.path.join(run_dir, FINAL_MODEL)))
+
+
+def promote_command(run_dir, data_dir=None):
+    return feedback_command("--promote", run_dir, *data_dir_flag(data_dir, os.path.join(run_dir, FINAL_MODEL)))
+
+
+def rollback_command(data_dir):
+    return feedback_command("--rollback", *data_dir_flag(data_dir))
+
+
+def listen_command(sentences_or_session, model=None, data_dir=None, feedback_dir=None, speaker_id=None):
+    return feedback_command("--listen", sentences_or_session, *(["--model", model] if model is not None else []),
+                            *data_dir_flag(data_dir, model), *feedback_dir_flag(feedback_dir, data_dir),
+                            *(["--speaker_id", speaker_id] if speaker_id is not None else []))
+
+
+def tune_command(model, data_dir=None, feedback_dir=None, speaker_id=None):
+    return feedback_command("--model", model, *data_dir_flag(data_dir, model),
+                            *feedback_dir_flag(feedback_dir, data_dir),
+                            *(["--speaker_id", speaker_id] if speaker_id is not None else []))
+
+
+def resume_command(command, model, output_dir, data_dir=None):
     """Continue a train_vits.py run (its --data_dir given) or a train_feedback.py run in `output_dir`."""
-    return command_line("python", f"{script}.py", "--model", model,
-                        *(["--data_dir", data_dir] if data_dir is not None else []),
-                        "--output_dir", output_dir, "--resume", "auto")
+    data = (["--data_dir", data_dir] if data_dir is not None else []) if command == "train_vits" else \
+        data_dir_flag(data_dir, model)
+    return command_line(interpreter(), script(f"{command}.py"), "--model", model, *data, "--output_dir", output_dir,
+                        "--resume", "auto")

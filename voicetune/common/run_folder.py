@@ -305,3 +305,21 @@ def newest_run_dir(parent):
     runs = [d for d in glob.glob(os.path.join(parent, "*"))
             if glob.glob(os.path.join(d, "checkpoints", "checkpoint_epoch_*.pt"))]
     return max(runs, key=started) if runs else None
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder):
+    """Run the block; then remove `folder`, and each parent of it that was not there before either, if the
+    block left them empty: a command refused before it wrote anything leaves no folder behind."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        yield
+    finally:
+        for path in made:  # the deepest first; one that holds anything keeps its parents
+            try:
+                os.rmdir(path)
+            except OSError:
+                break

@@ -428,5 +428,8 @@ def serve(run_dir, args, sessions_dir):
         print(f"blind comparison in {os.path.join(run_dir, FOLDER)}: {progress(comparison)}")
         page_server.serve_until_interrupted(server)
         print(f"blind comparison: {progress(comparison)}; a finished listener's result is pooled into report.json; "
-              f"more listeners, or one who has not finished, continue with: python train_feedback.py --compare "
-              f"{run_dir}")
+              f"more listeners, or one who has not finished, continue with: "
+              f"{run_files.compare_command(run_dir, args.data_dir)}")
+        rejected = ((run_files.read_report(run_dir) or {}).get("verdict") or {}).get("decision") == "reject"
+        print(f"put it to use with: {run_files.promote_command(run_dir, args.data_dir)}"
+              + (" (refused unless --force: the verdict is reject)" if rejected else ""))

@@ -61,8 +61,10 @@ class Session:
     never gives its number to another take.
     """
 
-    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0, speaker_id=None):
+    def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0, speaker_id=None,
+                 data_dir=None):
         self.folder, self.feedback_dir, self.voice, self.speaker_id = folder, feedback_dir, voice, speaker_id
+        self.data_dir = data_dir  # the training folder the tune replays, named in the page's command
         self.rows, self.sampling_rate, self.vocab = rows, sampling_rate, vocab
         self.last_number = max([last_number] + [saved_number(r["saved"]) for r in rows])
         self.lock = threading.Lock()
@@ -91,7 +93,7 @@ class Session:
         return dict(rows=self.rows, heard=heard, total=len(self.rows), corrections=corrections,
                     progress=f"{heard} of {len(self.rows)} heard, {corrections} correction{'s' * (corrections != 1)}",
                     outlook=verdict.outlook(recorded, feedback_flags.VAL_SIZE)["line"], feedback_dir=self.feedback_dir,
-                    command=run_files.tune_command(self.voice, self.feedback_dir, self.speaker_id))
+                    command=run_files.tune_command(self.voice, self.data_dir, self.feedback_dir, self.speaker_id))
 
     def mark(self, index, mark):
         if mark not in MARKS:
@@ -244,16 +246,16 @@ def kit_readme(args, out, speaker):
     return (f"Listening session made {time.strftime('%Y-%m-%d %H:%M')} with {args.model}"
             + (f", speaker {speaker}" if speaker is not None else "") + ".\n\n"
             f"With the listening page, which saves each correction into {args.feedback_dir}:\n"
-            f"1. {run_files.listen_command(out, args.model, args.feedback_dir, speaker)}\n"
+            f"1. {run_files.listen_command(out, args.model, args.data_dir, args.feedback_dir, speaker)}\n"
             "   then open the address it prints: hear each sentence, mark it, and record and save the ones the\n"
             "   voice says badly.\n"
-            f"2. {run_files.tune_command(args.model, args.feedback_dir, speaker)}\n\n"
+            f"2. {run_files.tune_command(args.model, args.data_dir, args.feedback_dir, speaker)}\n\n"
             "Or by hand, with any recording app, into this folder:\n"
             "1. Listen to model/sNNN.wav; sNNN.txt holds what each one should say.\n"
             "2. For every sentence the voice says badly, record it as it should sound and save it in this\n"
             "   folder as sNNN.wav, beside its sNNN.txt (another format such as sNNN.flac or sNNN.mp3 is\n"
             "   fine). Sentences you do not record are left out.\n"
-            f"3. {run_files.tune_command(args.model, out, speaker)}\n")
+            f"3. {run_files.tune_command(args.model, args.data_dir, out, speaker)}\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,7 +317,8 @@ def open_session(folder, args):
              or not os.path.isfile(os.path.join(folder, "model", f"{r['id']}.wav"))]
     if stale:
         speak(stale, folder, args, speaker)
-    session = Session(folder, args.feedback_dir, args.model, rows, config.sampling_rate, vocab, last_number, speaker)
+    session = Session(folder, args.feedback_dir, args.model, rows, config.sampling_rate, vocab, last_number, speaker,
+                      args.data_dir)
     with session.lock:
         session.write()
     return session
@@ -384,6 +387,7 @@ def serve(folder, args):
               "the audio_NNN.wav + .txt pairs saved here: use another --feedback_dir")
     page_server.serve_until_interrupted(server)
     state = session.state()
-    print(f"{state['progress']} in {session.feedback_dir}; resume with: python train_feedback.py --listen {folder}")
+    print(f"{state['progress']} in {session.feedback_dir}; resume with: "
+          f"{run_files.listen_command(folder, session.voice, session.data_dir, session.feedback_dir)}")
     print(f"train on them with: {state['command']}")
 

@@ -111,15 +111,17 @@ def run_held(args, script, steps):
     and however they end: a TrainingError, an OSError (a full disk) or Ctrl-C as one line and its exit code,
     the folder released and torchrun's group left. Returns steps()'s exit code."""
     lock = None
-    try:
-        lock = run_files.claim_output_dir(args, script)
-        return steps()
-    except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
-        return run_errors.report_fatal(err, args.output_dir)
-    finally:
-        if lock:
-            lock.release()
-        distributed.leave_distributed()
+    # A run refused before it wrote anything (no feedback clips, ...) leaves no empty run folder behind.
+    with run_folder.removed_if_left_empty(args.output_dir):
+        try:
+            lock = run_files.claim_output_dir(args, script)
+            return steps()
+        except (run_errors.TrainingError, OSError, KeyboardInterrupt) as err:
+            return run_errors.report_fatal(err, args.output_dir)
+        finally:
+            if lock:
+                lock.release()
+            distributed.leave_distributed()
 
 
 def start_run(trainer, train_sets, make_batches, val_sets, args, budget, default_d_warmup, resume,

@@ -408,36 +408,53 @@ def listening_section(report):
             + (table(["Sentence", "From", "Preferred"], rows) if rows else ""))
 
 
-def next_steps(output_dir, config, progress, report):
+def next_commands(output_dir, config, progress, report):
+    """[(what, command line)]: what to run next after the run in `output_dir`, each line complete as it runs
+    (run_files: the interpreter that ran, the training folder, the voice)."""
     args = config.get("args", {})
+    data_dir = args.get("data_dir", run_files.DEFAULT_DATA_DIR)
     ended = (progress or {}).get("ended")
     final = os.path.join(output_dir, run_files.FINAL_MODEL)
+    sentences = run_files.sentences_file()
     steps = []
     if report is not None:
         if report.get("status") == "done":
             if "listening" not in report:
                 steps.append(("Compare the tuned voice with the input voice, blind",
-                              run_files.compare_command(output_dir)))
+                              run_files.compare_command(output_dir, data_dir)))
             rejected = (report.get("verdict") or {}).get("decision") == "reject"
             steps.append(("Put the tuned voice to use; the voice it replaces is kept for --rollback"
                           + (" (the verdict is reject: refused unless --force)" if rejected else ""),
-                          run_files.promote_command(output_dir, args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
+                          run_files.promote_command(output_dir, data_dir)))
             steps.append(("Listen to the tuned voice and record what it still says badly",
-                          run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
+                          run_files.listen_command(sentences, final, data_dir)))
         else:
             steps.append(("Continue the run" + (" if it stops before its end" if ended is None else ""),
-                          run_files.resume_command("train_feedback", report.get("model", "MODEL"), output_dir)))
+                          run_files.resume_command("train_feedback", report.get("model", "MODEL"), output_dir,
+                                                   data_dir)))
     elif ended in (None, "interrupted") or not os.path.isdir(final):
         steps.append(("Continue the run if it stops before its end (the same --model and --data_dir)"
                       if ended is None else "Continue the run (the same --model and --data_dir)",
-                      run_files.resume_command("train_vits", args.get("model", "MODEL"), output_dir,
-                                               args.get("data_dir", run_files.DEFAULT_DATA_DIR))))
+                      run_files.resume_command("train_vits", args.get("model", "MODEL"), output_dir, data_dir)))
     else:
         steps.append(("Hear the voice sentence by sentence and record what it says badly",
-                      run_files.listen_command(run_files.EXAMPLE_SENTENCES, final)))
-        steps.append(("Tune it on those recordings", run_files.tune_command(final)))
+                      run_files.listen_command(sentences, final, data_dir)))
+        steps.append(("Tune it on those recordings", run_files.tune_command(final, data_dir)))
+    return steps
+
+
+def print_next(output_dir):
+    """The terminal's closing lines: what to run next, as the run's page says it."""
+    steps = next_commands(output_dir, run_files.read_run_config(output_dir) or {},
+                          run_files.read_progress(output_dir), run_files.read_report(output_dir))
+    for what, command in steps:
+        print(f"next: {what[0].lower() + what[1:]}: {command}")
+
+
+def next_steps(output_dir, config, progress, report):
     items = "".join(f'<li>{html.escape(what)}<div class="command"><code>{html.escape(cmd)}</code>'
-                    '<button class="copy" type="button">copy</button></div></li>' for what, cmd in steps)
+                    '<button class="copy" type="button">copy</button></div></li>'
+                    for what, cmd in next_commands(output_dir, config, progress, report))
     return f"<h2>What to run next</h2><ol class=\"next\">{items}</ol>"
 
 

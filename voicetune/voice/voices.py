@@ -2,7 +2,8 @@
 VitsModel.from_pretrained and the next session starts from. The versions it replaced are kept whole in
 `<data_dir>/voices/NNN/`, and `<data_dir>/voices.json` records every version (number, source run, date,
 verdict, key figures, whether it was forced) and every promote and rollback. Before the first promote the
-current voice is the night's `<data_dir>/final_model`; the first promote records it as version 1.
+current voice is the night's `<data_dir>/final_model`; the first promote records it as version 1 (where the
+training folder holds none, the voice the tune started from), so --rollback always reaches the night's voice.
 
 A promote or a rollback is a swap done by renames alone, which Windows allows (it cannot rename a folder
 over another): the incoming voice is first whole on disk (a promote copies and checks the run's
@@ -196,7 +197,11 @@ def promote(run_dir, data_dir, force=False):
         if missing:
             raise run_errors.TrainingError(f"--promote {run_dir}: {tuned} is not a whole voice ({missing})")
         history = read_history(data_dir)
-        current = voice_in_use(data_dir, history)
+        current = voice_in_use(data_dir, history) or input_voice(report)
+        if current is not None and history["current"] is not None and \
+                current.get("model_sha256") == run_files.model_fingerprint(tuned):
+            print(f"--promote {run_dir}: already the current voice (version {current['version']}); nothing changed")
+            return current["version"]
         refusals = promote_refusals(report, current)
         if refusals and not force:
             raise run_errors.TrainingError(f"--promote {run_dir} refused, nothing changed: " + "; ".join(refusals)
@@ -226,6 +231,8 @@ def promote(run_dir, data_dir, force=False):
     kept = f"; version {current['version']} is kept in {version_dir(data_dir, current['version'])}" if current else ""
     print(f"promoted {tuned} as version {number}: {p['voice']} (verdict {new_version['verdict']}"
           + (", forced" if refusals else "") + f"){kept}; the history is in {p['history']}")
+    if current is not None:
+        print(f"back to version {current['version']} with: {run_files.rollback_command(str(data_dir))}")
     return number
 
 
@@ -259,14 +266,16 @@ def locked(folder, holder):
     """`folder`'s lock for one promote or rollback; one line naming the likely `holder` when another process
     holds it."""
     lock = run_folder.OutputLock(str(folder))
-    try:
-        lock.acquire()
-    except run_folder.FolderInUse as err:
-        raise run_errors.TrainingError(f"{err} ({holder}); nothing changed") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    # A refusal leaves no voices/ (nor a training folder) that the lock alone made.
+    with run_folder.removed_if_left_empty(folder):
+        try:
+            lock.acquire()
+        except run_folder.FolderInUse as err:
+            raise run_errors.TrainingError(f"{err} ({holder}); nothing changed") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def voice_in_use(data_dir, history):
@@ -289,6 +298,18 @@ def voice_in_use(data_dir, history):
                     verdict=None, figures={}, forced=False, replaces=None,
                     model_sha256=run_files.model_fingerprint(str(folder)), folder=str(folder))
     return None
+
+
+def input_voice(report):
+    """Before the first promote into a training folder that holds no voice of its own (the night trained
+    elsewhere, or its data was prepared apart from it): the voice the tune started from, report.json's "model",
+    as version 1, so that --rollback reaches it; None when that is no whole local voice."""
+    folder = report.get("model")
+    if not isinstance(folder, str) or not os.path.isdir(folder) or run_files.voice_missing(folder) is not None:
+        return None
+    return dict(version=1, source=os.path.abspath(folder), date=time.strftime("%Y-%m-%d %H:%M:%S"), verdict=None,
+                figures={}, forced=False, replaces=None, model_sha256=run_files.model_fingerprint(folder),
+                folder=folder)
 
 
 def promote_refusals(report, current):
