@@ -286,3 +286,43 @@ def test_the_hints_name_the_training_folder_unless_the_command_finds_it_by_itsel
         "python train_feedback.py --promote example_run --data_dir example_run"
     assert run_files.rollback_command("training") == "python train_feedback.py --rollback"
     assert run_files.sentences_file() == run_files.SENTENCES
+
+
+def test_a_voice_names_the_training_folder_it_belongs_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    night = tmp_path / "example_run"
+    (night / "final_model").mkdir(parents=True)
+    (night / "checkpoints" / "best_model").mkdir(parents=True)
+    run_files.write_run_config(str(night), dict(args=dict(data_dir="example_run")))
+    tune = tmp_path / "example_run" / "feedback_models" / "20261207-070000"
+    (tune / "final_model").mkdir(parents=True)
+    run_files.write_run_config(str(tune), dict(args=dict(data_dir="example_run")))
+    for voice in ("example_run/final_model", "example_run/checkpoints/best_model",
+                  str(tune / "final_model")):
+        assert run_files.night_data_dir(voice) == "example_run", voice
+    (tmp_path / "home" / "voice").mkdir(parents=True)
+    (tmp_path / "home" / "voices" / "003").mkdir(parents=True)
+    assert run_files.night_data_dir("home/voice") == str(tmp_path / "home")
+    assert run_files.night_data_dir("home/voices/003") == str(tmp_path / "home")
+    (tmp_path / "loose").mkdir()
+    assert run_files.night_data_dir("loose") is None  # no record: the default folder is the caller's to choose
+    assert run_files.night_data_dir("facebook/voice") is None  # a Hub voice, not a folder here
+
+
+def test_a_tune_finds_the_nights_training_set_and_its_folders_from_the_voice(tmp_path, monkeypatch):
+    import train_feedback
+
+    monkeypatch.chdir(tmp_path)
+    night = tmp_path / "example_run"
+    (night / "final_model").mkdir(parents=True)
+    (night / "metadata.csv").write_text("a.wav|roj baş\n", encoding="utf-8")
+    run_files.write_run_config(str(night), dict(args=dict(data_dir="example_run")))
+    args = train_feedback.parse_args(["--model", "example_run/final_model"])
+    assert args.data_dir == "example_run"
+    assert args.feedback_dir == os.path.join("example_run", "feedback")
+    assert os.path.dirname(args.output_dir) == os.path.join("example_run", "feedback_models")
+    # Told otherwise, it takes what it is told; a folder that is not there is refused, not tuned without.
+    assert train_feedback.parse_args(["--model", "example_run/final_model", "--feedback_only",
+                                      "--data_dir", "elsewhere"]).data_dir == "elsewhere"
+    with pytest.raises(SystemExit):
+        train_feedback.parse_args(["--model", "example_run/final_model", "--data_dir", "exmaple_run"])

@@ -277,6 +277,8 @@ def night_data_dir(voice):
     """The training folder the voice in folder `voice` belongs to, or None where nothing records one: a voice in
     use lives in it (<data_dir>/voice, <data_dir>/voices/NNN); a run's voice (final_model/, or
     checkpoints/best_model/) has its run's run_config.json, which names the --data_dir it trained on."""
+    if not os.path.isdir(voice):
+        return None  # a Hub voice: no training folder here
     folder = os.path.abspath(voice)
     parent = os.path.dirname(folder)
     if os.path.basename(folder) == PROMOTED:
