@@ -151,6 +151,7 @@ def served_model(folder):
 
 def test_the_kits_readme_names_the_folder_the_page_saves_into(session, capsys):
     served, folder, feedback, _ = session
+    tuner = run_files.command_line(run_files.interpreter(), run_files.script("train_feedback.py"))
     state = json.loads(served.request("GET", "/api/session")[1])
     served.stop()
     with open(os.path.join(folder, "README.txt"), encoding="utf-8") as f:
@@ -158,9 +159,9 @@ def test_the_kits_readme_names_the_folder_the_page_saves_into(session, capsys):
     model = served_model(folder)
     assert state["feedback_dir"] == feedback
     assert (f"With the listening page, which saves each correction into {feedback}:\n"
-            f"1. python train_feedback.py --listen {folder} --model {model} --feedback_dir {feedback}\n") in readme
+            f"1. {tuner} --listen {folder} --model {model} --feedback_dir {feedback}\n") in readme
     assert f"\n2. {state['command']}\n\nOr by hand, with any recording app, into this folder:\n" in readme
-    assert readme.endswith(f"\n3. python train_feedback.py --model {model} --feedback_dir {folder}\n")
+    assert readme.endswith(f"\n3. {tuner} --model {model} --feedback_dir {folder}\n")
     assert (f"session kit: 2 sentences in {folder} (README.txt says how to record: with the listening page into "
             f"{feedback}, or by hand into {folder})\n") in capsys.readouterr().out
 

@@ -189,16 +189,16 @@ def parse(argv=None, description=None):
             parser.error(str(err))
     sessions_dir = os.path.join(args.data_dir, run_files.SESSIONS)
     runs_dir = os.path.join(args.data_dir, run_files.FEEDBACK_MODELS)
-    tuning = not (args.make_session or args.listen is not None)
-    if tuning and not args.feedback_only and not os.path.isfile(os.path.join(args.data_dir, "metadata.csv")):
-        found = "no metadata.csv" if os.path.isdir(args.data_dir) else "no such folder"
-        parser.error(f"--data_dir {args.data_dir}: {found}, so nothing to replay or hold out (give the folder "
-                     "train_vits.py trained on, or --feedback_only to train on the recordings alone)")
     if not 0 <= args.replay_ratio < 1:
         parser.error(f"--replay_ratio must be at least 0 and below 1 (1 would leave no room for feedback), "
                      f"got {args.replay_ratio}")
     if not (math.isfinite(args.feedback_weight) and args.feedback_weight > 0):
         parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
+    tuning = not (args.make_session or args.listen is not None)
+    if tuning and not args.feedback_only and not os.path.isfile(os.path.join(args.data_dir, "metadata.csv")):
+        found = "no metadata.csv" if os.path.isdir(args.data_dir) else "no such folder"
+        parser.error(f"--data_dir {args.data_dir}: {found}, so nothing to replay or hold out (give the folder "
+                     "train_vits.py trained on, or --feedback_only to train on the recordings alone)")
     if args.make_session and not os.path.isfile(args.make_session):
         parser.error(f"--make_session: no sentence file at {args.make_session}")
     if args.listen is not None:
