@@ -3,27 +3,39 @@ Common Voice-shaped release spoken by espeak-ng, that release prepared by prepar
 and feedback clips as users hand them over; and the helpers several test files use (import them with
 `from conftest import ...`): the quick flags, the tiny trainer, a disk that fills, the one error line."""
 
+import asyncio
 import builtins
 import errno
+import http.client
+import json
 import multiprocessing
 import os
+import queue
 import shutil
+import socket
+import threading
 
 import huggingface_hub
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import save_file
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
+from voicetune.common import page_server
+from voicetune.common import run_files
 from voicetune.night import clip_data
 from voicetune.voice import models
 import prepare_data
+import train_feedback
 from voicetune.night import training_flags
 from voicetune.night import vits_trainer
 from examples.make_release import BAD_KINDS, SENTENCES, espeak_clip, make_release, make_tarball, pad_silence
 from examples.tiny_model import make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+DOCS = os.path.join(ROOT, "docs")
 
 # Good clips in `kmr_release`; it also holds one clip of every kind in BAD_KINDS.
 GOOD_CLIPS = 12
@@ -311,7 +323,6 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
     sentence good, one needs work (corrected as audio_002) and left one unheard. Treat as read-only."""
     from voicetune.feedback import listening
     from voicetune.common import speech
-    import train_feedback
     from examples.make_release import SENTENCES, espeak_clip
 
     home = tmp_path_factory.mktemp("morning")
@@ -361,3 +372,190 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", os.path.join(hf_home, "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return hf_home
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers several test files share: a command serving in a thread, raw requests, headless Chromium and its
+# screenshots, a free port, a Wyoming client, finished feedback runs made by hand, a tiny facebook/mms-1b-all.
+
+class Served:
+    """train_feedback.main(argv) serving in a thread; requests go to its port on 127.0.0.1."""
+
+    def __init__(self, argv, monkeypatch):
+        serving = queue.Queue()
+        real = page_server.make_server
+
+        def capture(*args):
+            server = real(*args)
+            serve = server.serve_forever
+            server.serve_forever = lambda: serving.put(server) or serve()  # after the start-up lines are printed
+            return server
+
+        monkeypatch.setattr(page_server, "make_server", capture)
+        self.code = []
+        self.thread = threading.Thread(target=lambda: self.code.append(train_feedback.main(argv)))
+        self.thread.start()
+        self.server = None
+        while self.server is None:
+            try:
+                self.server = serving.get(timeout=1)
+            except queue.Empty:
+                assert self.thread.is_alive(), f"main() returned {self.code} instead of serving"
+        monkeypatch.setattr(page_server, "make_server", real)
+        self.port = self.server.server_address[1]
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data
+
+    def save(self, index, audio_bytes, text, content_type="audio/wav"):
+        from urllib.parse import quote
+        status, data = self.request("POST", f"/api/save/{index}?text={quote(text)}", audio_bytes,
+                                    {"Content-Type": content_type})
+        return status, json.loads(data)
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join()
+        assert self.code == [0]
+
+
+def raw_request(port, method, path, headers=(), body=b"", address="127.0.0.1"):
+    """One request with exactly `headers` (http.client adds no Host, Content-Length or Accept-Encoding):
+    (status, headers, JSON answer or raw body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.getheader("Content-Type") == "application/json":
+        data = json.loads(data) if data else {}  # (no body to a HEAD)
+    return response.status, response, data
+
+
+def chromium(tmp_path, capture_wav=None, network_log=False):
+    """Headless Debian Chromium via Selenium, its microphone fed from `capture_wav`; skips with the reason.
+    network_log: keep the DevTools performance log (every request the page makes, get_log("performance"))."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    binary, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+    if not (os.path.isfile(binary) and driver):
+        pytest.skip("no chromium and chromedriver on this machine (apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 *([f"--use-file-for-fake-audio-capture={capture_wav}"] if capture_wav else []),
+                 "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,760",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    if network_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    try:
+        return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    except Exception as err:  # noqa: BLE001 - any start failure is a skip with its reason, never a pass
+        pytest.skip(f"headless chromium did not start: {str(err).splitlines()[0]}")
+
+
+def screenshot(browser, path):
+    """The whole page as a PNG at `path`, or in docs/ under the same name with DOCS_SCREENSHOTS=1."""
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1000, height + 120)
+    browser.save_screenshot(path if os.environ.get("DOCS_SCREENSHOTS") != "1"
+                            else os.path.join(DOCS, os.path.basename(path)))
+    browser.set_window_size(1000, 760)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wyoming_talk(port, events):
+    """Send `events` to the Wyoming server on 127.0.0.1:port; every event it answers until audio-stop or info."""
+    from wyoming.client import AsyncTcpClient
+
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        for event in events:
+            await client.write_event(event)
+        answers = []
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 60)
+            answers.append(event)
+            if event is None or event.type in ("audio-stop", "info", "error"):
+                return answers
+
+
+def tuned_copy(voice, out, seed):
+    """A voice folder like `voice` with other weights: what a feedback run leaves in final_model/."""
+    model, tokenizer = models.load_voice(voice)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    models.prepare_for_training(model)
+    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
+    return out
+
+
+def fake_run(folder, input_voice, decision, seed):
+    """A finished feedback run of `input_voice` whose verdict is `decision`."""
+    tuned_copy(input_voice, os.path.join(folder, "final_model"), seed)
+    reasons = ["keep: held-out feedback mel 2.000 -> 1.800 (-10%, must fall): 1 of 1 clips better"] if \
+        decision == "keep" else ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
+                                 "worse on what it knew"]
+    report = dict(status="done", model=input_voice, model_sha256=run_files.model_fingerprint(input_voice),
+                  before={}, validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
+                                                 original=dict(before=1.862, after=2.41, change=0.548)),
+                  quality={}, verdict=dict(decision=decision, reasons=reasons, guards={}, decided_by="guards"))
+    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    return folder
+
+
+MMS = "facebook/mms-1b-all"
+
+
+VOCABS = {"eng": ["<pad>", "<s>", "</s>", "<unk>", "|", "e", "t", "a"],
+          "kmr-script_latin": ["<pad>", "<s>", "</s>", "<unk>", "|", "ê", "ç", "ş", "î", "û", "a"]}
+
+
+def tiny_mms(offline_home):
+    """A Wav2Vec2ForCTC with adapter layers, a nested vocabulary and one adapter file per language, laid out as
+    huggingface_hub caches facebook/mms-1b-all. Returns {lang: adapter weights}."""
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(VOCABS["eng"]), hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=16, conv_dim=(8, 8), conv_stride=(5, 4),
+                            conv_kernel=(10, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+                            pad_token_id=0, adapter_attn_dim=4, do_stable_layer_norm=True, feat_extract_norm="layer")
+    model = Wav2Vec2ForCTC(config)
+    adapters = {}
+    for i, (lang, letters) in enumerate(VOCABS.items()):
+        torch.manual_seed(10 + i)
+        weights = {k: torch.randn_like(v) for k, v in model._get_adapters().items()}
+        weights["lm_head.weight"] = torch.randn(len(letters), 16)
+        weights["lm_head.bias"] = torch.randn(len(letters))
+        adapters[lang] = weights
+    folder = os.path.join(offline_home, "build")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({lang: {ch: i for i, ch in enumerate(letters)} for lang, letters in VOCABS.items()}, f,
+                  ensure_ascii=False)
+    tokenizer = Wav2Vec2CTCTokenizer(os.path.join(folder, "vocab.json"), target_lang="eng")
+    tokenizer.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
+    model.save_pretrained(folder)
+    files = {name: (lambda p, src=os.path.join(folder, name): os.replace(src, p)) for name in os.listdir(folder)}
+    for lang, weights in adapters.items():
+        files[f"adapter.{lang}.safetensors"] = lambda p, w=weights: save_file(w, p)
+    hub_cache(offline_home, MMS, files)
+    return adapters

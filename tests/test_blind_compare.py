@@ -19,9 +19,7 @@ from voicetune.feedback import blind_compare
 from voicetune.common import run_files
 from voicetune.feedback import listening
 from voicetune.common import page_server
-from tests.conftest import FEEDBACK_TEXTS
-from tests.test_listening import Served, chromium, raw_request
-from tests.test_run_report import screenshot
+from conftest import FEEDBACK_TEXTS, chromium, raw_request, screenshot, Served
 from examples.make_release import SENTENCES
 
 

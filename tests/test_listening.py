@@ -6,7 +6,6 @@ import http.client
 import io
 import json
 import os
-import queue
 import shutil
 import socket
 import threading
@@ -25,55 +24,10 @@ from voicetune.common import page_server
 from voicetune.common import speech
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
+from conftest import chromium, raw_request, Served
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 LISTENED = [SENTENCES[0], "Ew $25 e.", SENTENCES[1]]  # the line with a sign it has no reading for is left out
-
-
-class Served:
-    """train_feedback.main(argv) serving in a thread; requests go to its port on 127.0.0.1."""
-
-    def __init__(self, argv, monkeypatch):
-        serving = queue.Queue()
-        real = page_server.make_server
-
-        def capture(*args):
-            server = real(*args)
-            serve = server.serve_forever
-            server.serve_forever = lambda: serving.put(server) or serve()  # after the start-up lines are printed
-            return server
-
-        monkeypatch.setattr(page_server, "make_server", capture)
-        self.code = []
-        self.thread = threading.Thread(target=lambda: self.code.append(tf.main(argv)))
-        self.thread.start()
-        self.server = None
-        while self.server is None:
-            try:
-                self.server = serving.get(timeout=1)
-            except queue.Empty:
-                assert self.thread.is_alive(), f"main() returned {self.code} instead of serving"
-        monkeypatch.setattr(page_server, "make_server", real)
-        self.port = self.server.server_address[1]
-
-    def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, data
-
-    def save(self, index, audio_bytes, text, content_type="audio/wav"):
-        from urllib.parse import quote
-        status, data = self.request("POST", f"/api/save/{index}?text={quote(text)}", audio_bytes,
-                                    {"Content-Type": content_type})
-        return status, json.loads(data)
-
-    def stop(self):
-        self.server.shutdown()
-        self.thread.join()
-        assert self.code == [0]
 
 
 def wav_bytes(audio, sr, fmt="WAV", subtype=None):
@@ -314,24 +268,6 @@ def test_listening_beyond_this_machine_needs_a_flag(tiny_model_dir, tmp_path, ca
     assert "--allow_remote" in capsys.readouterr().err
     args = tf.parse_args(["--listen", str(tmp_path), "--model", tiny_model_dir, "--host", "0.0.0.0", "--allow_remote"])
     assert args.host == "0.0.0.0" and args.output_dir == str(tmp_path)
-
-
-def raw_request(port, method, path, headers=(), body=b"", address="127.0.0.1"):
-    """One request with exactly `headers` (http.client adds no Host, Content-Length or Accept-Encoding):
-    (status, headers, JSON answer or raw body)."""
-    conn = http.client.HTTPConnection(address, port, timeout=30)
-    try:
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        conn.endheaders(body or None)
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
-    if response.getheader("Content-Type") == "application/json":
-        data = json.loads(data) if data else {}  # (no body to a HEAD)
-    return response.status, response, data
 
 
 def raw_bytes(port, data, half_close=False, wait_s=30):
@@ -600,30 +536,6 @@ def test_a_take_shorter_than_a_third_of_a_second_is_refused(session):
     assert sorted(os.listdir(feedback)) == before
     status, answer = served.save(0, wav_bytes(tone(0.4, 48000, start=1.0, total=2.4), 48000), SENTENCES[0])
     assert status == 200, answer
-
-
-def chromium(tmp_path, capture_wav=None, network_log=False):
-    """Headless Debian Chromium via Selenium, its microphone fed from `capture_wav`; skips with the reason.
-    network_log: keep the DevTools performance log (every request the page makes, get_log("performance"))."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    binary, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
-    if not (os.path.isfile(binary) and driver):
-        pytest.skip("no chromium and chromedriver on this machine (apt install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 *([f"--use-file-for-fake-audio-capture={capture_wav}"] if capture_wav else []),
-                 "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,760",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        options.add_argument(flag)
-    if network_log:
-        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    try:
-        return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-    except Exception as err:  # noqa: BLE001 - any start failure is a skip with its reason, never a pass
-        pytest.skip(f"headless chromium did not start: {str(err).splitlines()[0]}")
 
 
 def test_a_take_recorded_in_headless_chromium_lands_as_a_pair(session, tmp_path):

@@ -17,7 +17,7 @@ from voicetune.common import speech
 from voicetune.feedback import blind_compare
 from voicetune.feedback import listening
 from voicetune.common import page_server
-from tests.test_listening import raw_request
+from conftest import raw_request
 
 
 class Page:

@@ -22,6 +22,7 @@ from examples.tiny_model import make_tokenizer, tiny_config
 from voicetune.common import speech
 from voicetune.voice import piper_voice
 from voicetune.voice import speaking
+from conftest import free_port, wyoming_talk
 
 HOP = 256  # the tiny model's upsampling: 8 * 8 * 2 * 2
 NAME = "ku_TR-dilan-low"
@@ -120,27 +121,6 @@ def test_a_piper_voice_that_differs_from_torch_is_not_written(tiny_model_dir, tm
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("error: --export_piper") and "piper says" in err and err.endswith("not written")
     assert os.listdir(tmp_path) == []
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wyoming_talk(port, events):
-    """Send `events` to the Wyoming server on 127.0.0.1:port; every event it answers until audio-stop or info."""
-    from wyoming.client import AsyncTcpClient
-
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        for event in events:
-            await client.write_event(event)
-        answers = []
-        while True:
-            event = await asyncio.wait_for(client.read_event(), 60)
-            answers.append(event)
-            if event is None or event.type in ("audio-stop", "info", "error"):
-                return answers
 
 
 def wyoming_ready(port, process, seconds=60):

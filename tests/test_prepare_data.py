@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from tests.conftest import GOOD_CLIPS
 
 import prepare_data
 from voicetune.common import run_folder
@@ -24,7 +23,7 @@ from voicetune.common import speech
 from voicetune.data import selection
 from voicetune.data import sources
 from voicetune.data import training_set
-from conftest import ROOT, one_error_line, tree
+from conftest import GOOD_CLIPS, ROOT, one_error_line, tree
 from examples.make_release import BAD_KINDS, write_tsv
 
 

@@ -15,7 +15,7 @@ from voicetune.common import run_files
 from voicetune.feedback import blind_compare
 from voicetune.feedback import verdict
 from voicetune.night import run_report
-from tests.test_listening import chromium
+from conftest import chromium, screenshot
 
 PY = run_files.interpreter()  # what the next-step commands start with (test_run_files pins the rule)
 
@@ -66,15 +66,6 @@ def render(browser, folder, png=None):
     if png:
         screenshot(browser, png)
     return players, charts, text, requested, violations
-
-
-def screenshot(browser, path):
-    """The whole page as a PNG at `path`, or in docs/ under the same name with DOCS_SCREENSHOTS=1."""
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1000, height + 120)
-    browser.save_screenshot(path if os.environ.get("DOCS_SCREENSHOTS") != "1"
-                            else os.path.join(DOCS, os.path.basename(path)))
-    browser.set_window_size(1000, 760)
 
 
 def as_a_user_sees_it(browser, folder, home, run, png, args, monkeypatch, model=None):

@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import save_file
-from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 from voicetune.common import run_errors
 import train_vits
 from voicetune.feedback import verdict
 from voicetune.night import vits_trainer
 from voicetune.voice import voice_quality
-from conftest import hub_cache, one_error_line, quick
+from conftest import MMS, one_error_line, quick, tiny_mms
 
 
 def figures(before, after):
@@ -334,46 +332,6 @@ def test_reconsider_writes_report_json_under_a_temporary_name_and_renames_it_in(
     temp, content = renamed[0]
     assert temp in written and os.path.dirname(temp) == str(tmp_path)  # one folder: a rename, not a copy
     assert content["verdict"] == result and content["listening"]["input_preferred"] == 6
-
-
-# ----------------------------------------------------------------------------------------------------
-# The multilingual recogniser: facebook/mms-1b-all's layout in a cache, tiny.
-
-MMS = "facebook/mms-1b-all"
-VOCABS = {"eng": ["<pad>", "<s>", "</s>", "<unk>", "|", "e", "t", "a"],
-          "kmr-script_latin": ["<pad>", "<s>", "</s>", "<unk>", "|", "ê", "ç", "ş", "î", "û", "a"]}
-
-
-def tiny_mms(offline_home):
-    """A Wav2Vec2ForCTC with adapter layers, a nested vocabulary and one adapter file per language, laid out as
-    huggingface_hub caches facebook/mms-1b-all. Returns {lang: adapter weights}."""
-    torch.manual_seed(0)
-    config = Wav2Vec2Config(vocab_size=len(VOCABS["eng"]), hidden_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=16, conv_dim=(8, 8), conv_stride=(5, 4),
-                            conv_kernel=(10, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
-                            pad_token_id=0, adapter_attn_dim=4, do_stable_layer_norm=True, feat_extract_norm="layer")
-    model = Wav2Vec2ForCTC(config)
-    adapters = {}
-    for i, (lang, letters) in enumerate(VOCABS.items()):
-        torch.manual_seed(10 + i)
-        weights = {k: torch.randn_like(v) for k, v in model._get_adapters().items()}
-        weights["lm_head.weight"] = torch.randn(len(letters), 16)
-        weights["lm_head.bias"] = torch.randn(len(letters))
-        adapters[lang] = weights
-    folder = os.path.join(offline_home, "build")
-    os.makedirs(folder)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({lang: {ch: i for i, ch in enumerate(letters)} for lang, letters in VOCABS.items()}, f,
-                  ensure_ascii=False)
-    tokenizer = Wav2Vec2CTCTokenizer(os.path.join(folder, "vocab.json"), target_lang="eng")
-    tokenizer.save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
-    model.save_pretrained(folder)
-    files = {name: (lambda p, src=os.path.join(folder, name): os.replace(src, p)) for name in os.listdir(folder)}
-    for lang, weights in adapters.items():
-        files[f"adapter.{lang}.safetensors"] = lambda p, w=weights: save_file(w, p)
-    hub_cache(offline_home, MMS, files)
-    return adapters
 
 
 def test_mms_1b_all_transcribes_with_the_kurmanji_adapter_offline(offline_cache, tmp_path):

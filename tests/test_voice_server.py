@@ -19,9 +19,8 @@ import soundfile as sf
 
 import speak
 import train_feedback as tf
-from test_piper import free_port, wyoming_talk
-from test_voices import fake_run
 from voicetune.voice import voice_server
+from conftest import fake_run, free_port, wyoming_talk
 
 
 def start(data_dir, *flags):

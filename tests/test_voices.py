@@ -10,45 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from transformers import VitsModel
 
-from voicetune.voice import models
 from voicetune.common import run_files
 from voicetune.common import run_folder
 import train_feedback as tf
 from voicetune.voice import voices
 from examples.make_release import SENTENCES
 from voicetune.voice import voice_quality
-from conftest import FEEDBACK_QUICK
-from test_verdict import MMS, tiny_mms
-
-
-def tuned_copy(voice, out, seed):
-    """A voice folder like `voice` with other weights: what a feedback run leaves in final_model/."""
-    model, tokenizer = models.load_voice(voice)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    models.prepare_for_training(model)
-    models.export_voice(model, tokenizer, models.VitsDiscriminator(max_channels=64), out)
-    return out
-
-
-def fake_run(folder, input_voice, decision, seed):
-    """A finished feedback run of `input_voice` whose verdict is `decision`."""
-    tuned_copy(input_voice, os.path.join(folder, "final_model"), seed)
-    reasons = ["keep: held-out feedback mel 2.000 -> 1.800 (-10%, must fall): 1 of 1 clips better"] if \
-        decision == "keep" else ["reject: held-out original mel 1.862 -> 2.410 (+29%, limit +3%): the voice got "
-                                 "worse on what it knew"]
-    report = dict(status="done", model=input_voice, model_sha256=run_files.model_fingerprint(input_voice),
-                  before={}, validation_mel=dict(feedback=dict(before=2.0, after=1.8, change=-0.2),
-                                                 original=dict(before=1.862, after=2.41, change=0.548)),
-                  quality={}, verdict=dict(decision=decision, reasons=reasons, guards={}, decided_by="guards"))
-    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f)
-    return folder
+from conftest import FEEDBACK_QUICK, MMS, fake_run, tiny_mms
 
 
 @pytest.fixture(scope="module")
