@@ -99,3 +99,15 @@ def test_bench_speak_times_torch_onnxruntime_and_sherpa_onnx(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| engine | threads | real-time factor | faster than real time |" in out
     assert sum(line.startswith(("| torch |", "| onnxruntime |", "| sherpa-onnx |")) for line in out.splitlines()) == 6
+
+
+def test_bench_serve_times_both_runtimes_at_one_and_four_clients(capsys):
+    from benchmarks import bench_serve
+
+    rows = bench_serve.main(["--model_size", "tiny", "--requests", "1"])
+    assert [(r["runtime"], r["clients"]) for r in rows] == [
+        (runtime, clients) for runtime in ("torch", "onnxruntime") for clients in (1, 4)]
+    assert all(r["requests_per_s"] > 0 and 0 < r["first_audio_median_s"] <= r["first_audio_max_s"] for r in rows)
+    out = capsys.readouterr().out
+    assert "| runtime | clients | requests/s | time to first audio, median (s) | worst (s) |" in out
+    assert sum(line.startswith(("| torch |", "| onnxruntime |")) for line in out.splitlines()) == 4
