@@ -276,11 +276,16 @@ class ClipSet:
 def split_validation(clips, val_size, at_least_one=False):
     """(train, held-out) ClipSets: as many held out as training_flags.held_out_count says, chosen by a hash
     of their names, so the split is the same on every run and resume."""
-    val_size = training_flags.held_out_count(len(clips), val_size, at_least_one)
-    order = sorted(range(len(clips)), key=lambda i: hashlib.sha1(clips.names[i].encode()).hexdigest())
-    val = sorted(order[:val_size])
-    held = set(val)
-    return clips.subset([i for i in range(len(clips)) if i not in held]), clips.subset(val)
+    held = held_out_names(clips.names, val_size, at_least_one)
+    return (clips.subset([i for i, n in enumerate(clips.names) if n not in held]),
+            clips.subset([i for i, n in enumerate(clips.names) if n in held]))
+
+
+def held_out_names(names, val_size, at_least_one=False):
+    """The names split_validation holds out of `names` (the listening queue reads their transcripts from
+    metadata.csv without loading a clip)."""
+    count = training_flags.held_out_count(len(names), val_size, at_least_one)
+    return set(sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:count])
 
 
 def bucket_batches(lengths, batch_size, seed):
