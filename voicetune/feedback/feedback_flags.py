@@ -184,6 +184,8 @@ def parse(argv=None, description=None):
             parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.min_held_out < 1:
         parser.error(f"--min_held_out must be at least 1, got {args.min_held_out}")
+    if args.pool and args.listen is None:
+        parser.error("--pool goes with --listen N (a new session from the listening queue)")
     if args.compare is not None:
         if args.listen is not None or args.make_session:
             parser.error("--compare serves a page of its own: give it without --listen or --make_session")
@@ -217,8 +219,6 @@ def parse(argv=None, description=None):
         parser.error(f"--feedback_weight must be positive, got {args.feedback_weight}")
     if args.make_session and not os.path.isfile(args.make_session):
         parser.error(f"--make_session: no sentence file at {args.make_session}")
-    if args.pool and args.listen is None:
-        parser.error("--pool goes with --listen N (a new session from the listening queue)")
     if args.listen is not None:
         if args.make_session:
             parser.error("give --make_session or --listen, not both (--listen makes the kit itself)")

@@ -6,8 +6,9 @@ examples/sentences.txt; less what is recorded already or was marked good for thi
 (docs/feedback.md): rarity (letters, letter pairs and number words the training transcripts hold fewer than
 RARE_BELOW times), instability (the spread of the predicted durations over SEEDS noise draws; with --asr_model
 also the spread of the recogniser's character error rate), intelligibility (with --asr_model: the character
-error rate of the voice's own rendition) and history (likeness to sentences marked needs work before). Each
-score becomes a percentile within the pool; a sentence ranks by its best one, which is its reason.
+error rate of the voice's own rendition) and history (likeness to sentences marked needs work before). A
+sentence ranks by its best place in any one score's order (the first of each, then the second of each, ...);
+that score is its reason.
 
 One sentence in five of a session drawn from the pool is a control, drawn at random from the pool's rest and
 shown like any other; the marks of ranked against control sentences, session by session, say whether the
@@ -148,9 +149,12 @@ def unit_counts(texts, vocab):
 
 
 def rarity(candidate, counts):
-    """(share of the sentence's units held fewer than RARE_BELOW times, those units, rarest first)."""
+    """(share of the sentence's units held fewer than RARE_BELOW times, those units: rarest first, letters
+    before number words before letter pairs)."""
     found = units(candidate["reads"], candidate["sentence"])
-    rare = sorted((u for u in found if counts.get(u, 0) < RARE_BELOW), key=lambda u: (counts.get(u, 0), u))
+    kind = {1: 0, 2: 2}
+    rare = sorted((u for u in found if counts.get(u, 0) < RARE_BELOW),
+                  key=lambda u: (counts.get(u, 0), kind.get(len(u), 1), u))
     return (len(rare) / len(found) if found else 0.0), rare
 
 
@@ -215,13 +219,12 @@ def asr_scores(model, tokenizer, speaker_id, candidates, asr_model, asr_lang):
             c["cer"], c["cer_spread"] = float(rates.mean()), float(rates.std(unbiased=False))
 
 
-def percentiles(values):
-    """Each value's share of the measured values (not None) strictly below it; 0 for a value of 0 or None."""
-    measured = sorted(v for v in values if v is not None)
-    below = {}
-    for i, v in enumerate(measured):
-        below.setdefault(v, i)
-    return [below[v] / max(1, len(measured) - 1) if v else 0.0 for v in values]
+def places(values):
+    """Each value's place when the values above 0 are put highest first (1 first, equal values the same
+    place); None for 0 or None (not measured): that signal says nothing of it."""
+    ordered = sorted({v for v in values if v}, reverse=True)
+    place = {v: i for i, v in enumerate(ordered, 1)}
+    return [place.get(v) if v else None for v in values]
 
 
 def reason_words(candidate, signal):
@@ -237,13 +240,15 @@ def reason_words(candidate, signal):
 
 
 def rank(candidates):
-    """The candidates, best first: each by its highest percentile over SIGNALS (ties by their sum, then the
-    text), its `reason` that signal in words, its `rank` its place (1 first)."""
-    table = {s: percentiles([c.get(s) for c in candidates]) for s in SIGNALS}
+    """The candidates, best first: each by its best place in any one signal's order (the first of every signal,
+    then the second of every signal, ...: no one signal fills the queue), ties by the sum of its places, then
+    the text; its `reason` that signal in words, its `rank` its place in the queue (1 first)."""
+    table = {s: places([c.get(s) for c in candidates]) for s in SIGNALS}
+    last = len(candidates) + 1
     for i, c in enumerate(candidates):
-        scores = {s: table[s][i] for s in SIGNALS}
-        c["signal"] = max(SIGNALS, key=lambda s: (scores[s], -SIGNALS.index(s)))
-        c["order"] = (-scores[c["signal"]], -sum(scores.values()), c["sentence"])
+        mine = {s: table[s][i] or last for s in SIGNALS}
+        c["signal"] = min(SIGNALS, key=lambda s: (mine[s], SIGNALS.index(s)))
+        c["order"] = (mine[c["signal"]], sum(mine.values()), c["sentence"])
         c["reason"] = reason_words(c, c["signal"])
     ranked = sorted(candidates, key=lambda c: c["order"])
     for place, c in enumerate(ranked, 1):
