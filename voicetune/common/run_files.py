@@ -264,6 +264,7 @@ FEEDBACK_MODELS = "feedback_models"  # feedback runs, a folder each, named by it
 
 
 SESSION = "session.json"  # a listening session's state, in its folder under sessions/
+QUEUE = "queue.tsv"  # a listening session's sentences as the queue ranked them (feedback/listen_queue.py)
 
 
 def newest_session(sessions_dir):

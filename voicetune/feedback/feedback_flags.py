@@ -16,6 +16,7 @@ from voicetune.night import training_flags
 from voicetune.voice import voices
 
 VAL_SIZE = 100  # --val_size here: the held-out clips' cap (the listening page counts with it)
+QUEUE_SIZE = 20  # sentences of a session drawn from the listening queue when --listen names no number
 
 
 
@@ -62,11 +63,17 @@ def build_parser(description):
                         "choices, pooled, go into RUN_DIR/report.json and the verdict. Served like --listen "
                         "(--host, --port, --allow_remote); running it again continues.")
     g = p.add_argument_group("listening session")
-    g.add_argument("--listen", nargs="?", const="", default=None, metavar="SENTENCES.txt|SESSION",
+    g.add_argument("--listen", nargs="?", const="", default=None, metavar="N|SENTENCES.txt|SESSION",
                    help="Only serve the listening-session page: hear --model say each sentence, mark it, record "
-                        "corrections into --feedback_dir. A sentence file (UTF-8, one a line: examples/sentences.txt) "
-                        "starts a new session (a --make_session kit); a kit or session folder continues it; no "
-                        "value: the newest session.")
+                        "corrections into --feedback_dir. A number N starts a new session of the N sentences the "
+                        "voice most likely says badly (the listening queue, drawn from the held-out clips' "
+                        "transcripts, --pool files and examples/sentences.txt; one in five a random control; "
+                        "docs/feedback.md); a sentence file (UTF-8, one a line) starts a new session of its "
+                        "sentences, worst first (a --make_session kit); a kit or session folder continues it; no "
+                        f"value: the newest session, or a queue of {QUEUE_SIZE} when there is none.")
+    g.add_argument("--pool", action="append", default=None, metavar="SENTENCES.txt",
+                   help="With --listen N: more sentences for the queue to choose from (UTF-8, one a line); give it "
+                        "again for more files.")
     page_server.add_address_flags(g)
     g = p.add_argument_group("verdict (on held-out clips only: the tune is kept only if it is better)")
     g.add_argument("--max_worse_mel", type=float, default=verdict.TOLERANCES["max_worse_mel"],
@@ -112,13 +119,22 @@ def build_parser(description):
 
 
 def check_listen_args(parser, args, sessions_dir):
-    """--listen's source (a sentence file, a session folder, or the newest session) and a safe address."""
+    """--listen's source (a number of sentences from the queue as args.listen_count, a sentence file, a session
+    folder, or the newest session) and a safe address."""
+    args.listen_count = None
     if args.listen == "":
-        args.listen = run_files.newest_session(sessions_dir)
-        if args.listen is None:
-            parser.error(f"--listen: no session under {sessions_dir} to continue (give a sentence file)")
+        args.listen = run_files.newest_session(sessions_dir) or str(QUEUE_SIZE)
+    if args.listen.isdigit() and not os.path.exists(args.listen):
+        args.listen_count = int(args.listen)
+        if args.listen_count < 1:
+            parser.error(f"--listen {args.listen}: a session needs at least 1 sentence")
     elif not os.path.exists(args.listen):
         parser.error(f"--listen: no sentence file or session folder at {args.listen}")
+    for path in args.pool or []:
+        if not os.path.isfile(path):
+            parser.error(f"--pool: no sentence file at {path}")
+    if args.pool and args.listen_count is None:
+        parser.error("--pool goes with --listen N (a new session from the listening queue)")
     if os.path.isdir(args.listen):
         args.output_dir = args.listen
     page_server.check_address_args(parser, args)
@@ -168,6 +184,8 @@ def parse(argv=None, description=None):
             parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.min_held_out < 1:
         parser.error(f"--min_held_out must be at least 1, got {args.min_held_out}")
+    if args.pool and args.listen is None:
+        parser.error("--pool goes with --listen N (a new session from the listening queue)")
     if args.compare is not None:
         if args.listen is not None or args.make_session:
             parser.error("--compare serves a page of its own: give it without --listen or --make_session")

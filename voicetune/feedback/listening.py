@@ -24,6 +24,7 @@ from transformers import VitsConfig
 from voicetune.common import distributed
 from voicetune.feedback import feedback_flags
 from voicetune.feedback import feedback_run
+from voicetune.feedback import listen_queue
 from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
@@ -62,9 +63,11 @@ class Session:
     """
 
     def __init__(self, folder, feedback_dir, voice, rows, sampling_rate, vocab, last_number=0, speaker_id=None,
-                 data_dir=None):
+                 data_dir=None, sessions_dir=None):
         self.folder, self.feedback_dir, self.voice, self.speaker_id = folder, feedback_dir, voice, speaker_id
         self.data_dir = data_dir  # the training folder the tune replays, named in the page's command
+        # A session drawn from the listening queue also keeps the queue's figures (its report.json).
+        self.sessions_dir = sessions_dir if os.path.isfile(os.path.join(folder, run_files.QUEUE)) else None
         self.rows, self.sampling_rate, self.vocab = rows, sampling_rate, vocab
         self.last_number = max([last_number] + [saved_number(r["saved"]) for r in rows])
         self.lock = threading.Lock()
@@ -93,7 +96,9 @@ class Session:
         return dict(rows=self.rows, heard=heard, total=len(self.rows), corrections=corrections,
                     progress=f"{heard} of {len(self.rows)} heard, {corrections} correction{'s' * (corrections != 1)}",
                     outlook=verdict.outlook(recorded, feedback_flags.VAL_SIZE)["line"], feedback_dir=self.feedback_dir,
-                    command=run_files.tune_command(self.voice, self.data_dir, self.feedback_dir, self.speaker_id))
+                    command=run_files.tune_command(self.voice, self.data_dir, self.feedback_dir, self.speaker_id),
+                    session=os.path.basename(os.path.abspath(self.folder)),
+                    queue=listen_queue.worth(self.folder, self.sessions_dir) if self.sessions_dir else None)
 
     def mark(self, index, mark):
         if mark not in MARKS:
@@ -133,6 +138,8 @@ class Session:
                     last_number=self.last_number, sentences=self.rows)
         run_folder.write_atomically(os.path.join(self.folder, SESSION_FILE),
                                     json.dumps(data, indent=2, ensure_ascii=False), durable=False)
+        if self.sessions_dir:
+            listen_queue.write_report(self.folder, self.sessions_dir)
 
 
 def decode_upload(data, sampling_rate):
@@ -204,15 +211,23 @@ def plain_text(text):
 # ----------------------------------------------------------------------------------------------------
 # The session kit (--make_session): the voice's audio and the text of each sentence, read back below.
 
-def make_session(args):
-    """Speak every sentence of args.make_session with args.model into OUTPUT_DIR/model/sNNN.wav and write
-    sNNN.txt: recordings saved as sNNN.wav beside them make the folder a feedback folder as it is."""
-    with open(args.make_session, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+def load_voice(args):
+    """(model on --device, tokenizer, the letters it says, the speaker the session speaks with)."""
     model, tokenizer = speaking.load(args.model)
     _, vocab = speech.load_vocab(args.model)
     speaker = speakers.feedback_speaker(model.config, speakers.read_table(args.model), args.speaker_id)
     model.to(distributed.resolve_device(args.device))
+    return model, tokenizer, vocab, speaker
+
+
+def make_session(args, lines=None, voice=None):
+    """Speak every sentence of args.make_session (or `lines`) with args.model (or `voice`, load_voice's) into
+    OUTPUT_DIR/model/sNNN.wav and write sNNN.txt: recordings saved as sNNN.wav beside them make the folder a
+    feedback folder as it is. Returns (the folder, [(sNNN, line)] of the sentences spoken)."""
+    if lines is None:
+        with open(args.make_session, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    model, tokenizer, vocab, speaker = voice or load_voice(args)
     rows, spoken, unspeakable = [], [], []
     for line in lines:
         text, reason = speech.clean_text(line, vocab)
@@ -223,7 +238,8 @@ def make_session(args):
         rows.append((f"{name}.wav", line))
         spoken.append(text)
     if not rows:
-        raise run_errors.TrainingError(f"--make_session {args.make_session}: no sentence the voice can say")
+        raise run_errors.TrainingError(f"--make_session {args.make_session or args.listen}: no sentence the voice "
+                                       "can say")
     out = args.output_dir
     model_dir = os.path.join(out, "model")
     speak_lines.speak_files(speaking.TorchVoice(model, tokenizer, speaker, speaking.SAMPLE_MAX_SECONDS),
@@ -237,7 +253,7 @@ def make_session(args):
         print(f"left out ({reason}): {line}")
     print(f"session kit: {len(rows)} sentences in {out} (README.txt says how to record: with the listening page "
           f"into {args.feedback_dir}, or by hand into {out})")
-    return out
+    return out, [(os.path.splitext(wav)[0], line) for wav, line in rows]
 
 
 def kit_readme(args, out, speaker):
@@ -298,13 +314,15 @@ def open_session(folder, args):
     bad = [r["id"] for r in rows if not re.fullmatch(r"[\w.-]+", r["id"]) or r["id"].strip(".") == ""]
     if bad:
         raise run_errors.TrainingError(f"{path}: sentence ids must be plain names, got {bad[:3]}")
-    speakable = []
+    speakable, queued = [], listen_queue.read(folder)
     for r in rows:
         text, reason = speech.clean_text(r["text"], vocab)
         if reason:
             print(f"left out ({reason}): {plain_text(r['text'])}")
         else:
             r["reads"] = text  # the words the voice says (numbers read out), shown on the page
+            if r["id"] in queued:
+                r["reason"] = queued[r["id"]]["reason"]  # which signal put it in the queue, shown on the page
             speakable.append((r, text))
     if not speakable:
         raise run_errors.TrainingError(f"--listen {folder}: no sentence the voice can say")
@@ -318,7 +336,7 @@ def open_session(folder, args):
     if stale:
         speak(stale, folder, args, speaker)
     session = Session(folder, args.feedback_dir, args.model, rows, config.sampling_rate, vocab, last_number, speaker,
-                      args.data_dir)
+                      args.data_dir, os.path.join(args.data_dir, run_files.SESSIONS))
     with session.lock:
         session.write()
     return session
@@ -365,13 +383,39 @@ class Handler(page_server.Handler):
 
 
 def listen(args):
-    """--listen: a new kit from a sentence file (as --make_session makes it), then the page on the session."""
-    if os.path.isfile(args.listen):
+    """--listen: a new kit (as --make_session makes it) of the queue's sentences or a sentence file's, with its
+    queue.tsv, then the page on the session."""
+    if args.listen_count or os.path.isfile(args.listen):
         # The address tried first: a port in use is said before the voice has spoken every sentence.
         page_server.make_server(Handler, None, args.host, args.port).server_close()
-        args.make_session = args.listen
-        args.listen = make_session(args)
+        args.listen = make_queued_session(args)
     serve(args.listen, args)
+
+
+def make_queued_session(args):
+    """A new kit: args.listen_count sentences of the listening queue (one in five a control), or a sentence
+    file's, all of them in the file's order; queue.tsv beside it holds each one's rank, scores and reason."""
+    voice = load_voice(args)
+    model, tokenizer, vocab, speaker = voice
+    lines = None
+    if not args.listen_count:
+        args.make_session = args.listen
+        with open(args.listen, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    print(f"ranking {'the pool' if lines is None else args.listen} with {args.model} ...")
+    rows = listen_queue.build(args, model, tokenizer, vocab, speaker, lines)
+    if not rows:
+        raise run_errors.TrainingError("--listen: no sentence left in the pool that is not recorded or marked good "
+                                       "for this voice already (add sentences with --pool FILE)")
+    if lines is not None:
+        order = {line: i for i, line in reversed(list(enumerate(lines)))}
+        rows.sort(key=lambda r: order[r["sentence"]])
+        lines = [r["sentence"] for r in rows] + [line for line in lines if speech.clean_text(line, vocab)[1]]
+    folder, named = make_session(args, lines or [r["sentence"] for r in rows], voice)
+    for r, (name, _) in zip(rows, named):
+        r["id"] = name
+    listen_queue.write(folder, rows)
+    return folder
 
 
 def serve(folder, args):
