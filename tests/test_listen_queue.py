@@ -10,7 +10,7 @@ import os
 import pytest
 
 import train_feedback as tf
-from test_listening import Served, chromium
+from conftest import Served, chromium
 from voicetune.common import run_files
 from voicetune.feedback import feedback_flags
 from voicetune.feedback import listen_queue

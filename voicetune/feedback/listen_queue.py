@@ -35,8 +35,7 @@ from voicetune.voice import speak_lines
 from voicetune.voice import speaking
 from voicetune.voice import voice_quality
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-EXAMPLES = os.path.join(ROOT, run_files.EXAMPLE_SENTENCES)
+EXAMPLES = os.path.join(run_files.REPOSITORY, run_files.SENTENCES)
 CONTROL_SHARE = 0.2
 SEEDS = 4  # noise draws of the duration predictor per sentence
 ASR_SEEDS = 2  # renditions per sentence heard by the recogniser (each is a whole synthesis)
