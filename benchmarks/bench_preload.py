@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from voicetune.night import clip_data  # noqa: E402
 from voicetune.common import speech  # noqa: E402
+from voicetune.night import clip_data  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 TARGET_CLIPS, TARGET_HOURS = 42139, 23.0

@@ -40,13 +40,13 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 from transformers import VitsModel  # noqa: E402
 
+from voicetune.common import speech  # noqa: E402
 from voicetune.night import checkpoints  # noqa: E402
 from voicetune.night import clip_data  # noqa: E402
-from voicetune.voice import models  # noqa: E402
-from voicetune.voice import speakers  # noqa: E402
-from voicetune.common import speech  # noqa: E402
 from voicetune.night import training_flags  # noqa: E402
 from voicetune.night import vits_trainer  # noqa: E402
+from voicetune.voice import models  # noqa: E402
+from voicetune.voice import speakers  # noqa: E402
 from voicetune.voice import voice_quality  # noqa: E402
 from benchmarks.common import DATA_DIR, SAMPLING_RATE  # noqa: E402
 from examples.make_release import SENTENCES, espeak_clip  # noqa: E402

@@ -26,9 +26,9 @@ except ImportError:  # run as a script
     from benchmarks import common
 
 from voicetune.common import kurmanji_text  # noqa: E402
+from voicetune.common import speech  # noqa: E402
 from voicetune.voice import onnx_voice  # noqa: E402
 from voicetune.voice import speaking  # noqa: E402
-from voicetune.common import speech  # noqa: E402
 
 
 def candidate_texts():

@@ -56,15 +56,15 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from voicetune.common import distributed  # noqa: E402
+from voicetune.common import run_errors  # noqa: E402
+from voicetune.common import speech  # noqa: E402
 from voicetune.night import alignment  # noqa: E402
 from voicetune.night import clip_data  # noqa: E402
-from voicetune.common import distributed  # noqa: E402
-from voicetune.voice import models  # noqa: E402
-from voicetune.common import run_errors  # noqa: E402
-from voicetune.voice import spectrogram  # noqa: E402
-from voicetune.common import speech  # noqa: E402
 from voicetune.night import training_flags  # noqa: E402
 from voicetune.night import vits_trainer  # noqa: E402
+from voicetune.voice import models  # noqa: E402
+from voicetune.voice import spectrogram  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 

@@ -321,8 +321,8 @@ def feedback_run(night_run, prepared_dataset, tmp_path_factory):
     data, as prepare_data.py wrote it). home/training/feedback holds the corrections
     (audio_001..004 pairs) of the listening session in home/training/sessions/2026-12-05, which marked one more
     sentence good, one needs work (corrected as audio_002) and left one unheard. Treat as read-only."""
-    from voicetune.feedback import listening
     from voicetune.common import speech
+    from voicetune.feedback import listening
     from examples.make_release import SENTENCES, espeak_clip
 
     home = tmp_path_factory.mktemp("morning")

@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 from scipy.stats import binomtest
 
-from voicetune.feedback import blind_compare
-from voicetune.common import run_files
-from voicetune.feedback import listening
 from voicetune.common import page_server
+from voicetune.common import run_files
+from voicetune.feedback import blind_compare
+from voicetune.feedback import listening
 from conftest import FEEDBACK_TEXTS, chromium, raw_request, screenshot, Served
 from examples.make_release import SENTENCES
 

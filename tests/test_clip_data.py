@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from voicetune.common import run_errors
 from voicetune.night import clip_data
 from voicetune.voice import models
-from voicetune.common import run_errors
 import train_vits
 from voicetune.night import vits_trainer
 from conftest import ragged_items

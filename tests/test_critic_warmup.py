@@ -8,8 +8,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from voicetune.night import planning
 from voicetune.common import speech
+from voicetune.night import planning
 import train_feedback
 import train_vits
 from voicetune.night import vits_trainer

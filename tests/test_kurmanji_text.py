@@ -83,9 +83,9 @@ def test_a_feedback_text_with_digits_trains_as_words(tiny_model_dir, tmp_path):
     """audio_NNN.txt saying "25" trains the voice on bîst û pênc (speech.clean_text reads numbers everywhere)."""
     import soundfile as sf
 
+    from voicetune.common import speech
     from voicetune.feedback import feedback_run
     from voicetune.voice import models
-    from voicetune.common import speech
     from examples.make_release import espeak_clip
 
     folder = tmp_path / "feedback"

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voicetune.feedback import feedback_flags
-from voicetune.common import run_files
-from voicetune.feedback import listening
 from voicetune.common import page_server
+from voicetune.common import run_files
 from voicetune.common import speech
+from voicetune.feedback import feedback_flags
+from voicetune.feedback import listening
 import train_feedback as tf
 from examples.make_release import SENTENCES, espeak_clip
 from conftest import chromium, raw_request, Served

@@ -19,11 +19,11 @@ import safetensors.torch
 import torch
 from transformers import pipeline, VitsModel
 
-from voicetune.night import checkpoints
-from voicetune.voice import models
 from voicetune.common import run_errors
 from voicetune.common import speech
+from voicetune.night import checkpoints
 from voicetune.night import training_flags
+from voicetune.voice import models
 from conftest import effective_weights, hub_cache, ROOT, tiny_trainer
 
 

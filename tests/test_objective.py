@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from voicetune.night import clip_data
-from voicetune.voice import models
 from voicetune.night import objective
+from voicetune.voice import models
 from voicetune.voice import spectrogram
 from conftest import ragged_items, short_batch, tiny_trainer
 

@@ -12,10 +12,10 @@ import safetensors.torch
 import torch
 from transformers import VitsModel
 
-from voicetune.night import checkpoints
-from voicetune.voice import models
 from voicetune.common import run_errors
 from voicetune.common import speech
+from voicetune.night import checkpoints
+from voicetune.voice import models
 from conftest import make_disk_full
 
 

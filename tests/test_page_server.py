@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import train_feedback as tf
+from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import speech
 from voicetune.feedback import blind_compare
 from voicetune.feedback import listening
-from voicetune.common import page_server
 from conftest import raw_request
 
 

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-from voicetune.night import clip_data
 from voicetune.common import distributed
+from voicetune.common import run_errors
+from voicetune.night import clip_data
 from voicetune.night import loop
 from voicetune.night import planning
-from voicetune.common import run_errors
 import train_vits
 from voicetune.night import training_flags
 from conftest import quick, tiny_trainer

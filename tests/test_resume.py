@@ -20,12 +20,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from voicetune.night import checkpoints
-from voicetune.night import clip_data
-from voicetune.voice import models
-from voicetune.night import planning
 from voicetune.common import run_errors
 from voicetune.common import run_folder
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.night import planning
+from voicetune.voice import models
 import train_feedback as tf
 import train_vits
 from voicetune.night import training_flags

@@ -16,8 +16,8 @@ from transformers import VitsModel
 
 from voicetune.voice import onnx_voice
 import speak
-from voicetune.voice import speaking
 from voicetune.common import speech
+from voicetune.voice import speaking
 from examples.tiny_model import make_tokenizer, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,15 +14,15 @@ import soundfile as sf
 import torch
 from transformers import pipeline
 
+from voicetune.feedback import listening
 from voicetune.night import clip_data
 from voicetune.night import loop
-from voicetune.feedback import listening
-from voicetune.voice import models
 from voicetune.night import objective
+from voicetune.voice import models
 import prepare_data
 from voicetune.common import run_errors
-from voicetune.voice import speakers
 from voicetune.common import speech
+from voicetune.voice import speakers
 import train_feedback
 import train_vits
 from voicetune.night import training_flags

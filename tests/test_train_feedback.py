@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline, VitsModel, VitsTokenizer
 
-from voicetune.night import clip_data
-from voicetune.feedback import feedback_run
-from voicetune.voice import models
 from voicetune.common import speech
+from voicetune.feedback import feedback_run
+from voicetune.night import clip_data
+from voicetune.voice import models
 import train_feedback
 import train_feedback as tf
 from voicetune.voice import voice_quality

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from voicetune.night import clip_data
-from voicetune.voice import models
-from voicetune.night import objective
 from voicetune.common import run_errors
+from voicetune.night import clip_data
+from voicetune.night import objective
+from voicetune.voice import models
 from voicetune.voice import spectrogram
 import train_vits
 from voicetune.night import training_flags

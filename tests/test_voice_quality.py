@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from speechmos import dnsmos
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
 
+from voicetune.common import speech
 from voicetune.voice import models
 from voicetune.voice import spectrogram
-from voicetune.common import speech
 import train_vits
 from voicetune.voice import voice_quality
 from conftest import quick, tiny_trainer

@@ -39,16 +39,16 @@ from http import HTTPStatus
 import numpy as np
 import soundfile as sf
 
-from voicetune.feedback import listening
 from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
-from voicetune.night import run_report
 from voicetune.common import speech
-from voicetune.voice import speaking
-from voicetune.voice import speak_lines
+from voicetune.feedback import listening
 from voicetune.feedback import verdict
+from voicetune.night import run_report
+from voicetune.voice import speak_lines
+from voicetune.voice import speaking
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_page.html")
 FOLDER = run_files.COMPARE  # inside the run folder: everything the comparison writes

@@ -6,11 +6,11 @@ No torch: --help, every refusal, --promote and --rollback answer at once."""
 import math
 import os
 
+from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
 from voicetune.common import speech
-from voicetune.common import page_server
 from voicetune.feedback import verdict
 from voicetune.night import training_flags
 from voicetune.voice import voices

@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import soundfile as sf
 
+from voicetune.common import run_errors
+from voicetune.common import run_files
+from voicetune.common import speech
 from voicetune.night import checkpoints
 from voicetune.night import clip_data
 from voicetune.night import loop
-from voicetune.common import run_errors
-from voicetune.common import run_files
-from voicetune.voice import speakers
-from voicetune.common import speech
-from voicetune.voice import speaking
 from voicetune.voice import speak_lines
+from voicetune.voice import speakers
+from voicetune.voice import speaking
 from voicetune.voice import voice_quality
 
 # Files of a feedback folder that are recordings: every format soundfile reads, by extension.

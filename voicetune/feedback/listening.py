@@ -22,18 +22,18 @@ import soundfile as sf
 from transformers import VitsConfig
 
 from voicetune.common import distributed
-from voicetune.feedback import feedback_flags
-from voicetune.feedback import feedback_run
-from voicetune.feedback import listen_queue
 from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
-from voicetune.voice import speakers
 from voicetune.common import speech
-from voicetune.voice import speaking
-from voicetune.voice import speak_lines
+from voicetune.feedback import feedback_flags
+from voicetune.feedback import feedback_run
+from voicetune.feedback import listen_queue
 from voicetune.feedback import verdict
+from voicetune.voice import speak_lines
+from voicetune.voice import speakers
+from voicetune.voice import speaking
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "listen_page.html")
 SESSION_FILE = run_files.SESSION

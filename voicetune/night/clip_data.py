@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from voicetune.common import distributed
 from voicetune.common import run_errors
 from voicetune.common import run_folder
-from voicetune.voice import spectrogram
 from voicetune.common import speech
 from voicetune.night import training_flags
+from voicetune.voice import spectrogram
 
 CACHE_VERSION = 1
 

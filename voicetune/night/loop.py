@@ -13,15 +13,15 @@ import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
-from voicetune.night import checkpoints
-from voicetune.night import clip_data
 from voicetune.common import distributed
-from voicetune.voice import models
-from voicetune.night import planning
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
+from voicetune.night import checkpoints
+from voicetune.night import clip_data
+from voicetune.night import planning
 from voicetune.night import run_report
+from voicetune.voice import models
 from voicetune.voice import voice_quality
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voicetune.voice import spectrogram
 from voicetune.night.alignment import monotonic_alignment
+from voicetune.voice import spectrogram
 
 
 def sequence_mask(lengths, max_length):

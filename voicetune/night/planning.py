@@ -10,9 +10,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from voicetune.night import clip_data
 from voicetune.common import distributed
 from voicetune.common import run_errors
+from voicetune.night import clip_data
 from voicetune.night import training_flags
 
 EPOCH_OVERHEAD_S = 10.0  # saving a checkpoint and the listening samples after each epoch, a guess

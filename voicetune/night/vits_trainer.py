@@ -15,11 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from voicetune.common import distributed
+from voicetune.common import run_errors
 from voicetune.night import checkpoints
 from voicetune.night import clip_data
-from voicetune.common import distributed
 from voicetune.night import objective
-from voicetune.common import run_errors
 from voicetune.voice import speakers
 
 

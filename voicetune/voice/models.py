@@ -18,8 +18,8 @@ from voicetune.common import distributed
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import run_folder
-from voicetune.voice import speakers
 from voicetune.common import speech
+from voicetune.voice import speakers
 
 
 def weight_norm(module):

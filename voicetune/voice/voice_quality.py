@@ -19,9 +19,9 @@ from transformers import AutoModelForCTC, AutoProcessor
 from voicetune.common import run_errors
 from voicetune.common import run_files
 from voicetune.common import speech
+from voicetune.voice import speak_lines
 from voicetune.voice import speaking
 from voicetune.voice import spectrogram
-from voicetune.voice import speak_lines
 
 DEFAULT_SENTENCES = [
     "Ez bi kurdî diaxivim.",

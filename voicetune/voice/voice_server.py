@@ -26,9 +26,9 @@ from http import HTTPStatus
 import soundfile as sf
 
 from voicetune.common import kurmanji_text
+from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import speech
-from voicetune.common import page_server
 from voicetune.voice import speak_lines
 from voicetune.voice import voices
 
