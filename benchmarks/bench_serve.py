@@ -10,11 +10,13 @@ warm-up request. The server answers a whole WAV per request, so the first audio 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,19 +29,28 @@ except ImportError:  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import common
 
-import speak  # noqa: E402
-from voicetune.voice import voice_server  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXTS = ["Ez 25 salî me.", "Roj li pişt çiyayan ava dibe.", "Îro hewa xweş e, germahî 18 pile ye."]
 
 
-def serve(data_dir, *flags):
-    ready, found = threading.Event(), {}
-    args = speak.parse_args(["--serve", "--data_dir", data_dir, "--port", "0", "--max_concurrent", "4", *flags])
-    threading.Thread(target=voice_server.serve, args=(args, lambda server, _: (found.update(server=server),
-                                                                               ready.set())), daemon=True).start()
-    ready.wait(600)
-    return found["server"]
+@contextlib.contextmanager
+def serving(data_dir, *flags):
+    """`speak.py --serve` as a user starts it, on a free port; its address once it prints it."""
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "speak.py"), "--serve", "--data_dir", data_dir,
+                               "--port", "0", "--max_concurrent", "4", *flags],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in server.stdout:
+            if line.startswith("http://"):
+                threading.Thread(target=server.stdout.read, daemon=True).start()  # a full pipe would stall it
+                yield line.strip()
+                break
+        else:
+            raise SystemExit(f"speak.py --serve ended without serving (exit {server.wait()})")
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def ask(url, text):
@@ -81,12 +92,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(common.model_dir(args.model_size), os.path.join(tmp, "data", "final_model"))
         for runtime, flags in (("torch", []), ("onnxruntime", ["--onnx", os.path.join(tmp, "onnx")])):
-            server = serve(os.path.join(tmp, "data"), *flags)
-            url = server.url + "v1/audio/speech"
-            for clients in (1, 4):
-                rows.append(dict(runtime=runtime, **measure(url, clients, args.requests)))
-            server.shutdown()
-            server.server_close()
+            with serving(os.path.join(tmp, "data"), *flags) as address:
+                for clients in (1, 4):
+                    rows.append(dict(runtime=runtime, **measure(address + "/v1/audio/speech", clients, args.requests)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.model_size} model, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"load average {load:.1f}, {args.requests} requests per client")
