@@ -151,6 +151,7 @@ def test_a_duration_drift_that_is_not_a_number_fails():
         assert result["decision"] == "reject" and result["guards"]["duration"]["status"] == "fail", dur
         assert [r.split(" (drift")[0] for r in rejecting(result)] == [
             f"reject: held-out original duration ratio {dur[0]:.2f} -> {dur[1]:.2f}"], dur
+        assert rejecting(result)[0].endswith(verdict.DIVERGED), "a figure that is not a number is said as such"
 
 
 def test_too_few_held_out_clips_is_said_and_never_a_keep():

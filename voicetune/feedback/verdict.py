@@ -175,7 +175,8 @@ def duration_guard(report, tol):
     limit = tol["max_dur_drift"]
     figures = f"{measure} {before:.2f} -> {after:.2f} (drift {drift:+.2f} from 1, limit {limit:+.2f})"
     status = "pass" if drift <= limit else "fail"  # a drift that is not a number fails
-    why = {"pass": "the pace held", "fail": "the voice speaks at another pace"}[status]
+    why = ("the pace held" if status == "pass" else
+           "the voice speaks at another pace" if math.isfinite(drift) else DIVERGED)
     return dict(name="duration", measure=measure, status=status, before=before, after=after, drift=drift,
                 limit=limit, reason=f"{'reject' if status == 'fail' else 'keep'}: {figures}: {why}")
 
