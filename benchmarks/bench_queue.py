@@ -7,16 +7,19 @@ with SEEDS noise draws a sentence) of --sentences pool sentences, on the CPU, on
 """
 
 import argparse
+import os
 import random
+import sys
 import tempfile
 import time
 
 import torch
 from transformers import VitsConfig, VitsModel
 
-from examples.tiny_model import make_tiny_model, make_tokenizer
-from voicetune.common import speech
-from voicetune.feedback import listen_queue
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from examples.tiny_model import make_tiny_model, make_tokenizer  # noqa: E402
+from voicetune.common import speech  # noqa: E402
+from voicetune.feedback import listen_queue  # noqa: E402
 
 
 def pool_sentences(n, seed=0):
@@ -28,9 +31,11 @@ def pool_sentences(n, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--sentences", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model_size", choices=("tiny", "full"), default="tiny",
+                        help="The tiny test voice, or a random-init voice of MMS's size. (default: %(default)s)")
+    parser.add_argument("--sentences", type=int, default=2000,
+                        help="How many pool sentences to rank. (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads. (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:

@@ -1,11 +1,15 @@
 """Smoke test of benchmarks/bench_train.py: a few clips, two steps of each loop, tiny model, CPU."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import bench_quality, bench_train
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +115,11 @@ def test_bench_serve_times_both_runtimes_at_one_and_four_clients(capsys):
     out = capsys.readouterr().out
     assert "| runtime | clients | requests/s | time to first audio, median (s) | worst (s) |" in out
     assert sum(line.startswith(("| torch |", "| onnxruntime |")) for line in out.splitlines()) == 4
+
+
+def test_bench_queue_runs_as_printed_and_says_its_time():
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_queue.py"), "--sentences", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^tiny voice \(0\.2M parameters\), 20 sentences, 1 thread\(s\): [0-9.]+ s, [0-9.]+ ms a "
+                     r"sentence$", done.stdout, re.M), done.stdout
