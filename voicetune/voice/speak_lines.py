@@ -93,19 +93,35 @@ def read_lines(args, vocab):
         lines = [args.text]
     read = []
     for number, line in enumerate(lines, 1):
-        where = f"{args.file} line {number}: " if args.file else ""
         try:
-            words = kurmanji_text.normalize(unicodedata.normalize("NFC", line), args.readings)
-        except kurmanji_text.Unreadable as err:
-            raise run_errors.TrainingError(f"{where}{line!r}: cannot be read: {err}") from None
-        sentences = []
-        for sentence in kurmanji_text.split_sentences(words):
-            text, reason = speech.clean_text(sentence, vocab)
-            if reason:
-                raise run_errors.TrainingError(f"{where}{sentence!r}: cannot be read: "
-                                               f"{unspeakable(sentence, reason, vocab)}")
-            sentences.append(text)
-        if not sentences:
-            raise run_errors.TrainingError(f"{where}{line!r}: cannot be read: there is nothing to say in it")
-        read.append((line, sentences))
+            read.append((line, sentences_of(line, vocab, args.readings)))
+        except Unsayable as err:
+            where = f"{args.file} line {number}: " if args.file else ""
+            raise run_errors.TrainingError(f"{where}{err.part!r}: cannot be read: {err.why}") from None
     return read
+
+
+class Unsayable(ValueError):
+    """A text the voice cannot say: `part` (the text, or the sentence of it) and `why`, in words."""
+
+    def __init__(self, part, why):
+        super().__init__(f"{part!r}: {why}")
+        self.part, self.why = part, why
+
+
+def sentences_of(text, vocab, readings=None):
+    """The sentences the voice says for `text`, cleaned, numbers read as words (--reading's `readings` too);
+    Unsayable naming what it cannot say and why."""
+    try:
+        words = kurmanji_text.normalize(unicodedata.normalize("NFC", text), readings)
+    except kurmanji_text.Unreadable as err:
+        raise Unsayable(text, str(err)) from None
+    sentences = []
+    for sentence in kurmanji_text.split_sentences(words):
+        cleaned, reason = speech.clean_text(sentence, vocab)
+        if reason:
+            raise Unsayable(sentence, unspeakable(sentence, reason, vocab))
+        sentences.append(cleaned)
+    if not sentences:
+        raise Unsayable(text, "there is nothing to say in it")
+    return sentences

@@ -20,12 +20,10 @@ import io
 import os
 import threading
 import time
-import unicodedata
 from http import HTTPStatus
 
 import soundfile as sf
 
-from voicetune.common import kurmanji_text
 from voicetune.common import page_server
 from voicetune.common import run_errors
 from voicetune.common import speech
@@ -130,19 +128,10 @@ class Speaker:
     def sentences(self, text, vocab):
         """The cleaned sentences of `text` (numbers as words); page_server.UploadError 400 saying why not."""
         try:
-            words = kurmanji_text.normalize(unicodedata.normalize("NFC", text))
-        except kurmanji_text.Unreadable as err:
-            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"input cannot be read: {err}") from None
-        out = []
-        for sentence in kurmanji_text.split_sentences(words):
-            cleaned, reason = speech.clean_text(sentence, vocab)
-            if reason:
-                raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"input {sentence!r} cannot be read: "
-                                              f"{speak_lines.unspeakable(sentence, reason, vocab)}")
-            out.append(cleaned)
-        if not out:
-            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, "input holds nothing to say")
-        return out
+            return speak_lines.sentences_of(text, vocab)
+        except speak_lines.Unsayable as err:
+            what = "input" if err.part == text else f"input {err.part!r}"
+            raise page_server.UploadError(HTTPStatus.BAD_REQUEST, f"{what} cannot be read: {err.why}") from None
 
     def voices(self):
         voice, _, folder = self.followed.current()
