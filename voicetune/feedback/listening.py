@@ -220,13 +220,18 @@ def load_voice(args):
     return model, tokenizer, vocab, speaker
 
 
+def sentence_file(path):
+    """The sentences of a sentence file (--make_session, --listen FILE): its non-empty lines, stripped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def make_session(args, lines=None, voice=None):
     """Speak every sentence of args.make_session (or `lines`) with args.model (or `voice`, load_voice's) into
     OUTPUT_DIR/model/sNNN.wav and write sNNN.txt: recordings saved as sNNN.wav beside them make the folder a
     feedback folder as it is. Returns (the folder, [(sNNN, line)] of the sentences spoken)."""
     if lines is None:
-        with open(args.make_session, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        lines = sentence_file(args.make_session)
     model, tokenizer, vocab, speaker = voice or load_voice(args)
     rows, spoken, unspeakable = [], [], []
     for line in lines:
@@ -400,8 +405,7 @@ def make_queued_session(args):
     lines = None
     if not args.listen_count:
         args.make_session = args.listen
-        with open(args.listen, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        lines = sentence_file(args.listen)
     print(f"ranking {'the pool' if lines is None else args.listen} with {args.model} ...")
     rows = listen_queue.build(args, model, tokenizer, vocab, speaker, lines)
     if not rows:
